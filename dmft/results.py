@@ -1,0 +1,279 @@
+"""Result objects: rich, self-describing containers returned by solve / simulate / fluctuations.
+
+Axis conventions (T = steps, P train points, Q test points, n = P + Q, L = depth):
+
+=====================  ===============================  ======================================
+field                  shape                            meaning
+=====================  ===============================  ======================================
+t                      (T+1,)                           times k * lr
+train_predictions      (T+1, P)                         f on training points
+test_predictions       (T+1, Q)                         f on test points
+train_loss, test_loss  (T+1,)                           sum_mu 1/2 (f_mu - y_mu)^2 over the split
+ntk                    (T+1, n, n)                      equal-time NTK K(t)
+phi, g                 (L, T+1, T+1, n, n)              Phi^l(t, s), G^l(t, s), l = 1 .. L
+A, B                   (L-1, T+1, T+1, n, n) or None    responses A^l, B^l, l = 1 .. L-1
+=====================  ===============================  ======================================
+
+``Ensemble`` holds the same prediction, loss and NTK fields with a leading seed axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .specs import MLP, Dataset, GradientDescent
+
+__all__ = ["Solution", "Ensemble", "Fluctuations", "ConvergenceError", "DIMS"]
+
+
+class ConvergenceError(RuntimeError):
+    """A solver did not converge, diverged or met a singular matrix.
+
+    ``result`` holds the partial result (``converged=False``) where one exists.
+    """
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
+
+
+#: named dimensions of every array field (HDF5 dimension scales / xarray dims)
+DIMS = {
+    "t": ("t",),
+    "train_predictions": ("t", "train_point"),
+    "test_predictions": ("t", "test_point"),
+    "train_loss": ("t",),
+    "test_loss": ("t",),
+    "ntk": ("t", "point", "point_"),
+    "phi": ("layer", "t", "s", "point", "point_"),
+    "g": ("layer", "t", "s", "point", "point_"),
+    "A": ("response_layer", "t", "s", "point", "point_"),
+    "B": ("response_layer", "t", "s", "point", "point_"),
+    "residuals": ("iteration",),
+    "prediction_cov": ("t", "point", "point_"),
+    "ntk_var": ("t", "point", "point_"),
+}
+
+
+def _loss(f, y):
+    """Sum of squared errors / 2 over the last axis."""
+    return 0.5 * np.sum((f - y) ** 2, axis=-1)
+
+
+@dataclass(eq=False)
+class Solution:
+    """Infinite-width (or frozen-kernel) solution of the training dynamics.
+
+    See the module docstring for field shapes. ``stderr`` maps field names to Monte Carlo
+    standard errors of the same shape (empty for deterministic methods). ``extras`` holds
+    method-specific arrays (e.g. ``"f_std"``); all arrays there are saved to HDF5 too.
+    """
+
+    net: MLP
+    data: Dataset
+    train: GradientDescent
+    method: str
+    t: np.ndarray
+    train_predictions: np.ndarray
+    test_predictions: np.ndarray
+    ntk: np.ndarray
+    phi: np.ndarray
+    g: np.ndarray
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    converged: bool = True
+    iterations: int = 0
+    residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stderr: dict = field(default_factory=dict)
+    seed: int | None = None
+    elapsed: float = 0.0
+    options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+    # derived -----------------------------------------------------------------------------
+    @property
+    def train_loss(self) -> np.ndarray:
+        """(T+1,) training loss sum_mu (f_mu - y_mu)^2 / 2."""
+        return _loss(self.train_predictions, self.data.y_train)
+
+    @property
+    def test_loss(self) -> np.ndarray | None:
+        """(T+1,) test loss, or None without ``y_test``."""
+        if self.data.y_test is None:
+            return None
+        return _loss(self.test_predictions, self.data.y_test)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """(T+1, P+Q) predictions on all points, train first."""
+        return np.concatenate([self.train_predictions, self.test_predictions], axis=1)
+
+    @property
+    def spec(self) -> dict:
+        """The full specification as plain data (what HDF5 files store as attributes)."""
+        return {"net": self.net.to_dict(), "train": self.train.to_dict(),
+                "method": self.method, "options": dict(self.options), "seed": self.seed}
+
+    @property
+    def L(self) -> int:
+        return self.net.depth
+
+    @property
+    def P(self) -> int:
+        return self.data.P
+
+    @property
+    def Q(self) -> int:
+        return self.data.Q
+
+    def save(self, path) -> None:
+        """Write to an HDF5 file (atomic: temporary file, then rename)."""
+        from .io import save
+        save(self, path)
+
+    def __repr__(self):
+        return (f"Solution(method={self.method!r}, L={self.L}, P={self.P}, Q={self.Q}, "
+                f"T={self.train.steps}, gamma0={self.train.gamma0}, converged={self.converged}, "
+                f"iterations={self.iterations}, elapsed={self.elapsed:.2f}s)")
+
+
+@dataclass(eq=False)
+class Ensemble:
+    """Finite-width networks trained from ``len(seeds)`` random initialisations.
+
+    Fields as in :class:`Solution` with a leading seed axis S: ``train_predictions``
+    (S, T+1, P), ``test_predictions`` (S, T+1, Q), ``ntk`` (S, T+1, n, n) and, when recorded,
+    ``phi`` / ``g`` (S, L, T+1, T+1, n, n).
+    """
+
+    net: MLP
+    data: Dataset
+    train: GradientDescent
+    width: int
+    seeds: np.ndarray
+    t: np.ndarray
+    train_predictions: np.ndarray
+    test_predictions: np.ndarray
+    ntk: np.ndarray
+    phi: np.ndarray | None = None
+    g: np.ndarray | None = None
+    center: bool = False
+    elapsed: float = 0.0
+    options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+    method = "simulate"
+
+    @property
+    def train_loss(self) -> np.ndarray:
+        """(S, T+1)."""
+        return _loss(self.train_predictions, self.data.y_train)
+
+    @property
+    def test_loss(self) -> np.ndarray | None:
+        """(S, T+1), or None without ``y_test``."""
+        if self.data.y_test is None:
+            return None
+        return _loss(self.test_predictions, self.data.y_test)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """(S, T+1, P+Q)."""
+        return np.concatenate([self.train_predictions, self.test_predictions], axis=2)
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def spec(self) -> dict:
+        return {"net": self.net.to_dict(), "train": self.train.to_dict(), "method": "simulate",
+                "width": int(self.width), "center": bool(self.center),
+                "options": dict(self.options)}
+
+    def _summary(self, reduce) -> Solution:
+        S = self.n_seeds
+        def r(a):
+            return None if a is None else reduce(a)
+        def se(a):
+            if a is None or S < 2:
+                return None
+            return a.std(axis=0, ddof=1) / np.sqrt(S)
+        stderr = {k: se(getattr(self, k)) for k in
+                  ("train_predictions", "test_predictions", "ntk", "phi", "g")}
+        stderr = {k: v for k, v in stderr.items() if v is not None}
+        L, T1, n = self.net.depth, self.t.size, self.data.P + self.data.Q
+        nan_k = np.full((L, T1, T1, n, n), np.nan)
+        return Solution(net=self.net, data=self.data, train=self.train, method="simulate",
+                        t=self.t, train_predictions=reduce(self.train_predictions),
+                        test_predictions=reduce(self.test_predictions), ntk=reduce(self.ntk),
+                        phi=r(self.phi) if self.phi is not None else nan_k,
+                        g=r(self.g) if self.g is not None else nan_k.copy(),
+                        stderr=stderr, elapsed=self.elapsed,
+                        options=dict(self.options, width=int(self.width),
+                                     n_seeds=S, center=bool(self.center)))
+
+    def mean(self) -> Solution:
+        """Seed average as a Solution (``stderr`` = standard error of the mean)."""
+        return self._summary(lambda a: a.mean(axis=0))
+
+    def var(self) -> Solution:
+        """Seed variance (ddof=1) as a Solution-shaped object. Multiply by ``width`` for N*Var."""
+        return self._summary(lambda a: a.var(axis=0, ddof=1))
+
+    def save(self, path) -> None:
+        from .io import save
+        save(self, path)
+
+    def __repr__(self):
+        return (f"Ensemble(width={self.width}, seeds={self.n_seeds}, L={self.net.depth}, "
+                f"P={self.data.P}, Q={self.data.Q}, T={self.train.steps}, "
+                f"gamma0={self.train.gamma0}, center={self.center})")
+
+
+@dataclass(eq=False)
+class Fluctuations:
+    """Leading-order finite-width fluctuations: N * Cov over initialisations as N -> infinity.
+
+    ``prediction_cov`` (T+1, n, n): N Cov[f_mu(t), f_nu(t)] at equal times.
+    ``ntk_var`` (T+1, n, n): N Var[K_mu,nu(t)] entrywise.
+    ``extras``: further covariances (e.g. two-time prediction covariance, kernel covariances).
+    """
+
+    solution: Solution
+    prediction_cov: np.ndarray
+    ntk_var: np.ndarray
+    center: bool = False
+    method: str = ""
+    stderr: dict = field(default_factory=dict)
+    elapsed: float = 0.0
+    options: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def t(self) -> np.ndarray:
+        return self.solution.t
+
+    @property
+    def net(self):
+        return self.solution.net
+
+    @property
+    def data(self):
+        return self.solution.data
+
+    @property
+    def train(self):
+        return self.solution.train
+
+    @property
+    def spec(self) -> dict:
+        return dict(self.solution.spec, fluctuations_method=self.method, center=bool(self.center),
+                    fluctuations_options=dict(self.options))
+
+    def save(self, path) -> None:
+        from .io import save
+        save(self, path)
