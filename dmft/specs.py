@@ -54,7 +54,11 @@ class MLP:
                 f"depth must be an integer >= 1 (number of hidden layers; 1 is a two-layer "
                 f"network), got {self.depth!r}")
         object.__setattr__(self, "depth", int(self.depth))
-        if not isinstance(self.activation, str) or self.activation.lower() not in ACTIVATIONS:
+        if not isinstance(self.activation, str):
+            raise ValueError(
+                f"activation must be a name (a string), one of {sorted(ACTIVATIONS)}, got "
+                f"{self.activation!r}")
+        if self.activation.lower() not in ACTIVATIONS:
             raise ValueError(
                 f"activation {self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}")
         object.__setattr__(self, "activation", self.activation.lower())
