@@ -1,0 +1,160 @@
+"""``dmft.simulate``: finite-width networks trained in the package's convention (THEORY.md §1).
+
+An adapter: validates the options, turns the specs into arrays, trains one network per seed
+with the engine :mod:`solvers.network` and collects the trajectories in an
+:class:`~dmft.results.Ensemble`.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+
+import numpy as np
+
+from solvers import network
+
+from ._progress import progress_bar
+from .results import ConvergenceError, Ensemble
+from .specs import MLP, Dataset, GradientDescent, check_positive_int
+
+__all__ = ["simulate"]
+
+
+def _check_seeds(seeds) -> np.ndarray:
+    hint = "pass e.g. seeds=range(16) or seeds=[0, 1, 2]"
+    if isinstance(seeds, (str, bytes)) or isinstance(seeds, numbers.Number) or \
+            (isinstance(seeds, np.ndarray) and seeds.ndim != 1):
+        raise ValueError(f"seeds must be a non-empty iterable of non-negative integers "
+                         f"(one network per seed); got {seeds!r}: {hint}")
+    try:
+        items = list(seeds)
+    except TypeError:
+        raise ValueError(f"seeds must be a non-empty iterable of non-negative integers "
+                         f"(one network per seed); got {seeds!r}: {hint}") from None
+    if not items:
+        raise ValueError(f"seeds is empty; {hint}")
+    for s in items:
+        if not isinstance(s, numbers.Integral) or isinstance(s, (bool, np.bool_)) or s < 0:
+            raise ValueError(f"seeds must hold non-negative integers, got {s!r}; {hint}")
+    arr = np.array([int(s) for s in items], dtype=np.int64)
+    if np.unique(arr).size != arr.size:
+        raise ValueError("seeds contains duplicates, which would train identical networks; "
+                         "pass distinct seeds, e.g. seeds=range(16)")
+    return arr
+
+
+def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
+             record_kernels: bool = False, center: bool = False, progress=None,
+             **unknown) -> Ensemble:
+    """Train finite-width networks, one per seed, exactly in the convention of THEORY.md §1.
+
+    Each network has all weights i.i.d. N(0, 1) drawn from ``numpy.random.default_rng(seed)``
+    (order W^0, W^1 .. W^{L-1}, w), mean-field output f = w . phi(h^L) / (gamma0 N), and is
+    trained by full-batch gradient descent ``theta <- theta - lr gamma0^2 N dLoss/dtheta`` on the
+    summed MSE loss, for ``train.steps`` steps. Test points are passive.
+
+    Parameters
+    ----------
+    net, data, train : MLP, Dataset, GradientDescent
+        The specification. ``train.gamma0`` must be > 0.
+    width : int
+        N, the width of every hidden layer.
+    seeds : iterable of int
+        Distinct non-negative seeds, one network each (S = len(seeds)).
+    record_kernels : bool
+        Also record the two-time kernels Phi^l(t, s) and G^l(t, s) of every network
+        (memory: 2 S L (T+1)^2 (P+Q)^2 floats in the result, plus 2 L (T+1) (P+Q) N while
+        training one network).
+    center : bool
+        Train the centred model f(theta) - f(theta_0): the initial output is subtracted, so the
+        recorded predictions start at 0 (the raw initial outputs go to ``extras["f0"]``,
+        shape (S, P+Q)). Gradients are unchanged.
+    progress : bool or None
+        Progress bar over seeds (None: only on a terminal).
+
+    Returns
+    -------
+    Ensemble
+        ``train_predictions`` (S, T+1, P), ``test_predictions`` (S, T+1, Q),
+        ``ntk`` (S, T+1, P+Q, P+Q) (each network's own NTK), and with ``record_kernels``
+        ``phi``, ``g`` (S, L, T+1, T+1, P+Q, P+Q).
+
+    Notes
+    -----
+    Cost per network: T + 1 forward and backward passes, each one BLAS product with every
+    N x N matrix (O(N^2 (P+Q)) work per layer and step); the rank-P weight updates are kept as
+    pending low-rank factors and folded every few steps (:mod:`solvers.network`), so a step
+    reads each N x N matrix twice rather than three times. Memory: (L - 1) N^2 floats for the
+    weights of the network in flight. The products are memory-bound for few points: on a
+    machine shared with other jobs, ``OPENBLAS_NUM_THREADS=1`` is often faster than oversubscribed
+    threads.
+
+    Raises
+    ------
+    ValueError
+        Bad width, seeds, gamma0 = 0 or unknown options.
+    ConvergenceError
+        A network diverged (non-finite output); reduce ``lr`` or ``gamma0``.
+    """
+    if unknown:
+        extra = ""
+        if "seed" in unknown:
+            extra = " (simulate takes seeds=..., an iterable with one seed per network)"
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for simulate{extra}; known "
+                         f"options: width, seeds, record_kernels, center, progress")
+    width = check_positive_int("width", width, " (the number of hidden units per layer, "
+                               "e.g. width=1024)")
+    seeds = _check_seeds(seeds)
+    if train.gamma0 <= 0:
+        raise ValueError(
+            "gamma0 must be > 0 to simulate a network: the mean-field output scale "
+            "1/(gamma0 N) is undefined at gamma0 = 0; use a small gamma0 (e.g. 1e-3) for the "
+            "lazy regime, or method='static' in dmft.solve for the gamma0 -> 0 limit")
+    for name, val in (("record_kernels", record_kernels), ("center", center)):
+        if not isinstance(val, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {val!r}")
+
+    X = np.ascontiguousarray(data.X)
+    y = np.array(data.y_train)
+    P, Q, L, T = data.P, data.Q, net.depth, train.steps
+    n = P + Q
+    S = seeds.size
+    preds = np.empty((S, T + 1, n))
+    ntk = np.empty((S, T + 1, n, n))
+    f0 = np.empty((S, n))
+    phi = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
+    g = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
+
+    start = time.perf_counter()
+    bar = progress_bar(S, "simulate", progress, unit="net")
+    try:
+        for i, seed in enumerate(seeds):
+            rng = np.random.default_rng(int(seed))
+            weights = network.Weights.draw(rng, data.D, width, L)
+            try:
+                res = network.train(X, y, weights, activation=net.activation,
+                                    gamma0=train.gamma0, lr=train.lr, steps=T,
+                                    record_kernels=bool(record_kernels), center=bool(center),
+                                    fold_at_end=False)
+            except FloatingPointError as exc:
+                raise ConvergenceError(f"simulate: the network with seed {int(seed)} "
+                                       f"diverged: {exc}") from exc
+            del weights
+            preds[i] = res["predictions"]
+            ntk[i] = res["ntk"]
+            f0[i] = res["f0"]
+            if record_kernels:
+                phi[i] = res["phi"]
+                g[i] = res["g"]
+            bar.update(1)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    options = {"record_kernels": bool(record_kernels), "center": bool(center),
+               "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64"}
+    extras = {"f0": f0} if center else {}
+    return Ensemble(net=net, data=data, train=train, width=int(width), seeds=seeds,
+                    t=train.times, train_predictions=preds[:, :, :P].copy(),
+                    test_predictions=preds[:, :, P:].copy(), ntk=ntk, phi=phi, g=g,
+                    center=bool(center), elapsed=elapsed, options=options, extras=extras)
