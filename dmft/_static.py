@@ -1,0 +1,115 @@
+"""``method="static"``: kernels frozen at their t = 0 infinite-width values (THEORY.md §4).
+
+The lazy / static-NTK baseline: the NNGP recursion gives Phi^l and G^l at t = 0, the NTK
+K = sum_l G^{l+1} * Phi^l, and the predictions follow f(t+1) = f(t) + lr K Delta(t) exactly
+in discrete time, starting from f(0) = 0. The result does not depend on gamma0 (gamma0 = 0,
+the lazy limit itself, is allowed) and is deterministic (``seed`` is only recorded).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from solvers import static as _engine
+
+from .results import ConvergenceError, Solution
+from .specs import MLP, Dataset, GradientDescent
+
+__all__ = ["solve_static"]
+
+_OPTIONS = ("quad_order", "quad_tol")
+
+
+def solve_static(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
+                 throw: bool = True, quad_order: int | None = None,
+                 quad_tol: float = 1e-12, **options) -> Solution:
+    """Frozen-kernel (static NTK / NNGP) solution of the training dynamics.
+
+    Parameters
+    ----------
+    net, data, train : MLP, Dataset, GradientDescent
+        Specification. ``train.gamma0`` is ignored (any value >= 0, including 0).
+    seed : optional
+        Recorded for provenance only: the method draws no random numbers.
+    throw : bool
+        If True, an unstable learning rate (lr > 2 / lambda_max(K_train), so that
+        |1 - lr lambda_max| > 1 and the error grows geometrically) raises
+        :class:`~dmft.results.ConvergenceError`; if False the (diverging) trajectory is
+        returned with ``converged=False``.
+    quad_order : int, optional
+        Quadrature nodes per axis for activations without closed-form Gaussian
+        expectations (tanh); default: chosen from the largest variance so that the error
+        is below ``quad_tol`` (:func:`solvers.gaussian.auto_order`).
+    quad_tol : float
+        Target absolute error of the automatic quadrature (default 1e-12).
+
+    Returns
+    -------
+    Solution
+        ``ntk`` (T+1, n, n), ``phi`` / ``g`` (L, T+1, T+1, n, n), all constant in time;
+        ``A = B = None``; ``iterations = 0``; ``stderr = {}``. ``extras``: ``kx`` (n, n) the
+        input kernel Phi^0, ``gdot`` (L, n, n) the derivative kernels E[phi' phi'^T],
+        ``ntk_eigvals`` (P,) the eigenvalues of K on the training points (the largest stable
+        lr is 2 / their maximum).
+    """
+    if options:
+        raise ValueError(f"unknown option(s) for method='static': {sorted(options)}; "
+                         f"the static method accepts {list(_OPTIONS)}")
+    if quad_order is not None and (isinstance(quad_order, bool)
+                                   or not isinstance(quad_order, (int, np.integer))
+                                   or quad_order < 2):
+        raise ValueError(f"quad_order must be an integer >= 2 (quadrature nodes per axis) or "
+                         f"None for automatic, got {quad_order!r}")
+    if isinstance(quad_tol, bool) or not isinstance(quad_tol, (int, float)) \
+            or not 0 < quad_tol < 1:
+        raise ValueError(f"quad_tol must be a number in (0, 1), got {quad_tol!r}")
+    start = time.perf_counter()
+    L, P, n, T = net.depth, data.P, data.P + data.Q, train.steps
+
+    quad = {"tol": float(quad_tol)}
+    if quad_order is not None:
+        quad["order"] = int(quad_order)
+    try:
+        kern = _engine.static_kernels(net.activation, data.kx, L, **quad)
+    except (ValueError, FloatingPointError) as exc:
+        raise ConvergenceError(f"static kernels could not be computed: {exc}") from exc
+    K = kern["ntk"]
+    if not np.all(np.isfinite(K)):
+        raise ConvergenceError("the static NTK is not finite (overflow in the kernel "
+                               "recursion); rescale the inputs X")
+
+    eig = np.linalg.eigvalsh(K[:P, :P])
+    lr_max = 2.0 / eig.max() if eig.max() > 0 else np.inf
+    stable = train.lr <= lr_max
+    f = _engine.frozen_dynamics(K, data.y_train, train.lr, T)
+
+    # real arrays, constant in (t, s): later code may write into them
+    phi = np.empty((L, T + 1, T + 1, n, n))
+    phi[...] = kern["phi"][:, None, None]
+    g = np.empty_like(phi)
+    g[...] = kern["g"][:, None, None]
+    ntk = np.empty((T + 1, n, n))
+    ntk[...] = K
+
+    sol = Solution(
+        net=net, data=data, train=train, method="static", t=train.times,
+        train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+        ntk=ntk, phi=phi, g=g, A=None, B=None, converged=bool(stable), iterations=0,
+        residuals=np.zeros(0), stderr={}, seed=int(seed) if isinstance(seed, (int, np.integer))
+        else None, elapsed=time.perf_counter() - start,
+        options={"quad_order": None if quad_order is None else int(quad_order),
+                 "quad_tol": float(quad_tol)},
+        extras={"kx": kern["kx"], "gdot": kern["gdot"], "ntk_eigvals": eig})
+    if not stable:
+        msg = (f"lr = {train.lr:g} is unstable for the frozen NTK: lambda_max(K_train) = "
+               f"{eig.max():.6g} gives |1 - lr lambda_max| = {abs(1 - train.lr * eig.max()):.4g}"
+               f" > 1, so the training error grows geometrically; the largest stable learning "
+               f"rate is 2 / lambda_max = {lr_max:.6g}")
+        if throw:
+            raise ConvergenceError(msg, result=sol)
+        return sol
+    if not np.all(np.isfinite(f)):
+        raise ConvergenceError("non-finite predictions in the frozen-kernel dynamics",
+                               result=sol)
+    return sol
