@@ -1,0 +1,216 @@
+"""The ``dmft`` command line: ``demo``, ``run``, ``plot``, ``methods``.
+
+``main(argv=None)`` returns the exit code: 0 on success, 2 for bad input (a one-line message
+on standard error, no traceback), 1 when a solver failed (:class:`~dmft.results.ConvergenceError`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ._version import __version__
+
+__all__ = ["main", "demo"]
+
+#: the built-in demo task (``dmft demo``); ``--quick`` shrinks the sample counts only
+DEMO = {"P": 8, "Q": 8, "D": 10, "data_seed": 0, "depth": 1, "activation": "tanh",
+        "gamma0": 1.0, "lr": 0.1, "steps": 50, "widths": (128, 1024), "seeds": 16,
+        "samples": 20000, "solve_seed": 0}
+DEMO_QUICK = dict(DEMO, seeds=8, samples=4000)
+
+
+def _say(msg):
+    print(msg, flush=True)
+
+
+def demo(outdir=".", *, quick=False, progress=None, log=_say) -> dict:
+    """Run the built-in demo; returns {name: path} of the files written.
+
+    Task: P = 8 train and Q = 8 test points in D = 10 from a random two-layer tanh teacher
+    (:func:`dmft.config.teacher_student`), a two-layer tanh network (L = 1) at gamma0 = 1,
+    lr = 0.1, 50 steps. Computes the static-NTK solution, the DMFT (method "mc", when this
+    installation has it) and simulated networks of widths 128 and 1024.
+
+    Files: ``demo.h5`` (the DMFT Solution; the static one if "mc" is unavailable),
+    ``demo_static.h5``, ``demo_width{N}.h5`` (Ensembles), ``demo.png`` (the comparison figure).
+    """
+    import dmft
+    from .config import accepts_progress, teacher_student
+    from .plotting import compare
+
+    cfg = DEMO_QUICK if quick else DEMO
+    os.makedirs(outdir, exist_ok=True)
+    data = teacher_student(cfg["P"], cfg["Q"], cfg["D"], cfg["data_seed"])
+    net = dmft.MLP(depth=cfg["depth"], activation=cfg["activation"])
+    train = dmft.GradientDescent(gamma0=cfg["gamma0"], lr=cfg["lr"], steps=cfg["steps"])
+    log(f"dmft demo: two-layer {cfg['activation']} network, P={data.P} train / Q={data.Q} test "
+        f"points in D={data.D} (teacher-student), gamma0={train.gamma0:g}, lr={train.lr:g}, "
+        f"{train.steps} steps")
+    files, curves = {}, {}
+
+    start = time.perf_counter()
+    static = dmft.solve(net, data, train, method="static")
+    curves["static NTK"] = static
+    files["static"] = os.path.join(outdir, "demo_static.h5")
+    static.save(files["static"])
+    log(f"  static NTK        {time.perf_counter() - start:6.2f} s  final train loss "
+        f"{static.train_loss[-1]:.4g}, test loss {static.test_loss[-1]:.4g}")
+
+    main_sol = static
+    start = time.perf_counter()
+    try:
+        extra = {"progress": progress} if accepts_progress("mc", net) else {}
+        sol = dmft.solve(net, data, train, method="mc", samples=cfg["samples"],
+                         seed=cfg["solve_seed"], **extra)
+    except NotImplementedError as exc:
+        log(f"  DMFT (mc)         skipped: {exc}")
+    else:
+        curves["DMFT (mc)"] = sol
+        main_sol = sol
+        log(f"  DMFT (mc)         {time.perf_counter() - start:6.2f} s  final train loss "
+            f"{sol.train_loss[-1]:.4g}, test loss {sol.test_loss[-1]:.4g}  "
+            f"({cfg['samples']} samples, converged={sol.converged})")
+    files["solution"] = os.path.join(outdir, "demo.h5")
+    main_sol.save(files["solution"])
+
+    for width in cfg["widths"]:
+        start = time.perf_counter()
+        ens = dmft.simulate(net, data, train, width=width, seeds=range(cfg["seeds"]),
+                            progress=progress)
+        curves[f"width {width}"] = ens
+        files[f"width{width}"] = os.path.join(outdir, f"demo_width{width}.h5")
+        ens.save(files[f"width{width}"])
+        log(f"  width {width:<5d} x {cfg['seeds']:2d}  {time.perf_counter() - start:6.2f} s  final "
+            f"train loss {ens.train_loss[:, -1].mean():.4g}, test loss "
+            f"{ens.test_loss[:, -1].mean():.4g} (seed mean)")
+
+    files["figure"] = os.path.join(outdir, "demo.png")
+    compare(curves, files["figure"],
+            title=f"two-layer tanh, gamma0={train.gamma0:g}: static NTK vs DMFT vs networks")
+    log("wrote:")
+    for key, path in files.items():
+        log(f"  {path}")
+    return files
+
+
+# ------------------------------------------------------------------------------------------
+def _cmd_demo(args):
+    demo(args.outdir, quick=args.quick, progress=args.progress)
+    return 0
+
+
+def _cmd_run(args):
+    import dmft
+    from .config import load_config, run
+    cfg = load_config(args.config)
+    out = args.output or os.path.splitext(os.path.basename(args.config))[0] + ".h5"
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise ValueError(f"output directory {directory} does not exist; create it first")
+    start = time.perf_counter()
+    result = run(cfg, progress=args.progress)
+    dmft.save(result, out)
+    what = f"method={cfg.options['method']}" if cfg.task == "solve" else \
+        f"width={cfg.options['width']}, {len(cfg.options['seeds'])} seeds"
+    print(f"{type(result).__name__} ({cfg.task}, {what}) in {time.perf_counter() - start:.2f} s"
+          f" -> {out}")
+    if args.plot:
+        dmft.plot(result, args.plot)
+        print(f"figure -> {args.plot}")
+    return 0
+
+
+def _cmd_plot(args):
+    from .plotting import plot
+    out = args.output or os.path.splitext(args.result)[0] + ".png"
+    plot(args.result, out, points=args.points)
+    print(f"figure -> {out}")
+    return 0
+
+
+def _cmd_methods(args):
+    from .api import METHODS, _method_function
+    for name, (_, _, description) in METHODS.items():
+        try:
+            _method_function(name)
+            status = ""
+        except NotImplementedError:
+            status = "  [not available in this installation]"
+        print(f"{name:14s}{description}{status}")
+    return 0
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="dmft",
+        description="Dynamical mean field theory of wide neural networks: infinite-width "
+                    "feature-learning dynamics, finite-width fluctuations and simulated "
+                    "networks in one convention.",
+        epilog="Exit codes: 0 success, 1 a solver failed to converge, 2 bad input. "
+               "See `dmft COMMAND --help`.")
+    p.add_argument("--version", action="version", version=f"dmft {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def progress_flags(sp):
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--progress", dest="progress", action="store_const", const=True,
+                       default=None, help="always show progress bars (default: on a terminal)")
+        g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                       help="never show progress bars")
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="log one line per solver iteration")
+
+    d = sub.add_parser("demo", help="run the built-in demo (DMFT vs static NTK vs networks), "
+                                    "write HDF5 files and a PNG figure",
+                       description=demo.__doc__.split("\n\n")[0])
+    d.add_argument("-o", "--outdir", default=".", help="output directory (default: .)")
+    d.add_argument("--quick", action="store_true", help="fewer samples and seeds (seconds)")
+    progress_flags(d)
+    d.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("run", help="run a configured solve or simulation (TOML) into an HDF5 "
+                                   "file", description="Run CONFIG.toml (see examples/ and "
+                                   "dmft.config) and save the result.")
+    r.add_argument("config", help="TOML configuration file")
+    r.add_argument("-o", "--output", help="result file (default: CONFIG's name with .h5)")
+    r.add_argument("--plot", metavar="FIG", help="also draw the result into FIG (e.g. fig.png)")
+    progress_flags(r)
+    r.set_defaults(func=_cmd_run)
+
+    q = sub.add_parser("plot", help="draw a saved result (Solution, Ensemble or Fluctuations)")
+    q.add_argument("result", help="HDF5 file written by dmft")
+    q.add_argument("-o", "--output", help="figure file (default: RESULT's name with .png)")
+    q.add_argument("--points", type=int, default=4,
+                   help="how many train/test points to draw (default 4)")
+    q.set_defaults(func=_cmd_plot, verbose=False)
+
+    m = sub.add_parser("methods", help="list the solve methods")
+    m.set_defaults(func=_cmd_methods, verbose=False)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``dmft`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .results import ConvergenceError
+    if args.verbose:
+        from ._progress import enable_logging
+        enable_logging()
+    try:
+        return args.func(args)
+    except ConvergenceError as exc:
+        print(f"dmft {args.command}: solver failed: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, NotImplementedError) as exc:
+        msg = str(exc).replace("\n", " ")
+        print(f"dmft {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dmft {args.command}: interrupted", file=sys.stderr)
+        return 130

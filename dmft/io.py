@@ -1,0 +1,636 @@
+"""HDF5 files for results: ``save(result, path)`` and ``load(path)``.
+
+One file holds one run (a :class:`~dmft.results.Solution`, :class:`~dmft.results.Ensemble` or
+:class:`~dmft.results.Fluctuations`) and round-trips every field exactly: arrays bit for bit,
+``None`` fields, booleans, integers, floats and the (possibly nested) ``options`` /
+``extras`` / ``stderr`` dicts.
+
+Layout (schema version 1)
+-------------------------
+Root attributes
+    ``schema_version`` (int), ``dmft_version``, ``kind`` ("Solution" / "Ensemble" /
+    "Fluctuations"), ``method``, ``created`` (ISO 8601, UTC), ``seed`` (when an int), and the
+    full specification: ``spec`` / ``net`` / ``train`` / ``options`` / ``meta`` as JSON strings,
+    plus flat copies for quick inspection (``net_depth``, ``net_activation``, ``train_gamma0``,
+    ``train_lr``, ``train_steps``, ``train_loss``, ``width`` ...). Flat copies are informative
+    only; ``load`` reads the JSON.
+Root datasets
+    Every array field (``t``, ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``,
+    ``g``, ``A``, ``B``, ``residuals``; Ensemble: with a leading ``seed`` axis; Fluctuations:
+    ``prediction_cov``, ``ntk_var``). A field that is ``None`` is simply absent.
+Dimension scales (netCDF4-compatible: a coordinate dataset per dimension name)
+    ``t`` and ``s`` (the times k * lr), ``layer`` (1 .. L), ``response_layer`` (1 .. L-1),
+    ``point`` and ``point_`` (kernel index 0 .. P+Q-1, train first), ``train_point``
+    (0 .. P-1), ``test_point`` (P .. P+Q-1, i.e. their kernel index), ``iteration``,
+    ``input_dim`` and, for ensembles, ``seed`` (the seeds). Names follow
+    :data:`dmft.results.DIMS`, so ``xarray.open_dataset(path, engine="h5netcdf")`` gives
+    labelled arrays, and plain ``h5py`` shows ``ds.dims[i].label``.
+Groups
+    ``data`` (``X_train``, ``y_train``, ``X_test``, ``y_test`` when present), ``stderr``,
+    ``extras`` (arrays as datasets, nested dicts as sub-groups, other plain values as JSON in
+    the group's ``values_json`` attribute) and, for Fluctuations, ``solution`` (the nested
+    Solution with the same layout as a Solution file's root).
+
+Writes are atomic: the file is written to a temporary file in the target directory, flushed
+to disk, then renamed over the target (``os.replace``); on any error the temporary file is
+removed and an existing file at the target is left untouched.
+
+Compatibility: ``load`` refuses files of a newer schema with a message to upgrade, and
+applies the functions registered in :data:`MIGRATIONS` to read files of older schemas.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from typing import Callable
+
+import h5py
+import numpy as np
+
+from ._version import __version__
+from .results import DIMS, Ensemble, Fluctuations, Solution
+from .specs import MLP, Dataset, GradientDescent
+
+__all__ = ["save", "load", "read_attrs", "SCHEMA_VERSION", "MIGRATIONS", "register_migration"]
+
+#: version of the file layout written by :func:`save`
+SCHEMA_VERSION = 1
+
+#: from_version -> function(tree) -> tree in layout from_version + 1 (see :func:`register_migration`)
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+#: arrays with at least this many elements are gzip-compressed (lossless, netCDF4-readable)
+COMPRESS_MIN_SIZE = 4096
+
+_KINDS = ("Solution", "Ensemble", "Fluctuations")
+
+#: extra named dimensions of arrays that are not Solution fields
+_EXTRA_DIMS = {
+    "X_train": ("train_point", "input_dim"),
+    "y_train": ("train_point",),
+    "X_test": ("test_point", "input_dim"),
+    "y_test": ("test_point",),
+    "f0": ("point",),
+    "f_std": ("t", "point"),
+    "predictions": ("t", "point"),
+}
+
+_DESCRIPTIONS = {
+    "t": "time k * lr",
+    "s": "second time argument of two-time kernels (same grid as t)",
+    "layer": "hidden layer l = 1 .. L",
+    "response_layer": "layer l = 1 .. L-1 of the responses A^l, B^l",
+    "point": "kernel index over train then test points",
+    "point_": "second kernel index over train then test points",
+    "train_point": "training point (kernel index)",
+    "test_point": "test point (kernel index, after the P training points)",
+    "iteration": "solver iteration",
+    "seed": "random seed of each network",
+    "input_dim": "input coordinate",
+    "train_predictions": "network output f on training points",
+    "test_predictions": "network output f on test points",
+    "ntk": "equal-time neural tangent kernel K(t)",
+    "phi": "feature kernel Phi^l(t, s)",
+    "g": "gradient kernel G^l(t, s)",
+    "A": "response A^l(t, s)",
+    "B": "response B^l(t, s)",
+    "residuals": "residual of each solver iteration",
+    "prediction_cov": "N * Cov[f_mu(t), f_nu(t)] as N -> infinity",
+    "ntk_var": "N * Var[K_mu,nu(t)] as N -> infinity",
+}
+
+
+def register_migration(from_version: int):
+    """Decorator: register ``fn(tree) -> tree`` upgrading a file tree from ``from_version``.
+
+    A tree is the file read into plain data: ``{"attrs": {...}, "datasets": {name: array},
+    "dims": {name: labels}, "groups": {name: tree}}``. :func:`load` applies the migrations
+    ``v, v+1, ..., SCHEMA_VERSION - 1`` in turn to a file of schema ``v``.
+    """
+    def deco(fn):
+        MIGRATIONS[int(from_version)] = fn
+        return fn
+    return deco
+
+
+# ------------------------------------------------------------------------------------------
+# plain values <-> JSON (exact for bool / int / float incl. nan, inf / str / None / tuple)
+# ------------------------------------------------------------------------------------------
+def _to_jsonable(value, where):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, np.random.SeedSequence):
+        return {"__seedsequence__": {"entropy": _to_jsonable(value.entropy, where),
+                                     "spawn_key": list(value.spawn_key),
+                                     "pool_size": int(value.pool_size)}}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biufU":
+            raise ValueError(f"{where}: cannot store an array of dtype {value.dtype}; "
+                             f"convert it to a numeric array")
+        return {"__ndarray__": value.tolist(), "dtype": value.dtype.str,
+                "shape": list(value.shape)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_jsonable(v, where) for v in value]}
+    if isinstance(value, (list, range)):
+        return [_to_jsonable(v, where) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: dict keys must be strings to be saved, got {k!r}")
+            if k.startswith("__"):
+                raise ValueError(f"{where}: dict keys may not start with '__' (reserved), "
+                                 f"got {k!r}")
+            out[k] = _to_jsonable(v, f"{where}[{k!r}]")
+        return out
+    raise ValueError(f"{where}: cannot save a value of type {type(value).__name__} "
+                     f"({value!r}); use numbers, strings, booleans, None, lists, dicts or "
+                     f"NumPy arrays")
+
+
+def _from_jsonable(obj):
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        if "__tuple__" in obj:
+            return tuple(_from_jsonable(v) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+        if "__seedsequence__" in obj:
+            d = obj["__seedsequence__"]
+            return np.random.SeedSequence(_from_jsonable(d["entropy"]),
+                                          spawn_key=tuple(d["spawn_key"]),
+                                          pool_size=d["pool_size"])
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _dumps(value, where) -> str:
+    return json.dumps(_to_jsonable(value, where), allow_nan=True)
+
+
+def _loads(text):
+    return _from_jsonable(json.loads(text))
+
+
+#: HDF5 object headers hold at most 64 KiB of attributes; longer JSON goes to a dataset
+_MAX_ATTR_BYTES = 32768
+
+
+def _put_json(group, name, value, where):
+    """Store ``value`` as JSON text in attribute ``name`` (or dataset ``__name`` when long)."""
+    text = _dumps(value, where)
+    if len(text.encode("utf-8")) <= _MAX_ATTR_BYTES:
+        group.attrs[name] = text
+    else:
+        group.create_dataset("__" + name, data=text, dtype=h5py.string_dtype("utf-8"))
+
+
+def _get_json(tree, name, default="null"):
+    if name in tree["attrs"]:
+        text = tree["attrs"][name]
+    elif "__" + name in tree["datasets"]:
+        text = tree["datasets"]["__" + name][()]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    else:
+        text = default
+    return _loads(text)
+
+
+# ------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------
+class _Scales:
+    """Creates the dimension scales of one group on demand and attaches them to datasets."""
+
+    def __init__(self, group, coords: dict):
+        self.group = group
+        self.coords = coords  # dim name -> 1-D coordinate values
+
+    def get(self, name):
+        if name in self.group:
+            return self.group[name]
+        values = np.asarray(self.coords[name])
+        ds = self.group.create_dataset(name, data=values)
+        ds.make_scale(name)
+        if name in _DESCRIPTIONS:
+            ds.attrs["long_name"] = _DESCRIPTIONS[name]
+        return ds
+
+    def attach(self, ds, dims):
+        """Attach scales ``dims`` to ``ds`` if every axis length matches; else leave it bare."""
+        if dims is None or len(dims) != ds.ndim:
+            return
+        for name, length in zip(dims, ds.shape):
+            if name not in self.coords or len(self.coords[name]) != length:
+                return
+        for i, name in enumerate(dims):
+            ds.dims[i].attach_scale(self.get(name))
+            ds.dims[i].label = name
+
+
+def _create_array(group, name, arr, compression):
+    if not isinstance(arr, np.ndarray):
+        arr = np.asarray(arr)
+    kwargs = {}
+    if compression and arr.size >= COMPRESS_MIN_SIZE:
+        kwargs = dict(compression=compression, shuffle=True)
+        if compression == "gzip":
+            kwargs["compression_opts"] = 4
+    ds = group.create_dataset(name, data=arr, **kwargs)
+    if name in _DESCRIPTIONS:
+        ds.attrs["long_name"] = _DESCRIPTIONS[name]
+    return ds
+
+
+def _check_key(key, where):
+    if not isinstance(key, str) or not key or "/" in key or key in (".", "..") \
+            or key.startswith("__"):
+        raise ValueError(f"{where}: key {key!r} cannot be an HDF5 name; use a non-empty string "
+                         f"without '/' that does not start with '__'")
+
+
+def _has_array(value) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    if isinstance(value, dict):
+        return any(_has_array(v) for v in value.values())
+    return False
+
+
+def _dims_for(key, arr, lead=()):
+    """Named dimensions for an array stored under ``key`` (None when unknown).
+
+    :meth:`_Scales.attach` leaves the array without scales when they do not fit its shape.
+    """
+    dims = DIMS.get(key) or _EXTRA_DIMS.get(key)
+    if dims is None:
+        return None
+    return tuple(lead) + tuple(dims)
+
+
+def _write_mapping(group, mapping, where, scales, compression, lead=()):
+    """Arrays -> datasets, dicts holding arrays -> sub-groups, the rest -> JSON attribute."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must be a dict, got {type(mapping).__name__}")
+    plain = {}
+    for key, value in mapping.items():
+        _check_key(key, where)
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+            ds = _create_array(group, key, value, compression)
+            scales.attach(ds, _dims_for(key, value, lead))
+        elif isinstance(value, dict) and _has_array(value):
+            _write_mapping(group.create_group(key), value, f"{where}[{key!r}]", scales,
+                           compression, lead)
+        else:
+            plain[key] = value
+    _put_json(group, "values_json", plain, where)
+    _put_json(group, "keys_json", list(mapping), where)
+
+
+def _coords(result, times, lead_seeds=None):
+    data, net = result.data, result.net
+    P, Q, n, L = data.P, data.Q, data.P + data.Q, net.depth
+    coords = {"t": times, "s": times, "layer": np.arange(1, L + 1),
+              "response_layer": np.arange(1, L), "point": np.arange(n),
+              "point_": np.arange(n), "train_point": np.arange(P),
+              "test_point": np.arange(P, P + Q), "input_dim": np.arange(data.D)}
+    if lead_seeds is not None:
+        coords["seed"] = lead_seeds
+    return coords
+
+
+def _write_data(group, data: Dataset, scales, compression):
+    g = group.create_group("data")
+    g.attrs["P"], g.attrs["Q"], g.attrs["D"] = data.P, data.Q, data.D
+    for name in ("X_train", "y_train", "X_test", "y_test"):
+        arr = getattr(data, name)
+        if arr is not None:
+            scales.attach(_create_array(g, name, np.asarray(arr), compression),
+                          _EXTRA_DIMS[name])
+
+
+def _write_spec_attrs(group, result, kind):
+    net, train = result.net, result.train
+    a = group.attrs
+    a["kind"] = kind
+    a["method"] = str(result.method)
+    _put_json(group, "net", net.to_dict(), "net")
+    _put_json(group, "train", train.to_dict(), "train")
+    _put_json(group, "options", result.options, "options")
+    _put_json(group, "spec", result.spec, "spec")
+    a["net_depth"] = net.depth
+    a["net_activation"] = net.activation
+    a["train_gamma0"] = train.gamma0
+    a["train_lr"] = train.lr
+    a["train_steps"] = train.steps
+    a["train_loss"] = train.loss
+    a["elapsed"] = float(result.elapsed)
+
+
+def _write_solution(group, sol: Solution, compression):
+    _write_spec_attrs(group, sol, "Solution")
+    meta = {"method": sol.method, "converged": sol.converged, "iterations": sol.iterations,
+            "seed": sol.seed, "elapsed": sol.elapsed}
+    _put_json(group, "meta", meta, "Solution")
+    group.attrs["converged"] = np.int8(bool(sol.converged))
+    group.attrs["iterations"] = int(sol.iterations)
+    if isinstance(sol.seed, (int, np.integer)) and not isinstance(sol.seed, bool):
+        group.attrs["seed"] = int(sol.seed)
+    times = np.asarray(sol.t)
+    coords = _coords(sol, times)
+    coords["iteration"] = np.arange(1, np.size(sol.residuals) + 1)
+    scales = _Scales(group, coords)
+    scales.get("t")  # the field t is the coordinate variable of dimension t
+    _write_data(group, sol.data, scales, compression)
+    for name in ("train_predictions", "test_predictions", "ntk", "phi", "g", "A", "B",
+                 "residuals"):
+        arr = getattr(sol, name)
+        if arr is None:
+            continue
+        ds = _create_array(group, name, np.asarray(arr), compression)
+        scales.attach(ds, _dims_for(name, np.asarray(arr)))
+    _write_mapping(group.create_group("stderr"), sol.stderr, "stderr", scales, compression)
+    _write_mapping(group.create_group("extras"), sol.extras, "extras", scales, compression)
+
+
+def _write_ensemble(group, ens: Ensemble, compression):
+    _write_spec_attrs(group, ens, "Ensemble")
+    meta = {"width": ens.width, "center": ens.center, "elapsed": ens.elapsed}
+    _put_json(group, "meta", meta, "Ensemble")
+    group.attrs["width"] = int(ens.width)
+    group.attrs["center"] = np.int8(bool(ens.center))
+    group.attrs["n_seeds"] = len(ens.seeds)
+    seeds = np.asarray(ens.seeds)
+    scales = _Scales(group, _coords(ens, np.asarray(ens.t), lead_seeds=seeds))
+    scales.get("t")
+    scales.get("seed")  # the field seeds is the coordinate variable of dimension seed
+    _write_data(group, ens.data, scales, compression)
+    for name in ("train_predictions", "test_predictions", "ntk", "phi", "g"):
+        arr = getattr(ens, name)
+        if arr is None:
+            continue
+        ds = _create_array(group, name, np.asarray(arr), compression)
+        scales.attach(ds, _dims_for(name, np.asarray(arr), lead=("seed",)))
+    _write_mapping(group.create_group("extras"), ens.extras, "extras",
+                   _EnsembleExtraScales(scales), compression)
+
+
+class _EnsembleExtraScales:
+    """Ensemble extras usually carry a leading seed axis (e.g. ``f0`` (S, P+Q))."""
+
+    def __init__(self, scales):
+        self.scales = scales
+
+    def attach(self, ds, dims):
+        if dims is not None and len(dims) == ds.ndim - 1:
+            dims = ("seed",) + tuple(dims)
+        self.scales.attach(ds, dims)
+
+
+def _write_fluctuations(group, fl: Fluctuations, compression):
+    _write_spec_attrs(group, fl, "Fluctuations")
+    meta = {"method": fl.method, "center": fl.center, "elapsed": fl.elapsed}
+    _put_json(group, "meta", meta, "Fluctuations")
+    group.attrs["center"] = np.int8(bool(fl.center))
+    scales = _Scales(group, _coords(fl, np.asarray(fl.t)))
+    scales.get("t")
+    for name in ("prediction_cov", "ntk_var"):
+        arr = np.asarray(getattr(fl, name))
+        scales.attach(_create_array(group, name, arr, compression), _dims_for(name, arr))
+    _write_mapping(group.create_group("stderr"), fl.stderr, "stderr", scales, compression)
+    _write_mapping(group.create_group("extras"), fl.extras, "extras", scales, compression)
+    _write_solution(group.create_group("solution"), fl.solution, compression)
+
+
+def _write(f, result, compression):
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["dmft_version"] = __version__
+    f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+    f.attrs["Conventions"] = "dmft HDF5 schema 1 (netCDF4-compatible dimension scales)"
+    if isinstance(result, Solution):
+        _write_solution(f, result, compression)
+    elif isinstance(result, Ensemble):
+        _write_ensemble(f, result, compression)
+    else:
+        _write_fluctuations(f, result, compression)
+
+
+def save(result, path, *, compression="gzip"):
+    """Write a result to an HDF5 file, atomically.
+
+    Parameters
+    ----------
+    result : Solution, Ensemble or Fluctuations
+    path : str or os.PathLike
+        Target file (conventionally ``*.h5``); an existing file is replaced only once the new
+        one is complete.
+    compression : {"gzip", "lzf", None}
+        Lossless filter for arrays with at least :data:`COMPRESS_MIN_SIZE` elements
+        (the round trip stays exact). ``"gzip"`` keeps the file readable by netCDF-C.
+
+    Raises
+    ------
+    ValueError
+        Not a result object, a bad ``compression``, or an ``options`` / ``extras`` value that
+        cannot be stored (e.g. an arbitrary Python object).
+    """
+    if not isinstance(result, (Solution, Ensemble, Fluctuations)):
+        raise ValueError(f"result must be a dmft Solution, Ensemble or Fluctuations, got "
+                         f"{type(result).__name__}")
+    if compression not in ("gzip", "lzf", None):
+        raise ValueError(f"compression must be 'gzip', 'lzf' or None, got {compression!r}")
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot save to {path}: directory {directory} does not exist; "
+                         f"create it first")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write(f, result, compression)
+        # flush the bytes to disk before the rename makes them visible under the real name
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (not possible on every platform)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------
+# reading: file -> plain tree -> (migrations) -> objects
+# ------------------------------------------------------------------------------------------
+def _attr_value(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_tree(group) -> dict:
+    tree = {"attrs": {k: _attr_value(v) for k, v in group.attrs.items()},
+            "datasets": {}, "dims": {}, "groups": {}}
+    for name, obj in group.items():
+        if isinstance(obj, h5py.Group):
+            tree["groups"][name] = _read_tree(obj)
+        else:
+            tree["datasets"][name] = obj[...]
+            tree["dims"][name] = tuple(d.label for d in obj.dims)
+    return tree
+
+
+def _read_mapping(tree) -> dict:
+    plain = _get_json(tree, "values_json", "{}")
+    keys = _get_json(tree, "keys_json", "[]")
+    out = {}
+    for key in keys:
+        if key in tree["datasets"]:
+            out[key] = tree["datasets"][key]
+        elif key in tree["groups"]:
+            out[key] = _read_mapping(tree["groups"][key])
+        else:
+            out[key] = plain[key]
+    return out
+
+
+def _read_data(tree) -> Dataset:
+    d = tree["groups"]["data"]["datasets"]
+    return Dataset(d["X_train"], d["y_train"], d["X_test"], d.get("y_test"))
+
+
+def _read_specs(tree):
+    net = MLP(**_get_json(tree, "net"))
+    train = GradientDescent(**_get_json(tree, "train"))
+    return net, train, _read_data(tree) if "data" in tree["groups"] else None
+
+
+def _build_solution(tree) -> Solution:
+    d = tree["datasets"]
+    net, train, data = _read_specs(tree)
+    meta = _get_json(tree, "meta")
+    return Solution(net=net, data=data, train=train, method=meta["method"], t=d["t"],
+                    train_predictions=d["train_predictions"],
+                    test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d["phi"],
+                    g=d["g"], A=d.get("A"), B=d.get("B"), converged=meta["converged"],
+                    iterations=meta["iterations"], residuals=d["residuals"],
+                    stderr=_read_mapping(tree["groups"]["stderr"]), seed=meta["seed"],
+                    elapsed=meta["elapsed"], options=_get_json(tree, "options"),
+                    extras=_read_mapping(tree["groups"]["extras"]))
+
+
+def _build_ensemble(tree) -> Ensemble:
+    d = tree["datasets"]
+    net, train, data = _read_specs(tree)
+    meta = _get_json(tree, "meta")
+    return Ensemble(net=net, data=data, train=train, width=meta["width"], seeds=d["seed"],
+                    t=d["t"], train_predictions=d["train_predictions"],
+                    test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d.get("phi"),
+                    g=d.get("g"), center=meta["center"], elapsed=meta["elapsed"],
+                    options=_get_json(tree, "options"),
+                    extras=_read_mapping(tree["groups"]["extras"]))
+
+
+def _build_fluctuations(tree) -> Fluctuations:
+    d = tree["datasets"]
+    meta = _get_json(tree, "meta")
+    return Fluctuations(solution=_build_solution(tree["groups"]["solution"]),
+                        prediction_cov=d["prediction_cov"], ntk_var=d["ntk_var"],
+                        center=meta["center"], method=meta["method"],
+                        stderr=_read_mapping(tree["groups"]["stderr"]),
+                        elapsed=meta["elapsed"], options=_get_json(tree, "options"),
+                        extras=_read_mapping(tree["groups"]["extras"]))
+
+
+def read_attrs(path) -> dict:
+    """The root attributes of a result file (schema, versions, kind, spec JSON ...)."""
+    with _open(path) as f:
+        return {k: _attr_value(v) for k, v in f.attrs.items()}
+
+
+def _open(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such result file: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path} is not a readable HDF5 file ({exc}); pass a file written "
+                         f"by dmft.save") from None
+
+
+def _upgrade(tree, path):
+    version = tree["attrs"].get("schema_version")
+    if version is None or "kind" not in tree["attrs"]:
+        raise ValueError(f"{path} is not a dmft result file (no schema_version / kind "
+                         f"attributes); pass a file written by dmft.save")
+    version = int(version)
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} was written with HDF5 schema version {version} by dmft "
+            f"{tree['attrs'].get('dmft_version', '?')}, newer than this dmft {__version__} "
+            f"understands (schema <= {SCHEMA_VERSION}); upgrade dmft to read it")
+    while version < SCHEMA_VERSION:
+        if version not in MIGRATIONS:
+            raise ValueError(f"{path} has schema version {version} and no migration to "
+                             f"version {version + 1} is registered")
+        tree = MIGRATIONS[version](tree)
+        version += 1
+        tree["attrs"]["schema_version"] = version
+    return tree
+
+
+def load(path):
+    """Read a result written by :func:`save`.
+
+    Returns the same class (Solution, Ensemble or Fluctuations) with every field equal to the
+    saved one. Files of an older schema are upgraded through :data:`MIGRATIONS`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        Not an HDF5 file, not a dmft result, or a file from a newer schema version (upgrade
+        dmft).
+    """
+    with _open(path) as f:
+        tree = _read_tree(f)
+    tree = _upgrade(tree, os.fspath(path))
+    kind = tree["attrs"]["kind"]
+    if kind == "Solution":
+        return _build_solution(tree)
+    if kind == "Ensemble":
+        return _build_ensemble(tree)
+    if kind == "Fluctuations":
+        return _build_fluctuations(tree)
+    raise ValueError(f"{path}: unknown result kind {kind!r}; expected one of {_KINDS}")
