@@ -1,0 +1,207 @@
+"""``method="linear"``: deep linear networks, exact algebraic DMFT (THEORY.md §3).
+
+For phi(h) = h the DMFT closes into matrix equations with no sampling. The engine
+:mod:`solvers.linear` marches them forward in exact discrete time (gradient descent with step
+lr), using that the backward kernels G^l do not depend on the data index (one output) and the
+strictly causal structure in time: nothing of size (P T) x (P T) is inverted. The result is
+deterministic; ``seed`` is only recorded.
+
+``method="auto"`` picks this solver for linear networks.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+
+import numpy as np
+
+from solvers import linear as _engine
+
+from ._progress import logger, progress_bar
+from .results import ConvergenceError, Solution
+from .specs import MLP, Dataset, GradientDescent
+
+__all__ = ["solve_linear", "max_stable_gamma0"]
+
+_OPTIONS = ("fast_path", "responses", "verify", "tol", "divergence", "progress")
+
+
+def _check_options(fast_path, responses, verify, tol, divergence):
+    if fast_path not in ("auto", True, False):
+        raise ValueError(f"fast_path must be 'auto', True or False (whitened-data one-point "
+                         f"reduction), got {fast_path!r}")
+    for name, val in (("responses", responses), ("verify", verify)):
+        if not isinstance(val, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {val!r}")
+    for name, val, hint in (("tol", tol, "e.g. tol=1e-8"),
+                            ("divergence", divergence, "e.g. divergence=1e8")):
+        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not np.isfinite(val) \
+                or val <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {val!r}; {hint}")
+
+
+def solve_linear(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
+                 throw: bool = True, fast_path="auto", responses: bool = True,
+                 verify: bool = True, tol: float = 1e-8, divergence: float = 1e8,
+                 progress=None, **options) -> Solution:
+    """Exact infinite-width dynamics of a deep linear network (THEORY.md §3).
+
+    Parameters
+    ----------
+    net, data, train : MLP, Dataset, GradientDescent
+        ``net.activation`` must be ``"linear"``. ``train.gamma0 = 0`` is allowed: it is the
+        lazy limit and reproduces ``method="static"``.
+    seed : optional
+        Recorded only: the method draws no random numbers.
+    throw : bool
+        If True (default), divergence raises :class:`~dmft.results.ConvergenceError`; if
+        False the result is returned with ``converged=False`` and NaN from the first failed
+        step on.
+    fast_path : {"auto", True, False}
+        Whitened training inputs (X_train X_train^T / D = lambda I, always true for P = 1)
+        reduce any depth to a one-point problem along y (:func:`solvers.linear.
+        whitened_reduction`); "auto" uses it when it applies.
+    responses : bool
+        Fill the full-index responses ``A``, ``B`` (L-1, T+1, T+1, n, n) (L >= 2). False leaves
+        them None and saves memory and two GEMMs per layer.
+    verify : bool
+        Re-evaluate the matrix equations globally at the marched solution (dense GEMMs and a
+        triangular solve, independent of the row recursion); the relative change is
+        ``residuals[0]``. Above ``tol`` the solution is reported as not converged.
+    tol : float
+        Tolerance of that check (default 1e-8; rounding gives ~1e-14).
+    divergence : float
+        The march stops when the training loss exceeds ``divergence`` times its initial
+        value or a value is not finite (default 1e8).
+    progress : bool or None
+        Progress bar over time steps (None: only on a terminal).
+
+    Returns
+    -------
+    Solution
+        All contract fields; ``phi``, ``g`` (L, T+1, T+1, n, n), ``A``, ``B``
+        (L-1, T+1, T+1, n, n) or None; ``iterations = 1`` (one march: causality makes it
+        exact, no outer iteration); ``residuals`` = [verification residual] (empty when
+        ``verify=False``); ``stderr = {}``. ``extras``: ``kx`` (n, n), ``G`` (L, T+1, T+1)
+        the point-independent G^l(t, s), ``delta`` (T+1, n) the error signal.
+
+    Raises
+    ------
+    ValueError
+        Non-linear activation (use method="mc") or bad options.
+    ConvergenceError
+        Divergence at large gamma0 * lr (see :func:`max_stable_gamma0`), or a failed check.
+    """
+    if options:
+        raise ValueError(f"unknown option(s) for method='linear': {sorted(options)}; the linear "
+                         f"method accepts {list(_OPTIONS)}")
+    if not net.linear:
+        raise ValueError(f"method='linear' solves linear networks only, but net.activation is "
+                         f"{net.activation!r}; use method='mc' for nonlinear networks "
+                         f"(or method='auto')")
+    _check_options(fast_path, responses, verify, tol, divergence)
+    start = time.perf_counter()
+    L, P, Q, T = net.depth, data.P, data.Q, train.steps
+    n, T1 = P + Q, T + 1
+    kx = data.kx
+    gamma0, lr = train.gamma0, train.lr
+
+    bar = progress_bar(T1, "linear DMFT", progress, unit="step")
+    try:
+        try:
+            res = _engine.solve(kx, data.y_train, L, gamma0, lr, T, fast_path=fast_path,
+                                divergence=float(divergence),
+                                callback=lambda t: bar.update(1))
+        except FloatingPointError as exc:     # overflow inside BLAS with errstate raise
+            raise ConvergenceError(f"method='linear' failed: {exc}") from exc
+    finally:
+        bar.close()
+    diverged = res["diverged_at"] is not None
+
+    residuals = np.zeros(0)
+    if verify and not diverged:
+        with np.errstate(all="ignore"):
+            r = _engine.verify(res, kx, data.y_train, gamma0, lr)
+        residuals = np.array([r])
+        logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, tol)
+    converged = (not diverged) and (residuals.size == 0 or residuals[0] <= tol)
+
+    # Build the outputs one array at a time and drop the flat copies as they are converted:
+    # the fields themselves are O(L T^2 n^2) numbers, and peak memory should stay near that.
+    A = B = None
+    if responses and L >= 2:
+        with np.errstate(all="ignore"):
+            Aflat = _engine.full_responses(res, kx, gamma0, lr)
+        A = _engine.two_time(Aflat, T1, n)
+        del Aflat
+        # B^l_{mu alpha}(t, s) = b^l_alpha(t, s) for every row mu (G^l is point-independent)
+        b = res["b"][1:].reshape(L - 1, T1, T1, n)
+        B = np.empty((L - 1, T1, T1, n, n))
+        B[...] = b[:, :, :, None, :]
+        if diverged:
+            t0 = res["diverged_at"]
+            for X in (A, B):
+                X[:, t0:] = np.nan
+                X[:, :, t0:] = np.nan
+    phi = np.empty((L, T1, T1, n, n))
+    for l in range(L):
+        phi[l] = _engine.two_time(res["Phi"][l], T1, n)
+        res["Phi"][l] = None
+    g = np.empty((L, T1, T1, n, n))
+    g[...] = res["G"][:, :, :, None, None]
+    f = res["f"]
+    sol = Solution(
+        net=net, data=data, train=train, method="linear", t=train.times,
+        train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+        ntk=res["ntk"], phi=phi, g=g, A=A, B=B, converged=bool(converged), iterations=1,
+        residuals=residuals, stderr={},
+        seed=int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        else None,
+        elapsed=time.perf_counter() - start,
+        options={"fast_path": fast_path if isinstance(fast_path, str) else bool(fast_path),
+                 "fast_path_used": bool(res["fast_path"]), "responses": bool(responses),
+                 "verify": bool(verify), "tol": float(tol), "divergence": float(divergence)},
+        extras={"kx": kx, "G": res["G"], "delta": res["delta"]})
+    if diverged:
+        msg = (f"method='linear' diverged: {res['message']} (gamma0 = {gamma0:g}, lr = {lr:g}); "
+               f"the discrete dynamics are unstable at this gamma0 * lr. Reduce lr or gamma0; "
+               f"dmft._linear.max_stable_gamma0(net, data, train) gives the largest stable "
+               f"gamma0 for this lr")
+        if throw:
+            raise ConvergenceError(msg, result=sol)
+        sol.extras["message"] = msg
+        return sol
+    if not converged:
+        msg = (f"method='linear': the marched solution fails the global check of the matrix "
+               f"equations (relative residual {residuals[0]:.3g} > tol = {tol:g}); the kernels "
+               f"have grown so large that rounding dominates. Reduce gamma0 * lr or steps")
+        if throw:
+            raise ConvergenceError(msg, result=sol)
+        sol.extras["message"] = msg
+    return sol
+
+
+def max_stable_gamma0(net: MLP, data: Dataset, train: GradientDescent, *, start: float = 0.25,
+                      rtol: float = 1e-3, gamma_max: float = 1e4) -> float:
+    """Largest stable gamma0 of a deep linear network at ``train.lr`` and ``train.steps``.
+
+    ``train.gamma0`` is ignored. A gamma0 is *stable* when the exact infinite-width trajectory
+    over ``train.steps`` steps stays below the edge of stability at every step,
+    max_t lr lambda_max(K_train(t)) < 2, so that each gradient step contracts the training
+    error in its linearisation (and nothing diverges). The NTK grows with gamma0 (two-layer,
+    one point, gradient flow: K ends at 2 sqrt(1 + gamma0^2 y^2), so the edge is
+    gamma0* = sqrt(1/lr^2 - 1) / |y|). The first unstable gamma0 met scanning upward from
+    ``start`` (doubling) is bracketed and bisected to relative width ``rtol``; the stable end
+    is returned (``inf`` if none below ``gamma_max``; 0.0 if lr is unstable even for the
+    lazy, gamma0 = 0, kernel). Above it the error oscillates; the dynamics may still catapult
+    to a flatter minimum, or diverge (then :func:`solve_linear` raises).
+
+    Returns
+    -------
+    float
+    """
+    if not net.linear:
+        raise ValueError(f"max_stable_gamma0 needs a linear network, got activation "
+                         f"{net.activation!r}")
+    return _engine.max_stable_gamma0(data.kx, data.y_train, net.depth, train.lr, train.steps,
+                                     start=start, rtol=rtol, gamma_max=gamma_max)

@@ -1,0 +1,561 @@
+"""Deep linear networks: the DMFT as closed matrix equations, solved exactly (THEORY.md §3).
+
+For phi(h) = h every single-site field is Gaussian and linear in its sources, so the
+order parameters obey algebraic equations with no sampling. This engine solves them in exact
+discrete time (gradient descent with step ``lr``) by marching forward in time, one block row
+(time step) at a time; there is no outer fixed-point iteration and no sampling, so the result
+is deterministic and exact up to rounding.
+
+Reduction used here (derived for this engine, checked against the literal full-index
+equations by :func:`reference_dense` and against simulated networks in the tests)
+-----------------------------------------------------------------------------------
+For a single network output the backward fields do not depend on the data point:
+g^l_mu(t) = z^l(t) (the backward pass of a linear net never sees the input). Hence
+G^l_{mu nu}(t, s) = G^l(t, s) is a (T+1) x (T+1) object, the source r^l is one scalar process,
+and only two reduced causal operators per layer matter:
+
+    c^l_mu(t, s)    = sum_alpha C^l_{mu alpha}(t, s)
+                    = a^{l-1}_mu(t, s) + lr sum_alpha Phi^{l-1}_{mu alpha}(t, s) Delta_alpha(s)
+    d^l_alpha(t, s) = D^l_{mu alpha}(t, s)   (the same for every row mu)
+                    = b^l_alpha(t, s) + lr Delta_alpha(s) G^{l+1}(t, s)            (s < t)
+
+with the single-site equations h = u + gamma0 c z, z = r + gamma0 d h. Writing
+mt = (I - gamma0^2 d c)^{-1} (a (T+1) x (T+1) unit lower-triangular matrix) and using
+Woodbury, M = (I - gamma0^2 C D)^{-1} = I + gamma0^2 a d, so that
+
+    a^l       = c^l mt^l                     (= sum_alpha A^l_{mu alpha}, A^l = M^l C^l)
+    b^{l-1}   = mt^l d^l                     (= B^{l-1}_{mu alpha} for every mu)
+    E^l       = d^l Phi^{l-1},   W^l = G^{l+1} + gamma0^2 E^l d^{lT}
+    Phi^l     = Phi^{l-1} + gamma0^2 [a^l E^l + (a^l E^l)^T + a^l W^l a^{lT}]
+    G^l       = mt^l W^l mt^{lT}
+    f_mu(t)   = gamma0^{-1} <z^L(t) h^L_mu(t)> = [mt^L (E^L + W^L a^{LT})](t, (t, mu))
+
+(Phi^0 = K^x constant in time, G^{L+1} = 1, a^0 = 0, b^L = 0). Nothing of size
+(PT) x (PT) is ever inverted: the only inverse is the unit-triangular mt, built row by row.
+The full-index responses of THEORY.md §3 follow as A^l = C^l + gamma0^2 a^l (d^l C^l) and
+B^{l-1}_{mu alpha}(t, s) = b^{l-1}_alpha(t, s).
+
+Causality makes a time march exact: block row t of the backward quantities (d, mt, b, W, G)
+needs only rows < t of the forward ones (Phi, c, a) and vice versa, and Delta(t) = y - f(t)
+needs only rows <= t. So at each step: backward sweep over layers (L .. 1), forward sweep
+(1 .. L), then f(t) and Delta(t).
+
+Cost: O(L n^2 T^3) time, O(L n^2 T^2) memory (n = P + Q points, T steps). The only large
+arrays are the kernels Phi^l themselves.
+
+Divergence and the largest stable gamma0
+----------------------------------------
+(I - gamma0^2 C D) is unit block lower-triangular in discrete time, so it is never singular;
+instability shows up instead as growth of the trajectory at large gamma0 * lr (the NTK grows
+with gamma0 |y| while the step lr stays fixed; edge of stability: lr K > 2). The march stops
+and reports ``diverged_at`` when the training loss exceeds ``divergence`` times its initial
+value or any value is not finite. :func:`max_stable_gamma0` defines the largest stable
+gamma0 operationally: the first gamma0 (scanning upward, then bisecting) at which T steps of
+gradient descent fail to lower the training loss or diverge.
+
+Flattened layout
+----------------
+Internally a point-time index (t, mu) is flattened to ``t * n + mu`` (time major), so a time
+block row is a contiguous slice. ``Phi[l]`` is (n (T+1), n (T+1)); ``c``, ``a`` are
+(n (T+1), T+1); ``d``, ``b``, ``E`` are (T+1, n (T+1)); ``mt``, ``W``, ``G`` are (T+1, T+1).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["march", "full_responses", "verify", "reference_dense", "whitened_reduction",
+           "max_stable_gamma0", "two_time"]
+
+
+def two_time(K, T1, n):
+    """Flat (..., T1 n, T1 n) kernel -> (..., T1, T1, n, n) (axes t, s, mu, nu)."""
+    lead = K.shape[:-2]
+    return np.ascontiguousarray(
+        np.moveaxis(K.reshape(*lead, T1, n, T1, n), -3, -2))
+
+
+def _check_inputs(kx, y, depth, gamma0, lr, steps):
+    kx = np.asarray(kx, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if kx.ndim != 2 or kx.shape[0] != kx.shape[1]:
+        raise ValueError(f"kx must be a square (n, n) input kernel, got shape {kx.shape}")
+    if y.size > kx.shape[0] or y.size < 1:
+        raise ValueError(f"y must hold 1 .. n = {kx.shape[0]} training targets, got {y.size}")
+    if int(depth) < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not (gamma0 >= 0 and math.isfinite(gamma0)):
+        raise ValueError(f"gamma0 must be finite and >= 0, got {gamma0}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be finite and > 0, got {lr}")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return kx, y, int(depth), float(gamma0), float(lr), int(steps)
+
+
+def march(kx, y, depth: int, gamma0: float, lr: float, steps: int, *,
+          divergence: float = 1e8, callback=None) -> dict:
+    """March the deep linear DMFT forward in time (exact discrete-time gradient descent).
+
+    Parameters
+    ----------
+    kx : array (n, n)
+        Input kernel Phi^0 = X X^T / D over the n = P + Q points, train first.
+    y : array (P,)
+        Training targets (MSE loss, Delta = y - f on train points, 0 on test points).
+    depth : int
+        L >= 1 hidden layers.
+    gamma0, lr : float
+        Feature-learning strength (>= 0; 0 is the lazy limit) and learning rate.
+    steps : int
+        T, number of gradient steps.
+    divergence : float
+        Stop (``diverged_at`` set) once the training loss exceeds ``divergence`` times its
+        initial value, or any value is not finite.
+    callback : callable, optional
+        ``callback(t)`` after each time step (progress bars).
+
+    Returns
+    -------
+    dict
+        ``f`` (T+1, n) predictions; ``ntk`` (T+1, n, n); ``Phi`` list of L flat kernels
+        (n (T+1), n (T+1)) (index l - 1 for Phi^l); ``G`` (L, T+1, T+1) the point-independent
+        backward kernels G^l; ``a`` (L, n (T+1), T+1), ``d`` (L, T+1, n (T+1)),
+        ``b`` (L, T+1, n (T+1)) (``b[l-1]`` = B^{l-1}, so ``b[0]`` = B^0 is unused),
+        ``mt`` (L, T+1, T+1); ``delta`` (T+1, n); ``diverged_at`` (int or None, the first
+        step whose values failed the check; later rows are NaN) and ``message``.
+    """
+    kx, y, L, gamma0, lr, T = _check_inputs(kx, y, depth, gamma0, lr, steps)
+    n, P = kx.shape[0], y.size
+    T1 = T + 1
+    N1 = n * T1
+    g2 = gamma0 * gamma0
+
+    Phi = [np.zeros((N1, N1)) for _ in range(L)]
+    G = np.zeros((L + 1, T1, T1))
+    G[L] = 1.0                      # G^{L+1} = 1: the readout w(0) is one scalar per unit
+    c = np.zeros((L, N1, T1))
+    a = np.zeros((L, N1, T1))
+    d = np.zeros((L, T1, N1))
+    b = np.zeros((L + 1, T1, N1))   # b[l] = B^l reduced; b[L] = B^L = 0
+    mt = np.zeros((L, T1, T1))
+    E = np.zeros((L, T1, N1))
+    W = np.zeros((L, T1, T1))
+    f = np.zeros((T1, n))
+    delta = np.zeros((T1, n))
+    ntk = np.zeros((T1, n, n))
+    loss0 = 0.5 * float(y @ y)
+    diverged_at, message = None, ""
+    # overflow is detected below from the values themselves (and reported), not from warnings
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(T1):
+            diverged_at, message = _step(t, kx, y, n, P, L, g2, lr, Phi, G, c, a, d, b, mt, E,
+                                         W, f, delta, ntk, loss0, divergence)
+            if callback is not None:
+                callback(t)
+            if diverged_at is not None:
+                break
+
+    if diverged_at is not None:
+        t0 = diverged_at
+        f[t0:] = np.nan
+        ntk[t0:] = np.nan
+        delta[t0:] = np.nan
+        for l in range(L):
+            Phi[l][t0 * n:, :] = np.nan
+            Phi[l][:, t0 * n:] = np.nan
+        G[:, t0:, :] = np.nan
+        G[:, :, t0:] = np.nan
+    return {"f": f, "ntk": ntk, "Phi": Phi, "G": G[:L].copy(), "a": a, "c": c, "d": d,
+            "b": b[:L].copy(), "mt": mt, "E": E, "W": W, "delta": delta,
+            "diverged_at": diverged_at, "message": message,
+            "shape": {"n": n, "P": P, "T1": T1, "L": L}}
+
+
+def _step(t, kx, y, n, P, L, g2, lr, Phi, G, c, a, d, b, mt, E, W, f, delta, ntk, loss0,
+          divergence):
+    """One time step of :func:`march`: block row t of every quantity, then f(t), Delta(t).
+
+    Writes into the preallocated arrays; returns (diverged_at, message).
+    """
+    diverged_at, message = None, ""
+    past = slice(0, t * n)
+    rt = slice(t * n, (t + 1) * n)
+    upto = slice(0, (t + 1) * n)
+    # -- backward sweep: needs only rows < t of the forward quantities ---------------
+    for l in range(L - 1, -1, -1):
+        dl, ml, Wl, El = d[l], mt[l], W[l], E[l]
+        Gnext = G[l + 1]
+        ml[t, t] = 1.0
+        if t > 0:
+            dl[t, past] = b[l + 1][t, past] + lr * (delta[:t] * Gnext[t, :t, None]).ravel()
+            dc = dl[t, past] @ c[l][past, :t]
+            ml[t, :t] = g2 * (dc @ ml[:t, :t])
+            if l > 0:
+                b[l][t, past] = ml[t, :t + 1] @ dl[:t + 1, past]
+            if l == 0:
+                # Phi^0 = K^x at all times: E(t, (s, alpha)) does not depend on s
+                El[t, past] = np.tile(dl[t, past].reshape(t, n).sum(0) @ kx, t)
+            else:
+                El[t, past] = dl[t, past] @ Phi[l - 1][past, past]
+            Wl[t, :t + 1] = Gnext[t, :t + 1] + g2 * (dl[:t + 1, past] @ El[t, past])
+            Wl[:t, t] = Wl[t, :t]
+        else:
+            Wl[0, 0] = Gnext[0, 0]
+        v = ml[t, :t + 1] @ Wl[:t + 1, :t + 1]
+        G[l][t, :t + 1] = ml[:t + 1, :t + 1] @ v
+        G[l][:t, t] = G[l][t, :t]
+    # -- forward sweep: needs rows <= t of the backward quantities ------------------
+    for l in range(L):
+        cl, al, El, Wl = c[l], a[l], E[l], W[l]
+        if t > 0:
+            if l == 0:
+                cl[rt, :t] = lr * (kx @ delta[:t].T)
+            else:
+                prow = Phi[l - 1][rt, past].reshape(n, t, n)
+                cl[rt, :t] = a[l - 1][rt, :t] + lr * np.einsum("msa,sa->ms", prow, delta[:t])
+            al[rt, :t] = cl[rt, :t] @ mt[l][:t, :t]
+            if l == 0:
+                El[:t + 1, rt] = d[l][:t + 1, past].reshape(t + 1, t, n).sum(1) @ kx
+            else:
+                El[:t + 1, rt] = d[l][:t + 1, past] @ Phi[l - 1][past, rt]
+        if l == 0:
+            row = np.tile(kx, (1, t + 1))
+        else:
+            row = Phi[l - 1][rt, upto].copy()
+        if t > 0:
+            at = al[rt, :t]
+            row += g2 * (at @ El[:t, upto]
+                         + (El[:t, rt].T + at @ Wl[:t, :t]) @ al[upto, :t].T)
+        Phi[l][rt, upto] = row
+        Phi[l][past, rt] = row[:, past].T
+        blk = row[:, t * n:]
+        Phi[l][rt, rt] = 0.5 * (blk + blk.T)
+    # -- output, error signal, NTK ---------------------------------------------------
+    l = L - 1
+    if t > 0:
+        f[t] = mt[l][t, :t + 1] @ (E[l][:t + 1, rt] + W[l][:t + 1, :t] @ a[l][rt, :t].T)
+    K = kx * G[0][t, t]
+    for l in range(L):
+        K = K + G[l + 1][t, t] * Phi[l][rt, rt]
+    ntk[t] = K
+    delta[t, :P] = y - f[t, :P]
+    loss = 0.5 * float(delta[t, :P] @ delta[t, :P])
+    if not (np.all(np.isfinite(f[t])) and np.all(np.isfinite(K))):
+        diverged_at = t
+        message = f"non-finite values at step {t}"
+    elif loss0 > 0 and loss > divergence * loss0:
+        diverged_at = t
+        message = (f"training loss {loss:.3g} at step {t} exceeds {divergence:g} x its "
+                   f"initial value {loss0:.3g}")
+    return diverged_at, message
+
+
+def _strict_block_mask(T1, n):
+    """(n T1, n T1) boolean mask of strictly causal blocks s < t."""
+    tt = np.repeat(np.arange(T1), n)
+    return tt[:, None] > tt[None, :]
+
+
+def full_responses(res: dict, kx, gamma0: float, lr: float):
+    """Full-index responses A^l (l = 1 .. L-1) from a march result (THEORY.md §3).
+
+    A^l = M^l C^l with C^l = A^{l-1} + lr tril_{-1}[Phi^{l-1} (.) Delta] and, by Woodbury,
+    M^l = I + gamma0^2 a^l d^l, so A^l = C^l + gamma0^2 a^l (d^l C^l): two GEMMs of size
+    (n T1) x T1 x (n T1) per layer, no inverse.
+
+    Returns
+    -------
+    A : array (L-1, n T1, n T1) flat, or None for L = 1
+    """
+    n, T1, L = res["shape"]["n"], res["shape"]["T1"], res["shape"]["L"]
+    if L == 1:
+        return None
+    N1 = n * T1
+    mask = _strict_block_mask(T1, n)
+    dcol = np.nan_to_num(res["delta"]).ravel()[None, :]   # Delta on the column index
+    g2 = gamma0 * gamma0
+    A = np.empty((L - 1, N1, N1))
+    prev = np.zeros((N1, N1))
+    for l in range(L - 1):              # layer l + 1
+        phi_prev = np.kron(np.ones((T1, T1)), kx) if l == 0 else res["Phi"][l - 1]
+        C = prev + lr * np.where(mask, phi_prev * dcol, 0.0)
+        A[l] = C + g2 * (res["a"][l] @ (res["d"][l] @ C))
+        prev = A[l]
+    return A
+
+
+def verify(res: dict, kx, y, gamma0: float, lr: float) -> float:
+    """Residual of one global evaluation of the matrix equations at the marched solution.
+
+    With Delta taken from the march, every layer's operators c, d, mt (by a dense triangular
+    solve, not the row recursion), a, b, E, W, Phi, G and the output f are recomputed from
+    whole matrices (GEMMs). Returns the largest change relative to the size of each field:
+    a fixed point of the equations gives rounding-level values (~1e-14).
+    """
+    n, T1, L, P = (res["shape"][k] for k in ("n", "T1", "L", "P"))
+    N1 = n * T1
+    g2 = gamma0 * gamma0
+    tmask = np.tril(np.ones((T1, T1), dtype=bool), -1)
+    delta = res["delta"]
+    dflat = delta.ravel()
+    Phi, G, a, b = res["Phi"], res["G"], res["a"], res["b"]
+    rel = []
+
+    def change(new, old):
+        scale = max(1.0, float(np.max(np.abs(old))))
+        return float(np.max(np.abs(new - old))) / scale
+
+    phi0 = np.kron(np.ones((T1, T1)), kx)
+    for l in range(L):
+        phi_prev = phi0 if l == 0 else Phi[l - 1]
+        g_next = np.ones((T1, T1)) if l == L - 1 else G[l + 1]
+        a_prev = np.zeros((N1, T1)) if l == 0 else a[l - 1]
+        b_l = np.zeros((T1, N1)) if l == L - 1 else b[l + 1]
+        cs = (phi_prev * dflat[None, :]).reshape(N1, T1, n).sum(2)
+        c_new = a_prev + lr * np.where(np.repeat(tmask, n, axis=0), cs, 0.0)
+        d_new = b_l + lr * np.where(np.repeat(tmask, n, axis=1),
+                                    np.repeat(g_next, n, axis=1) * dflat[None, :], 0.0)
+        mt_new = np.linalg.solve(np.eye(T1) - g2 * (d_new @ c_new), np.eye(T1))
+        a_new = c_new @ mt_new
+        E_new = d_new @ phi_prev
+        W_new = g_next + g2 * (E_new @ d_new.T)
+        aE = a_new @ E_new
+        phi_new = phi_prev + g2 * (aE + aE.T + a_new @ W_new @ a_new.T)
+        G_new = mt_new @ W_new @ mt_new.T
+        rel += [change(phi_new, Phi[l]), change(G_new, G[l]), change(a_new, a[l])]
+        if l > 0:
+            rel.append(change(mt_new @ d_new, b[l]))
+        if l == L - 1:
+            X = mt_new @ (E_new + W_new @ a_new.T)          # (T1, N1)
+            f_new = X.reshape(T1, T1, n)[np.arange(T1), np.arange(T1)]
+            rel.append(change(f_new, res["f"]))
+    return max(rel)
+
+
+def reference_dense(kx, y, depth: int, gamma0: float, lr: float, steps: int, *,
+                    tol: float = 1e-13, max_iter: int = 2000) -> dict:
+    """Plain NumPy reference: the literal full-index equations of THEORY.md §3, iterated.
+
+    Every operator is a dense (n (T+1)) x (n (T+1)) matrix: C^l, D^l, M^l = (I - gamma0^2
+    C^l D^l)^{-1}, M~^l, and
+
+        Phi^l = M^l [Phi^{l-1} + gamma0^2 C^l G^{l+1} C^{lT}] M^{lT}
+        G^l   = M~^l [G^{l+1} + gamma0^2 D^l Phi^{l-1} D^{lT}] M~^{lT}
+        A^l = M^l C^l,  B^{l-1} = M~^l D^l,
+        f_mu(t) = gamma0^{-1} <z^L_mu(t) h^L_mu(t)>
+                = [M~^L (G^{L+1} C^{LT} + D^L Phi^{L-1}) M^{LT}]_{(t mu), (t mu)}
+
+    with G^{L+1} = 1 (all ones), Phi^0 = K^x in every time block. Jacobi iteration over all
+    layers and Delta until the largest change is below ``tol``; causality makes it terminate.
+    Small problems only (tests): no reduction, no time march, explicit inverses.
+
+    Returns
+    -------
+    dict with ``f`` (T+1, n), ``Phi`` (L, N1, N1), ``G`` (L, N1, N1), ``A`` (L-1, N1, N1),
+    ``B`` (L-1, N1, N1) (``B[l-1]`` = B^l), ``iterations``.
+    """
+    kx, y, L, gamma0, lr, T = _check_inputs(kx, y, depth, gamma0, lr, steps)
+    n, P = kx.shape[0], y.size
+    T1 = T + 1
+    N1 = n * T1
+    g2 = gamma0 * gamma0
+    mask = _strict_block_mask(T1, n)
+    eye = np.eye(N1)
+    phi0 = np.kron(np.ones((T1, T1)), kx)
+    ones = np.ones((N1, N1))
+    Phi = np.array([phi0] * L)
+    G = np.array([ones] * L)
+    A = np.zeros((L + 1, N1, N1))   # A[l] = A^l, A[0] = 0
+    B = np.zeros((L + 1, N1, N1))   # B[l] = B^l, B[L] = 0
+    f = np.zeros((T1, n))
+    idx = np.arange(N1)
+    for it in range(1, max_iter + 1):
+        delta = np.zeros((T1, n))
+        delta[:, :P] = y - f[:, :P]
+        dcol = delta.ravel()[None, :]
+        Phi_n, G_n = np.empty_like(Phi), np.empty_like(G)
+        A_n, B_n = np.zeros_like(A), np.zeros_like(B)
+        for l in range(1, L + 1):
+            phi_prev = phi0 if l == 1 else Phi[l - 2]
+            g_next = ones if l == L else G[l]
+            C = A[l - 1] + lr * np.where(mask, phi_prev * dcol, 0.0)
+            D = B[l] + lr * np.where(mask, g_next * dcol, 0.0)
+            M = np.linalg.inv(eye - g2 * C @ D)
+            Mt = np.linalg.inv(eye - g2 * D @ C)
+            Phi_n[l - 1] = M @ (phi_prev + g2 * C @ g_next @ C.T) @ M.T
+            G_n[l - 1] = Mt @ (g_next + g2 * D @ phi_prev @ D.T) @ Mt.T
+            A_n[l] = M @ C
+            B_n[l - 1] = Mt @ D
+            if l == L:
+                X = Mt @ (g_next @ C.T + D @ phi_prev) @ M.T
+                f_n = X[idx, idx].reshape(T1, n)
+        A_n[0] = 0.0
+        change = max(np.max(np.abs(Phi_n - Phi)), np.max(np.abs(G_n - G)),
+                     np.max(np.abs(A_n - A)), np.max(np.abs(B_n[1:] - B[1:])),
+                     np.max(np.abs(f_n - f)))
+        Phi, G, A, B, f = Phi_n, G_n, A_n, B_n, f_n
+        B[L] = 0.0
+        if change < tol:
+            break
+    return {"f": f, "Phi": Phi, "G": G, "A": A[1:L], "B": B[1:L], "iterations": it,
+            "change": change}
+
+
+def whitened_reduction(kx, y, rtol: float = 1e-12):
+    """Reduce a problem with whitened training inputs to a one-point problem along y.
+
+    Applies when the training block of the input kernel is lambda I_P (always for P = 1).
+    With e = y / |y| and u_e = e . u_train (variance lambda), every point's first-layer source
+    splits as u_mu = kappa_mu u_e + rho_mu with kappa = K^x[:, :P] e / lambda and rho
+    independent of u_e, time-constant, covariance R = K^x - lambda kappa kappa^T, and R e = 0
+    on the training block. Since every memory term contracts the data index with Delta (which
+    stays along e), all layers inherit the split (derived here; tested against the general
+    march):
+
+        f_mu(t) = kappa_mu f_e(t),
+        Phi^l_{mu nu}(t, s) = kappa_mu kappa_nu Phi^l_e(t, s) + R_{mu nu},
+        G^l(t, s) = G^l_e(t, s),   a^l_mu = kappa_mu a^l_e,   d^l_alpha = e_alpha d^l_e (train),
+
+    where the subscript e marks the one-point problem with input kernel lambda and target |y|.
+
+    Returns
+    -------
+    None if the training block is not lambda I within ``rtol``; else a dict with ``lam``,
+    ``ynorm``, ``e`` (P,), ``kappa`` (n,), ``R`` (n, n).
+    """
+    kx = np.asarray(kx, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).ravel()
+    P = y.size
+    ktr = kx[:P, :P]
+    lam = float(np.trace(ktr)) / P
+    if lam <= 0 or np.max(np.abs(ktr - lam * np.eye(P))) > rtol * lam:
+        return None
+    ynorm = float(np.sqrt(y @ y))
+    e = y / ynorm if ynorm > 0 else np.eye(P)[0]
+    kappa = kx[:, :P] @ e / lam
+    R = kx - lam * np.outer(kappa, kappa)
+    return {"lam": lam, "ynorm": ynorm, "e": e, "kappa": kappa, "R": R}
+
+
+def expand_whitened(res1: dict, red: dict, n: int, P: int) -> dict:
+    """Expand a one-point march result ``res1`` to the n-point problem (see
+    :func:`whitened_reduction`). Returns a dict with the same keys as :func:`march`."""
+    kappa, e, R = red["kappa"], red["e"], red["R"]
+    L, T1 = res1["shape"]["L"], res1["shape"]["T1"]
+    N1 = n * T1
+    f = res1["f"][:, :1] * kappa[None, :]
+    Phi = []
+    for l in range(L):
+        pe = res1["Phi"][l]                                       # (T1, T1): n = 1
+        full = pe[:, None, :, None] * np.outer(kappa, kappa)[None, :, None, :] \
+            + R[None, :, None, :]
+        Phi.append(full.reshape(N1, N1))
+    ecol = np.zeros(n)
+    ecol[:P] = e
+
+    def rows(x):        # (L, T1, T1) with index (t, s) -> (L, n T1, T1) rows (t, mu)
+        return (x[:, :, None, :] * kappa[None, None, :, None]).reshape(L, N1, T1)
+
+    def cols(x):        # (L, T1, T1) with index (t, s) -> (L, T1, n T1) cols (s, alpha)
+        return (x[:, :, :, None] * ecol[None, None, None, :]).reshape(L, T1, N1)
+
+    delta = np.zeros((T1, n))
+    delta[:, :P] = res1["delta"][:, :1] * e[None, :]
+    ntk = np.empty((T1, n, n))
+    Gdiag = [np.diagonal(res1["G"][l]) for l in range(L)]
+    kx_full = red["lam"] * np.outer(kappa, kappa) + R
+    for t in range(T1):
+        K = Gdiag[0][t] * kx_full
+        for l in range(L):
+            gnext = Gdiag[l + 1][t] if l + 1 < L else 1.0
+            K = K + gnext * (kappa[:, None] * kappa[None, :] * res1["Phi"][l][t, t] + R)
+        ntk[t] = K
+    return {"f": f, "ntk": ntk, "Phi": Phi, "G": res1["G"], "a": rows(res1["a"]),
+            "c": rows(res1["c"]), "d": cols(res1["d"]), "b": cols(res1["b"]),
+            "mt": res1["mt"], "delta": delta, "diverged_at": res1["diverged_at"],
+            "message": res1["message"], "shape": {"n": n, "P": P, "T1": T1, "L": L}}
+
+
+def solve(kx, y, depth: int, gamma0: float, lr: float, steps: int, *, fast_path="auto",
+          divergence: float = 1e8, callback=None) -> dict:
+    """:func:`march`, through the whitened one-point reduction when it applies.
+
+    ``fast_path``: ``"auto"`` (use it when the training inputs are whitened, K^x_train =
+    lambda I, which includes P = 1), ``True`` (require it) or ``False`` (never).
+    The result has ``fast_path`` (bool) added.
+    """
+    kx, y, L, gamma0, lr, T = _check_inputs(kx, y, depth, gamma0, lr, steps)
+    n, P = kx.shape[0], y.size
+    red = whitened_reduction(kx, y) if fast_path in ("auto", True) else None
+    if fast_path is True and red is None:
+        raise ValueError("fast_path=True needs whitened training inputs (X_train X_train^T / D "
+                         "= lambda I); use fast_path='auto' or False")
+    if red is None or (n == 1):
+        res = march(kx, y, L, gamma0, lr, T, divergence=divergence, callback=callback)
+        res["fast_path"] = False
+        return res
+    res1 = march(np.array([[red["lam"]]]), np.array([red["ynorm"]]), L, gamma0, lr, T,
+                 divergence=divergence, callback=callback)
+    res = expand_whitened(res1, red, n, P)
+    res["fast_path"] = True
+    return res
+
+
+def sharpness(kx, y, depth, gamma0, lr, steps, divergence=1e8):
+    """max_t lr lambda_max(K_train(t)) along the exact trajectory (inf if it diverged).
+
+    Gradient descent contracts the training error at step t iff the linearised map
+    I - lr K_train(t) has spectral radius < 1, i.e. lr lambda_max(K_train(t)) < 2 (the edge of
+    stability). Returns the largest value over the T + 1 times.
+    """
+    res = solve(kx, y, depth, gamma0, lr, steps, divergence=divergence)
+    if res["diverged_at"] is not None:
+        return math.inf
+    P = res["shape"]["P"]
+    lam = np.linalg.eigvalsh(res["ntk"][:, :P, :P])[:, -1]
+    return float(lr * lam.max())
+
+
+def max_stable_gamma0(kx, y, depth: int, lr: float, steps: int, *, start: float = 0.25,
+                      factor: float = 2.0, gamma_max: float = 1e4, rtol: float = 1e-3,
+                      divergence: float = 1e8) -> float:
+    """The largest stable gamma0 for gradient descent with step ``lr`` over ``steps`` steps.
+
+    Definition: gamma0 is *stable* when the exact infinite-width trajectory stays below the
+    edge of stability at every step, max_t lr lambda_max(K_train(t)) < 2 (every step contracts
+    the training error in its linearisation; see :func:`sharpness`), and does not diverge.
+    The NTK grows with gamma0 (two-layer, one point, gradient flow: it ends at
+    2 sqrt(1 + gamma0^2 y^2), so the edge is gamma0* = sqrt(1 / lr^2 - 1) / |y| there), so the
+    first unstable gamma0 is found by scanning upward from ``start`` (multiplying by
+    ``factor``) and bisecting in log gamma0 to relative width ``rtol``; the stable end of the
+    bracket is returned. Returns ``inf`` if no instability is met below ``gamma_max``, and 0.0
+    when even the lazy dynamics are unstable (lr lambda_max(K(0)) >= 2, independent of
+    gamma0). Beyond gamma0* the dynamics oscillate; they may still catapult to a flatter
+    minimum or diverge (which :func:`march` reports).
+
+    Cost: one march per probe, about log2(gamma_max / start) + log2(1 / rtol) probes.
+    """
+    def stable(g):
+        return sharpness(kx, y, depth, g, lr, steps, divergence) < 2.0
+
+    if not stable(0.0):
+        return 0.0
+    lo = float(start)
+    while not stable(lo):
+        lo /= factor
+        if lo < 1e-6 * start:
+            return 0.0
+    hi = lo * factor
+    while stable(hi):
+        lo, hi = hi, hi * factor
+        if lo > gamma_max:
+            return math.inf
+    while hi / lo > 1 + rtol:
+        mid = math.sqrt(lo * hi)
+        if stable(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
