@@ -1,0 +1,275 @@
+"""``method="mc"`` and ``method="gia"``: the nonlinear DMFT by alternating Monte Carlo.
+
+THEORY.md §2. Each hidden unit of layer l is a sample of a single-site process driven by
+Gaussian sources u^l ~ N(0, Phi^{l-1}) and r^l ~ N(0, G^{l+1}); the order parameters Phi^l,
+G^l, the responses A^l, B^l and the predictions f are averages over samples, iterated to self
+consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
+
+- Two-layer networks (L = 1): no responses; all samples are marched forward together, f(t)
+  read from the population at each step (no outer iteration, ``iterations = 1``).
+- Deep networks: start from the static kernels and static-NTK predictions with A = B = 0;
+  the same standard normals every iteration (common random numbers); responses by exact
+  per-sample forward-mode tangents (smoothed delta for ReLU's phi'').
+- ``"gia"``: the same solver with the responses forced to zero (gradient-independence
+  ansatz); for L = 1 it is identical to ``"mc"``.
+
+Standard errors (``Solution.stderr``): L = 1: the samples split into ``blocks`` independent
+populations solved separately (includes the feedback of noise through Delta). L >= 2: batch
+means over the sample chunks of the last iteration with the order parameters held fixed (does
+not include the feedback through the self-consistency, THEORY.md §5).
+"""
+from __future__ import annotations
+
+import numbers
+import time
+
+import numpy as np
+
+from solvers import mc as _engine
+from solvers import static as _static
+
+from ._progress import logger, progress_bar
+from .results import ConvergenceError, Solution
+from .specs import MLP, Dataset, GradientDescent, check_positive_int
+
+__all__ = ["solve_mc", "solve_gia", "DEFAULTS"]
+
+#: default options; chosen so that the problems of the test suite (P + Q <= 12 points,
+#: T <= 60 steps, L <= 3) reach ~1e-2 on the predictions in well under a minute on 2 cores
+DEFAULTS = {
+    "samples_two_layer": 1 << 16,
+    "samples_deep": 8192,
+    "response_samples": 2048,
+    "kernel_samples": 16384,
+    "damping": 0.7,
+    "anderson": 0,
+    "tol": 1e-4,
+    "noise_factor": 0.25,
+    "max_iter": 60,
+    "blocks": 16,
+    "chunk_mb": 64.0,
+}
+
+
+def _real(name, value, lo, hi, hint):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
+            or not lo < value <= hi:
+        raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {value!r}; {hint}")
+    return float(value)
+
+
+def _seed_sequence(seed):
+    if isinstance(seed, np.random.SeedSequence):
+        return seed, None
+    if seed is None:
+        ss = np.random.SeedSequence()
+        return ss, None
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
+        return np.random.SeedSequence(int(seed)), int(seed)
+    raise ValueError(f"seed must be a non-negative integer, a numpy.random.SeedSequence or "
+                     f"None, got {seed!r}")
+
+
+def _two_time(K, T1, n):
+    """Flat (..., T1 n, T1 n) -> (..., T1, T1, n, n)."""
+    lead = K.shape[:-2]
+    K = K.reshape(*lead, T1, n, T1, n)
+    return np.ascontiguousarray(np.moveaxis(K, -3, -2))
+
+
+def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, throw: bool = True,
+             samples: int | None = None, response_samples: int | None = None,
+             kernel_samples: int | None = None, damping: float | None = None,
+             anderson: int | None = None, tol: float | None = None,
+             noise_factor: float | None = None, max_iter: int | None = None,
+             blocks: int | None = None, chunk_mb: float | None = None,
+             relu_eps: float | None = None, callback=None, progress=None,
+             _responses: bool = True, **unknown) -> Solution:
+    """Nonlinear DMFT of ``net`` trained on ``data`` by alternating Monte Carlo (THEORY.md §2).
+
+    Parameters
+    ----------
+    net, data, train : MLP, Dataset, GradientDescent
+        Specification; ``train.gamma0`` must be > 0 (use ``method="static"`` for the lazy limit).
+    seed : int, SeedSequence or None
+        Seed of all random numbers; the same seed gives bit-identical results.
+    throw : bool
+        Raise :class:`~dmft.results.ConvergenceError` when the iteration did not converge
+        (default) or return the result with ``converged=False``.
+    samples : int
+        Monte Carlo samples per layer (rounded up to an even number / whole chunks; antithetic
+        pairs). Default 65536 for L = 1, 8192 for L >= 2.
+    response_samples : int
+        Samples used for the tangent estimates of A, B (L >= 2; default 2048, at most
+        ``samples``). Tangents cost ~ n P^2 T^3 per sample and layer, kernels ~ (n T)^2.
+    kernel_samples : int
+        L = 1 only: samples for the two-time kernels phi, g (default 16384); predictions
+        and NTK use all ``samples``.
+    damping : float in (0, 1]
+        Weight of the new estimate in the mixing (default 0.7).
+    anderson : int
+        Anderson mixing history (default 0: plain damping).
+    tol, noise_factor : float
+        Stop when the residual is below max(tol, noise_factor * Monte Carlo floor)
+        (defaults 1e-4, 0.25). The residual is max|f' - f| and, per kernel, the largest
+        change relative to the kernel's largest entry.
+    max_iter : int
+        Iteration limit (default 60).
+    blocks : int
+        L = 1: independent populations for the standard errors (default 16; 1 disables).
+    chunk_mb : float
+        Memory per streamed chunk of samples (default 64 MB).
+    relu_eps : float
+        Width of the smoothed delta for ReLU's phi'' in the tangents (default
+        ``0.3 * response_samples ** -0.2``).
+    callback : callable
+        ``callback(iteration, state, residual)`` after each iteration (L >= 2); return True
+        to stop.
+    progress : bool or None
+        Progress bar (None: on a terminal).
+
+    Returns
+    -------
+    Solution
+        With ``A``, ``B`` (L-1, T+1, T+1, n, n) for L >= 2 and ``stderr`` for
+        ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``, ``g``.
+    """
+    start = time.perf_counter()
+    method = "mc" if _responses else "gia"
+    if unknown:
+        raise ValueError(f"unknown option(s) for method={method!r}: {sorted(unknown)}; see "
+                         f"help(dmft._mc.solve_mc) for samples, response_samples, "
+                         f"kernel_samples, damping, anderson, tol, noise_factor, max_iter, "
+                         f"blocks, chunk_mb, relu_eps, callback, progress")
+    if train.gamma0 <= 0:
+        raise ValueError(f"gamma0 must be > 0 for method={method!r} (got {train.gamma0}); "
+                         f"use method='static' for the lazy limit gamma0 = 0")
+    L, P, Q, T = net.depth, data.P, data.Q, train.steps
+    n, T1 = P + Q, T + 1
+    d = DEFAULTS
+    samples = check_positive_int(
+        "samples", d["samples_two_layer"] if (samples is None and L == 1) else
+        (d["samples_deep"] if samples is None else samples), " (Monte Carlo samples per layer)")
+    if samples < 2:
+        raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
+    response_samples = check_positive_int(
+        "response_samples", d["response_samples"] if response_samples is None
+        else response_samples, " (samples for the response tangents)")
+    kernel_samples = check_positive_int(
+        "kernel_samples", d["kernel_samples"] if kernel_samples is None else kernel_samples,
+        " (samples for the two-time kernels of two-layer networks)")
+    damping = _real("damping", d["damping"] if damping is None else damping, 0, 1,
+                    "the weight of the new estimate in the mixing, e.g. damping=0.5")
+    anderson = d["anderson"] if anderson is None else anderson
+    if isinstance(anderson, bool) or not isinstance(anderson, numbers.Integral) or anderson < 0:
+        raise ValueError(f"anderson must be an integer >= 0 (history length; 0 disables), "
+                         f"got {anderson!r}")
+    tol = _real("tol", d["tol"] if tol is None else tol, 0, np.inf, "e.g. tol=1e-4")
+    noise_factor = _real("noise_factor", d["noise_factor"] if noise_factor is None
+                         else noise_factor, 0, np.inf, "e.g. noise_factor=0.25")
+    max_iter = check_positive_int("max_iter", d["max_iter"] if max_iter is None else max_iter,
+                                  " (iteration limit)")
+    blocks = check_positive_int("blocks", d["blocks"] if blocks is None else blocks,
+                                " (independent populations for standard errors)")
+    chunk_mb = _real("chunk_mb", d["chunk_mb"] if chunk_mb is None else chunk_mb, 0, np.inf,
+                     "memory per chunk in MB, e.g. chunk_mb=64")
+    if relu_eps is not None:
+        relu_eps = _real("relu_eps", relu_eps, 0, np.inf, "e.g. relu_eps=0.05")
+    if callback is not None and not callable(callback):
+        raise ValueError("callback must be callable: callback(iteration, state, residual)")
+    ss, seed_int = _seed_sequence(seed)
+
+    kx = data.kx
+    y = np.asarray(data.y_train, dtype=np.float64)
+    options = {"samples": int(samples), "damping": damping, "anderson": int(anderson),
+               "tol": tol, "noise_factor": noise_factor, "max_iter": int(max_iter),
+               "chunk_mb": chunk_mb, "gia": not _responses,
+               "seed_entropy": str(ss.entropy), "seed_spawn_key": list(ss.spawn_key)}
+    try:
+        if L == 1:
+            bar = progress_bar(T, f"dmft {method} (two-layer march)", progress, unit="step")
+            try:
+                out = _engine.solve_two_layer(kx, y, net.activation, train.gamma0, train.lr, T,
+                                              samples=samples, seed=ss,
+                                              kernel_samples=kernel_samples,
+                                              blocks=blocks if blocks >= 2 else 0, bar=bar)
+            finally:
+                bar.close()
+            logger.info("%s two-layer march: %d samples, %d steps", method, out["samples"], T)
+            converged, iterations, residuals = True, 1, np.zeros(0)
+            options.update(samples=int(out["samples"]), kernel_samples=int(out["kernel_samples"]),
+                           blocks=int(blocks))
+            A = B = None
+            phi = _two_time(out["phi"], T1, n)[None]
+            g = _two_time(out["g"], T1, n)[None]
+            phi_se = _two_time(out["phi_se"], T1, n)[None]
+            g_se = _two_time(out["g_se"], T1, n)[None]
+            extras = {}
+        else:
+            st = _static.static_kernels(net.activation, kx, L)
+            f0 = _static.frozen_dynamics(st["ntk"], y, train.lr, T)
+            if not np.all(np.isfinite(f0)) or np.abs(f0).max() > 1e6:
+                raise FloatingPointError("the static-NTK dynamics that start the iteration "
+                                         "diverge; lr is too large")
+            bar = progress_bar(max_iter, f"dmft {method}", progress)
+            try:
+                out = _engine.solve_deep(
+                    kx, y, net.activation, L, train.gamma0, train.lr, T, samples=samples,
+                    seed=ss, phi0=st["phi"], g0=st["g"], f0=f0, responses=_responses,
+                    response_samples=response_samples, damping=damping, anderson=anderson,
+                    tol=tol, noise_factor=noise_factor, max_iter=max_iter, chunk_mb=chunk_mb,
+                    relu_eps=relu_eps, callback=callback, logger=logger, bar=bar)
+            finally:
+                bar.close()
+            converged, iterations = out["converged"], out["iterations"]
+            residuals = out["residuals"]
+            options.update(samples=int(out["samples"]),
+                           response_samples=int(out["response_samples"]),
+                           relu_eps=out["relu_eps"])
+            phi = _two_time(out["phi"], T1, n)
+            g = _two_time(out["g"], T1, n)
+            phi_se = _two_time(out["phi_se"], T1, n)
+            g_se = _two_time(out["g_se"], T1, n)
+            A = _two_time(out["A"], T1, n) if out["A"] is not None else None
+            B = _two_time(out["B"], T1, n) if out["B"] is not None else None
+            extras = {"noise_floors": out["floors"]}
+    except (FloatingPointError, np.linalg.LinAlgError) as exc:
+        raise ConvergenceError(
+            f"method={method!r} diverged: {exc}. The fields blow up when gamma0 or lr is too "
+            f"large; reduce lr (or gamma0), or check the static method's stable learning rate")\
+            from exc
+
+    f = out["f"]
+    stderr = {"train_predictions": out["f_se"][:, :P], "test_predictions": out["f_se"][:, P:],
+              "ntk": out["ntk_se"], "phi": phi_se, "g": g_se}
+    sol = Solution(net=net, data=data, train=train, method=method, t=train.times,
+                   train_predictions=np.ascontiguousarray(f[:, :P]),
+                   test_predictions=np.ascontiguousarray(f[:, P:]), ntk=out["ntk"], phi=phi,
+                   g=g, A=A, B=B, converged=bool(converged), iterations=int(iterations),
+                   residuals=np.asarray(residuals, dtype=np.float64), stderr=stderr,
+                   seed=seed_int, elapsed=time.perf_counter() - start, options=options,
+                   extras=extras)
+    finite = all(np.all(np.isfinite(a)) for a in (f, out["ntk"], phi, g))
+    if not finite:
+        raise ConvergenceError(f"method={method!r} produced non-finite values; gamma0 or lr "
+                               f"is too large", result=sol)
+    if not converged:
+        floor = out["floors"][-1] if "floors" in out else 0.0
+        msg = (f"method={method!r} did not converge in {iterations} iterations: last residual "
+               f"{residuals[-1]:.3g} (stop rule max(tol={tol:g}, {noise_factor:g} x noise "
+               f"floor {floor:.3g})); increase max_iter, lower damping, or raise tol")
+        if throw:
+            raise ConvergenceError(msg, result=sol)
+        logger.warning(msg)
+    return sol
+
+
+def solve_gia(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, throw: bool = True,
+              **options) -> Solution:
+    """Gradient-independence approximation: :func:`solve_mc` with A = B = 0 (THEORY.md §4).
+
+    Same options as :func:`solve_mc`. ``A`` and ``B`` are None; ``options["gia"]`` is True.
+    For L = 1 (no responses) the result equals ``solve_mc`` with the same seed.
+    """
+    options.pop("response_samples", None)
+    return solve_mc(net, data, train, seed=seed, throw=throw, _responses=False, **options)

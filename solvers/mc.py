@@ -1,0 +1,722 @@
+"""Monte Carlo engine of the nonlinear DMFT (THEORY.md §2), in exact discrete time.
+
+Notation. n = P + Q points (train first), T1 = T + 1 times, flattened field index
+``i = t * n + mu`` (time-major). Two-time kernels are held as flat (T1 n, T1 n) matrices
+``K[t*n + mu, s*n + nu] = K_{mu nu}(t, s)``. Per layer l the single-site process is
+
+    h(t) = u(t) + gamma0 sum_{s<t} C(t, s) g(s),        C = A^{l-1} + lr tril_{-1}[Phi^{l-1} (.) Delta]
+    z(t) = r(t) + gamma0 sum_{s<=t} D(t, s) phi(h(s)),  D = B^l + lr tril_{-1}[G^{l+1} (.) Delta]
+    g(t) = phi'(h(t)) z(t)
+
+with Gaussian sources u ~ N(0, Phi^{l-1}) (u^1 constant in time, covariance X X^T / D) and
+r ~ N(0, G^{l+1}) (r^L = w(0), one scalar per sample); Delta acts on the column index (train
+columns only: test points are passive).
+
+Responses (only for L >= 2) by exact per-sample forward-mode tangents of the causal march.
+With Lam1 = diag phi'(h), Lam2 = diag phi''(h) z, M = Lam2 + gamma0 Lam1 D Lam1:
+
+    r-direction: dh = gamma0 C (Lam2 dh + Lam1 dz),  dz = dr + gamma0 D Lam1 dh
+                 A^l     = gamma0^{-1} < Lam1 dh/dr >
+    u-direction: dh = du + gamma0 C M dh,            dg = M dh
+                 B^{l-1} = gamma0^{-1} < dg/du >
+
+Both systems are block unit-lower-triangular in time and are marched forward (never
+inverted). Structure used: Delta = 0 and A = 0 on test columns, so test sources reach only
+their own point: A has zero test columns, B has zero (train row, test column) blocks and
+diagonal test-test blocks, given in closed form by
+
+    B_{aa}(t, s) = gamma0^{-1} < Lam2_a(t) > delta_ts + D_{aa}(t, s) < Lam1_a(t) Lam1_a(s) >.
+
+Samples of a chunk are batched into one BLAS product per time step (C(t, :t) is shared by all
+samples) and chunks are streamed, so at most ``chunk`` x (T1 n) x (T P) numbers are held.
+
+ReLU: phi'' is a Dirac delta. Per-sample tangents would miss its contribution
+< delta(h) z dh > (nonzero in expectation), so for ReLU the tangents use the smoothed delta
+Lam2 = z exp(-h^2 / (2 eps^2)) / sqrt(2 pi eps^2): bias O(eps^2), variance O(1 / (S eps)).
+``relu_eps`` picks eps (default ``0.3 * S_resp ** -0.2``, the bias-variance balance in
+scale of the unit-variance pre-activations).
+
+Predictions f(t) = gamma0^{-1} < z^L(t) phi(h^L(t)) > with antithetic pairs (u, r), (u, -r):
+the t = 0 term, of Monte Carlo size 1 / (gamma0 sqrt S), cancels exactly.
+
+Two-layer networks (L = 1) have no responses: u^1 and w(0) only see the population through
+Delta, so all samples are marched together one step at a time, reading f(t) from the
+population (:func:`two_layer_step`, a Numba kernel, and :func:`two_layer_step_reference`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import fixedpoint
+from .activations import ACTIVATIONS, apply
+from .activations import dphi as _dphi
+from .activations import phi as _phi
+from ._jit import njit
+
+__all__ = ["psd_sqrt", "two_layer_step", "two_layer_step_reference", "march_two_layer",
+           "two_layer_kernels", "causal_operators", "march_layer", "response_sums",
+           "response_reference", "solve_two_layer", "solve_deep", "default_relu_eps"]
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def psd_sqrt(K, rtol: float = 1e-12) -> np.ndarray:
+    """Symmetric PSD square root S = V sqrt(max(w, 0)) V^T of a symmetric matrix K.
+
+    Eigenvalues below ``rtol * max(w)`` (rank deficiency, rounding) are set to zero. The
+    symmetric root (not a Cholesky or eigenvector factor) is used because it is a continuous
+    function of K: with common random numbers u = S xi the fixed-point map then stays
+    continuous across iterations, even where eigenvalues are degenerate.
+
+    Parameters
+    ----------
+    K : array (m, m)
+
+    Returns
+    -------
+    S : array (m, m), symmetric, S @ S = K up to the clipped eigenvalues.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    K = 0.5 * (K + K.T)
+    if not np.all(np.isfinite(K)):
+        raise FloatingPointError("non-finite kernel: the fields diverged")
+    w, V = np.linalg.eigh(K)
+    top = max(float(w[-1]), 0.0)
+    if top == 0.0:
+        return np.zeros_like(K)
+    if w[0] < -1e-6 * top:
+        raise FloatingPointError(f"kernel is not positive semidefinite (eigenvalue {w[0]:.3g}"
+                                 f" against largest {top:.3g})")
+    w = np.where(w > rtol * top, w, 0.0)
+    return (V * np.sqrt(w)) @ V.T
+
+
+def _act_name(code_or_name):
+    if isinstance(code_or_name, str):
+        return code_or_name
+    return {v: k for k, v in ACTIVATIONS.items()}[int(code_or_name)]
+
+
+def default_relu_eps(samples: int) -> float:
+    """Width of the smoothed ReLU delta for ``samples`` tangent samples (module docstring)."""
+    return 0.3 * float(samples) ** -0.2
+
+
+def _lam(activation: str, H, Z, relu_eps):
+    """Lam1 = phi'(H), Lam2 = phi''(H) Z (smoothed delta for ReLU)."""
+    lam1 = apply(activation, H, 1)
+    if activation == "relu":
+        e = float(relu_eps)
+        lam2 = Z * np.exp(-0.5 * (H / e) ** 2) / (math.sqrt(2 * math.pi) * e)
+    else:
+        lam2 = apply(activation, H, 2) * Z
+    return lam1, lam2
+
+
+# ------------------------------------------------------------------------------------------
+# two-layer networks: forward march of the population
+# ------------------------------------------------------------------------------------------
+@njit
+def two_layer_step(h, w, phi_h, g, drive, wdrive, block, act, fsum):
+    """Advance every sample of a two-layer network by one gradient step (in place).
+
+    THEORY.md §2 with L = 1, where C = lr Kx Delta is constant in time and z = w:
+    ``h_mu += gamma0 lr sum_a Kx_{mu a} Delta_a g_a``, ``w += gamma0 lr sum_a Delta_a phi(h_a)``,
+    both evaluated at the current time; then phi(h), g = phi'(h) w at the new time are
+    written and ``fsum[b, mu] += w phi(h_mu)`` accumulated for the sample's block b.
+
+    Parameters
+    ----------
+    h : (S, n) pre-activations, updated.
+    w : (S,) readout weights z = w, updated.
+    phi_h, g : (S, n) phi(h) and g at the current time on entry, at the new time on exit.
+    drive : (B, n, P) gamma0 lr Kx[:, :P] Delta_b (one row block per sample block b).
+    wdrive : (B, P) gamma0 lr Delta_b.
+    block : int, samples per block (sample i belongs to block i // block).
+    act : int, activation code.
+    fsum : (B, n) accumulator, added to.
+    """
+    S, n = h.shape
+    P = wdrive.shape[1]
+    for i in range(S):
+        b = i // block
+        dw = 0.0
+        for a in range(P):
+            dw += wdrive[b, a] * phi_h[i, a]
+        for mu in range(n):
+            acc = 0.0
+            for a in range(P):
+                acc += drive[b, mu, a] * g[i, a]
+            h[i, mu] += acc
+        wi = w[i] + dw
+        w[i] = wi
+        for mu in range(n):
+            x = h[i, mu]
+            p = _phi(act, x)
+            phi_h[i, mu] = p
+            g[i, mu] = _dphi(act, x) * wi
+            fsum[b, mu] += wi * p
+
+
+def two_layer_step_reference(h, w, phi_h, g, drive, wdrive, block, activation, fsum):
+    """Plain NumPy version of :func:`two_layer_step` (same arguments, activation by name)."""
+    S, n = h.shape
+    b = np.arange(S) // block
+    dw = np.einsum("ia,ia->i", wdrive[b], phi_h)
+    h += np.einsum("ima,ia->im", drive[b], g)
+    w += dw
+    phi_h[...] = apply(activation, h, 0)
+    g[...] = apply(activation, h, 1) * w[:, None]
+    np.add.at(fsum, b, w[:, None] * phi_h)
+
+
+def march_two_layer(kx, y, u, w0, gamma0: float, lr: float, steps: int, activation: str,
+                    blocks: int = 1, equal_time: bool = True, divergence: float = 1e8,
+                    bar=None) -> dict:
+    """March a two-layer population forward, reading Delta(t) from it (no iteration).
+
+    Samples are split into ``blocks`` equal consecutive blocks, each an independent
+    population with its own f and Delta (``blocks=1``: one population).
+
+    Parameters
+    ----------
+    kx : (n, n) input kernel Phi^0.
+    y : (P,) training targets.
+    u : (S, n) sources u^1 ~ N(0, kx); w0 : (S,) initial readouts ~ N(0, 1).
+    gamma0, lr, steps, activation : problem.
+    blocks : int, number of independent populations (S divisible by it).
+    equal_time : bool, also accumulate Phi^1(t, t), G^1(t, t) per block.
+
+    Returns
+    -------
+    dict with ``f`` (B, T1, n) predictions, ``delta`` (B, T1, P) error signals and, with
+    ``equal_time``, ``phi_tt``, ``g_tt`` (B, T1, n, n).
+    """
+    S, n = u.shape
+    P = y.shape[0]
+    T1 = steps + 1
+    if S % blocks:
+        raise ValueError(f"samples ({S}) must be divisible by blocks ({blocks})")
+    block = S // blocks
+    act = ACTIVATIONS[activation]
+    h = np.array(u, dtype=np.float64, copy=True)
+    w = np.array(w0, dtype=np.float64, copy=True)
+    phi_h = apply(activation, h, 0)
+    g = apply(activation, h, 1) * w[:, None]
+    f = np.zeros((blocks, T1, n))
+    delta = np.zeros((blocks, T1, P))
+    phi_tt = np.zeros((blocks, T1, n, n)) if equal_time else None
+    g_tt = np.zeros((blocks, T1, n, n)) if equal_time else None
+    kdrive = gamma0 * lr * np.asarray(kx)[:, :P]
+
+    def record(t):
+        f[:, t] = fsum / (gamma0 * block)
+        delta[:, t] = y[None, :] - f[:, t, :P]
+        if equal_time:
+            for b in range(blocks):
+                sl = slice(b * block, (b + 1) * block)
+                phi_tt[b, t] = phi_h[sl].T @ phi_h[sl] / block
+                g_tt[b, t] = g[sl].T @ g[sl] / block
+
+    fsum = (w[:, None] * phi_h).reshape(blocks, block, n).sum(axis=1)
+    record(0)
+    for t in range(steps):
+        d = delta[:, t]
+        drive = kdrive[None, :, :] * d[:, None, :]
+        wdrive = gamma0 * lr * d
+        fsum = np.zeros((blocks, n))
+        two_layer_step(h, w, phi_h, g, drive, wdrive, block, act, fsum)
+        record(t + 1)
+        if not np.all(np.isfinite(f[:, t + 1])) or np.abs(f[:, t + 1]).max() > divergence:
+            raise FloatingPointError(
+                f"the predictions diverged at step {t + 1} (|f| = "
+                f"{np.abs(f[:, t + 1]).max():.3g}); gamma0 or lr is too large")
+        if bar is not None:
+            bar.update(1)
+    return {"f": f, "delta": delta, "phi_tt": phi_tt, "g_tt": g_tt}
+
+
+def two_layer_kernels(kx, delta, u, w0, gamma0: float, lr: float, activation: str,
+                      chunk: int = 2048, blocks: int = 8) -> dict:
+    """Two-time kernels Phi^1(t, s), G^1(t, s) of a two-layer network for a given Delta(t).
+
+    Given Delta the samples are independent, so they are re-marched in chunks (recording
+    every time) and the kernels accumulated by one BLAS product per chunk.
+
+    Parameters
+    ----------
+    kx : (n, n); delta : (T1, P) error signal (the last row is unused);
+    u : (S, n); w0 : (S,); blocks : number of batch-means blocks for standard errors.
+
+    Returns
+    -------
+    dict with flat kernels ``phi``, ``g`` (T1 n, T1 n) and their standard errors
+    ``phi_se``, ``g_se`` (batch means over ``blocks`` consecutive sample blocks).
+    """
+    S, n = u.shape
+    T1, P = delta.shape
+    act = ACTIVATIONS[activation]
+    m = T1 * n
+    kdrive = gamma0 * lr * np.asarray(kx)[:, :P]
+    bsize = -(-S // blocks)
+    sums = {k: np.zeros((m, m)) for k in ("phi", "g")}
+    bsums = {k: np.zeros((m, m)) for k in ("phi", "g")}
+    sq = {k: np.zeros((m, m)) for k in ("phi", "g")}
+    nb = 0
+    for b0 in range(0, S, bsize):
+        b1 = min(S, b0 + bsize)
+        for k in bsums:
+            bsums[k][...] = 0.0
+        for c0 in range(b0, b1, chunk):
+            c1 = min(b1, c0 + chunk)
+            Sc = c1 - c0
+            h = np.array(u[c0:c1], copy=True)
+            w = np.array(w0[c0:c1], copy=True)
+            PH = np.empty((Sc, T1, n))
+            GG = np.empty((Sc, T1, n))
+            PH[:, 0] = apply(activation, h, 0)
+            GG[:, 0] = apply(activation, h, 1) * w[:, None]
+            ph = PH[:, 0].copy()
+            g = GG[:, 0].copy()
+            fs = np.zeros((1, n))
+            for t in range(T1 - 1):
+                d = delta[t]
+                two_layer_step(h, w, ph, g, (kdrive * d[None, :])[None], (gamma0 * lr * d)[None],
+                               Sc, act, fs)
+                PH[:, t + 1] = ph
+                GG[:, t + 1] = g
+            PH = PH.reshape(Sc, m)
+            GG = GG.reshape(Sc, m)
+            bsums["phi"] += PH.T @ PH
+            bsums["g"] += GG.T @ GG
+        for k in sums:
+            sums[k] += bsums[k]
+            kb = bsums[k] / (b1 - b0)
+            sq[k] += kb * kb
+        nb += 1
+    out = {}
+    for k in sums:
+        mean = sums[k] / S
+        out[k] = mean
+        out[k + "_se"] = (np.sqrt(np.maximum(sq[k] / nb - mean * mean, 0.0) / (nb - 1))
+                          if nb > 1 else np.zeros_like(mean))
+    return out
+
+
+def solve_two_layer(kx, y, activation: str, gamma0: float, lr: float, steps: int, *,
+                    samples: int, seed, kernel_samples: int | None = None, blocks: int = 16,
+                    chunk: int = 2048, bar=None) -> dict:
+    """Two-layer DMFT by the forward march (no outer iteration), with batch-mean errors.
+
+    Sources: u = xi Kx^{1/2}, w0 = +-eta in antithetic pairs, drawn from ``seed`` (a
+    ``numpy.random.SeedSequence``). The population of all samples gives the solution; the
+    same samples split into ``blocks`` independent populations (each with its own Delta)
+    give standard errors including the feedback of noise through Delta:
+    se = std(block solutions) / sqrt(blocks). Two-time kernels use the first
+    ``kernel_samples`` samples (default all) re-marched with the population's Delta.
+
+    Returns
+    -------
+    dict: ``f`` (T1, n), ``f_se`` (T1, n), ``delta`` (T1, P), ``ntk``, ``ntk_se`` (T1, n, n),
+    ``phi``, ``g``, ``phi_se``, ``g_se`` flat (T1 n, T1 n), ``samples``, ``kernel_samples``.
+    """
+    n = kx.shape[0]
+    half = samples // 2
+    rng = np.random.default_rng(seed)
+    xi = rng.standard_normal((half, n))
+    eta = rng.standard_normal(half)
+    Su = psd_sqrt(kx)
+    u = np.repeat(xi @ Su, 2, axis=0)              # pairs (u, w0), (u, -w0) adjacent
+    w0 = np.stack([eta, -eta], axis=1).reshape(-1)
+    S = 2 * half
+    full = march_two_layer(kx, y, u, w0, gamma0, lr, steps, activation, blocks=1, bar=bar)
+    f = full["f"][0]
+    K = full["phi_tt"][0] + full["g_tt"][0] * kx[None]
+    res = {"f": f, "delta": full["delta"][0], "ntk": K, "samples": S}
+    if blocks >= 2:
+        bs = 2 * (half // blocks)
+        Sb = bs * blocks
+        blk = march_two_layer(kx, y, u[:Sb], w0[:Sb], gamma0, lr, steps, activation,
+                              blocks=blocks)
+        Kb = blk["phi_tt"] + blk["g_tt"] * kx[None, None]
+        res["f_se"] = blk["f"].std(axis=0, ddof=1) / math.sqrt(blocks)
+        res["ntk_se"] = Kb.std(axis=0, ddof=1) / math.sqrt(blocks)
+    else:
+        res["f_se"] = np.zeros_like(f)
+        res["ntk_se"] = np.zeros_like(K)
+    ks = S if kernel_samples is None else min(S, 2 * (int(kernel_samples) // 2))
+    ker = two_layer_kernels(kx, res["delta"], u[:ks], w0[:ks], gamma0, lr, activation,
+                            chunk=chunk, blocks=max(2, min(16, ks // 2)))
+    res.update(phi=ker["phi"], g=ker["g"], phi_se=ker["phi_se"], g_se=ker["g_se"],
+               kernel_samples=ks)
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# deep networks: one layer's march and its tangents
+# ------------------------------------------------------------------------------------------
+def _strict_mask(T1, n):
+    tb = np.repeat(np.arange(T1), n)
+    return tb[:, None] > tb[None, :]
+
+
+def causal_operators(phi_prev, g_next, a_prev, b_l, dcol, lr: float, T1: int, n: int):
+    """C^l and D^l of THEORY.md §3 as flat (T1 n, T1 n) matrices.
+
+    C = A^{l-1} + lr tril_{-1}[Phi^{l-1} (.) Delta],  D = B^l + lr tril_{-1}[G^{l+1} (.) Delta],
+    where ``dcol`` (T1 n,) is Delta on the column index (zero on test points) and tril_{-1}
+    keeps s < t. ``a_prev`` / ``b_l`` may be None (zero).
+    """
+    w = lr * np.where(_strict_mask(T1, n), dcol[None, :], 0.0)
+    C = phi_prev * w
+    D = g_next * w
+    if a_prev is not None:
+        C += a_prev
+    if b_l is not None:
+        D += b_l
+    return C, D
+
+
+def march_layer(u, r, C, D, gamma0: float, activation: str, T1: int, n: int):
+    """March S samples of one layer's fields through time (BLAS-batched over samples).
+
+    Parameters
+    ----------
+    u, r : (S, T1 n) sources (flattened (t, mu)).
+    C, D : (T1 n, T1 n) causal operators (C strictly, D weakly lower block-triangular).
+
+    Returns
+    -------
+    H, PH, Z, G : (S, T1 n) pre-activation h, phi(h), z and g = phi'(h) z.
+    """
+    S = u.shape[0]
+    H = np.empty((S, T1 * n))
+    PH = np.empty_like(H)
+    Z = np.empty_like(H)
+    G = np.empty_like(H)
+    for t in range(T1):
+        a, b = t * n, (t + 1) * n
+        if t:
+            np.matmul(G[:, :a], C[a:b, :a].T, out=H[:, a:b])
+            H[:, a:b] *= gamma0
+            H[:, a:b] += u[:, a:b]
+        else:
+            H[:, a:b] = u[:, a:b]
+        PH[:, a:b] = apply(activation, H[:, a:b], 0)
+        np.matmul(PH[:, :b], D[a:b, :b].T, out=Z[:, a:b])
+        Z[:, a:b] *= gamma0
+        Z[:, a:b] += r[:, a:b]
+        G[:, a:b] = apply(activation, H[:, a:b], 1) * Z[:, a:b]
+    return H, PH, Z, G
+
+
+def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P: int,
+                  direction: str, out, relu_eps: float = 0.05) -> None:
+    """Add the per-sample tangents of one chunk, summed over samples, to ``out``.
+
+    ``direction="r"``: out[(t, mu), (s, a)] += sum_samples d phi(h_mu(t)) / d r_a(s)
+    (train a, s < T); divide by gamma0 S for A^l.
+    ``direction="u"``: out[(t, mu), (s, a)] += sum_samples d g_mu(t) / d u_a(s) for train a
+    and the closed-form test-test diagonal blocks; divide by gamma0 S for B^{l-1}.
+
+    Parameters
+    ----------
+    H, Z : (S, T1 n) fields of the chunk (from :func:`march_layer`).
+    C, D : (T1 n, T1 n) the operators the fields were marched with.
+    out : (T1 n, T1 n) accumulator.
+    """
+    S = H.shape[0]
+    Q = n - P
+    T = T1 - 1
+    lam1, lam2 = _lam(activation, H, Z, relu_eps)
+    # (T1, n, S): samples last, to broadcast against (rows, directions, samples)
+    L1 = np.ascontiguousarray(lam1.reshape(S, T1, n).transpose(1, 2, 0))
+    L2 = np.ascontiguousarray(lam2.reshape(S, T1, n).transpose(1, 2, 0))
+    ndir_t = T if direction == "r" else T1        # source times s that matter
+    ncol = ndir_t * P * S
+    dphi_tr = np.zeros((T1, P, ncol))
+    dphi_te = np.zeros((T1, Q, ncol))
+    dg_tr = np.zeros((T1, P, ncol))
+    Dd = D.reshape(T1, n, T1, n)
+    Cd = C.reshape(T1, n, T1, n)
+    te = np.arange(P, n)
+    acc = np.zeros((T1, n, ndir_t, P))            # summed over samples
+    dh = np.empty((n, ncol))
+    dz = np.empty((n, ncol))
+    for t in range(T1):
+        if direction == "r":
+            ch = min(t, T) * P * S                # columns s < t
+            cz = min(t + 1, T) * P * S            # columns s <= t
+        else:
+            ch = t * P * S
+            cz = (t + 1) * P * S
+        if cz == 0:
+            continue
+        # h tangent from the past g (C has zero test columns)
+        h_ = dh[:, :cz]
+        h_[:, ch:] = 0.0
+        if ch:
+            Ct = np.ascontiguousarray(Cd[t, :, :t, :P]).reshape(n, t * P)
+            np.matmul(Ct, dg_tr[:t].reshape(t * P, ncol)[:, :ch], out=h_[:, :ch])
+            h_[:, :ch] *= gamma0
+        if direction == "u":                      # direct term du_a(t)
+            blk = h_[:P, t * P * S:(t + 1) * P * S].reshape(P, P, S)
+            blk[np.arange(P), np.arange(P), :] += 1.0
+        h3 = h_.reshape(n, cz // S, S)
+        dphi_tr[t, :, :cz] = (h3[:P] * L1[t, :P, None, :]).reshape(P, cz)
+        if Q:
+            dphi_te[t, :, :cz] = (h3[P:] * L1[t, P:, None, :]).reshape(Q, cz)
+        # z tangent from phi at s <= t
+        z_ = dz[:, :cz]
+        Dt = np.ascontiguousarray(Dd[t, :, :t + 1, :P]).reshape(n, (t + 1) * P)
+        np.matmul(Dt, dphi_tr[:t + 1].reshape((t + 1) * P, ncol)[:, :cz], out=z_)
+        if Q:
+            dtt = Dd[t, te, :t + 1, te]           # (Q, t+1): D_aa(t, s')
+            z_[P:] += np.einsum("qs,sqc->qc", dtt, dphi_te[:t + 1, :, :cz])
+        z_ *= gamma0
+        if direction == "r":                      # direct term dr_a(t)
+            if t < T:
+                blk = z_[:P, t * P * S:(t + 1) * P * S].reshape(P, P, S)
+                blk[np.arange(P), np.arange(P), :] += 1.0
+            acc[t, :P, :cz // (P * S)] += dphi_tr[t, :, :cz].reshape(P, -1, P, S).sum(-1)
+            if Q:
+                acc[t, P:, :cz // (P * S)] += dphi_te[t, :, :cz].reshape(Q, -1, P, S).sum(-1)
+        z3 = z_.reshape(n, cz // S, S)
+        g3 = h3 * L2[t, :, None, :] + z3 * L1[t, :, None, :]
+        dg_tr[t, :, :cz] = g3[:P].reshape(P, cz)
+        if direction == "u":
+            acc[t, :, :cz // (P * S)] += g3.reshape(n, -1, P, S).sum(-1)
+    o = out.reshape(T1, n, T1, n)
+    o[:, :, :ndir_t, :P] += acc
+    if direction == "u" and Q:
+        # test sources: closed form, only their own point responds
+        s1 = L1[:, P:, :]
+        diag = np.einsum("tqk,sqk->tsq", s1, s1)                       # (T1, T1, Q)
+        dqq = Dd[:, te, :, te]                                          # (Q, T1, T1)
+        tri = np.tril(np.ones((T1, T1)))
+        blockqq = gamma0 * np.transpose(dqq, (1, 2, 0)) * diag * tri[:, :, None]
+        idx = np.arange(T1)
+        blockqq[idx, idx, :] += L2[:, P:, :].sum(-1)
+        o[:, te, :, te] += np.transpose(blockqq, (2, 0, 1))
+
+
+def response_reference(H, Z, C, D, gamma0: float, activation: str, direction: str,
+                       relu_eps: float = 0.05):
+    """Dense per-sample solve of the tangent systems (test reference for :func:`response_sums`).
+
+    r: A = gamma0^{-1} < Lam1 (I - gamma0 C M)^{-1} gamma0 C Lam1 >;
+    u: B = gamma0^{-1} < M (I - gamma0 C M)^{-1} >, with M = Lam2 + gamma0 Lam1 D Lam1.
+    Returns the sample mean (before the 1 / gamma0), full (T1 n, T1 n).
+    """
+    lam1, lam2 = _lam(activation, H, Z, relu_eps)
+    m = H.shape[1]
+    I = np.eye(m)
+    tot = np.zeros((m, m))
+    for k in range(H.shape[0]):
+        l1, l2 = lam1[k], lam2[k]
+        M = np.diag(l2) + gamma0 * (l1[:, None] * D * l1[None, :])
+        if direction == "r":
+            dh = np.linalg.solve(I - gamma0 * C @ M, gamma0 * C * l1[None, :])
+            tot += l1[:, None] * dh
+        else:
+            tot += M @ np.linalg.solve(I - gamma0 * C @ M, I)
+    return tot / H.shape[0]
+
+
+# ------------------------------------------------------------------------------------------
+# deep networks: the alternating solver
+# ------------------------------------------------------------------------------------------
+def _chunk_sizes(samples: int, T1: int, n: int, P: int, chunk_mb: float, min_blocks: int = 8):
+    """Even chunk sizes: march chunks (also the batch-means blocks) and tangent sub-chunks."""
+    per = 8.0 * T1 * n * 8                       # ~8 (S, T1 n) float64 arrays in flight
+    c = int(chunk_mb * 1e6 / per)
+    c = max(2, min(c, -(-samples // min_blocks)))
+    c += c % 2
+    per_t = 8.0 * (3 * T1 * P + T1 * n + 2 * n) * T1 * P + 1.0
+    ct = max(1, int(chunk_mb * 1e6 / per_t))
+    return c, ct
+
+
+def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, steps: int, *,
+               samples: int, seed, phi0, g0, f0, responses: bool = True,
+               response_samples: int | None = None, damping: float = 0.5, anderson: int = 0,
+               tol: float = 1e-4, noise_factor: float = 0.25, max_iter: int = 50,
+               chunk_mb: float = 64.0, relu_eps: float | None = None, callback=None,
+               logger=None, bar=None) -> dict:
+    """Alternating Monte Carlo solution of the DMFT of a network with ``depth`` >= 2 layers.
+
+    Starts from the static kernels ``phi0``, ``g0`` (L, n, n) held constant in time, the
+    static-NTK predictions ``f0`` (T1, n) and A = B = 0; each iteration draws the same
+    standard normals (common random numbers), marches every layer with the current order
+    parameters, re-estimates Phi^l, G^l, f and (``responses=True``) A^l, B^l, and mixes
+    (:func:`solvers.fixedpoint.iterate`). Residual: the largest of max|f' - f| and, per
+    kernel, max|K' - K| / max|K|; floor: the same norm of the batch-mean standard errors.
+
+    Returns
+    -------
+    dict with flat kernels ``phi``, ``g`` (L, T1 n, T1 n), ``A``, ``B`` (L-1, T1 n, T1 n) or
+    None, ``f`` (T1, n), their standard errors ``f_se``, ``phi_se``, ``g_se``, ``ntk``,
+    ``ntk_se`` (T1, n, n), and the fixed-point diagnostics ``converged``, ``iterations``,
+    ``residuals``, ``floors``, plus ``samples``, ``response_samples``, ``relu_eps``.
+    """
+    L = int(depth)
+    n = kx.shape[0]
+    P = y.shape[0]
+    T1 = steps + 1
+    m = T1 * n
+    c, ct = _chunk_sizes(samples, T1, n, P, chunk_mb)
+    nchunks = -(-samples // c)
+    S = nchunks * c
+    Sr = 0
+    if responses:
+        Sr = S if response_samples is None else min(S, max(2, int(response_samples)))
+    eps = (default_relu_eps(max(Sr, 2)) if relu_eps is None else float(relu_eps))
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    # children[l][kind][chunk]: the same normals every iteration (common random numbers)
+    children = [[k.spawn(nchunks) for k in lay.spawn(2)] for lay in ss.spawn(L)]
+    ones = np.ones((m, m))
+    kx_flat = np.kron(np.ones((T1, T1)), kx)
+    Sx = psd_sqrt(kx)
+
+    # state layout: f | phi^1..L | g^1..L | A^1..L-1 | B^1..L-1
+    nr = (L - 1) if responses else 0
+    sizes = [m] + [m * m] * (2 * L + 2 * nr)
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+
+    def unpack(x):
+        f = x[:m].reshape(T1, n)
+        blocks = [x[offs[i]:offs[i + 1]].reshape(m, m) for i in range(1, len(sizes))]
+        phi = blocks[:L]
+        g = blocks[L:2 * L]
+        A = blocks[2 * L:2 * L + nr] if nr else None
+        B = blocks[2 * L + nr:] if nr else None
+        return f, phi, g, A, B
+
+    x0 = np.empty(offs[-1])
+    x0[:m] = f0.reshape(-1)
+    for l in range(L):
+        x0[offs[1 + l]:offs[2 + l]] = np.kron(np.ones((T1, T1)), phi0[l]).reshape(-1)
+        x0[offs[1 + L + l]:offs[2 + L + l]] = np.kron(np.ones((T1, T1)), g0[l]).reshape(-1)
+    x0[offs[1 + 2 * L]:] = 0.0
+    last = {}
+
+    def fmap(x):
+        f, phi, g, A, B = unpack(x)
+        dcol = np.zeros((T1, n))
+        dcol[:, :P] = y[None, :] - f[:, :P]
+        dcol = dcol.reshape(-1)
+        y_new = np.empty_like(x)
+        fn, phin, gn, An, Bn = unpack(y_new)
+        f_blocks = np.zeros((nchunks, T1, n))
+        eq_phi = np.zeros((L, nchunks, T1, n, n))
+        eq_g = np.zeros((L, nchunks, T1, n, n))
+        se = {"phi": [], "g": []}
+        diag_idx = (np.arange(T1)[:, None] * n + np.arange(n)[None, :])
+        for l in range(L):
+            phi_prev = kx_flat if l == 0 else phi[l - 1]
+            g_next = ones if l == L - 1 else g[l + 1]
+            a_prev = A[l - 1] if (nr and l >= 1) else None
+            b_l = B[l] if (nr and l <= L - 2) else None
+            C, D = causal_operators(phi_prev, g_next, a_prev, b_l, dcol, lr, T1, n)
+            Su = Sx if l == 0 else psd_sqrt(phi[l - 1])
+            Sg = None if l == L - 1 else psd_sqrt(g[l + 1])
+            phin[l][...] = 0.0
+            gn[l][...] = 0.0
+            sq_phi = np.zeros((m, m))
+            sq_g = np.zeros((m, m))
+            need_r = nr and l <= L - 2
+            need_u = nr and l >= 1
+            accA = np.zeros((m, m)) if need_r else None
+            accB = np.zeros((m, m)) if need_u else None
+            for ci in range(nchunks):
+                half = c // 2
+                ru = np.random.default_rng(children[l][0][ci])
+                rr = np.random.default_rng(children[l][1][ci])
+                if l == 0:
+                    u = np.repeat(ru.standard_normal((half, n)) @ Sx, 2, axis=0)
+                    u = np.tile(u, (1, T1))
+                else:
+                    u = np.repeat(ru.standard_normal((half, m)) @ Su, 2, axis=0)
+                if l == L - 1:
+                    e = rr.standard_normal(half)
+                    r = np.repeat(np.stack([e, -e], axis=1).reshape(-1, 1), m, axis=1)
+                else:
+                    e = rr.standard_normal((half, m)) @ Sg
+                    r = np.stack([e, -e], axis=1).reshape(c, m)
+                H, PH, Z, G = march_layer(u, r, C, D, gamma0, activation, T1, n)
+                if not (np.all(np.isfinite(H)) and np.all(np.isfinite(G))):
+                    raise FloatingPointError(
+                        f"non-finite fields in layer {l + 1}; gamma0 or lr is too large")
+                kp = PH.T @ PH / c
+                kg = G.T @ G / c
+                phin[l] += kp
+                gn[l] += kg
+                sq_phi += kp * kp
+                sq_g += kg * kg
+                eq_phi[l, ci] = kp[diag_idx[:, :, None], diag_idx[:, None, :]]
+                eq_g[l, ci] = kg[diag_idx[:, :, None], diag_idx[:, None, :]]
+                if l == L - 1:
+                    f_blocks[ci] = (Z * PH).mean(axis=0).reshape(T1, n) / gamma0
+                lo = ci * c
+                if lo < Sr:
+                    k = min(c, Sr - lo)
+                    for j in range(0, k, ct):
+                        sl = slice(j, min(k, j + ct))
+                        if need_r:
+                            response_sums(H[sl], Z[sl], C, D, gamma0, activation, T1, n, P,
+                                          "r", accA, eps)
+                        if need_u:
+                            response_sums(H[sl], Z[sl], C, D, gamma0, activation, T1, n, P,
+                                          "u", accB, eps)
+            phin[l] /= nchunks
+            gn[l] /= nchunks
+            # symmetrise against rounding in the per-chunk products
+            phin[l][...] = 0.5 * (phin[l] + phin[l].T)
+            gn[l][...] = 0.5 * (gn[l] + gn[l].T)
+            for key, sq, mean in (("phi", sq_phi, phin[l]), ("g", sq_g, gn[l])):
+                se[key].append(np.sqrt(np.maximum(sq / nchunks - mean * mean, 0.0)
+                                       / max(nchunks - 1, 1)))
+            if need_r:
+                An[l][...] = accA / (gamma0 * Sr)
+            if need_u:
+                Bn[l - 1][...] = accB / (gamma0 * Sr)
+        fn[...] = f_blocks.mean(axis=0)
+        f_se = f_blocks.std(axis=0, ddof=1) / math.sqrt(nchunks)
+        # NTK per block: sum_{l=0}^{L} G^{l+1}(t,t) Phi^l(t,t)
+        ntk_b = eq_phi[L - 1].copy()
+        for l in range(L):
+            ph_l = kx[None, None] if l == 0 else eq_phi[l - 1]
+            ntk_b += eq_g[l] * ph_l
+        last.update(f_se=f_se, phi_se=np.array(se["phi"]), g_se=np.array(se["g"]),
+                    ntk=ntk_b.mean(axis=0),
+                    ntk_se=ntk_b.std(axis=0, ddof=1) / math.sqrt(nchunks))
+        res = float(np.abs(fn - f).max())
+        floor = float(f_se.max())
+        for l in range(L):
+            for new, old, s in ((phin[l], phi[l], se["phi"][l]), (gn[l], g[l], se["g"][l])):
+                scale = max(float(np.abs(new).max()), 1e-300)
+                res = max(res, float(np.abs(new - old).max()) / scale)
+                floor = max(floor, float(s.max()) / scale)
+        return y_new, res, floor
+
+    fp = fixedpoint.iterate(fmap, x0, damping=damping, anderson=anderson, tol=tol,
+                            noise_factor=noise_factor, max_iter=max_iter, callback=callback,
+                            logger=logger, bar=bar, name="mc")
+    f, phi, g, A, B = unpack(fp.x)
+    phi, g = np.array(phi), np.array(g)
+    # NTK from the final kernels (not the mean of per-block products, biased by O(1/chunk))
+    idx = np.arange(T1)[:, None] * n + np.arange(n)[None, :]
+    eq = lambda K: K[idx[:, :, None], idx[:, None, :]]            # noqa: E731
+    ntk = eq(phi[L - 1]).copy()
+    for l in range(L):
+        ntk += eq(g[l]) * (kx[None] if l == 0 else eq(phi[l - 1]))
+    return {"f": f.copy(), "phi": phi, "g": g,
+            "A": np.array(A) if nr else None, "B": np.array(B) if nr else None,
+            "f_se": last["f_se"], "phi_se": last["phi_se"], "g_se": last["g_se"],
+            "ntk": ntk, "ntk_se": last["ntk_se"], "converged": fp.converged,
+            "iterations": fp.iterations, "residuals": fp.residuals, "floors": fp.floors,
+            "samples": S, "response_samples": Sr, "relu_eps": eps if activation == "relu"
+            else None, "chunk": c, "tangent_chunk": ct}
