@@ -1,0 +1,267 @@
+"""Finite-width fluctuations of two-layer networks: theory (dmft.fluctuations) vs simulations.
+
+Three parts, each printing a table (and, unless ``--no-plots``, a PNG figure):
+
+1. ``convergence``: N Var of the final predictions (all points) and of the final NTK entries
+   of simulated two-layer tanh networks (``--seeds`` per width, widths 128 .. 2048) divided by
+   the propagator's prediction, for gamma0 = 0.1, 1, 2. The ratios should approach 1 as the
+   width grows (the O(1/N) corrections to N Var vanish); error bars: the ensembles' own
+   sampling error (spread over seeds of the summed squared deviations) and the propagator's
+   batch-means error.
+2. ``feature-learning``: the paper's claim (Bordelon & Pehlevan 2023) that feature learning
+   reduces the variance of the final NTK and of the final predictions in two-layer networks:
+   N Var at the last step against gamma0 (lazy limit first), theory and simulation at one
+   width, for the raw and the centred model (f - f(theta_0); the raw model carries the
+   initial-output variance Phi^1 / gamma0^2).
+3. ``timing``: the two-layer propagator with 10 points and 100 steps.
+
+Usage: ``python benchmarks/fluctuations.py [--quick] [--parts convergence,feature-learning,timing]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import dmft  # noqa: E402
+from dmft._fluctuations import solve_two_layer  # noqa: E402
+
+
+def _problem(P, Q, D, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((P + Q, D))
+    y = np.sign(X[:P, 0]) * 1.0
+    return dmft.Dataset(X[:P], y, X[P:])
+
+
+def pooled_ratio(x, theory):
+    """(sum over entries of the seed variance) / (sum of theory) and its standard error."""
+    S = x.shape[0]
+    d2 = ((x - x.mean(0)) ** 2).reshape(S, -1).sum(1) * S / (S - 1)
+    tot = float(np.sum(theory))
+    return d2.mean() / tot, d2.std(ddof=1) / np.sqrt(S) / tot
+
+
+def pooled_theory_se(value, se):
+    """Standard error of a sum of theory entries (blocks are shared: add errors linearly,
+    an upper bound)."""
+    return float(np.sum(se)) / float(np.sum(value))
+
+
+def convergence(args):
+    data = _problem(args.points, 2, 8, 1)
+    net = dmft.MLP(1, "tanh")
+    i, j = np.triu_indices(data.P + data.Q)
+    rows = []
+    print(f"\n[convergence] two-layer tanh, P={data.P} train + {data.Q} test points, "
+          f"T={args.steps}, lr={args.lr}, seeds per width={args.seeds}, propagator samples="
+          f"{args.samples}")
+    print(f"{'gamma0':>6} {'width':>6} {'NVar f / theory':>18} {'NVar K / theory':>18} "
+          f"{'theory rel.err f':>16} {'K':>7} {'sim s':>7}")
+    for gamma0 in args.gammas:
+        train = dmft.GradientDescent(gamma0=gamma0, lr=args.lr, steps=args.steps)
+        sol = solve_two_layer(net, data, train, samples=args.pop, seed=1)
+        fl = dmft.fluctuations(sol, samples=args.samples, seed=2)
+        T = train.steps
+        thf, thk = np.diag(fl.prediction_cov[T]), fl.ntk_var[T][i, j]
+        sef = pooled_theory_se(thf, np.diag(fl.stderr["prediction_cov"][T]))
+        sek = pooled_theory_se(thk, fl.stderr["ntk_var"][T][i, j])
+        for N in args.widths:
+            t0 = time.perf_counter()
+            ens = dmft.simulate(net, data, train, width=N, seeds=range(args.seeds))
+            el = time.perf_counter() - t0
+            rf = pooled_ratio(np.sqrt(N) * ens.predictions[:, T], thf)
+            rk = pooled_ratio(np.sqrt(N) * ens.ntk[:, T][:, i, j], thk)
+            rows.append((gamma0, N, rf, rk, sef, sek))
+            print(f"{gamma0:6.2f} {N:6d} {rf[0]:10.3f} +- {rf[1]:.3f} {rk[0]:10.3f} +- "
+                  f"{rk[1]:.3f} {sef:16.3f} {sek:7.3f} {el:7.1f}")
+    verdict = []
+    for gamma0 in args.gammas:
+        last = [r for r in rows if r[0] == gamma0][-1]
+        ok = all(abs(r[0] - 1) <= 0.10 or abs(r[0] - 1) <= 2 * r[1] for r in (last[2], last[3]))
+        verdict.append(f"gamma0={gamma0:g}: {'within' if ok else 'NOT within'} 10 % (or 2 "
+                       f"error bars) at width {last[1]}")
+    print("  " + "\n  ".join(verdict))
+    if not args.no_plots:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+        for k, (ax, name) in enumerate(zip(axes, ("predictions", "NTK entries"))):
+            for gamma0 in args.gammas:
+                rr = [r for r in rows if r[0] == gamma0]
+                Ns = np.array([r[1] for r in rr])
+                val = np.array([r[2 + k][0] for r in rr])
+                err = np.array([r[2 + k][1] for r in rr])
+                ax.errorbar(Ns, val, yerr=err, marker="o", capsize=3, label=f"gamma0={gamma0:g}")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.axhspan(0.9, 1.1, color="0.9")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("width N")
+            ax.set_title(f"N Var(final {name}) / propagator")
+        axes[0].legend()
+        fig.tight_layout()
+        path = os.path.join(args.out, "fluctuations_convergence.png")
+        fig.savefig(path, dpi=120)
+        print(f"  figure: {path}")
+    return rows
+
+
+def feature_learning(args):
+    data = _problem(args.points, 2, 8, 1)
+    net = dmft.MLP(1, "tanh")
+    P = data.P
+    N = args.fl_width
+    print(f"\n[feature-learning] two-layer tanh, P={P} + {data.Q} test, T={args.steps}, "
+          f"lr={args.lr}; simulation width {N}, {args.seeds} seeds. Sums over entries of N Var at "
+          f"the last step.")
+    hdr = (f"{'gamma0':>7} {'centred':>7} {'K theory':>10} {'K sim':>14} {'f_train th':>11} "
+           f"{'f_test th':>10} {'f_test sim':>16}")
+    print(hdr)
+    rows = []
+    static = dmft.solve(net, data, dmft.GradientDescent(gamma0=0.0, lr=args.lr,
+                                                        steps=args.steps), method="static")
+    for center in (True, False):
+        for gamma0 in [0.0] + list(args.fl_gammas):
+            train = dmft.GradientDescent(gamma0=gamma0, lr=args.lr, steps=args.steps)
+            T = train.steps
+            if gamma0 == 0.0:
+                if not center:
+                    continue
+                fl = dmft.fluctuations(static, center=True, samples=10 * args.samples, seed=2)
+                sim = None
+            else:
+                sol = solve_two_layer(net, data, train, samples=args.pop, seed=1)
+                fl = dmft.fluctuations(sol, samples=args.samples, seed=2, center=center)
+                sim = dmft.simulate(net, data, train, width=N, seeds=range(args.seeds),
+                                    center=center)
+            K_th = float(np.sum(fl.ntk_var[T]))
+            ftr = float(np.trace(fl.prediction_cov[T][:P, :P]))
+            fte = float(np.trace(fl.prediction_cov[T][P:, P:]))
+            if sim is not None:
+                Ks = N * sim.ntk[:, T].var(0, ddof=1).sum()
+                Ks_se = Ks * np.sqrt(2 / (args.seeds - 1))
+                fs = N * sim.test_predictions[:, T].var(0, ddof=1).sum()
+                fs_se = fs * np.sqrt(2 / (args.seeds - 1))
+                ks, fss = f"{Ks:8.3f}+-{Ks_se:.2f}", f"{fs:9.4f}+-{fs_se:.4f}"
+            else:
+                Ks = fs = np.nan
+                ks, fss = f"{'(lazy)':>14}", f"{'(lazy)':>16}"
+            rows.append((gamma0, center, K_th, Ks, ftr, fte, fs))
+            print(f"{gamma0:7.2f} {str(center):>7} {K_th:10.3f} {ks:>14} {ftr:11.4f} {fte:10.4f} "
+                  f"{fss:>16}")
+    for center in (True, False):
+        rr = [r for r in rows if r[1] == center and r[0] > 0]
+        dK = np.diff([r[2] for r in rr])
+        dfte = np.diff([r[5] for r in rr])
+        print(f"  centred={center}: final-NTK variance "
+              f"{'decreases monotonically' if np.all(dK < 0) else 'does NOT decrease monotonically'}"
+              f" with gamma0 over {[r[0] for r in rr]}; final test-prediction variance "
+              f"{'decreases monotonically' if np.all(dfte < 0) else 'does NOT decrease monotonically'}")
+    if not args.no_plots:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for center, mk in ((True, "o"), (False, "s")):
+            rr = [r for r in rows if r[1] == center and r[0] > 0]
+            g = [r[0] for r in rr]
+            axes[0].plot(g, [r[2] for r in rr], mk + "-", label=f"theory, centred={center}")
+            axes[0].plot(g, [r[3] for r in rr], mk, mfc="none", ms=9,
+                         label=f"sim N={N}, centred={center}")
+            axes[1].plot(g, [r[5] for r in rr], mk + "-", label=f"theory, centred={center}")
+            axes[1].plot(g, [r[6] for r in rr], mk, mfc="none", ms=9,
+                         label=f"sim N={N}, centred={center}")
+        lazy = [r for r in rows if r[0] == 0.0]
+        if lazy:
+            axes[0].axhline(lazy[0][2], color="k", ls=":", label="lazy limit")
+            axes[1].axhline(lazy[0][5], color="k", ls=":", label="lazy limit (centred)")
+        axes[0].set_title("sum N Var K(T)")
+        axes[1].set_title("sum N Var f_test(T)")
+        for ax in axes:
+            ax.set_xlabel("gamma0")
+            ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(args.out, "fluctuations_feature_learning.png")
+        fig.savefig(path, dpi=120)
+        print(f"  figure: {path}")
+    return rows
+
+
+def timing(args):
+    P, T = 10, 100
+    data = _problem(P, 0, 20, 3)
+    net = dmft.MLP(1, "tanh")
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.05, steps=T)
+    t0 = time.perf_counter()
+    sol = solve_two_layer(net, data, train, samples=args.pop, seed=1)
+    t_sol = time.perf_counter() - t0
+    # warm-up (Numba compilation / cache load) on a tiny problem
+    dmft.fluctuations(sol, samples=40, blocks=2, seed=0)
+    print(f"\n[timing] two-layer tanh, P={P} points, T={T} steps (gamma0=1, lr=0.05)")
+    print(f"{'what':>34} {'samples':>8} {'seconds':>8} {'ms/sample':>10}")
+    print(f"{'infinite-width march (solve)':>34} {args.pop:8d} {t_sol:8.2f} "
+          f"{1e3 * t_sol / args.pop:10.4f}")
+    rows = []
+    for ntk in (False, True):
+        t0 = time.perf_counter()
+        fl = dmft.fluctuations(sol, samples=args.time_samples, seed=2, ntk=ntk,
+                               chunk=args.chunk)
+        el = time.perf_counter() - t0
+        rel = np.median(fl.stderr["prediction_cov"][T].diagonal()
+                        / fl.prediction_cov[T].diagonal())
+        rows.append((ntk, el))
+        what = "propagator, predictions + NTK" if ntk else "propagator, predictions only"
+        print(f"{what:>34} {args.time_samples:8d} {el:8.2f} "
+              f"{1e3 * el / args.time_samples:10.3f}   (median rel. stderr of N Var f(T): "
+              f"{rel:.3f})")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
+    ap.add_argument("--parts", default="convergence,feature-learning,timing")
+    ap.add_argument("--seeds", type=int, default=1000, help="networks per width")
+    ap.add_argument("--widths", default="128,256,512,1024,2048")
+    ap.add_argument("--gammas", default="0.1,1,2")
+    ap.add_argument("--fl-gammas", default="0.1,0.25,0.5,1,2,3")
+    ap.add_argument("--fl-width", type=int, default=1024)
+    ap.add_argument("--points", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--samples", type=int, default=40_000, help="propagator samples")
+    ap.add_argument("--pop", type=int, default=400_000, help="infinite-width population")
+    ap.add_argument("--time-samples", type=int, default=20_000)
+    ap.add_argument("--chunk", type=int, default=None, help="propagator chunk (timing part)")
+    ap.add_argument("--out", default="fluctuations_figures")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.widths, args.gammas = 200, "128,512", "1"
+        args.fl_gammas, args.fl_width = "0.25,1,2", 512
+        args.samples, args.pop, args.time_samples, args.steps = 5_000, 50_000, 500, 20
+    args.widths = [int(x) for x in args.widths.split(",")]
+    args.gammas = [float(x) for x in args.gammas.split(",")]
+    args.fl_gammas = [float(x) for x in args.fl_gammas.split(",")]
+    if not args.no_plots:
+        os.makedirs(args.out, exist_ok=True)
+    parts = args.parts.split(",")
+    out = {}
+    if "convergence" in parts:
+        out["convergence"] = convergence(args)
+    if "feature-learning" in parts:
+        out["feature-learning"] = feature_learning(args)
+    if "timing" in parts:
+        out["timing"] = timing(args)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""``dmft.fluctuations``: O(1/width) fluctuations around an infinite-width solution (THEORY.md §5).
+
+An adapter: validates the options, turns the Solution into arrays (the error signal
+Delta(t) = y - f(t) on the training points, the input kernel Phi^0), calls an engine from
+:mod:`solvers.fluct` and wraps the result in a :class:`~dmft.results.Fluctuations`.
+
+Methods (``method=``):
+
+``"propagator"``
+    Two-layer networks (L = 1), any smooth activation, any gamma0 > 0: single-site samples
+    marched under the solution's Delta(t); N Cov(f) = (I + J E)^{-1} kappa (I + J E)^{-T} with
+    J = d<O>/dDelta from forward-mode tangents and kappa the single-site covariance (it contains
+    the initial-output variance Phi^1 / gamma0^2 unless ``center=True``). Monte Carlo standard
+    errors by batch means.
+``"lazy"``
+    The gamma0 -> 0 universal form: frozen random kernel, linear dynamics; exact moments for
+    linear networks, sampled otherwise (any activation, ReLU included). Uses only the t = 0 NTK
+    of the solution (and recomputes the frozen-kernel Delta(t) from it).
+``"linear-exact"``
+    Two-layer linear networks: the exact finite-width moment closure linearised in the
+    (Wishart) initial moments; no sampling, no DMFT propagator (an independent route).
+``"auto"``
+    ``"lazy"`` for a ``method="static"`` solution or gamma0 = 0, ``"linear-exact"`` for a
+    two-layer linear network, else ``"propagator"``.
+
+Also here: :func:`solve_two_layer`, the infinite-width two-layer dynamics by a self-consistent
+forward march of a sample population (no outer iteration is needed at L = 1), used by the tests
+and the benchmark as a reference Solution independent of ``method="mc"``.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+
+import numpy as np
+
+from solvers import fluct as _engine
+
+from ._progress import progress_bar
+from .results import ConvergenceError, Fluctuations, Solution
+from .specs import MLP, Dataset, GradientDescent, check_positive_int
+
+__all__ = ["fluctuations", "solve_two_layer", "FLUCTUATION_METHODS"]
+
+FLUCTUATION_METHODS = ("auto", "propagator", "lazy", "linear-exact")
+_MOMENTS = ("auto", "exact", "sampled")
+DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000}
+
+
+def _rng(seed):
+    if seed is None or isinstance(seed, np.random.SeedSequence):
+        return np.random.default_rng(seed)
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
+        return np.random.default_rng(int(seed))
+    raise ValueError(f"seed must be a non-negative integer, a numpy.random.SeedSequence or "
+                     f"None, got {seed!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _delta(sol: Solution, center: bool) -> np.ndarray:
+    """(T, P) infinite-width error signal Delta(t) = y - f(t), t = 0 .. T-1."""
+    f = np.asarray(sol.train_predictions, dtype=np.float64)
+    if center:
+        # at infinite width f(0) = 0; a Monte Carlo solution carries noise there, which the
+        # centred model removes by construction
+        f = f - f[:1]
+    return np.asarray(sol.data.y_train)[None, :] - f[:-1]
+
+
+def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=False,
+                 blocks: int = 10, chunk=None, ntk=True, moments: str = "auto",
+                 progress=None, **unknown) -> Fluctuations:
+    """Leading-order finite-width fluctuations N Cov over initialisations (THEORY.md §5).
+
+    Parameters
+    ----------
+    sol : Solution
+        Infinite-width solution (``dmft.solve``) of a two-layer network (depth 1). Its error
+        signal Delta(t) = y - f(t) is the point of linearisation (``"propagator"``).
+    method : str
+        ``"auto"``, ``"propagator"``, ``"lazy"`` or ``"linear-exact"`` (module docstring).
+    samples : int, optional
+        Single-site samples (default 20 000 for ``"propagator"``, 200 000 for sampled lazy
+        moments). The relative Monte Carlo error of the covariances is about sqrt(2 / samples)
+        times a problem-dependent factor; ``stderr`` reports it.
+    seed : int or SeedSequence, optional
+        Seed of the single-site samples; the same seed gives bit-identical results.
+    center : bool
+        Fluctuations of the centred model f(theta) - f(theta_0) (``simulate(..., center=True)``):
+        no initial-output variance, Delta from centred predictions.
+    blocks : int
+        Batch-means blocks (>= 2) for the standard errors.
+    chunk : int, optional
+        Samples processed together (memory ~ chunk P T (P + 1 + 3 (P+Q)) floats; default
+        about 32 MB, :func:`solvers.fluct.default_chunk`). Does not change the result
+        beyond rounding.
+    ntk : bool
+        Also compute ``ntk_var`` (``"propagator"``: memory 2 (T+1) n(n+1)/2 P T floats).
+    moments : str
+        ``"lazy"`` only: ``"exact"`` (linear networks), ``"sampled"``, or ``"auto"`` (exact
+        when available).
+    progress : bool or None
+        Progress bar (None: only on a terminal).
+
+    Returns
+    -------
+    Fluctuations
+        ``prediction_cov`` (T+1, n, n): N Cov[f_mu(t), f_nu(t)]; ``ntk_var`` (T+1, n, n):
+        N Var[K_mu,nu(t)] (NaN when ``ntk=False``); ``stderr`` with the same keys (Monte Carlo
+        batch means; absent for deterministic methods); ``extras["prediction_cov_two_time"]``
+        (T+1, T+1, n, n) N Cov[f_mu(t), f_nu(s)]; ``"propagator"`` adds ``extras["response"]``
+        (T+1, n, T, P) J = d<O_mu(t)>/dDelta_a(s) and ``extras["kappa"]`` (T+1, n, n), the
+        equal-time single-site covariance of O.
+
+    Raises
+    ------
+    ValueError
+        Bad options or a solution the method cannot use.
+    NotImplementedError
+        Deep networks (depth > 1), and ReLU with ``"propagator"`` (its tangents miss the
+        phi'' = delta term; ``method="lazy"`` handles ReLU).
+    ConvergenceError
+        The single-site fields or the linearised dynamics diverged.
+    """
+    start = time.perf_counter()
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for fluctuations; known options: "
+                         f"method, samples, seed, center, blocks, chunk, ntk, moments, progress")
+    if not isinstance(sol, Solution):
+        raise ValueError(f"sol must be a dmft.Solution (from dmft.solve), got "
+                         f"{type(sol).__name__}; for an Ensemble of simulated networks use "
+                         f"ens.var() and multiply by ens.width")
+    if not isinstance(method, str) or method not in FLUCTUATION_METHODS:
+        raise ValueError(f"method {method!r} is unknown; use one of {list(FLUCTUATION_METHODS)}")
+    center = _check_bool("center", center)
+    ntk = _check_bool("ntk", ntk)
+    blocks = check_positive_int("blocks", blocks, " >= 2 (batch-means blocks for the error "
+                                "bars), e.g. blocks=10")
+    if blocks < 2:
+        raise ValueError(f"blocks must be an integer >= 2 (batch-means blocks for the error "
+                         f"bars), got {blocks}")
+    if chunk is not None:
+        chunk = check_positive_int("chunk", chunk, " (samples per batch, e.g. chunk=256) or None")
+    if not isinstance(moments, str) or moments not in _MOMENTS:
+        raise ValueError(f"moments {moments!r} is unknown; use one of {list(_MOMENTS)}")
+    net, data, train = sol.net, sol.data, sol.train
+    if net.depth != 1:
+        raise NotImplementedError(
+            f"fluctuations are implemented for two-layer networks (depth=1) only; got "
+            f"depth={net.depth}. Deep linear and deep nonlinear propagators are not available "
+            f"in this version")
+    gamma0 = train.gamma0
+    if method == "auto":
+        if sol.method == "static" or gamma0 == 0:
+            method = "lazy"
+        elif net.linear:
+            method = "linear-exact"
+        else:
+            method = "propagator"
+    if samples is not None or method == "propagator" or (method == "lazy" and not (
+            moments in ("auto", "exact") and net.linear)):
+        if samples is None:
+            samples = DEFAULT_SAMPLES["propagator" if method == "propagator" else "lazy"]
+        samples = check_positive_int("samples", samples, " (single-site samples, e.g. "
+                                     "samples=20000)")
+        if samples < 2 * blocks:
+            raise ValueError(f"samples={samples} is too small for blocks={blocks}: need at least "
+                             f"2 samples per block; increase samples (e.g. samples=20000)")
+    f_all = np.concatenate([sol.train_predictions, sol.test_predictions], axis=1)
+    if not np.all(np.isfinite(f_all)) or not np.all(np.isfinite(sol.ntk[0])):
+        raise ValueError("sol has non-finite predictions or NTK; fluctuations need a finite "
+                         "infinite-width solution (reduce lr or gamma0 in the solve)")
+    kx = data.kx
+    T, P, n = train.steps, data.P, data.P + data.Q
+    rng = _rng(seed)
+    options = {"method": method, "center": center, "blocks": blocks, "chunk": chunk,
+               "ntk": ntk, "seed": int(seed) if isinstance(seed, numbers.Integral) else None}
+    stderr, extras = {}, {}
+
+    try:
+        if method == "propagator":
+            if gamma0 <= 0:
+                raise ValueError("method='propagator' needs gamma0 > 0; use method='lazy' for "
+                                 "the gamma0 -> 0 limit")
+            if net.activation == "relu":
+                raise NotImplementedError(
+                    "method='propagator' does not support relu: the per-sample tangents miss "
+                    "the phi'' = delta(h) contribution; use a smooth activation (tanh, erf) or "
+                    "method='lazy' for the gamma0 -> 0 limit")
+            u, w0 = _engine.draw_units(kx, samples, rng)
+            bar = progress_bar(samples, "fluctuations", progress, unit="sample")
+            try:
+                res = _engine.two_layer_propagator(
+                    net.activation, u, w0, kx, _delta(sol, center), gamma0, train.lr,
+                    center=center, blocks=blocks, chunk=chunk, ntk=ntk, progress=bar.update)
+            finally:
+                bar.close()
+            stderr["prediction_cov"] = res["pred_cov_stderr"]
+            if ntk:
+                stderr["ntk_var"] = res["ntk_var_stderr"]
+            extras["response"] = res["response"]
+            extras["kappa"] = res["kappa"]
+            options["samples"] = samples
+        elif method == "lazy":
+            if not center and gamma0 <= 0:
+                raise ValueError(
+                    "the initial-output variance Phi^1 / gamma0^2 is infinite at gamma0 = 0; "
+                    "use center=True (the centred model f - f(theta_0)) or a gamma0 > 0")
+            g0 = None if center else gamma0
+            K = np.asarray(sol.ntk[0], dtype=np.float64)
+            delta = _engine.lazy_delta(K, np.asarray(data.y_train), train.lr, T)
+            use_exact = net.linear and moments in ("auto", "exact")
+            if moments == "exact" and not net.linear:
+                raise ValueError(f"moments='exact' is available for linear networks only, got "
+                                 f"activation={net.activation!r}; use moments='sampled'")
+            if use_exact:
+                kf, kK = _engine.linear_lazy_moments(kx, g0)
+                res = _engine.lazy_propagator(K, delta, train.lr, kK, kf)
+                options["moments"] = "exact"
+            else:
+                u, w0 = _engine.draw_units(kx, samples, rng)
+                mom = _engine.sampled_lazy_moments(net.activation, u, w0, kx, g0, blocks)
+                res = _engine.lazy_propagator(K, delta, train.lr, mom["kappa_K"],
+                                              mom["kappa_f0"])
+                per = [_engine.lazy_propagator(K, delta, train.lr, b["kappa_K"], b["kappa_f0"])
+                       for b in mom["blocks"]]
+                for key, name in (("pred_cov", "prediction_cov"), ("ntk_var", "ntk_var")):
+                    arr = np.stack([r[key] for r in per])
+                    stderr[name] = arr.std(axis=0, ddof=1) / np.sqrt(blocks)
+                options["moments"] = "sampled"
+                options["samples"] = samples
+                extras["sampled_ntk"] = mom["mean_K"]
+            extras["lazy_delta"] = delta
+        else:  # linear-exact
+            if not net.linear:
+                raise ValueError(f"method='linear-exact' needs a linear network, got "
+                                 f"activation={net.activation!r}; use method='propagator'")
+            if gamma0 <= 0:
+                raise ValueError("method='linear-exact' needs gamma0 > 0; use method='lazy' "
+                                 "for the gamma0 -> 0 limit")
+            res = _engine.linear_exact_fluctuations(kx, np.asarray(data.y_train), gamma0,
+                                                    train.lr, T, center)
+            ref = f_all - (f_all[:1] if center else 0.0)
+            options["max_prediction_gap"] = float(np.max(np.abs(res["f"] - ref)))
+            extras["exact_predictions"] = res["f"]
+    except FloatingPointError as exc:
+        raise ConvergenceError(f"fluctuations ({method}): {exc}") from exc
+
+    cov2 = res["cov"]
+    if not np.all(np.isfinite(cov2)):
+        raise ConvergenceError(f"fluctuations ({method}): non-finite covariance (the "
+                               f"linearised dynamics diverged); reduce lr or gamma0")
+    extras["prediction_cov_two_time"] = cov2
+    ntk_var = res["ntk_var"] if ntk and res.get("ntk_var") is not None else \
+        np.full((T + 1, n, n), np.nan)
+    return Fluctuations(solution=sol, prediction_cov=res["pred_cov"], ntk_var=ntk_var,
+                        center=center, method=method, stderr=stderr,
+                        elapsed=time.perf_counter() - start, options=options, extras=extras)
+
+
+def solve_two_layer(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
+                    throw: bool = True, samples: int = 100_000, kernel_samples: int = 4096,
+                    **unknown) -> Solution:
+    """Infinite-width two-layer dynamics by a self-consistent population march.
+
+    A hidden unit is a sample (u ~ N(0, Phi^0), w0 ~ N(0, 1)); at each step the predictions are
+    the population mean of w phi(h) / gamma0 and every sample moves one step under
+    Delta = y - f (THEORY.md §2, "Two-layer networks"). Samples come in antithetic pairs
+    (u, w0), (u, -w0), which cancel the t = 0 output exactly. An adapter with the signature of
+    :data:`dmft.api.METHODS` entries; independent of ``method="mc"``.
+
+    Parameters
+    ----------
+    samples : int
+        Population size (even; pairs). Prediction error ~ 1/sqrt(samples) (``stderr``).
+    kernel_samples : int
+        Samples (<= samples) used for the two-time kernels ``phi`` and ``g``.
+
+    Returns
+    -------
+    Solution
+        method ``"two-layer-march"``; ``stderr["train_predictions"]``,
+        ``stderr["test_predictions"]``.
+    """
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for solve_two_layer; known: "
+                         f"samples, kernel_samples, seed, throw")
+    if net.depth != 1:
+        raise NotImplementedError("solve_two_layer handles two-layer networks (depth=1) only")
+    if train.gamma0 <= 0:
+        raise ValueError("solve_two_layer needs gamma0 > 0; use method='static' for gamma0 = 0")
+    samples = check_positive_int("samples", samples, " (population size, e.g. 100000)")
+    kernel_samples = check_positive_int("kernel_samples", kernel_samples, " (e.g. 4096)")
+    start = time.perf_counter()
+    half = max(1, samples // 2)
+    rng = _rng(seed)
+    kx = data.kx
+    u, w0 = _engine.draw_units(kx, half, rng)
+    u2 = np.concatenate([u, u])
+    w2 = np.concatenate([w0, -w0])
+    T, P, n = train.steps, data.P, data.P + data.Q
+    try:
+        pop = _engine.population_march(net.activation, u2, w2, kx, np.asarray(data.y_train),
+                                       train.gamma0, train.lr, T, antithetic=True)
+    except FloatingPointError as exc:
+        raise ConvergenceError(f"solve_two_layer: {exc}; reduce lr or gamma0") from exc
+    ks = min(kernel_samples, 2 * half)
+    idx = np.r_[0:(ks + 1) // 2, half:half + ks // 2]
+    h, w = _engine.march(net.activation, u2[idx], w2[idx], kx, pop["delta"],
+                         train.lr * train.gamma0)
+    from solvers.activations import apply
+    ph = apply(net.activation, h, 0).reshape(idx.size, (T + 1) * n)
+    g = (apply(net.activation, h, 1) * w[:, :, None]).reshape(idx.size, (T + 1) * n)
+    phi = (ph.T @ ph / idx.size).reshape(T + 1, n, T + 1, n).transpose(0, 2, 1, 3)[None]
+    gg = (g.T @ g / idx.size).reshape(T + 1, n, T + 1, n).transpose(0, 2, 1, 3)[None]
+    f = pop["f"]
+    return Solution(net=net, data=data, train=train, method="two-layer-march", t=train.times,
+                    train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+                    ntk=pop["ntk"], phi=np.ascontiguousarray(phi), g=np.ascontiguousarray(gg),
+                    converged=True, iterations=0, stderr={
+                        "train_predictions": pop["f_stderr"][:, :P].copy(),
+                        "test_predictions": pop["f_stderr"][:, P:].copy()},
+                    seed=int(seed) if isinstance(seed, numbers.Integral) else None,
+                    elapsed=time.perf_counter() - start,
+                    options={"samples": 2 * half, "kernel_samples": int(idx.size),
+                             "antithetic": True})
