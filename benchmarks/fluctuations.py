@@ -14,8 +14,14 @@ Three parts, each printing a table (and, unless ``--no-plots``, a PNG figure):
    width, for the raw and the centred model (f - f(theta_0); the raw model carries the
    initial-output variance Phi^1 / gamma0^2).
 3. ``timing``: the two-layer propagator with 10 points and 100 steps.
+4. ``depth`` (simulations only -- there is no deep propagator in ``dmft.fluctuations`` yet):
+   the paper's claim that kernel variance accumulates with depth at large gamma0 while the
+   kernels' signal-to-noise ratio improves. For tanh networks of depth L = 1, 2, 3 at a small
+   and a large gamma0 (one width): sum over entries of N Var K(T) of the final NTK, and the
+   width-free signal-to-noise ratio sum K_mean^2 / sum N Var K (the SNR at width N is N times
+   this). Error bars: spread over seeds of the summed squared deviations.
 
-Usage: ``python benchmarks/fluctuations.py [--quick] [--parts convergence,feature-learning,timing]``.
+Usage: ``python benchmarks/fluctuations.py [--quick] [--parts convergence,feature-learning,timing,depth]``.
 """
 from __future__ import annotations
 
@@ -224,10 +230,77 @@ def timing(args):
     return rows
 
 
+def depth(args):
+    data = _problem(args.points, 2, 8, 1)
+    N, S, T = args.depth_width, args.depth_seeds, args.steps
+    print(f"\n[depth] tanh networks, P={data.P} + {data.Q} test, T={T}, lr={args.lr}; "
+          f"SIMULATIONS ONLY (no deep propagator yet), width {N}, {S} seeds per row.")
+    print(f"{'gamma0':>7} {'L':>2} {'sum N Var K(T)':>18} {'sum K_mean^2':>13} "
+          f"{'SNR/N':>16} {'sum N Var f(T)':>18} {'sim s':>6}")
+    rows = []
+    for gamma0 in args.depth_gammas:
+        for L in args.depths:
+            train = dmft.GradientDescent(gamma0=gamma0, lr=args.lr, steps=T)
+            t0 = time.perf_counter()
+            ens = dmft.simulate(dmft.MLP(L, "tanh"), data, train, width=N, seeds=range(S),
+                                center=True)
+            el = time.perf_counter() - t0
+            K = ens.ntk[:, T].reshape(S, -1)
+            d2 = ((K - K.mean(0)) ** 2).sum(1) * S / (S - 1) * N
+            vK, vK_se = d2.mean(), d2.std(ddof=1) / np.sqrt(S)
+            sig = float(np.sum(K.mean(0) ** 2))
+            snr, snr_se = sig / vK, sig / vK * vK_se / vK
+            f = ens.predictions[:, T]
+            d2f = ((f - f.mean(0)) ** 2).sum(1) * S / (S - 1) * N
+            vf, vf_se = d2f.mean(), d2f.std(ddof=1) / np.sqrt(S)
+            rows.append((gamma0, L, vK, vK_se, sig, snr, snr_se, vf, vf_se))
+            print(f"{gamma0:7.2f} {L:2d} {vK:10.3f}+-{vK_se:6.3f} {sig:13.3f} "
+                  f"{snr:8.3f}+-{snr_se:5.3f} {vf:10.4f}+-{vf_se:6.4f} {el:6.1f}")
+    for gamma0 in args.depth_gammas:
+        rr = [r for r in rows if r[0] == gamma0]
+        grows = np.all(np.diff([r[2] for r in rr]) > 0)
+        print(f"  gamma0={gamma0:g}: kernel variance "
+              f"{'grows' if grows else 'does NOT grow monotonically'} with depth "
+              f"L={[r[1] for r in rr]}")
+    for L in args.depths:
+        rr = sorted([r for r in rows if r[1] == L])
+        if len(rr) >= 2:
+            diff = rr[-1][5] - rr[0][5]
+            se = np.hypot(rr[-1][6], rr[0][6])
+            verdict = ("improves" if diff > 2 * se else "WORSENS" if diff < -2 * se
+                       else "makes no significant (2 s.e.) difference to")
+            print(f"  L={L}: SNR/N at gamma0={rr[-1][0]:g} is {rr[-1][5]:.3f} +- {rr[-1][6]:.3f} "
+                  f"vs {rr[0][5]:.3f} +- {rr[0][6]:.3f} at gamma0={rr[0][0]:g}: feature learning "
+                  f"{verdict} the kernel SNR")
+    if not args.no_plots:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for gamma0 in args.depth_gammas:
+            rr = [r for r in rows if r[0] == gamma0]
+            Ls = [r[1] for r in rr]
+            axes[0].errorbar(Ls, [r[2] for r in rr], [r[3] for r in rr], marker="o",
+                             capsize=3, label=f"gamma0={gamma0:g}")
+            axes[1].errorbar(Ls, [r[5] for r in rr], [r[6] for r in rr], marker="o",
+                             capsize=3, label=f"gamma0={gamma0:g}")
+        axes[0].set_title(f"sum N Var K(T) (sim, N={N})")
+        axes[1].set_title("kernel SNR / N = sum K^2 / sum N Var K")
+        for ax in axes:
+            ax.set_xlabel("depth L (hidden layers)")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(args.out, "fluctuations_depth.png")
+        fig.savefig(path, dpi=120)
+        print(f"  figure: {path}")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
-    ap.add_argument("--parts", default="convergence,feature-learning,timing")
+    ap.add_argument("--parts", default="convergence,feature-learning,timing,depth")
     ap.add_argument("--seeds", type=int, default=1000, help="networks per width")
     ap.add_argument("--widths", default="128,256,512,1024,2048")
     ap.add_argument("--gammas", default="0.1,1,2")
@@ -238,8 +311,13 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--samples", type=int, default=40_000, help="propagator samples")
     ap.add_argument("--pop", type=int, default=400_000, help="infinite-width population")
-    ap.add_argument("--time-samples", type=int, default=20_000)
+    ap.add_argument("--time-samples", type=int, default=2_000,
+                    help="propagator samples in the timing part (cost is linear in this)")
     ap.add_argument("--chunk", type=int, default=None, help="propagator chunk (timing part)")
+    ap.add_argument("--depths", default="1,2,3")
+    ap.add_argument("--depth-gammas", default="0.1,2")
+    ap.add_argument("--depth-width", type=int, default=256)
+    ap.add_argument("--depth-seeds", type=int, default=200)
     ap.add_argument("--out", default="fluctuations_figures")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -247,9 +325,12 @@ def main(argv=None):
         args.seeds, args.widths, args.gammas = 200, "128,512", "1"
         args.fl_gammas, args.fl_width = "0.25,1,2", 512
         args.samples, args.pop, args.time_samples, args.steps = 5_000, 50_000, 500, 20
+        args.depth_width, args.depth_seeds = 128, 60
     args.widths = [int(x) for x in args.widths.split(",")]
     args.gammas = [float(x) for x in args.gammas.split(",")]
     args.fl_gammas = [float(x) for x in args.fl_gammas.split(",")]
+    args.depths = [int(x) for x in args.depths.split(",")]
+    args.depth_gammas = [float(x) for x in args.depth_gammas.split(",")]
     if not args.no_plots:
         os.makedirs(args.out, exist_ok=True)
     parts = args.parts.split(",")
@@ -260,6 +341,8 @@ def main(argv=None):
         out["feature-learning"] = feature_learning(args)
     if "timing" in parts:
         out["timing"] = timing(args)
+    if "depth" in parts:
+        out["depth"] = depth(args)
     return out
 
 
