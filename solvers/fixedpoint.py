@@ -36,7 +36,8 @@ class FixedPointResult:
     """Outcome of :func:`iterate`.
 
     ``x`` the last map output, ``converged``, ``iterations`` (map evaluations),
-    ``residuals`` (iterations,), ``floors`` (iterations,), ``elapsed`` seconds.
+    ``residuals`` (iterations,), ``floors`` (iterations,), ``elapsed`` seconds, ``info``
+    (``damping``: the final mixing weight after stall reductions; ``stalled``).
     """
 
     x: np.ndarray
@@ -50,8 +51,10 @@ class FixedPointResult:
 
 def iterate(fmap, x0, *, damping: float = 1.0, anderson: int = 0, tol: float = 1e-4,
             noise_factor: float = 0.25, max_iter: int = 50, min_iter: int = 1,
-            divergence: float = 1e6, callback=None, logger: logging.Logger | None = None,
-            bar=None, name: str = "fixed point") -> FixedPointResult:
+            divergence: float = 1e6, precondition=None, stall: int = 0,
+            min_damping: float = 0.25, callback=None,
+            logger: logging.Logger | None = None, bar=None,
+            name: str = "fixed point") -> FixedPointResult:
     """Solve ``x = F(x)`` by damped (or Anderson-accelerated) iteration.
 
     Parameters
@@ -73,6 +76,16 @@ def iterate(fmap, x0, *, damping: float = 1.0, anderson: int = 0, tol: float = 1
         Bounds on the number of map evaluations.
     divergence : float
         A residual above this (or non-finite) raises ``FloatingPointError``.
+    stall, min_damping : int, float
+        If ``stall > 0``: halve the damping (not below ``min_damping``) whenever the residual
+        has not reached a new minimum for ``stall`` iterations; once at ``min_damping`` and
+        stalled again with ``residual <= floor`` the loop stops as converged
+        (``info["stalled"]``): a sampled map that is discontinuous (ReLU's kink) jitters at
+        the noise level and cannot be iterated below it.
+    precondition : callable, optional
+        ``precondition(x, r) -> r'``: an approximation of ``(I - F'(x))^{-1} r`` (a
+        quasi-Newton step). Mixing and Anderson then act on ``r'`` instead of ``r``, i.e. on
+        the preconditioned map ``x + r'(x)``, which has the same fixed points.
     callback : callable, optional
         ``callback(k, y, residual)`` after every map evaluation; returning True stops the loop
         (reported as not converged unless the stop rule also holds).
@@ -90,6 +103,8 @@ def iterate(fmap, x0, *, damping: float = 1.0, anderson: int = 0, tol: float = 1
     start = time.perf_counter()
     x = np.array(x0, dtype=np.float64, copy=True)
     residuals, floors = [], []
+    best, best_k = np.inf, 0
+    stalled = False
     dX, dR = [], []
     x_prev = r_prev = None
     converged = False
@@ -99,6 +114,8 @@ def iterate(fmap, x0, *, damping: float = 1.0, anderson: int = 0, tol: float = 1
         res, floor = float(res), float(floor)
         residuals.append(res)
         floors.append(floor)
+        if res < best:
+            best, best_k = res, k
         threshold = max(tol, noise_factor * floor)
         if logger is not None:
             logger.info("%s iteration %d: residual %.3e (stop below %.3e, noise floor %.3e)",
@@ -113,9 +130,29 @@ def iterate(fmap, x0, *, damping: float = 1.0, anderson: int = 0, tol: float = 1
         if res <= threshold and k >= min_iter:
             converged = True
             break
+        if (stall and damping <= min_damping and k - best_k >= stall and res <= floor
+                and floor > 0):
+            # the map jitters at the Monte Carlo noise level and the smallest step did not
+            # settle it: every further change is within one standard error
+            converged = True
+            stalled = True
+            if logger is not None:
+                logger.info("%s stalled at the noise floor (residual %.3e <= floor %.3e): "
+                            "accepted", name, res, floor)
+            break
         if stop:
             break
         r = y - x
+        if stall and k - best_k >= stall and damping > min_damping:
+            # no new best residual for `stall` iterations: the map jitters at the noise
+            # level (e.g. ReLU's kink makes a sampled map discontinuous); averaging the
+            # iterates with a smaller step settles it
+            damping = max(min_damping, 0.5 * damping)
+            best_k = k
+            dX.clear()
+            dR.clear()
+        if precondition is not None:
+            r = precondition(x, r)
         if anderson > 0 and x_prev is not None:
             if len(residuals) >= 2 and residuals[-1] > residuals[-2]:
                 dX.clear()
@@ -135,4 +172,5 @@ def iterate(fmap, x0, *, damping: float = 1.0, anderson: int = 0, tol: float = 1
             x = x + damping * r
     return FixedPointResult(x=y, converged=converged, iterations=len(residuals),
                             residuals=np.array(residuals), floors=np.array(floors),
-                            elapsed=time.perf_counter() - start)
+                            elapsed=time.perf_counter() - start,
+                            info={"damping": damping, "stalled": stalled})
