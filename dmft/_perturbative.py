@@ -1,0 +1,120 @@
+"""``method="perturbative"``: leading order in gamma0^2 around the lazy dynamics (THEORY.md §4).
+
+Every order parameter is expanded as q = q0 + gamma0^2 q2 + O(gamma0^4) around the static
+(lazy, gamma0 -> 0) solution, in exact discrete time: the kernels move at O(gamma0^2) with the
+lazy error signal Delta0(t), and the predictions change at O(gamma0^2) through the NTK
+correction (plus the discrete-time lr^2 gamma0^2 terms). The derivation is in the docstring of
+the engine :mod:`solvers.perturbative`; for P = 1, L = 1 under gradient flow it reduces to
+K = 2 + 4 gamma0^2 v^2 (the paper's Eq. (13)).
+
+Scope: deep linear networks (any depth; exact and deterministic) and two-layer networks
+(L = 1) with a smooth activation ("tanh", "erf"), whose O(gamma0^2) coefficients are Gaussian
+expectations over the t = 0 sources estimated by Monte Carlo (``samples``, ``seed``; see
+:func:`solvers.perturbative.two_layer_expansion`). Deeper nonlinear networks and ReLU raise
+``ValueError`` pointing to ``method="gia"`` / ``"mc"`` or ``"static"``.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+
+import numpy as np
+
+from solvers import perturbative as _engine
+from solvers import static as _static
+
+from .results import ConvergenceError, Solution
+from .specs import MLP, Dataset, GradientDescent
+
+__all__ = ["solve_perturbative"]
+
+_SMOOTH = ("tanh", "erf")
+
+
+def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
+                       throw: bool = True, samples: int = 20000, **options) -> Solution:
+    """Leading-order (gamma0^2) perturbation theory of a deep linear network.
+
+    Parameters
+    ----------
+    net, data, train : MLP, Dataset, GradientDescent
+        ``net.activation`` must be ``"linear"``; any depth. ``train.gamma0 = 0`` gives the
+        static solution.
+    seed : int or SeedSequence, optional
+        Seed of the Monte Carlo sources (nonlinear L = 1); recorded only for linear nets.
+    samples : int
+        Nonlinear L = 1: antithetic pairs of Gaussian sources for the O(gamma0^2)
+        coefficients (default 20000; error ~ samples^-1/2, in ``stderr``). Ignored for
+        linear networks.
+    throw : bool
+        If True, non-finite results raise :class:`~dmft.results.ConvergenceError`.
+
+    Returns
+    -------
+    Solution
+        ``train_predictions`` (T+1, P), ``test_predictions`` (T+1, Q), ``ntk`` (T+1, n, n),
+        ``phi``, ``g`` (L, T+1, T+1, n, n), each ``q0 + gamma0^2 q2``; ``A = B = None``.
+        ``extras``: ``f0``, ``f2`` (T+1, n) the order-0 and order-gamma0^2 coefficients of the
+        predictions, ``ntk2`` (T+1, n, n) that of the NTK, ``delta0`` (T+1, n) the lazy error
+        signal; so ``f0 + g^2 f2`` evaluates the expansion at any other gamma0 = g.
+
+    Raises
+    ------
+    ValueError
+        Deep nonlinear or ReLU networks, or unknown options.
+    """
+    if options:
+        raise ValueError(f"unknown option(s) for method='perturbative': {sorted(options)}; "
+                         f"the perturbative method accepts ['samples'] (nonlinear L = 1)")
+    if not net.linear and (net.depth != 1 or net.activation not in _SMOOTH):
+        raise ValueError(
+            f"method='perturbative' handles linear networks (any depth) and two-layer "
+            f"networks (depth=1) with activation in {list(_SMOOTH)}, got depth={net.depth}, "
+            f"activation={net.activation!r}; use method='gia' or method='mc' (full dynamics) "
+            f"or method='static' (the gamma0 -> 0 limit)")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 16:
+        raise ValueError(f"samples must be an integer >= 16 (antithetic Monte Carlo pairs for "
+                         f"nonlinear networks), got {samples!r}")
+    start = time.perf_counter()
+    L, P, T = net.depth, data.P, train.steps
+    n = data.P + data.Q
+    kx = data.kx
+    stderr, opts = {}, {"order": 2}
+    with np.errstate(over="raise", invalid="raise"):
+        try:
+            if net.linear:
+                ex = _engine.linear_expansion(kx, data.y_train, L, train.lr, T)
+            else:
+                kern = _static.static_kernels(net.activation, kx, 1)
+                K0 = kern["ntk"]
+                ss = seed if isinstance(seed, np.random.SeedSequence) else \
+                    np.random.SeedSequence(seed)
+                xi = np.random.default_rng(ss).standard_normal((int(samples), n + 1))
+                ex = _engine.two_layer_expansion(kx, data.y_train, K0, net.activation,
+                                                 train.lr, T, xi)
+                # the source's Monte Carlo error, carried by the causal propagation
+                se = train.gamma0 ** 2 * ex["source2_se"]
+                stderr = {"train_predictions": se[:, :P], "test_predictions": se[:, P:]}
+                ex["phi0"], ex["g0"] = kern["phi"], kern["g"]
+                opts.update(samples=int(samples))
+            val = _engine.evaluate(ex, kx, train.gamma0)
+        except FloatingPointError as exc:
+            raise ConvergenceError(f"method='perturbative' overflowed: {exc}; the lazy "
+                                   f"dynamics diverge at lr = {train.lr:g}, reduce lr") from exc
+    f = val["f"]
+    sol = Solution(
+        net=net, data=data, train=train, method="perturbative", t=train.times,
+        train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+        ntk=val["ntk"], phi=val["phi"], g=val["g"], A=None, B=None, converged=True,
+        iterations=0, residuals=np.zeros(0), stderr=stderr,
+        seed=int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        else None,
+        elapsed=time.perf_counter() - start, options=opts,
+        extras={"f0": ex["f0"], "f2": ex["f2"], "ntk2": ex["ntk2"], "delta0": ex["delta0"]})
+    if not all(np.all(np.isfinite(x)) for x in (f, val["ntk"])):
+        sol.converged = False
+        msg = (f"method='perturbative' produced non-finite values (lr = {train.lr:g}); the "
+               f"lazy dynamics are unstable, reduce lr")
+        if throw:
+            raise ConvergenceError(msg, result=sol)
+    return sol
