@@ -1,0 +1,241 @@
+"""Cost and accuracy of the Monte Carlo DMFT solver (``method="mc"``) against simulated networks.
+
+Cases (the issue's): (a) L = 1 tanh, 16 train + 16 test points, 100 steps, gamma0 = 1;
+(b) L = 3 tanh, 8 train + 4 test points, 50 steps, gamma0 = 1; lr = 0.1, teacher-student data.
+
+For each case:
+
+1. A high-sample reference solve (``--ref-factor`` times the largest sample count, its own
+   seed). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
+2. For several sample counts S: wall time of ``dmft.solve(method="mc", samples=S)``, peak
+   NumPy memory of the call (``tracemalloc``: counts NumPy/Python allocations, not memory
+   allocated inside Numba kernels nor BLAS scratch), and the prediction error against the
+   reference: err = RMS over all P + Q points of the final predictions f(T). It includes the
+   reference's own error (its RMS stderr is shown as ``ref_se``).
+3. What a simulated ensemble needs for the same error. A pilot of centred networks
+   (``center=True``; the raw initial outputs regressed out as control variates, mean exactly 0)
+   at a few widths measures, per point j, the finite-width bias c_j / N (1/N slope fitted
+   through the reference, debiased for its own noise) and the per-network variance v_j / N of
+   the adjusted predictions, and the time per network t(N) (log-log interpolated, power-law
+   extrapolated). An ensemble of S networks of width N then has
+   err^2 = mean_j (c_j/N)^2 + mean_j v_j / (N S); for each target error the cheapest (N, S)
+   over N = 2^k is chosen and its time S t(N) compared with the DMFT time (``speedup``).
+   With ``--verify`` the cheapest ensemble of the least accurate row is actually run and its
+   measured error printed (one realisation: expect scatter of a few tens of percent).
+
+Times depend on the machine and on other jobs (the reference machine has 2 shared cores):
+compare rows of one run. Set threads from the shell (``OPENBLAS_NUM_THREADS=1``,
+``NUMBA_NUM_THREADS``) before Python starts.
+
+Usage: ``python benchmarks/perf_mc.py [--quick] [--cases a b] [--samples ...] [--out r.json]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:          # run as a script from anywhere: import the package in ROOT
+    sys.path.insert(0, ROOT)
+
+CASES = {
+    "a": dict(L=1, activation="tanh", P=16, Q=16, steps=100, gamma0=1.0, lr=0.1,
+              samples=[1 << 12, 1 << 14, 1 << 16, 1 << 18],
+              pilot_widths=[256, 512, 1024], pilot_seeds=[256, 256, 256]),
+    "b": dict(L=3, activation="tanh", P=8, Q=4, steps=50, gamma0=1.0, lr=0.1,
+              samples=[1024, 2048, 4096, 8192],
+              pilot_widths=[256, 512, 1024], pilot_seeds=[128, 96, 64]),
+}
+QUICK = {
+    "a": dict(P=8, Q=8, steps=40, samples=[1 << 12, 1 << 14], pilot_widths=[128, 256, 512],
+              pilot_seeds=[64, 64, 64]),
+    "b": dict(P=4, Q=2, steps=20, samples=[512, 1024], pilot_widths=[128, 256, 512],
+              pilot_seeds=[48, 48, 48]),
+}
+
+
+def _problem(c, data_seed=0):
+    import dmft
+    from dmft.config import teacher_student
+    data = teacher_student(P=c["P"], Q=c["Q"], D=max(8, c["P"] // 2), seed=data_seed)
+    return (dmft.MLP(c["L"], c["activation"]), data,
+            dmft.GradientDescent(c["gamma0"], c["lr"], c["steps"]))
+
+
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+def run_mc(net, data, train, samples, seed, **opts):
+    """One timed solve. Returns (Solution, wall seconds, peak traced MB)."""
+    import dmft
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    sol = dmft.solve(net, data, train, method="mc", samples=int(samples), seed=seed,
+                     progress=False, **opts)
+    wall = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return sol, wall, peak
+
+
+def ensemble_errors(ens, ref):
+    """Per-network final-prediction deviations from ``ref`` (n,) after regressing out the raw
+    initial outputs f(0) (mean exactly 0). Returns (S, n)."""
+    obs = ens.predictions[:, -1]
+    Z = ens.extras["f0"]
+    if ens.n_seeds > 2 * Z.shape[1] + 4:
+        beta = np.linalg.lstsq(Z - Z.mean(0), obs - obs.mean(0), rcond=None)[0]
+        obs = obs - Z @ beta
+    return obs - ref[None, :]
+
+
+def pilot(net, data, train, ref, widths, counts):
+    """Bias slope c_j, variance slope v_j and time per network at the pilot widths."""
+    import dmft
+    widths = np.asarray(widths, dtype=float)
+    means, varN, tnet = [], [], []
+    for i, (N, S) in enumerate(zip(widths, counts)):
+        seeds = range(10_000 * (i + 1), 10_000 * (i + 1) + int(S))
+        ens = dmft.simulate(net, data, train, width=int(N), seeds=seeds, center=True,
+                            progress=False)
+        dev = ensemble_errors(ens, ref)
+        means.append(dev.mean(0))
+        varN.append(dev.var(0, ddof=1) * N)
+        tnet.append(ens.elapsed / ens.n_seeds)
+    means, varN = np.array(means), np.array(varN)
+    v = varN.mean(0)                                   # v_j: N Var is O(1) in N
+    se = np.sqrt(v[None, :] / (widths[:, None] * np.asarray(counts)[:, None]))
+    # fit mean_j(N) = c_j / N through the origin (the reference is the N = inf value)
+    x = 1.0 / widths
+    w = 1.0 / se ** 2
+    c = (w * x[:, None] * means).sum(0) / (w * x[:, None] ** 2).sum(0)
+    c_var = 1.0 / (w * x[:, None] ** 2).sum(0)
+    c2 = max(float(np.mean(c ** 2 - c_var)), 0.0)     # debiased mean_j c_j^2
+    k = np.polyfit(np.log(widths), np.log(tnet), 1)[0] if len(widths) > 1 else 1.0
+    return {"widths": widths.tolist(), "counts": [int(s) for s in counts],
+            "t_net": tnet, "t_exponent": float(k), "c_rms": math.sqrt(c2),
+            "v_mean": float(v.mean()), "mean_dev_rms": [_rms(m) for m in means]}
+
+
+def _t_net(p, N):
+    ws, ts = np.log(p["widths"]), np.log(p["t_net"])
+    lN = math.log(N)
+    if lN <= ws[-1]:
+        return float(np.exp(np.interp(lN, ws, ts)))
+    return float(np.exp(ts[-1] + max(p["t_exponent"], 1.0) * (lN - ws[-1])))
+
+
+def cheapest_ensemble(p, err, widths=tuple(2 ** k for k in range(6, 16))):
+    """(time, N, S) of the cheapest ensemble with modelled error <= err, or None."""
+    best = None
+    for N in widths:
+        bias2 = (p["c_rms"] / N) ** 2
+        if bias2 >= 0.9 * err ** 2:
+            continue
+        S = max(2, math.ceil(p["v_mean"] / (N * (err ** 2 - bias2))))
+        t = S * _t_net(p, N)
+        if best is None or t < best[0]:
+            best = (t, N, S)
+    return best
+
+
+def run_case(name, c, args):
+    import dmft
+    net, data, train = _problem(c)
+    n = data.P + data.Q
+    print(f"\ncase {name}: L={c['L']} {c['activation']} P={data.P} Q={data.Q} "
+          f"T={c['steps']} gamma0={c['gamma0']} lr={c['lr']}", flush=True)
+    ref_samples = int(args.ref_factor * max(c["samples"]))
+    ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345)
+    ref_f = ref.predictions[-1]
+    ref_se = _rms(np.concatenate([ref.stderr["train_predictions"][-1],
+                                  ref.stderr["test_predictions"][-1]]))
+    print(f"reference: {ref.options['samples']} samples, {ref_wall:.1f} s, "
+          f"{ref.iterations} iterations, RMS stderr {ref_se:.2e}", flush=True)
+    rows = []
+    for S in c["samples"]:
+        sol, wall, peak = run_mc(net, data, train, S, seed=1)
+        err = _rms(sol.predictions[-1] - ref_f)
+        se = _rms(np.concatenate([sol.stderr["train_predictions"][-1],
+                                  sol.stderr["test_predictions"][-1]]))
+        rows.append({"samples": int(sol.options["samples"]), "wall_s": wall, "peak_mb": peak,
+                     "iterations": int(sol.iterations), "err": err, "stderr": se})
+        print(f"  mc samples={rows[-1]['samples']}: {wall:.2f} s, err {err:.2e}", flush=True)
+    t0 = time.perf_counter()
+    p = pilot(net, data, train, ref_f, c["pilot_widths"], c["pilot_seeds"])
+    print(f"pilot ensembles {p['widths']} x {p['counts']} seeds ({time.perf_counter() - t0:.1f}"
+          f" s): bias c_rms/N with c_rms = {p['c_rms']:.3g}, N Var = {p['v_mean']:.3g}, "
+          f"t/net = {['%.4f' % t for t in p['t_net']]} s (~N^{p['t_exponent']:.2f})",
+          flush=True)
+    for r in rows:
+        best = cheapest_ensemble(p, r["err"])
+        if best is None:
+            r.update(sim_N=None, sim_S=None, sim_s=float("inf"), speedup=float("inf"))
+        else:
+            r.update(sim_s=best[0], sim_N=best[1], sim_S=best[2], speedup=best[0] / r["wall_s"])
+    if args.verify and rows:
+        r = max(rows, key=lambda r: r["err"])
+        if r["sim_N"] is not None:
+            t0 = time.perf_counter()
+            ens = dmft.simulate(net, data, train, width=r["sim_N"],
+                                seeds=range(500_000, 500_000 + r["sim_S"]), center=True,
+                                progress=False)
+            r["verify_err"] = _rms(ensemble_errors(ens, ref_f).mean(0))
+            r["verify_s"] = time.perf_counter() - t0
+    print(table(rows, ref_se))
+    return {"case": name, "spec": {k: v for k, v in c.items()}, "n": n,
+            "reference": {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
+                          "rms_stderr": ref_se}, "rows": rows, "pilot": p}
+
+
+def table(rows, ref_se):
+    head = (f"{'samples':>8} {'mc s':>8} {'peak MB':>8} {'it':>3} {'err':>9} {'mc se':>9} "
+            f"{'ref se':>9} | {'sim N':>6} {'sim S':>7} {'sim s':>9} {'speedup':>8}"
+            f" {'verify err':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sim = (f"{r['sim_N']:>6} {r['sim_S']:>7} {r['sim_s']:>9.2f} {r['speedup']:>8.3g}"
+               if r["sim_N"] is not None else f"{'-':>6} {'-':>7} {'inf':>9} {'inf':>8}")
+        ver = f" {r['verify_err']:>10.2e}" if "verify_err" in r else ""
+        lines.append(f"{r['samples']:>8} {r['wall_s']:>8.2f} {r['peak_mb']:>8.1f} "
+                     f"{r['iterations']:>3} {r['err']:>9.2e} {r['stderr']:>9.2e} "
+                     f"{ref_se:>9.2e} | {sim}{ver}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    p.add_argument("--cases", nargs="+", default=["a", "b"], choices=sorted(CASES))
+    p.add_argument("--samples", type=int, nargs="+", default=None,
+                   help="sample counts (overrides the case's list)")
+    p.add_argument("--ref-factor", type=float, default=4.0,
+                   help="reference samples = this x the largest sample count")
+    p.add_argument("--verify", action="store_true",
+                   help="run the cheapest matching ensemble of the least accurate row")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    results = []
+    for name in args.cases:
+        c = dict(CASES[name])
+        if args.quick:
+            c.update(QUICK[name])
+        if args.samples:
+            c["samples"] = list(args.samples)
+        results.append(run_case(name, c, args))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1, default=float)
+    return results
+
+
+if __name__ == "__main__":
+    main()
