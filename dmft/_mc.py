@@ -6,7 +6,10 @@ G^l, the responses A^l, B^l and the predictions f are averages over samples, ite
 consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
 
 - Two-layer networks (L = 1): no responses; all samples are marched forward together, f(t)
-  read from the population at each step (no outer iteration, ``iterations = 1``).
+  read from the population at each step (no outer iteration, ``iterations = 1``). Sources by
+  randomised quasi-Monte Carlo (scrambled Sobol replicates in rank(Kx) + 1 dimensions,
+  ``sampler="sobol"``) or i.i.d. (``"random"``), in antithetic pairs (u, +-w0); the two-time
+  kernels are computed once at the end from ``kernel_samples`` re-marched samples.
 - Deep networks: start from the static kernels and static-NTK predictions with A = B = 0;
   the same standard normals every iteration (common random numbers); Gauss-Seidel sweeps
   over layers, a quasi-Newton step on the f -> Delta -> f loop and continuation in time
@@ -17,8 +20,8 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
   ansatz), predictions from f(t+1) = f(t) + lr K(t) Delta(t); for L = 1 it is identical to
   ``"mc"``.
 
-Standard errors (``Solution.stderr``): L = 1: the samples split into ``blocks`` independent
-populations solved separately (includes the feedback of noise through Delta). L >= 2: batch
+Standard errors (``Solution.stderr``): L = 1: the ``blocks`` replicates solved as separate
+populations (includes the feedback of noise through Delta). L >= 2: batch
 means over the sample chunks of the last iteration with the order parameters held fixed (does
 not include the feedback through the self-consistency, THEORY.md §5).
 """
@@ -45,13 +48,14 @@ DEFAULTS = {
     "samples_two_layer": 1 << 16,
     "samples_deep": 8192,
     "response_samples": 2048,
-    "kernel_samples": 16384,
+    "kernel_samples": 4096,
     "damping": 1.0,
     "anderson": 0,
     "tol": 1e-4,
     "noise_factor": 0.25,
     "max_iter": 60,
-    "blocks": 16,
+    "blocks": 8,
+    "sampler": "sobol",
     "chunk_mb": 64.0,
     "window": 10,
 }
@@ -89,8 +93,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
              anderson: int | None = None, tol: float | None = None,
              noise_factor: float | None = None, max_iter: int | None = None,
              blocks: int | None = None, chunk_mb: float | None = None,
-             relu_eps: float | None = None, window: int | None = None, callback=None,
-             progress=None,
+             relu_eps: float | None = None, window: int | None = None,
+             sampler: str | None = None, callback=None, progress=None,
              _responses: bool = True, **unknown) -> Solution:
     """Nonlinear DMFT of ``net`` trained on ``data`` by alternating Monte Carlo (THEORY.md §2).
 
@@ -104,14 +108,21 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         Raise :class:`~dmft.results.ConvergenceError` when the iteration did not converge
         (default) or return the result with ``converged=False``.
     samples : int
-        Monte Carlo samples per layer (rounded up to an even number / whole chunks; antithetic
-        pairs). Default 65536 for L = 1, 8192 for L >= 2.
+        Monte Carlo samples per layer (antithetic pairs). L >= 2: rounded up to whole chunks;
+        L = 1: rounded down to a multiple of 2 ``blocks`` (``options["samples"]`` has the
+        number used). Default 65536 for L = 1, 8192 for L >= 2.
     response_samples : int
         Samples used for the tangent estimates of A, B (L >= 2; default 2048, at most
         ``samples``). Tangents cost ~ n P^2 T^3 per sample and layer, kernels ~ (n T)^2.
     kernel_samples : int
-        L = 1 only: samples for the two-time kernels phi, g (default 16384); predictions
-        and NTK use all ``samples``.
+        L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
+        from the replicates); predictions and NTK use all ``samples``. The kernels cost
+        ~ kernel_samples (n (T+1))^2 flops (one symmetric rank-k BLAS update per chunk) and
+        are computed once, after the predictions, which never need them.
+    sampler : {"sobol", "random"}
+        L = 1 only: "sobol" (default) draws the sources by randomised quasi-Monte Carlo
+        (``blocks`` independent scrambled Sobol replicates in the rank(Kx) + 1 source
+        dimensions); "random" draws i.i.d. normals. Both use antithetic pairs (u, +-w0).
     damping : float in (0, 1]
         Weight of the new estimate in the mixing (default 1: plain Gauss-Seidel iteration;
         halved automatically, not below 0.25, when the residual stalls).
@@ -124,7 +135,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     max_iter : int
         Iteration limit (default 60).
     blocks : int
-        L = 1: independent populations for the standard errors (default 16; 1 disables).
+        L = 1: independent replicates / populations for the standard errors (default 8; 1
+        disables). With "sobol" each replicate is an independently scrambled point set.
     chunk_mb : float
         Memory per streamed chunk of samples (default 64 MB).
     relu_eps : float
@@ -151,7 +163,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         raise ValueError(f"unknown option(s) for method={method!r}: {sorted(unknown)}; see "
                          f"help(dmft._mc.solve_mc) for samples, response_samples, "
                          f"kernel_samples, damping, anderson, tol, noise_factor, max_iter, "
-                         f"blocks, chunk_mb, relu_eps, callback, progress")
+                         f"blocks, chunk_mb, relu_eps, window, sampler, callback, progress")
     if train.gamma0 <= 0:
         raise ValueError(f"gamma0 must be > 0 for method={method!r} (got {train.gamma0}); "
                          f"use method='static' for the lazy limit gamma0 = 0")
@@ -190,6 +202,10 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         relu_eps = _real("relu_eps", relu_eps, 0, np.inf, "e.g. relu_eps=0.05")
     if callback is not None and not callable(callback):
         raise ValueError("callback must be callable: callback(iteration, state, residual)")
+    sampler = d["sampler"] if sampler is None else sampler
+    if sampler not in ("sobol", "random"):
+        raise ValueError(f"sampler must be 'sobol' (randomised quasi-Monte Carlo) or 'random' "
+                         f"(i.i.d.), got {sampler!r}")
     ss, seed_int = _seed_sequence(seed)
 
     kx = data.kx
@@ -205,13 +221,14 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                 out = _engine.solve_two_layer(kx, y, net.activation, train.gamma0, train.lr, T,
                                               samples=samples, seed=ss,
                                               kernel_samples=kernel_samples,
-                                              blocks=blocks if blocks >= 2 else 0, bar=bar)
+                                              blocks=blocks if blocks >= 2 else 0,
+                                              sampler=sampler, bar=bar)
             finally:
                 bar.close()
             logger.info("%s two-layer march: %d samples, %d steps", method, out["samples"], T)
             converged, iterations, residuals = True, 1, np.zeros(0)
             options.update(samples=int(out["samples"]), kernel_samples=int(out["kernel_samples"]),
-                           blocks=int(blocks))
+                           blocks=int(blocks), sampler=sampler)
             A = B = None
             phi = _two_time(out["phi"], T1, n)[None]
             g = _two_time(out["g"], T1, n)[None]

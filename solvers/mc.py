@@ -44,7 +44,10 @@ the t = 0 term, of Monte Carlo size 1 / (gamma0 sqrt S), cancels exactly.
 
 Two-layer networks (L = 1) have no responses: u^1 and w(0) only see the population through
 Delta, so all samples are marched together one step at a time, reading f(t) from the
-population (:func:`two_layer_step`, a Numba kernel, and :func:`two_layer_step_reference`).
+population (:func:`two_layer_step_fast`: BLAS + NumPy SIMD activations, checked against the
+per-sample Numba kernel :func:`two_layer_step` and :func:`two_layer_step_reference`). Sources by
+randomised quasi-Monte Carlo (:func:`two_layer_sources`); the two-time kernels are computed once
+at the end by symmetric rank-k updates (:func:`two_layer_kernels`).
 """
 from __future__ import annotations
 
@@ -55,14 +58,15 @@ import math
 import numpy as np
 
 from . import fixedpoint
-from .activations import ACTIVATIONS, apply
+from .activations import ACTIVATIONS, TANH as _TANH, apply
 from .activations import dphi as _dphi
 from .activations import phi as _phi
 from ._jit import njit
 
-__all__ = ["psd_sqrt", "two_layer_step", "two_layer_step_reference", "march_two_layer",
-           "two_layer_kernels", "causal_operators", "march_layer", "response_sums",
-           "response_reference", "solve_two_layer", "solve_deep", "default_relu_eps"]
+__all__ = ["psd_sqrt", "two_layer_step", "two_layer_step_reference", "two_layer_step_fast",
+           "march_two_layer", "two_layer_kernels", "causal_operators", "march_layer",
+           "response_sums", "response_reference", "solve_two_layer", "solve_deep",
+           "low_rank_factor", "two_layer_sources", "default_relu_eps"]
 
 
 def _single_thread_blas():
@@ -140,6 +144,21 @@ def _lam(activation: str, H, Z, relu_eps):
 # ------------------------------------------------------------------------------------------
 # two-layer networks: forward march of the population
 # ------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _phi_dphi(act, x):
+    """(phi(x), phi'(x)) with one transcendental call for tanh (phi and dphi each call it)."""
+    if act == _TANH:
+        # tanh x = -expm1(-2|x|) / (2 + expm1(-2|x|)) (sign restored): accurate to a few ulp,
+        # also for tiny |x| (expm1: no cancellation); the step got ~10% faster than with libm
+        # tanh, the vectorised two_layer_step_fast is the fast path
+        e = math.expm1(-2.0 * abs(x))
+        p = -e / (2.0 + e)
+        if x < 0.0:
+            p = -p
+        return p, 1.0 - p * p
+    return _phi(act, x), _dphi(act, x)
+
+
 @njit
 def two_layer_step(h, w, phi_h, g, drive, wdrive, block, act, fsum):
     """Advance every sample of a two-layer network by one gradient step (in place).
@@ -165,20 +184,18 @@ def two_layer_step(h, w, phi_h, g, drive, wdrive, block, act, fsum):
     for i in range(S):
         b = i // block
         dw = 0.0
+        # axpy order (point index innermost): vectorises without reassociating sums
         for a in range(P):
             dw += wdrive[b, a] * phi_h[i, a]
-        for mu in range(n):
-            acc = 0.0
-            for a in range(P):
-                acc += drive[b, mu, a] * g[i, a]
-            h[i, mu] += acc
+            ga = g[i, a]
+            for mu in range(n):
+                h[i, mu] += drive[b, mu, a] * ga
         wi = w[i] + dw
         w[i] = wi
         for mu in range(n):
-            x = h[i, mu]
-            p = _phi(act, x)
+            p, dp = _phi_dphi(act, h[i, mu])
             phi_h[i, mu] = p
-            g[i, mu] = _dphi(act, x) * wi
+            g[i, mu] = dp * wi
             fsum[b, mu] += wi * p
 
 
@@ -193,6 +210,42 @@ def two_layer_step_reference(h, w, phi_h, g, drive, wdrive, block, activation, f
     phi_h[...] = apply(activation, h, 0)
     g[...] = apply(activation, h, 1) * w[:, None]
     np.add.at(fsum, b, w[:, None] * phi_h)
+
+
+def two_layer_step_fast(h, w, phi_h, g, drive, wdrive, block, activation, fsum, ptt=None,
+                        gtt=None, cache_rows: int = 2048):
+    """Vectorised :func:`two_layer_step` used by the marches (same arguments, activation by
+    name): per slice of at most ``cache_rows`` samples of one block, one BLAS product for the
+    h update and the activation with NumPy's SIMD transcendental functions, so the slice stays
+    in cache. Optionally accumulates the equal-time kernels of the new time per block:
+    ``ptt[b] += phi^T phi``, ``gtt[b] += g^T g`` (sums over the block's samples).
+    Measured ~5x faster than the per-sample Numba loop (whose libm tanh call costs ~17 ns per
+    entry) at S = 4096, n = 32, P = 16.
+    """
+    S, n = h.shape
+    P = wdrive.shape[1]
+    for b in range(drive.shape[0]):
+        end = min(S, (b + 1) * block)
+        dT = drive[b].T
+        for c0 in range(b * block, end, cache_rows):
+            sl = slice(c0, min(end, c0 + cache_rows))
+            hs, ps, gs = h[sl], phi_h[sl], g[sl]
+            dw = ps[:, :P] @ wdrive[b]                 # phi(h) at the current time
+            hs += gs[:, :P] @ dT
+            ws = w[sl]
+            ws += dw
+            if activation == "tanh":
+                np.tanh(hs, out=ps)
+                np.multiply(ps, ps, out=gs)
+                np.subtract(1.0, gs, out=gs)
+            else:
+                ps[...] = apply(activation, hs, 0)
+                gs[...] = apply(activation, hs, 1)
+            gs *= ws[:, None]
+            fsum[b] += ws @ ps
+            if ptt is not None:
+                ptt[b] += ps.T @ ps
+                gtt[b] += gs.T @ gs
 
 
 def march_two_layer(kx, y, u, w0, gamma0: float, lr: float, steps: int, activation: str,
@@ -223,7 +276,6 @@ def march_two_layer(kx, y, u, w0, gamma0: float, lr: float, steps: int, activati
     if S % blocks:
         raise ValueError(f"samples ({S}) must be divisible by blocks ({blocks})")
     block = S // blocks
-    act = ACTIVATIONS[activation]
     h = np.array(u, dtype=np.float64, copy=True)
     w = np.array(w0, dtype=np.float64, copy=True)
     phi_h = apply(activation, h, 0)
@@ -234,14 +286,17 @@ def march_two_layer(kx, y, u, w0, gamma0: float, lr: float, steps: int, activati
     g_tt = np.zeros((blocks, T1, n, n)) if equal_time else None
     kdrive = gamma0 * lr * np.asarray(kx)[:, :P]
 
-    def record(t):
+    def record(t, ptt=None, gtt=None):
         f[:, t] = fsum / (gamma0 * block)
         delta[:, t] = y[None, :] - f[:, t, :P]
         if equal_time:
-            for b in range(blocks):
-                sl = slice(b * block, (b + 1) * block)
-                phi_tt[b, t] = phi_h[sl].T @ phi_h[sl] / block
-                g_tt[b, t] = g[sl].T @ g[sl] / block
+            if ptt is None:
+                ptt = np.stack([phi_h[b * block:(b + 1) * block].T
+                                @ phi_h[b * block:(b + 1) * block] for b in range(blocks)])
+                gtt = np.stack([g[b * block:(b + 1) * block].T
+                                @ g[b * block:(b + 1) * block] for b in range(blocks)])
+            phi_tt[:, t] = ptt / block
+            g_tt[:, t] = gtt / block
 
     fsum = (w[:, None] * phi_h).reshape(blocks, block, n).sum(axis=1)
     record(0)
@@ -250,8 +305,10 @@ def march_two_layer(kx, y, u, w0, gamma0: float, lr: float, steps: int, activati
         drive = kdrive[None, :, :] * d[:, None, :]
         wdrive = gamma0 * lr * d
         fsum = np.zeros((blocks, n))
-        two_layer_step(h, w, phi_h, g, drive, wdrive, block, act, fsum)
-        record(t + 1)
+        ptt = np.zeros((blocks, n, n)) if equal_time else None
+        gtt = np.zeros((blocks, n, n)) if equal_time else None
+        two_layer_step_fast(h, w, phi_h, g, drive, wdrive, block, activation, fsum, ptt, gtt)
+        record(t + 1, ptt, gtt)
         if not np.all(np.isfinite(f[:, t + 1])) or np.abs(f[:, t + 1]).max() > divergence:
             raise FloatingPointError(
                 f"the predictions diverged at step {t + 1} (|f| = "
@@ -261,84 +318,198 @@ def march_two_layer(kx, y, u, w0, gamma0: float, lr: float, steps: int, activati
     return {"f": f, "delta": delta, "phi_tt": phi_tt, "g_tt": g_tt}
 
 
+@njit
+def _accumulate_upper(tmp, scale, total, sq):
+    """total += tmp, sq += (scale tmp)^2 on the upper triangle (i <= j) of Fortran-ordered
+    (m, m) arrays (column j contiguous): one memory pass instead of four NumPy temporaries."""
+    m = tmp.shape[0]
+    for j in range(m):
+        for i in range(j + 1):
+            v = tmp[i, j]
+            total[i, j] += v
+            v *= scale
+            sq[i, j] += v * v
+
+
+@njit
+def _finish_upper(total, sq, inv_s, nb, mean, se):
+    """Symmetric C-ordered mean = total / S and batch-means standard error
+    se = sqrt(max(sq / nb - mean^2, 0) / (nb - 1)) from the upper triangles of the
+    Fortran-ordered accumulators of :func:`_accumulate_upper` (one pass, no temporaries)."""
+    m = total.shape[0]
+    for j in range(m):
+        for i in range(j + 1):
+            mu = total[i, j] * inv_s
+            mean[i, j] = mu
+            mean[j, i] = mu
+            v = 0.0
+            if nb > 1:
+                v = math.sqrt(max(sq[i, j] / nb - mu * mu, 0.0) / (nb - 1))
+            se[i, j] = v
+            se[j, i] = v
+
+
 def two_layer_kernels(kx, delta, u, w0, gamma0: float, lr: float, activation: str,
                       chunk: int = 2048, blocks: int = 8) -> dict:
     """Two-time kernels Phi^1(t, s), G^1(t, s) of a two-layer network for a given Delta(t).
 
-    Given Delta the samples are independent, so they are re-marched in chunks (recording
-    every time) and the kernels accumulated by one BLAS product per chunk.
+    Given Delta the samples are independent: they are re-marched in chunks recording every
+    time into feature matrices F (chunk, T1 n) (flat index t n + mu), and each kernel is
+    accumulated by one symmetric rank-k update per chunk (BLAS ``dsyrk``: K += F^T F, half
+    the flops of a GEMM, into a preallocated Fortran-ordered buffer). Standard errors by batch
+    means over ``blocks`` consecutive sample blocks; the per-block update of the sums and
+    sums of squares is one fused pass over the upper triangle (:func:`_accumulate_upper`).
+    Cost ~ S (T1 n)^2 flops per kernel plus ~ blocks * 5 (T1 n)^2 / 2 memory traffic.
 
     Parameters
     ----------
     kx : (n, n); delta : (T1, P) error signal (the last row is unused);
-    u : (S, n); w0 : (S,); blocks : number of batch-means blocks for standard errors.
+    u : (S, n); w0 : (S,); blocks : number of batch-means blocks for standard errors
+    (>= 2; block edges are kept even so antithetic pairs stay together).
 
     Returns
     -------
     dict with flat kernels ``phi``, ``g`` (T1 n, T1 n) and their standard errors
     ``phi_se``, ``g_se`` (batch means over ``blocks`` consecutive sample blocks).
     """
+    from scipy.linalg.blas import dsyrk
+
     S, n = u.shape
     T1, P = delta.shape
-    act = ACTIVATIONS[activation]
     m = T1 * n
     kdrive = gamma0 * lr * np.asarray(kx)[:, :P]
-    bsize = -(-S // blocks)
-    sums = {k: np.zeros((m, m)) for k in ("phi", "g")}
-    bsums = {k: np.zeros((m, m)) for k in ("phi", "g")}
-    sq = {k: np.zeros((m, m)) for k in ("phi", "g")}
-    nb = 0
-    for b0 in range(0, S, bsize):
-        b1 = min(S, b0 + bsize)
-        for k in bsums:
-            bsums[k][...] = 0.0
+    blocks = max(1, min(int(blocks), S // 2))
+    edges = [2 * ((S // 2) * k // blocks) for k in range(blocks)] + [S]
+    keys = ("phi", "g")
+    tmp = {k: np.zeros((m, m), order="F") for k in keys}
+    total = {k: np.zeros((m, m), order="F") for k in keys}
+    sq = {k: np.zeros((m, m), order="F") for k in keys}
+    chunk = max(2, int(chunk))
+    for b0, b1 in zip(edges[:-1], edges[1:]):
+        first = True
         for c0 in range(b0, b1, chunk):
             c1 = min(b1, c0 + chunk)
             Sc = c1 - c0
-            h = np.array(u[c0:c1], copy=True)
-            w = np.array(w0[c0:c1], copy=True)
-            PH = np.empty((Sc, T1, n))
-            GG = np.empty((Sc, T1, n))
-            PH[:, 0] = apply(activation, h, 0)
-            GG[:, 0] = apply(activation, h, 1) * w[:, None]
-            ph = PH[:, 0].copy()
-            g = GG[:, 0].copy()
+            h = np.array(u[c0:c1], dtype=np.float64, copy=True)
+            w = np.array(w0[c0:c1], dtype=np.float64, copy=True)
+            feats = {"phi": np.empty((Sc, T1, n)), "g": np.empty((Sc, T1, n))}
+            ph = apply(activation, h, 0)
+            g = apply(activation, h, 1) * w[:, None]
+            feats["phi"][:, 0] = ph
+            feats["g"][:, 0] = g
             fs = np.zeros((1, n))
             for t in range(T1 - 1):
                 d = delta[t]
-                two_layer_step(h, w, ph, g, (kdrive * d[None, :])[None], (gamma0 * lr * d)[None],
-                               Sc, act, fs)
-                PH[:, t + 1] = ph
-                GG[:, t + 1] = g
-            PH = PH.reshape(Sc, m)
-            GG = GG.reshape(Sc, m)
-            bsums["phi"] += PH.T @ PH
-            bsums["g"] += GG.T @ GG
-        for k in sums:
-            sums[k] += bsums[k]
-            kb = bsums[k] / (b1 - b0)
-            sq[k] += kb * kb
-        nb += 1
+                two_layer_step_fast(h, w, ph, g, (kdrive * d[None, :])[None],
+                                    (gamma0 * lr * d)[None], Sc, activation, fs)
+                feats["phi"][:, t + 1] = ph
+                feats["g"][:, t + 1] = g
+            for k in keys:
+                # F^T as an (m, Sc) Fortran view: dsyrk computes a a^T = F^T F without copies
+                tmp[k] = dsyrk(1.0, feats[k].reshape(Sc, m).T, beta=0.0 if first else 1.0,
+                               c=tmp[k], trans=0, lower=0, overwrite_c=1)
+            first = False
+        for k in keys:
+            _accumulate_upper(tmp[k], 1.0 / (b1 - b0), total[k], sq[k])
     out = {}
-    for k in sums:
-        mean = sums[k] / S
-        out[k] = mean
-        out[k + "_se"] = (np.sqrt(np.maximum(sq[k] / nb - mean * mean, 0.0) / (nb - 1))
-                          if nb > 1 else np.zeros_like(mean))
+    nb = len(edges) - 1
+    for k in keys:
+        del tmp[k]
+        out[k] = np.empty((m, m))
+        out[k + "_se"] = np.empty((m, m))
+        _finish_upper(total[k], sq[k], 1.0 / S, nb, out[k], out[k + "_se"])
+        del total[k], sq[k]
     return out
 
 
-def solve_two_layer(kx, y, activation: str, gamma0: float, lr: float, steps: int, *,
-                    samples: int, seed, kernel_samples: int | None = None, blocks: int = 16,
-                    chunk: int = 2048, bar=None) -> dict:
-    """Two-layer DMFT by the forward march (no outer iteration), with batch-mean errors.
+def low_rank_factor(K, rtol: float = 1e-12) -> np.ndarray:
+    """F (m, r) with F F^T = K (eigenvalues below ``rtol * max`` dropped), columns ordered by
+    decreasing eigenvalue: the first quasi-random coordinates drive the largest directions."""
+    K = 0.5 * (np.asarray(K, dtype=np.float64) + np.asarray(K, dtype=np.float64).T)
+    w, V = np.linalg.eigh(K)
+    w, V = w[::-1], V[:, ::-1]
+    top = max(float(w[0]), 0.0)
+    keep = w > rtol * top if top > 0 else np.zeros(len(w), dtype=bool)
+    if not keep.any():
+        return np.zeros((K.shape[0], 1))
+    return V[:, keep] * np.sqrt(w[keep])
 
-    Sources: u = xi Kx^{1/2}, w0 = +-eta in antithetic pairs, drawn from ``seed`` (a
-    ``numpy.random.SeedSequence``). The population of all samples gives the solution; the
-    same samples split into ``blocks`` independent populations (each with its own Delta)
-    give standard errors including the feedback of noise through Delta:
-    se = std(block solutions) / sqrt(blocks). Two-time kernels use the first
-    ``kernel_samples`` samples (default all) re-marched with the population's Delta.
+
+def two_layer_sources(kx, samples: int, seed, replicates: int = 1, sampler: str = "sobol"):
+    """Sources (u, w0) of a two-layer network in antithetic pairs (u, w0), (u, -w0).
+
+    ``sampler="sobol"``: randomised quasi-Monte Carlo. u = F xi with F the rank-r factor of
+    Kx (:func:`low_rank_factor`, r <= D), so a sample is a point of R^{r + 1} (xi, eta);
+    ``replicates`` independent Owen-scrambled Sobol sets of ``samples / (2 replicates)``
+    points each are mapped through the normal quantile (cell midpoints, never 0 or 1) and
+    concatenated: each replicate is an unbiased estimate of every average, and the spread of
+    the replicate estimates gives an honest standard error. ``sampler="random"``: i.i.d.
+    normals (the replicates are then consecutive blocks).
+
+    Returns
+    -------
+    u : (S, n), w0 : (S,), with S = 2 replicates floor(samples / (2 replicates)); sample
+    2k and 2k + 1 form a pair, replicate b occupies rows [b S / replicates, (b+1) S / replicates).
+    """
+    from scipy.special import ndtri
+
+    n = kx.shape[0]
+    B = max(1, int(replicates))
+    hb = (int(samples) // 2) // B
+    if hb < 1:
+        raise ValueError(f"samples={samples} is too small for {B} replicates: need at least "
+                         f"{2 * B}")
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    if sampler == "random":
+        rng = np.random.default_rng(ss)
+        xi = rng.standard_normal((hb * B, n))
+        eta = rng.standard_normal(hb * B)
+        u = xi @ psd_sqrt(kx)
+    elif sampler == "sobol":
+        import warnings
+
+        from scipy.stats import qmc
+        F = low_rank_factor(kx)
+        r = F.shape[1]
+        bits = 30
+        zs = []
+        for child in ss.spawn(B):
+            gen = np.random.default_rng(child)
+            try:
+                eng = qmc.Sobol(r + 1, scramble=True, bits=bits, rng=gen)
+            except TypeError:                      # scipy < 1.15 names it ``seed``
+                eng = qmc.Sobol(r + 1, scramble=True, bits=bits, seed=gen)
+            with warnings.catch_warnings():
+                # balance is exact for powers of 2; other sizes are still unbiased
+                warnings.simplefilter("ignore", UserWarning)
+                x = eng.random(hb)
+            zs.append(ndtri(x + 0.5 ** (bits + 1)))
+        z = np.concatenate(zs)
+        u = z[:, :r] @ F.T
+        eta = z[:, r]
+    else:
+        raise ValueError(f"sampler must be 'sobol' or 'random', got {sampler!r}")
+    u = np.repeat(u, 2, axis=0)                    # pairs (u, w0), (u, -w0) adjacent
+    w0 = np.stack([eta, -eta], axis=1).reshape(-1)
+    return u, w0
+
+
+def solve_two_layer(kx, y, activation: str, gamma0: float, lr: float, steps: int, *,
+                    samples: int, seed, kernel_samples: int | None = None, blocks: int = 8,
+                    chunk: int = 2048, sampler: str = "sobol", bar=None) -> dict:
+    """Two-layer DMFT by the forward march (no outer iteration), with replicate errors.
+
+    Sources from :func:`two_layer_sources` (``blocks`` replicates, antithetic pairs: the
+    t = 0 term of f cancels exactly), drawn from ``seed`` (a ``numpy.random.SeedSequence``).
+    The replicates are marched as ``blocks`` independent populations (each with its own
+    Delta); the solution is the mean of the replicate solutions and the standard error
+    se = std(replicate solutions) / sqrt(blocks) includes the feedback of noise through
+    Delta. ``blocks < 2``: one population of all samples, no standard errors. With
+    ``sampler="sobol"`` (randomised QMC) the error of a replicate falls faster than
+    1 / sqrt(samples) (measured, THEORY.md §2 case P = Q = 16, T = 100: 1.6x smaller than
+    i.i.d. at 4096 samples, 1.8x at 16384, with 8 replicates). Two-time kernels use the
+    first ``kernel_samples`` samples (default all) re-marched with the population's Delta
+    (:func:`two_layer_kernels`); the predictions never need them.
 
     Returns
     -------
@@ -346,32 +517,37 @@ def solve_two_layer(kx, y, activation: str, gamma0: float, lr: float, steps: int
     ``phi``, ``g``, ``phi_se``, ``g_se`` flat (T1 n, T1 n), ``samples``, ``kernel_samples``.
     """
     n = kx.shape[0]
-    half = samples // 2
-    rng = np.random.default_rng(seed)
-    xi = rng.standard_normal((half, n))
-    eta = rng.standard_normal(half)
-    Su = psd_sqrt(kx)
-    u = np.repeat(xi @ Su, 2, axis=0)              # pairs (u, w0), (u, -w0) adjacent
-    w0 = np.stack([eta, -eta], axis=1).reshape(-1)
-    S = 2 * half
-    full = march_two_layer(kx, y, u, w0, gamma0, lr, steps, activation, blocks=1, bar=bar)
-    f = full["f"][0]
-    K = full["phi_tt"][0] + full["g_tt"][0] * kx[None]
-    res = {"f": f, "delta": full["delta"][0], "ntk": K, "samples": S}
-    if blocks >= 2:
-        bs = 2 * (half // blocks)
-        Sb = bs * blocks
-        blk = march_two_layer(kx, y, u[:Sb], w0[:Sb], gamma0, lr, steps, activation,
-                              blocks=blocks)
+    B = max(1, min(int(blocks), samples // 2)) if blocks >= 2 else 1
+    u, w0 = two_layer_sources(kx, samples, seed, B, sampler)
+    S = u.shape[0]
+    if B >= 2:
+        # the standard randomised-QMC estimator: the mean of the replicate solutions, each
+        # replicate an independent population with its own Delta (one march, not two). Its
+        # bias from the nonlinear Delta feedback is second order in the replicate error.
+        blk = march_two_layer(kx, y, u, w0, gamma0, lr, steps, activation, blocks=B, bar=bar)
         Kb = blk["phi_tt"] + blk["g_tt"] * kx[None, None]
-        res["f_se"] = blk["f"].std(axis=0, ddof=1) / math.sqrt(blocks)
-        res["ntk_se"] = Kb.std(axis=0, ddof=1) / math.sqrt(blocks)
+        f = blk["f"].mean(axis=0)
+        res = {"f": f, "delta": y[None, :] - f[:, :y.shape[0]], "ntk": Kb.mean(axis=0),
+               "samples": S, "f_se": blk["f"].std(axis=0, ddof=1) / math.sqrt(B),
+               "ntk_se": Kb.std(axis=0, ddof=1) / math.sqrt(B)}
     else:
-        res["f_se"] = np.zeros_like(f)
-        res["ntk_se"] = np.zeros_like(K)
+        full = march_two_layer(kx, y, u, w0, gamma0, lr, steps, activation, blocks=1, bar=bar)
+        f = full["f"][0]
+        K = full["phi_tt"][0] + full["g_tt"][0] * kx[None]
+        res = {"f": f, "delta": full["delta"][0], "ntk": K, "samples": S,
+               "f_se": np.zeros_like(f), "ntk_se": np.zeros_like(K)}
     ks = S if kernel_samples is None else min(S, 2 * (int(kernel_samples) // 2))
-    ker = two_layer_kernels(kx, res["delta"], u[:ks], w0[:ks], gamma0, lr, activation,
-                            chunk=chunk, blocks=max(2, min(16, ks // 2)))
+    if B >= 2 and ks >= 2 * B:
+        # the same number of pairs from every replicate: kernel blocks = replicates
+        kb = 2 * ((ks // 2) // B)
+        Sr = S // B
+        idx = (np.arange(B)[:, None] * Sr + np.arange(kb)[None, :]).reshape(-1)
+        ks, kblocks = kb * B, B
+    else:
+        idx = np.arange(ks)
+        kblocks = max(2, min(8, ks // 2))
+    ker = two_layer_kernels(kx, res["delta"], u[idx], w0[idx], gamma0, lr, activation,
+                            chunk=chunk, blocks=kblocks)
     res.update(phi=ker["phi"], g=ker["g"], phi_se=ker["phi_se"], g_se=ker["g_se"],
                kernel_samples=ks)
     return res

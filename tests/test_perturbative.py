@@ -139,19 +139,24 @@ def test_sampled_two_layer_expansion_matches_exact_linear(data):
 
 
 def test_nonlinear_two_layer_vs_full_dmft(data):
-    """tanh, L = 1, gamma0 = 0.4: the expansion is within 4 combined standard errors of the
-    Monte Carlo DMFT (measured gap 0.004), while the static NTK is not (measured 0.034)."""
+    """tanh, L = 1, gamma0 = 0.4: the expansion's gap to the Monte Carlo DMFT is its O(gamma0^4)
+    truncation error (measured 0.003-0.004, unchanged at 262144 samples, growing ~12x per doubling
+    of gamma0) plus noise, far below the static NTK's O(gamma0^2) gap (measured 0.034): require
+    at most a quarter of the static gap plus 4 combined standard errors. A wrong sign or factor in
+    the O(gamma0^2) correction gives a gap comparable to the static one and fails."""
     net = dmft.MLP(depth=1, activation="tanh")
     train = dmft.GradientDescent(gamma0=0.4, lr=LR, steps=STEPS)
-    pert = dmft.solve(net, data, train, method="perturbative", seed=0, samples=8000)
+    pert = dmft.solve(net, data, train, method="perturbative", seed=0, samples=32000)
     full = dmft.solve(net, data, train, method="mc", seed=1)
     static = dmft.solve(net, data, train, method="static")
-    tol = 4 * (full.stderr["train_predictions"] + pert.stderr["train_predictions"])
-    assert np.all(np.abs(pert.train_predictions - full.train_predictions) <= tol + 1e-12)
-    assert np.any(np.abs(static.train_predictions - full.train_predictions) > tol)
-    again = dmft.solve(net, data, train, method="perturbative", seed=0, samples=8000)
+    noise = 4 * (full.stderr["train_predictions"] + pert.stderr["train_predictions"])
+    static_gap = np.max(np.abs(static.train_predictions - full.train_predictions))
+    assert static_gap > 2 * np.max(noise)           # the comparison has power
+    gap = np.abs(pert.train_predictions - full.train_predictions)
+    assert np.all(gap <= 0.25 * static_gap + noise), (gap.max(), static_gap)
+    again = dmft.solve(net, data, train, method="perturbative", seed=0, samples=32000)
     np.testing.assert_array_equal(again.predictions, pert.predictions)
-    assert pert.options == {"order": 2, "samples": 8000}
+    assert pert.options == {"order": 2, "samples": 32000}
 
 
 def test_unstable_lr_raises(data):
