@@ -7,11 +7,16 @@ correction (plus the discrete-time lr^2 gamma0^2 terms). The derivation is in th
 the engine :mod:`solvers.perturbative`; for P = 1, L = 1 under gradient flow it reduces to
 K = 2 + 4 gamma0^2 v^2 (the paper's Eq. (13)).
 
-Scope: deep linear networks (any depth; exact and deterministic) and two-layer networks
-(L = 1) with a smooth activation ("tanh", "erf"), whose O(gamma0^2) coefficients are Gaussian
-expectations over the t = 0 sources estimated by Monte Carlo (``samples``, ``seed``; see
-:func:`solvers.perturbative.two_layer_expansion`). Deeper nonlinear networks and ReLU raise
-``ValueError`` pointing to ``method="gia"`` / ``"mc"`` or ``"static"``.
+Scope: deep linear networks (any depth; exact and deterministic) and networks of any depth with
+a smooth activation ("tanh", "erf"), whose O(gamma0^2) coefficients are Gaussian expectations
+over the t = 0 sources estimated by (quasi-)Monte Carlo (``samples``, ``seed``): L = 1 by
+:func:`solvers.perturbative.two_layer_expansion` (Richardson extrapolation of the single-site
+march), L >= 2 by :func:`solvers.perturbative.deep_expansion` (order-by-order Taylor jets of
+the single-site fields, responses by forward-mode tangents, Price's theorem for the sources'
+covariance change; ``blocks`` independent blocks give ``stderr``). ReLU raises ``ValueError``
+pointing to ``method="gia"`` / ``"mc"`` or ``"static"``: phi'' is a Dirac delta, the
+coefficients contain E[phi''(u)^2] (divergent), and relu's two-time kernels move at
+O(|gamma0|), not O(gamma0^2) (module docstring of :mod:`solvers.perturbative`).
 """
 from __future__ import annotations
 
@@ -33,19 +38,24 @@ _SMOOTH = ("tanh", "erf")
 
 def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
                        throw: bool = True, samples: int = 20000, **options) -> Solution:
-    """Leading-order (gamma0^2) perturbation theory of a deep linear network.
+    """Leading-order (gamma0^2) perturbation theory around the lazy dynamics.
 
     Parameters
     ----------
     net, data, train : MLP, Dataset, GradientDescent
-        ``net.activation`` must be ``"linear"``; any depth. ``train.gamma0 = 0`` gives the
-        static solution.
+        ``net.activation`` ``"linear"`` (exact), ``"tanh"`` or ``"erf"``; any depth.
+        ``train.gamma0 = 0`` gives the static solution.
     seed : int or SeedSequence, optional
-        Seed of the Monte Carlo sources (nonlinear L = 1); recorded only for linear nets.
+        Seed of the Monte Carlo sources (nonlinear networks); the same seed gives the same
+        numbers.
     samples : int
-        Nonlinear L = 1: antithetic pairs of Gaussian sources for the O(gamma0^2)
-        coefficients (default 20000; error ~ samples^-1/2, in ``stderr``). Ignored for
-        linear networks.
+        Nonlinear networks: L = 1, antithetic pairs of Gaussian sources (default 20000);
+        L >= 2, source draws per layer, rounded to ``blocks`` times a power of two (default
+        20000 -> 16384; ``options["samples"]`` has the number used). Error ~ samples^-1/2,
+        reported in ``stderr``. Ignored for linear networks. Cost for L >= 2: about
+        10 samples n (n (T+1))^2 flops per layer.
+    blocks : int
+        L >= 2 nonlinear: independent sample blocks for the standard errors (default 16).
     throw : bool
         If True, non-finite results raise :class:`~dmft.results.ConvergenceError`.
 
@@ -57,24 +67,35 @@ def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=
         ``extras``: ``f0``, ``f2`` (T+1, n) the order-0 and order-gamma0^2 coefficients of the
         predictions, ``ntk2`` (T+1, n, n) that of the NTK, ``delta0`` (T+1, n) the lazy error
         signal; so ``f0 + g^2 f2`` evaluates the expansion at any other gamma0 = g.
+        ``stderr`` (nonlinear networks): ``train_predictions``, ``test_predictions``; for
+        L >= 2 also ``ntk``, ``phi``, ``g`` (Monte Carlo standard errors at this gamma0).
 
     Raises
     ------
     ValueError
-        Deep nonlinear or ReLU networks, or unknown options.
+        ReLU networks, bad ``samples`` / ``blocks``, or unknown options.
     """
+    blocks = options.pop("blocks", 16)
     if options:
         raise ValueError(f"unknown option(s) for method='perturbative': {sorted(options)}; "
-                         f"the perturbative method accepts ['samples'] (nonlinear L = 1)")
-    if not net.linear and (net.depth != 1 or net.activation not in _SMOOTH):
+                         f"the perturbative method accepts ['samples', 'blocks'] "
+                         f"(nonlinear networks)")
+    if not net.linear and net.activation not in _SMOOTH:
         raise ValueError(
-            f"method='perturbative' handles linear networks (any depth) and two-layer "
-            f"networks (depth=1) with activation in {list(_SMOOTH)}, got depth={net.depth}, "
-            f"activation={net.activation!r}; use method='gia' or method='mc' (full dynamics) "
-            f"or method='static' (the gamma0 -> 0 limit)")
+            f"method='perturbative' handles linear networks and networks with a smooth "
+            f"activation in {list(_SMOOTH)} (any depth), got activation={net.activation!r}: "
+            f"the O(gamma0^2) coefficients need phi'' and phi''' (for relu phi'' is a Dirac "
+            f"delta, E[phi''(u)^2] diverges and the two-time kernels move at O(|gamma0|), "
+            f"so there is no gamma0^2 expansion); use method='gia' or method='mc' "
+            f"(full dynamics) or method='static' (the gamma0 -> 0 limit)")
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 16:
-        raise ValueError(f"samples must be an integer >= 16 (antithetic Monte Carlo pairs for "
+        raise ValueError(f"samples must be an integer >= 16 (Monte Carlo source draws for "
                          f"nonlinear networks), got {samples!r}")
+    if isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral) or blocks < 2 \
+            or blocks > samples // 2:
+        raise ValueError(f"blocks must be an integer between 2 and samples // 2 (independent "
+                         f"blocks for the standard errors of deep nonlinear networks), "
+                         f"got {blocks!r}")
     start = time.perf_counter()
     L, P, T = net.depth, data.P, train.steps
     n = data.P + data.Q
@@ -84,6 +105,17 @@ def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=
         try:
             if net.linear:
                 ex = _engine.linear_expansion(kx, data.y_train, L, train.lr, T)
+            elif L >= 2:
+                ex = _engine.deep_expansion(kx, data.y_train, L, net.activation, train.lr, T,
+                                            seed=seed, samples=int(samples),
+                                            blocks=int(blocks))
+                e2 = train.gamma0 ** 2
+                se = e2 * ex["f2_se"]
+                stderr = {"train_predictions": se[:, :P], "test_predictions": se[:, P:],
+                          "ntk": e2 * ex["ntk2_se"], "phi": e2 * ex["phi2_se"],
+                          "g": e2 * ex["g2_se"]}
+                opts.update(samples=int(ex["samples"]), blocks=int(blocks),
+                            route="jets")
             else:
                 kern = _static.static_kernels(net.activation, kx, 1)
                 K0 = kern["ntk"]
