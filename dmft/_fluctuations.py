@@ -19,9 +19,17 @@ Methods (``method=``):
 ``"linear-exact"``
     Two-layer linear networks: the exact finite-width moment closure linearised in the
     (Wishart) initial moments; no sampling, no DMFT propagator (an independent route).
+``"deep-linear"``
+    Linear networks of any depth: the exact propagator (I - D)^{-1} kappa (I - D)^{-T} over
+    all order parameters (Phi^l, G^l, the responses a^l, b^l and f), with D from
+    reverse-mode differentiation of the causal deep-linear fixed point and kappa the Wick
+    cumulants of the Gaussian unit, including the formal (MSR) cumulants of the response
+    order parameters (:mod:`solvers.fluct_deep`). No sampling. At depth 1 it equals
+    ``"linear-exact"`` to rounding.
 ``"auto"``
     ``"lazy"`` for a ``method="static"`` solution or gamma0 = 0, ``"linear-exact"`` for a
-    two-layer linear network, else ``"propagator"``.
+    two-layer linear network, ``"deep-linear"`` for a deeper linear one, else
+    ``"propagator"``.
 
 Also here: :func:`solve_two_layer`, the infinite-width two-layer dynamics by a self-consistent
 forward march of a sample population (no outer iteration is needed at L = 1), used by the tests
@@ -35,6 +43,7 @@ import time
 import numpy as np
 
 from solvers import fluct as _engine
+from solvers import fluct_deep as _deep
 
 from ._progress import progress_bar
 from .results import ConvergenceError, Fluctuations, Solution
@@ -42,7 +51,7 @@ from .specs import MLP, Dataset, GradientDescent, check_positive_int
 
 __all__ = ["fluctuations", "solve_two_layer", "FLUCTUATION_METHODS"]
 
-FLUCTUATION_METHODS = ("auto", "propagator", "lazy", "linear-exact")
+FLUCTUATION_METHODS = ("auto", "propagator", "lazy", "linear-exact", "deep-linear")
 _MOMENTS = ("auto", "exact", "sampled")
 DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000}
 
@@ -80,10 +89,14 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
     Parameters
     ----------
     sol : Solution
-        Infinite-width solution (``dmft.solve``) of a two-layer network (depth 1). Its error
-        signal Delta(t) = y - f(t) is the point of linearisation (``"propagator"``).
+        Infinite-width solution (``dmft.solve``) of a two-layer network (depth 1) or of a
+        linear network of any depth. Its error signal Delta(t) = y - f(t) is the point of
+        linearisation (``"propagator"``); ``"deep-linear"`` and ``"linear-exact"`` recompute
+        the exact infinite-width trajectory and report its distance to ``sol`` in
+        ``options["max_prediction_gap"]``.
     method : str
-        ``"auto"``, ``"propagator"``, ``"lazy"`` or ``"linear-exact"`` (module docstring).
+        ``"auto"``, ``"propagator"``, ``"lazy"``, ``"linear-exact"`` or ``"deep-linear"``
+        (module docstring).
     samples : int, optional
         Single-site samples (default 20 000 for ``"propagator"``, 200 000 for sampled lazy
         moments). The relative Monte Carlo error of the covariances is about sqrt(2 / samples)
@@ -115,15 +128,20 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
         batch means; absent for deterministic methods); ``extras["prediction_cov_two_time"]``
         (T+1, T+1, n, n) N Cov[f_mu(t), f_nu(s)]; ``"propagator"`` adds ``extras["response"]``
         (T+1, n, T, P) J = d<O_mu(t)>/dDelta_a(s) and ``extras["kappa"]`` (T+1, n, n), the
-        equal-time single-site covariance of O.
+        equal-time single-site covariance of O; ``"deep-linear"`` adds
+        ``extras["exact_predictions"]`` (T+1, n) and ``extras["exact_ntk"]`` (T+1, n, n), the
+        exact infinite-width trajectory it linearises around, and ``options["residual"]``
+        (fixed-point check) and ``options["max_prediction_gap"]`` (distance to ``sol``).
 
     Raises
     ------
     ValueError
         Bad options or a solution the method cannot use.
     NotImplementedError
-        Deep networks (depth > 1), and ReLU with ``"propagator"`` (its tangents miss the
-        phi'' = delta term; ``method="lazy"`` handles ReLU).
+        Deep nonlinear networks (depth > 1 with a nonlinear activation; deep linear networks
+        use ``"deep-linear"``), ``"propagator"``/``"linear-exact"`` at depth > 1, and ReLU
+        with ``"propagator"`` (its tangents miss the phi'' = delta term; ``method="lazy"``
+        handles ReLU).
     ConvergenceError
         The single-site fields or the linearised dynamics diverged.
     """
@@ -149,19 +167,24 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
     if not isinstance(moments, str) or moments not in _MOMENTS:
         raise ValueError(f"moments {moments!r} is unknown; use one of {list(_MOMENTS)}")
     net, data, train = sol.net, sol.data, sol.train
-    if net.depth != 1:
-        raise NotImplementedError(
-            f"fluctuations are implemented for two-layer networks (depth=1) only; got "
-            f"depth={net.depth}. Deep linear and deep nonlinear propagators are not available "
-            f"in this version")
     gamma0 = train.gamma0
     if method == "auto":
         if sol.method == "static" or gamma0 == 0:
             method = "lazy"
         elif net.linear:
-            method = "linear-exact"
+            method = "linear-exact" if net.depth == 1 else "deep-linear"
         else:
             method = "propagator"
+    if net.depth != 1 and not net.linear:
+        raise NotImplementedError(
+            f"fluctuations of deep nonlinear networks (depth={net.depth}, activation="
+            f"{net.activation!r}) are not implemented in this version; available: two-layer "
+            f"networks (depth=1, any smooth activation) and linear networks of any depth "
+            f"(method='deep-linear')")
+    if net.depth != 1 and method in ("propagator", "linear-exact"):
+        raise NotImplementedError(
+            f"method={method!r} handles two-layer networks (depth=1) only; for a deep linear "
+            f"network (depth={net.depth}) use method='deep-linear' (or 'auto')")
     if samples is not None or method == "propagator" or (method == "lazy" and not (
             moments in ("auto", "exact") and net.linear)):
         if samples is None:
@@ -218,7 +241,15 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
             if moments == "exact" and not net.linear:
                 raise ValueError(f"moments='exact' is available for linear networks only, got "
                                  f"activation={net.activation!r}; use moments='sampled'")
-            if use_exact:
+            if net.depth != 1 and not use_exact:
+                raise NotImplementedError(
+                    f"sampled lazy moments are implemented for two-layer networks only; a deep "
+                    f"linear network (depth={net.depth}) uses moments='exact'")
+            if use_exact and net.depth != 1:
+                kf, kK = _deep.deep_linear_lazy_kappa(kx, net.depth, g0)
+                res = _engine.lazy_propagator(K, delta, train.lr, kK, kf)
+                options["moments"] = "exact"
+            elif use_exact:
                 kf, kK = _engine.linear_lazy_moments(kx, g0)
                 res = _engine.lazy_propagator(K, delta, train.lr, kK, kf)
                 options["moments"] = "exact"
@@ -236,6 +267,25 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
                 options["samples"] = samples
                 extras["sampled_ntk"] = mom["mean_K"]
             extras["lazy_delta"] = delta
+        elif method == "deep-linear":
+            if not net.linear:
+                raise ValueError(f"method='deep-linear' needs a linear network, got "
+                                 f"activation={net.activation!r}")
+            if gamma0 <= 0:
+                raise ValueError("method='deep-linear' needs gamma0 > 0; use method='lazy' "
+                                 "for the gamma0 -> 0 limit")
+            res = _deep.deep_linear_propagator(kx, np.asarray(data.y_train), net.depth, gamma0,
+                                               train.lr, T, center=center, ntk=ntk)
+            if not (np.all(np.isfinite(res["f"])) and res["residual"] < 1e-8 * max(
+                    1.0, float(np.max(np.abs(res["f"]))))):
+                raise ConvergenceError(
+                    f"fluctuations (deep-linear): the infinite-width fixed point diverged or "
+                    f"did not converge (residual {res['residual']:.3g}); reduce lr or gamma0")
+            ref = f_all - (f_all[:1] if center else 0.0)
+            options["max_prediction_gap"] = float(np.max(np.abs(res["f"] - ref)))
+            options["residual"] = res["residual"]
+            extras["exact_predictions"] = res["f"]
+            extras["exact_ntk"] = res["ntk_mean"]
         else:  # linear-exact
             if not net.linear:
                 raise ValueError(f"method='linear-exact' needs a linear network, got "

@@ -1,0 +1,301 @@
+"""O(1/N) propagator of deep *linear* networks (THEORY.md §5 on top of §3), exact.
+
+The model of the finite-width noise (derived for this module; checked against the exact
+two-layer closure, the lazy universal form and simulated networks in
+``tests/test_fluctuations_deep.py``)
+---------------------------------------------------------------------------------------
+Integrating out the initial weights W^l(0) couples layers l and l + 1 only through averages
+over the units of one layer: the kernels Phi^l = <h h^T> (source covariance of layer l + 1),
+G^{l+1} = <z z^T> (source covariance of layer l), the output gamma0 f = <z^L h^L>, and the
+pair of *response* averages
+
+    a^l(t, s)     = <h^l(t) rho_r^l(s)> / gamma0        (layer l;     used by layer l + 1)
+    b^l(t, s)     = <z^{l+1}(t) rho_u^{l+1}(s)> / gamma0 (layer l + 1; used by layer l)
+
+where rho_u, rho_r are the MSR response fields conjugate to the sources u, r of a unit
+(<F rho(s)> = d<F>/d(source shift at s)). At width N each average is its single-unit mean plus
+sampling noise E / sqrt(N). For a linear network a unit is Gaussian, and the noise of every
+average (physical or response) follows from Wick's theorem on the formal Gaussian vector
+w = (h, z, rho_u, rho_r) with <v v^T> = S (the unit covariance), <v rho^T> = R (the unit's
+linear response to its sources) and <rho rho^T> = 0:
+
+    N Cov(w_a w_b, w_c w_d) = S^_ac S^_bd + S^_ad S^_bc,   S^ = [[S, R], [R^T, 0]].
+
+The response noise is formal (it can be negative), and it is needed: with the responses
+treated as deterministic functions of the kernels the centred lazy limit is off by several
+per cent. One more subtlety: a^l and b^l pair index by index in the coupling, a^l lives on
+s < t and b^l on t < s, and the diagonal s = t (zero mean for a linear network) still
+fluctuates; it is kept here as part of a^l (the memory operator c^{l+1} uses a^l on s <= t).
+
+Linearising the deterministic fixed point q = <O(q)> + E / sqrt(N) (the causal deep-linear
+march of :mod:`solvers.linear`, re-implemented in PyTorch with the noises E as inputs)
+gives dq/dE = (I - D)^{-1}; reverse-mode differentiation of the observables (predictions at
+every time, NTK entries) gives their adjoint rows J^l = d obs / d E^l, and
+
+    N Cov(obs_i, obs_j) = sum_l 2 tr(J_i^l S^_l J_j^l S^_l)     (J^l symmetrised)
+
+i.e. Sigma = (I - D)^{-1} kappa (I - D)^{-T} contracted with the observables, with no
+sampling and no dense D. Cost: one causal march (O(L T (nT)^3) with n points, T steps) and
+one batched backward pass per 32 observables; memory about n (T+1) (2 (n+1)(T+1))^2 floats
+per layer for the two-time prediction covariance (e.g. 40 MB per layer at n = 3, T = 20).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["deep_linear_propagator", "deep_linear_lazy_kappa"]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the deep-linear propagator differentiates the fixed point with "
+                          "PyTorch; install it: pip install torch (or the package's "
+                          "'fluctuations' extra)") from exc
+    return torch
+
+
+def _expand_kx(kx, T1):
+    """Phi^0 in the flat time-major layout: kx at every pair of times."""
+    return np.tile(kx, (T1, T1))
+
+
+def _march(torch, kx_flat, y, L, g0, lr, n, P, T1, E, center, iters, responses=True):
+    """Causal fixed point of the deep linear DMFT with injected noises E[l], a dict of blocks
+    of the formal unit matrix w w^T (w = (h, z, rho_u, rho_r)): "hh" (m, m), "zz" (T1, T1),
+    "hz" (m, T1), "a" = h rho_r^T (m, T1), "b" = z rho_u^T (T1, m).
+
+    Returns dict of torch tensors: f (T1, n), ntk (T1, n, n), Phi list, G list, S list
+    (unit covariances), delta (T1, P).
+    """
+    m = n * T1
+    dt = torch.float64
+    eyeT = torch.eye(T1, dtype=dt)
+    eyem = torch.eye(m, dtype=dt)
+    strict = torch.tril(torch.ones(T1, T1, dtype=dt), -1)          # s < t
+    strict_m_T = strict.repeat_interleave(n, 0)                     # (m, T1): row (t,mu), col s
+    lower_m_T = torch.tril(torch.ones(T1, T1, dtype=dt)).repeat_interleave(n, 0)   # s <= t
+    strict_T_m = strict.repeat_interleave(n, 1)                     # (T1, m): row t, col (s,a)
+    Phi0 = torch.tensor(np.array(kx_flat, dtype=np.float64))
+    yv = torch.tensor(np.array(y, dtype=np.float64))
+    Phi = [Phi0.clone() for _ in range(L)]
+    G = [torch.ones(T1, T1, dtype=dt) for _ in range(L + 1)]
+    a = [torch.zeros(m, T1, dtype=dt) for _ in range(L + 1)]     # a[l] = a^l, a[0] = 0
+    b = [torch.zeros(T1, m, dtype=dt) for _ in range(L + 1)]     # b[l] = b^l, b[L] = 0
+    X = [torch.zeros(m, T1, dtype=dt) for _ in range(L + 1)]
+    delta = yv.expand(T1, P).clone()
+    f = torch.zeros(T1, n, dtype=dt)
+    idx_t = torch.arange(T1)
+    R = [None] * L
+    for it in range(iters):
+        # causal horizon: Delta beyond step it is not yet final; zero it so that the
+        # not-yet-converged future cannot overflow (it never feeds back into the past)
+        delta = delta * (idx_t[:, None] <= it).to(dt)
+        # Delta padded with zeros on test points: (T1, n) -> flat (m,)
+        dfull = torch.zeros(T1, n, dtype=dt)
+        dfull[:, :P] = delta
+        dflat = dfull.reshape(m)
+        for l in range(1, L + 1):
+            Pm = Phi0 if l == 1 else Phi[l - 2]
+            Gp = G[l]                      # G^{l+1}
+            # c^l[(t,mu), s] = a^{l-1} + lr sum_alpha Phi^{l-1}[(t,mu),(s,alpha)] Delta_alpha(s)
+            cterm = (Pm * dflat[None, :]).reshape(m, T1, n).sum(2)
+            # a^{l-1} on s <= t: its mean vanishes at s = t (strict causality) but its
+            # fluctuation there pairs with b^{l-1}(s = t) in the exact coupling
+            c = a[l - 1] * lower_m_T + lr * cterm * strict_m_T
+            # d^l[t, (s,alpha)] = b^l + lr Delta_alpha(s) G^{l+1}(t, s)
+            dterm = Gp.repeat_interleave(n, 1) * dflat[None, :]
+            d = (b[l] + lr * dterm) * strict_T_m
+            mt = torch.linalg.inv(eyeT - g0 * g0 * (d @ c))
+            M = eyem + g0 * g0 * (c @ mt @ d)
+            Hu, Hr = M, g0 * (M @ c)
+            Zu, Zr = g0 * (mt @ d), mt
+            El = E[l - 1]
+            Phi_l = Hu @ Pm @ Hu.T + Hr @ Gp @ Hr.T + El["hh"]
+            G_l = Zu @ Pm @ Zu.T + Zr @ Gp @ Zr.T + El["zz"]
+            X_l = Hu @ Pm @ Zu.T + Hr @ Gp @ Zr.T + El["hz"]
+            Phi[l - 1] = Phi_l
+            G[l - 1] = G_l
+            X[l] = X_l
+            a[l] = M @ c
+            b[l - 1] = mt @ d
+            if responses:
+                # response order parameters a^l = <h rho_r> / gamma0 (used by layer l + 1) and
+                # b^{l-1} = <z rho_u> / gamma0 (used by layer l - 1), with their own noise
+                a[l] = a[l] + El["a"] / g0
+                b[l - 1] = b[l - 1] + El["b"] / g0
+            R[l - 1] = torch.cat([torch.cat([Hu, Hr], 1), torch.cat([Zu, Zr], 1)], 0)
+        # f_mu(t) = <z^L(t) h^L_mu(t)> / gamma0
+        XL = X[L].reshape(T1, n, T1)
+        f = XL[idx_t, :, idx_t] / g0
+        fc = f - f[:1] if center else f
+        delta = yv[None, :] - fc[:, :P]
+    fc = f - f[:1] if center else f
+    # equal-time NTK: sum_{l=0}^{L} G^{l+1}(t,t) Phi^l(t,t)
+    kxt = Phi0.reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+    ntk = G[0][idx_t, idx_t][:, None, None] * kxt
+    for l in range(1, L + 1):
+        Gl1 = G[l][idx_t, idx_t] if l < L else torch.ones(T1, dtype=dt)
+        Pl = Phi[l - 1].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+        ntk = ntk + Gl1[:, None, None] * Pl
+    S = []
+    for l in range(1, L + 1):
+        top = torch.cat([Phi[l - 1], X[l]], 1)
+        bot = torch.cat([X[l].T, G[l - 1]], 1)
+        Sv = torch.cat([top, bot], 0)
+        Rl = R[l - 1]
+        Z = torch.zeros_like(Sv)
+        # formal MSR covariance of (v, rho): <v v^T> = S, <v rho^T> = R, <rho rho^T> = 0
+        S.append(torch.cat([torch.cat([Sv, Rl], 1), torch.cat([Rl.T, Z], 1)], 0))
+    return {"f": fc, "f_raw": f, "ntk": ntk, "Phi": Phi, "G": G[:L], "S": S,
+            "delta": delta}
+
+
+def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk=True,
+                           iters=None, responses=True):
+    """Exact O(1/N) covariances of a deep linear network (module docstring).
+
+    Parameters
+    ----------
+    kx : (n, n) input kernel (train first); y : (P,) targets; depth : L >= 1;
+    gamma0 > 0, lr > 0; steps : T.
+    center : bool
+        Centred model f - f(theta_0).
+    ntk : bool
+        Also N Var of each equal-time NTK entry.
+    iters : int, optional
+        Sweeps of the causal march (default T + L + 3, enough by causality; ``residual``
+        checks it).
+    responses : bool
+        Include the noise of the response order parameters (default; set False only to see
+        what it contributes: without it the result is wrong, see the module docstring).
+
+    Returns
+    -------
+    dict with ``f`` (T+1, n) and ``ntk_mean`` (T+1, n, n) at infinite width, ``cov``
+    (T+1, T+1, n, n) two-time N Cov(f), ``pred_cov`` (T+1, n, n), ``ntk_var`` (T+1, n, n) or
+    None, ``residual`` (the fixed point's last change, a convergence check).
+    """
+    torch = _torch()
+    kx = np.asarray(kx, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, P, L, T1 = kx.shape[0], y.size, int(depth), int(steps) + 1
+    m = n * T1
+    if iters is None:
+        # causality: each sweep fixes at least one more time step, and information from the
+        # top layer needs up to L - 1 sweeps to reach the bottom one
+        iters = T1 + L + 2
+    kx_flat = _expand_kx(kx, T1)
+    nthreads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        E = [_noise_leaves(torch, m, T1) for _ in range(L)]
+        out = _march(torch, kx_flat, y, L, gamma0, lr, n, P, T1, E, center, iters, responses)
+        # convergence: one more sweep must not move anything
+        with torch.no_grad():
+            Ez = [{k: torch.zeros_like(e) for k, e in El.items()} for El in E]
+            ref = _march(torch, kx_flat, y, L, gamma0, lr, n, P, T1, Ez, center, iters + 2,
+                         responses)
+            residual = max(float((ref["f"] - out["f"]).abs().max()),
+                           float((ref["ntk"] - out["ntk"]).abs().max()))
+        iu = np.triu_indices(n)
+        S = [s.detach().numpy() for s in out["S"]]
+        obs_f = out["f"].reshape(-1)
+        cov, ntk_v = _contract(torch, obs_f, E, S, full=True)
+        if ntk:
+            obs_k = out["ntk"][:, iu[0], iu[1]].reshape(-1)
+            _, ntk_v = _contract(torch, obs_k, E, S, full=False)
+        f_inf = out["f"].detach().numpy()
+        ntk_inf = out["ntk"].detach().numpy()
+    finally:
+        torch.set_num_threads(nthreads)
+    cf = cov.reshape(T1, n, T1, n).transpose(0, 2, 1, 3)
+    res = {"f": f_inf, "ntk_mean": ntk_inf, "cov": cf,
+           "pred_cov": np.ascontiguousarray(cf[np.arange(T1), np.arange(T1)]),
+           "residual": residual, "ntk_var": None}
+    if ntk:
+        v = ntk_v.reshape(T1, iu[0].size)
+        var = np.empty((T1, n, n))
+        var[:, iu[0], iu[1]] = v
+        var[:, iu[1], iu[0]] = v
+        res["ntk_var"] = var
+    return res
+
+
+def _noise_leaves(torch, m, T1):
+    shapes = {"hh": (m, m), "zz": (T1, T1), "hz": (m, T1), "a": (m, T1), "b": (T1, m)}
+    return {k: torch.zeros(*sh, dtype=torch.float64, requires_grad=True)
+            for k, sh in shapes.items()}
+
+
+def _assemble(grads, B, m, T1):
+    """Gradients of B observables w.r.t. the noise blocks -> (B, d, d) matrices over the
+    formal unit vector w = (h, z, rho_u, rho_r), d = 2 (m + T1)."""
+    v = m + T1
+    J = np.zeros((B, 2 * v, 2 * v))
+    where = {"hh": (slice(0, m), slice(0, m)), "zz": (slice(m, v), slice(m, v)),
+             "hz": (slice(0, m), slice(m, v)), "a": (slice(0, m), slice(v + m, 2 * v)),
+             "b": (slice(m, v), slice(v, v + m))}
+    for key, g in grads.items():
+        if g is not None:
+            J[(slice(None),) + where[key]] = g.numpy()
+    return 0.5 * (J + J.transpose(0, 2, 1))
+
+
+def _contract(torch, obs, E, S, full, batch=32):
+    """N Cov of the observables ``obs`` (a 1-d tensor built from the noises E):
+    sum_l 2 tr(J_i S_l J_j S_l) with J = d obs / d E^l symmetrised (Isserlis / Wick).
+
+    Returns (cov (K, K) or None, var (K,)). Memory: K (2 (m + T1))^2 floats per layer when
+    ``full``, else one batch."""
+    K = obs.numel()
+    var = np.zeros(K)
+    Ys = [[] for _ in E] if full else None
+    eye = torch.eye(K, dtype=obs.dtype)
+    keys = list(E[0].keys())
+    leaves = [El[k] for El in E for k in keys]
+    m, T1 = E[0]["hz"].shape
+    for lo in range(0, K, batch):
+        hi = min(K, lo + batch)
+        grads = torch.autograd.grad(obs, leaves, grad_outputs=eye[lo:hi], retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        for l in range(len(E)):
+            gl = dict(zip(keys, grads[l * len(keys):(l + 1) * len(keys)]))
+            if all(g is None for g in gl.values()):
+                continue
+            J = _assemble(gl, hi - lo, m, T1)
+            Y = J @ S[l]
+            var[lo:hi] += 2.0 * np.einsum("iab,iba->i", Y, Y, optimize=True)
+            if full:
+                Ys[l].append(Y)
+    cov = None
+    if full:
+        cov = np.zeros((K, K))
+        for Yl in Ys:
+            if not Yl:
+                continue
+            Y = np.concatenate(Yl).reshape(K, -1)
+            Yt = np.concatenate(Yl).transpose(0, 2, 1).reshape(K, -1)
+            cov += 2.0 * (Y @ Yt.T)
+        cov = 0.5 * (cov + cov.T)
+    return cov, var
+
+
+def deep_linear_lazy_kappa(kx, depth, gamma0=None):
+    """Exact N Cov of the initial NTK (and output) of a deep linear network.
+
+    At initialisation Phi^l = kx + sum_{k <= l} eps_k / sqrt(N) and
+    G^l = 1 + sum_{k >= l} eta_k / sqrt(N) with independent Wishart noises
+    (N Cov eps = kx (x) kx + transposed, N Var eta = 2), so with K = sum_{l=0}^{L} G^{l+1} Phi^l
+
+        N Cov(K, K) = sum_k (L - k + 1)^2 W(kx) + 2 sum_k k^2 kx (x) kx,  k = 1 .. L
+
+    and N Cov f(0) = kx / gamma0^2. An independent route for the gamma0 -> 0 check.
+    """
+    L = int(depth)
+    W = np.einsum("ik,jl->ijkl", kx, kx) + np.einsum("il,jk->ijkl", kx, kx)
+    kk = np.einsum("ij,kl->ijkl", kx, kx)
+    kK = sum((L - k + 1) ** 2 * W + 2.0 * k * k * kk for k in range(1, L + 1))
+    kf = None if gamma0 is None else kx / gamma0 ** 2
+    return kf, kK
