@@ -6,8 +6,8 @@ dynamics with
 - ``full``: the exact DMFT (``method="linear"`` for linear nets, ``"mc"`` otherwise),
 - ``static``: frozen kernels (lazy / NTK limit),
 - ``gia``: the gradient-independence approximation (Monte Carlo DMFT with A = B = 0),
-- ``pert``: leading order in gamma0^2 (linear nets, and two-layer tanh / erf nets with
-  Monte Carlo Gaussian expectations; not available otherwise),
+- ``pert``: leading order in gamma0^2 (exact for linear nets; tanh / erf nets of any depth
+  with Monte Carlo Gaussian expectations at t = 0; not available for relu),
 
 and trains finite networks (``dmft.simulate(..., record_kernels=True)``) at two or more widths.
 For each it records train/test loss curves, the final NTK's alignment with the target
@@ -70,18 +70,20 @@ def target_alignment(K: np.ndarray, y: np.ndarray) -> float:
     return float(y @ K @ y / (np.linalg.norm(K) * (y @ y)))
 
 
-def _solve(method, net, data, train, samples, seed):
+def _solve(method, net, data, train, samples, seed, pert_samples=None):
     name = {"full": "linear" if net.linear else "mc", "static": "static", "gia": "gia",
             "pert": "perturbative"}[method]
     opts = {} if name in ("linear", "static") or (name == "perturbative" and net.linear) \
         else {"samples": samples}
+    if name == "perturbative" and not net.linear and pert_samples is not None:
+        opts = {"samples": pert_samples}
     try:
         return dmft.solve(net, data, train, method=name, seed=seed, **opts), ""
     except (dmft.results.ConvergenceError, ValueError) as exc:
         return None, str(exc).split(";")[0][:60]
 
 
-def run(cases, gammas, widths, data, *, steps, lr, seeds, samples, seed=0):
+def run(cases, gammas, widths, data, *, steps, lr, seeds, samples, seed=0, pert_samples=None):
     """Run the grid; return a list of row dicts (arrays included)."""
     P = data.P
     rows = []
@@ -104,7 +106,7 @@ def run(cases, gammas, widths, data, *, steps, lr, seeds, samples, seed=0):
                     phiT = None
                     note, el = f"{len(seeds)} seeds", el
                 else:
-                    sol, note = _solve(method, net, data, train, samples, seed)
+                    sol, note = _solve(method, net, data, train, samples, seed, pert_samples)
                     el = time.perf_counter() - t0
                     if sol is None:
                         rows.append({"activation": act, "depth": depth, "gamma0": g0,
@@ -229,6 +231,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seeds", type=int, default=None, help="networks per width")
     ap.add_argument("--samples", type=int, default=None, help="Monte Carlo samples (mc, gia)")
+    ap.add_argument("--pert-samples", type=int, default=None,
+                    help="samples of the nonlinear perturbative method (default: --samples; its "
+                         "cost grows like (P+Q)^3 T^2 per sample at depth >= 2)")
     ap.add_argument("--P", type=int, default=None)
     ap.add_argument("--Q", type=int, default=None)
     args = ap.parse_args(argv)
@@ -237,7 +242,7 @@ def main(argv=None):
                       seeds=4, samples=4096, P=6, Q=6)
     else:
         preset = dict(gammas="0.25,0.5,1", widths="256,1024",
-                      cases="tanh:1,relu:1,linear:1,linear:2,linear:3", steps=40, seeds=8,
+                      cases="tanh:1,tanh:2,relu:1,linear:1,linear:2,linear:3", steps=40, seeds=8,
                       samples=32768, P=8, Q=8)
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -252,7 +257,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     rows = run(cases, gammas, widths, data, steps=args.steps, lr=args.lr,
-               seeds=range(args.seeds), samples=args.samples)
+               seeds=range(args.seeds), samples=args.samples, pert_samples=args.pert_samples)
     print(f"data={args.data} P={data.P} Q={data.Q} D={data.D} steps={args.steps} "
           f"lr={args.lr} seeds={args.seeds} samples={args.samples}")
     print_table(rows, widths)
