@@ -6,7 +6,12 @@ Cases (the issue's): (a) L = 1 tanh, 16 train + 16 test points, 100 steps, gamma
 For each case:
 
 1. A high-sample reference solve (``--ref-factor`` times the largest sample count, its own
-   seed). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
+   seed). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it. For deep
+   networks (L >= 2) the one-solve stderr (batch means) misses the noise propagated through the
+   layers and the self-consistency and was measured 2-4x too small (L = 3 tanh); with
+   ``--ref-replicates R`` the reference is the mean of R independent solves and its stderr
+   their spread (honest, R times the cost). The ``mc se`` column of the rows is the one-solve
+   stderr (for L >= 2 a lower bound of the error).
 2. For several sample counts S: wall time of ``dmft.solve(method="mc", samples=S)``, peak
    NumPy memory of the call (``tracemalloc``: counts NumPy/Python allocations, not memory
    allocated inside Numba kernels nor BLAS scratch), and the prediction error against the
@@ -157,11 +162,13 @@ def run_case(name, c, args):
     print(f"\ncase {name}: L={c['L']} {c['activation']} P={data.P} Q={data.Q} "
           f"T={c['steps']} gamma0={c['gamma0']} lr={c['lr']}", flush=True)
     ref_samples = int(args.ref_factor * max(c["samples"]))
-    ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345)
+    ref_opts = {"replicates": args.ref_replicates} if c["L"] >= 2 else {}
+    ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345, **ref_opts)
     ref_f = ref.predictions[-1]
     ref_se = _rms(np.concatenate([ref.stderr["train_predictions"][-1],
                                   ref.stderr["test_predictions"][-1]]))
-    print(f"reference: {ref.options['samples']} samples, {ref_wall:.1f} s, "
+    print(f"reference: {ref.options['samples']} samples x {ref_opts.get('replicates', 1)} "
+          f"replicates, {ref_wall:.1f} s, "
           f"{ref.iterations} iterations, RMS stderr {ref_se:.2e}", flush=True)
     rows = []
     for S in c["samples"]:
@@ -206,6 +213,7 @@ def run_case(name, c, args):
     print(table(rows, ref_se))
     return {"case": name, "spec": {k: v for k, v in c.items()}, "n": n,
             "reference": {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
+                          "replicates": int(ref_opts.get("replicates", 1)),
                           "rms_stderr": ref_se}, "rows": rows, "pilot": p}
 
 
@@ -235,6 +243,9 @@ def main(argv=None):
                    help="sample counts (overrides the case's list)")
     p.add_argument("--ref-factor", type=float, default=4.0,
                    help="reference samples = this x the largest sample count")
+    p.add_argument("--ref-replicates", type=int, default=1,
+                   help="L >= 2: the reference is the mean of this many independent solves "
+                        "(honest stderr; see the docstring)")
     p.add_argument("--verify", action="store_true",
                    help="run the cheapest matching ensemble of the least accurate row")
     p.add_argument("--out", default=None, help="write the results as JSON")

@@ -424,6 +424,26 @@ def test_deterministic_and_fields(small):
     assert a.options["samples"] >= 512 and a.options["response_samples"] == 128
 
 
+def test_replicates_are_independent_solves_averaged(small):
+    """replicates=R: the mean of R independent solves (seeds spawned from the seed) and, as
+    the standard error, their spread / sqrt(R) (includes the noise propagated through the
+    layers and the self-consistency, which the one-solve batch means miss)."""
+    data, net, train = small
+    R = 3
+    sol = dmft.solve(net, data, train, method="mc", seed=7, replicates=R, **SMALL)
+    kids = np.random.SeedSequence(7).spawn(R)
+    single = [dmft.solve(net, data, train, method="mc", seed=k, **SMALL) for k in kids]
+    for key in ("train_predictions", "test_predictions", "ntk", "phi", "g"):
+        stack = np.stack([getattr(s, key) for s in single])
+        np.testing.assert_allclose(getattr(sol, key), stack.mean(0), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(sol.stderr[key], stack.std(0, ddof=1) / np.sqrt(R),
+                                   rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(sol.A, np.mean([s.A for s in single], axis=0), atol=1e-14)
+    assert sol.iterations == sum(s.iterations for s in single) == len(sol.residuals)
+    assert sol.options["replicates"] == R and sol.converged
+    assert list(sol.extras["replicate_iterations"]) == [s.iterations for s in single]
+
+
 def test_callback_once_per_iteration(small):
     data, net, train = small
     calls = []
@@ -474,6 +494,7 @@ def test_progress_and_logging(small, caplog):
     ("chunk_mb", 0, "chunk_mb must be a number"),
     ("relu_eps", -0.1, "relu_eps must be a number"),
     ("window", 0, "window must be a positive integer"),
+    ("replicates", 0, "replicates must be a positive integer"),
     ("callback", 3, "callback must be callable"),
     ("sampler", "halton", "sampler must be 'sobol'"),
     ("bogus", 1, "unknown option"),

@@ -25,7 +25,10 @@ observables; this removes the initial-condition noise that the trajectory carrie
 
 Error bars: the intercept's standard error (from the per-width standard errors of the adjusted
 means, one independent ensemble per width with disjoint seeds) combined in quadrature with the
-solver's own Monte Carlo standard error (``Solution.stderr``). z = gap / combined stderr.
+solver's own Monte Carlo standard error (``Solution.stderr``). z = gap / combined stderr. For deep
+networks the solver runs ``replicates`` independent solves (``DEEP_MC``): the one-solve
+batch-means stderr misses the noise propagated through the layers and the self-consistency and
+was measured 2-4x too small, which is what made the L = 3 check fail before.
 
 The gap at each width must shrink like 1/N: a common power law gap_j(N) = c_j N^p + d_j is
 fitted to all entries with a clear finite-width trend at once (weighted nonlinear least
@@ -250,10 +253,22 @@ def test_two_layer_tanh_agrees_with_simulations_small():
 
 # ---------------------------------------------------------------- the issue's "must show"
 
-_DEEP_OPEN = pytest.mark.xfail(strict=False, reason=(
-    "open (issue 3): deep-network Monte Carlo noise at the default samples is ~1e-2 to 3e-2 on "
-    "the predictions, too large to pin the 0.01 / 2% targets; measured on 16 cores: L=3 tanh NTK "
-    "gap 3.75% (se 1.1%), L=2 relu prediction gap 0.025 (se 0.033)"))
+_RELU_OPEN = pytest.mark.xfail(strict=False, reason=(
+    "open (issue 3): deep ReLU. Measured on 2 shared cores with DEEP_MC (4 x 32768 samples, "
+    "honest replicate error bars): prediction gap 8.6e-3 (se 3.2e-3), NTK gap 12.7% of max|K| "
+    "(se 6.2%: the replicates scatter widely), max|z| 7.8, 186 iterations (the stall rule "
+    "accepts at the noise floor). At the default 8192 samples seed 1 gives equal-time "
+    "B(T,T) diagonals of order +-1 (the smoothed-delta phi'' term) and seed 2 diverges "
+    "(non-finite fields); with relu_eps=0.2 both seeds converge and those diagonals halve "
+    "(-0.70 -> -0.41 on one entry) while the final NTK moves < 2%. Suspect: the "
+    "delta-function (phi'') part of B and of the tangents for ReLU (not yet isolated)"))
+
+#: deep networks: the solver's own error is dominated by noise propagated through the layers
+#: and the self-consistency, which the one-solve batch-means stderr misses (measured, L = 3
+#: tanh below: the spread over seeds of the final NTK was 2-4x the reported stderr; with the
+#: default 8192 samples the NTK moved by ~3% between seeds). Independent replicates give
+#: honest error bars; 4 x 32768 samples put the solver's NTK error near 0.5%.
+DEEP_MC = {"samples": 32768, "replicates": 4}
 
 
 @pytest.mark.slow
@@ -267,15 +282,22 @@ def test_two_layer_tanh_must_show(gamma0):
 
 @pytest.mark.slow
 @pytest.mark.validation
-@_DEEP_OPEN
 def test_three_layer_tanh_must_show():
-    r = compare(3, "tanh", 1.0, [256, 512, 1024], [1600, 800, 400])
+    """Measured on 2 shared cores (23 Nov 2026, this test as written): pred gap 3.5e-3 (se
+    3.0e-3), NTK gap 0.75% of max|K| (se 0.35%), max|z| 3.46, 1/N exponent -0.59 +- 0.14 (close
+    to the 3-sigma bound: the finite-width trend of this case is weak), mc 417 s (66
+    iterations over 4 replicates), simulations 330 s. With the DMFT as the mean of 4 solves at
+    32768 samples with seeds 1-4: NTK gap 0.55% (se 0.57%), exponent -0.70 +- 0.14; adding
+    width 2048 (400 seeds): NTK gap 0.83% (se 0.56%). The earlier failure (NTK gap 3.75%, "se
+    1.1%") was the solver's own Monte Carlo error at the default 8192 samples and one seed
+    (seed-to-seed spread of the final NTK ~3%), with a stderr that missed it."""
+    r = compare(3, "tanh", 1.0, [256, 512, 1024], [1600, 800, 400], mc_options=DEEP_MC)
     check(r)
 
 
 @pytest.mark.slow
 @pytest.mark.validation
-@_DEEP_OPEN
+@_RELU_OPEN
 def test_two_layer_hidden_relu_must_show():
-    r = compare(2, "relu", 1.0, [256, 512, 1024], [1600, 800, 400])
+    r = compare(2, "relu", 1.0, [256, 512, 1024], [1600, 800, 400], mc_options=DEEP_MC)
     check(r)
