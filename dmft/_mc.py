@@ -13,9 +13,12 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
 - Deep networks: start from the static kernels and static-NTK predictions with A = B = 0;
   the same standard normals every iteration (common random numbers); Gauss-Seidel sweeps
   over layers, a quasi-Newton step on the f -> Delta -> f loop and continuation in time
-  (horizons ``window``, 2 window, ..., steps); responses by exact per-sample forward-mode
-  tangents (blocked in time, one BLAS thread), with a smoothed delta of width
-  ``relu_eps`` for ReLU's phi'' (bias O(eps^2), variance O(1 / (S eps))).
+  (horizons ``window``, 2 window, ..., steps); responses A by exact per-sample forward-mode
+  tangents (blocked in time, one BLAS thread), with a smoothed delta of width ``relu_eps``
+  for ReLU's phi''. B by tangents for smooth activations and, for ReLU, by Stein's lemma in
+  the causally whitened sources (``b_estimator``), which is exact for phi'' = delta: per-sample
+  tangents cannot give ReLU's B (a smoothed delta wide enough to have a finite variance was
+  measured 10-50 % off on B phi; see :func:`solvers.mc.solve_deep`).
 - ``"gia"``: the same solver with the responses forced to zero (gradient-independence
   ansatz), predictions from f(t+1) = f(t) + lr K(t) Delta(t); for L = 1 it is identical to
   ``"mc"``.
@@ -65,6 +68,8 @@ DEFAULTS = {
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
+    "b_estimator": "auto",
+    "stein_rtol": 1e-6,
 }
 
 
@@ -125,7 +130,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
              noise_factor: float | None = None, max_iter: int | None = None,
              blocks: int | None = None, chunk_mb: float | None = None,
              relu_eps: float | None = None, window: int | None = None,
-             sampler: str | None = None, replicates: int | None = None, callback=None,
+             sampler: str | None = None, replicates: int | None = None,
+             b_estimator: str | None = None, stein_rtol: float | None = None, callback=None,
              progress=None, _responses: bool = True, **unknown) -> Solution:
     """Nonlinear DMFT of ``net`` trained on ``data`` by alternating Monte Carlo (THEORY.md §2).
 
@@ -171,8 +177,21 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     chunk_mb : float
         Memory per streamed chunk of samples (default 64 MB).
     relu_eps : float
-        Width of the smoothed delta for ReLU's phi'' in the tangents (default
+        Width of the smoothed delta for ReLU's phi'' in the tangents of A (default
         ``0.3 * response_samples ** -0.2``).
+    b_estimator : {"auto", "tangent", "stein"}
+        How B^{l-1} = gamma0^{-1} <dg^l / du^l> is estimated (L >= 2). "tangent": per-sample
+        forward-mode tangents (``response_samples`` samples). "stein": Stein's lemma in the
+        causally whitened sources, B = gamma0^{-1} <g xi^T> L^{-1} with u = L xi, from all
+        ``samples`` samples (:func:`solvers.mc.stein_finish`): unbiased for every activation,
+        ReLU's delta included, noisier per sample but much cheaper (no tangents). "auto"
+        (default): "stein" for relu, "tangent" otherwise. Elementwise, a Stein B is noisy
+        where the source kernel is ill-conditioned (entries can be far larger than the true
+        ones); applied to features, as the dynamics use it, it is accurate.
+    stein_rtol : float
+        "stein" only: a source whose innovation variance (given the earlier ones in time) is
+        below this fraction of its variance gets no innovation of its own (default 1e-6;
+        its share of the fields is below sqrt(stein_rtol)).
     window : int
         First time horizon of the continuation in time (default 10): horizons
         max(window, steps/2^k) are solved in turn, each started from the previous one.
@@ -201,8 +220,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         raise ValueError(f"unknown option(s) for method={method!r}: {sorted(unknown)}; see "
                          f"help(dmft._mc.solve_mc) for samples, response_samples, "
                          f"kernel_samples, damping, anderson, tol, noise_factor, max_iter, "
-                         f"blocks, chunk_mb, relu_eps, window, sampler, replicates, callback, "
-                         f"progress")
+                         f"blocks, chunk_mb, relu_eps, window, sampler, replicates, "
+                         f"b_estimator, stein_rtol, callback, progress")
     if train.gamma0 <= 0:
         raise ValueError(f"gamma0 must be > 0 for method={method!r} (got {train.gamma0}); "
                          f"use method='static' for the lazy limit gamma0 = 0")
@@ -242,6 +261,12 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         " (independent fixed-point solutions for honest standard errors, L >= 2)")
     if relu_eps is not None:
         relu_eps = _real("relu_eps", relu_eps, 0, np.inf, "e.g. relu_eps=0.05")
+    b_estimator = d["b_estimator"] if b_estimator is None else b_estimator
+    if b_estimator not in ("auto", "tangent", "stein"):
+        raise ValueError(f"b_estimator must be 'auto', 'tangent' or 'stein', got "
+                         f"{b_estimator!r} ('auto': Stein's lemma for relu, tangents otherwise)")
+    stein_rtol = _real("stein_rtol", d["stein_rtol"] if stein_rtol is None else stein_rtol,
+                       0, 1, "e.g. stein_rtol=1e-6")
     if callback is not None and not callable(callback):
         raise ValueError("callback must be callable: callback(iteration, state, residual)")
     sampler = d["sampler"] if sampler is None else sampler
@@ -295,7 +320,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                         response_samples=response_samples, damping=damping,
                         anderson=anderson, tol=tol, noise_factor=noise_factor,
                         max_iter=max_iter, chunk_mb=chunk_mb, relu_eps=relu_eps,
-                        window=window, callback=callback, logger=logger, bar=bar)
+                        window=window, b_estimator=b_estimator, stein_rtol=stein_rtol,
+                        callback=callback, logger=logger, bar=bar)
                     if replicates > 1:
                         logger.info("%s replicate %d of %d: %d iterations", method, k + 1,
                                     replicates, o["iterations"])
@@ -308,7 +334,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             options.update(samples=int(out["samples"]),
                            response_samples=int(out["response_samples"]),
                            relu_eps=out["relu_eps"], window=int(window),
-                           replicates=int(replicates))
+                           replicates=int(replicates), b_estimator=out["b_estimator"],
+                           stein_rtol=stein_rtol)
             phi = _two_time(out["phi"], T1, n)
             g = _two_time(out["g"], T1, n)
             phi_se = _two_time(out["phi_se"], T1, n)

@@ -35,9 +35,13 @@ solver run on one thread (thin GEMMs; threads were 3-7x slower on the shared 2-c
 
 ReLU: phi'' is a Dirac delta. Per-sample tangents would miss its contribution
 < delta(h) z dh > (nonzero in expectation), so for ReLU the tangents use the smoothed delta
-Lam2 = z exp(-h^2 / (2 eps^2)) / sqrt(2 pi eps^2): bias O(eps^2), variance O(1 / (S eps)).
-``relu_eps`` picks eps (default ``0.3 * S_resp ** -0.2``, the bias-variance balance in
-scale of the unit-variance pre-activations).
+Lam2 = z exp(-h^2 / (2 eps^2)) / sqrt(2 pi eps^2) (``relu_eps``, default
+``0.3 * S_resp ** -0.2``). That is adequate for A (r reaches h only through one memory step;
+measured within 3 % of Stein's lemma on A g) but not for B, where u enters h directly: the
+sources of layers l >= 2 move by ~1e-2 of their scale per step, E[z | h = x] has structure
+on that scale, and no smoothing width is both unbiased and of finite variance. B for ReLU is
+therefore estimated by Stein's lemma in causally whitened sources (:func:`stein_groups`,
+:func:`stein_accumulate`, :func:`stein_finish`), exact for any activation.
 
 Predictions f(t) = gamma0^{-1} < z^L(t) phi(h^L(t)) > with antithetic pairs (u, r), (u, -r):
 the t = 0 term, of Monte Carlo size 1 / (gamma0 sqrt S), cancels exactly.
@@ -65,8 +69,10 @@ from ._jit import njit
 
 __all__ = ["psd_sqrt", "two_layer_step", "two_layer_step_reference", "two_layer_step_fast",
            "march_two_layer", "two_layer_kernels", "causal_operators", "march_layer",
+           "march_layer_reference",
            "response_sums", "response_reference", "solve_two_layer", "solve_deep",
-           "low_rank_factor", "two_layer_sources", "default_relu_eps"]
+           "low_rank_factor", "two_layer_sources", "default_relu_eps", "causal_cholesky",
+           "stein_groups", "stein_accumulate", "stein_finish"]
 
 
 def _single_thread_blas():
@@ -578,36 +584,81 @@ def causal_operators(phi_prev, g_next, a_prev, b_l, dcol, lr: float, T1: int, n:
     return C, D
 
 
-def march_layer(u, r, C, D, gamma0: float, activation: str, T1: int, n: int):
+def march_layer(u, r, C, D, gamma0: float, activation: str, T1: int, n: int,
+                tblock: int = 8):
     """March S samples of one layer's fields through time (BLAS-batched over samples).
 
     Parameters
     ----------
     u, r : (S, T1 n) sources (flattened (t, mu)).
     C, D : (T1 n, T1 n) causal operators (C strictly, D weakly lower block-triangular).
+    tblock : int
+        Times per block. The memory terms of a block of times from all earlier blocks are one
+        GEMM with ``tblock * n`` columns (one pass over the history instead of one per time
+        step: the per-step products have only n columns and are memory bound); inside the
+        block the recursion touches the block's own times only. ``tblock=1`` is the plain
+        step-by-step march (:func:`march_layer_reference` is its NumPy twin); both give the
+        same fields up to rounding.
 
     Returns
     -------
     H, PH, Z, G : (S, T1 n) pre-activation h, phi(h), z and g = phi'(h) z.
     """
     S = u.shape[0]
-    H = np.empty((S, T1 * n))
+    m = T1 * n
+    # time-major (m, S) inside: the slice of one time step is contiguous (in the sample-major
+    # layout it is n scattered doubles per sample), returned as (S, m) views (Fortran order)
+    H = np.empty((m, S))
     PH = np.empty_like(H)
     Z = np.empty_like(H)
     G = np.empty_like(H)
-    for t in range(T1):
-        a, b = t * n, (t + 1) * n
-        if t:
-            np.matmul(G[:, :a], C[a:b, :a].T, out=H[:, a:b])
-            H[:, a:b] *= gamma0
-            H[:, a:b] += u[:, a:b]
+    uT, rT = np.asarray(u).T, np.asarray(r).T
+    b = max(1, int(tblock))
+    for t0 in range(0, T1, b):
+        t1 = min(T1, t0 + b)
+        a0, a1 = t0 * n, t1 * n
+        if t0:
+            # history of earlier blocks: h gets C g(s < t0), z gets D phi(s < t0)
+            np.matmul(C[a0:a1, :a0], G[:a0], out=H[a0:a1])
+            np.matmul(D[a0:a1, :a0], PH[:a0], out=Z[a0:a1])
         else:
-            H[:, a:b] = u[:, a:b]
-        PH[:, a:b] = apply(activation, H[:, a:b], 0)
-        np.matmul(PH[:, :b], D[a:b, :b].T, out=Z[:, a:b])
-        Z[:, a:b] *= gamma0
-        Z[:, a:b] += r[:, a:b]
-        G[:, a:b] = apply(activation, H[:, a:b], 1) * Z[:, a:b]
+            H[a0:a1] = 0.0
+            Z[a0:a1] = 0.0
+        for t in range(t0, t1):
+            a, e = t * n, (t + 1) * n
+            hs = H[a:e]
+            if t > t0:
+                hs += C[a:e, a0:a] @ G[a0:a]
+            hs *= gamma0
+            hs += uT[a:e]
+            if activation == "tanh":
+                np.tanh(hs, out=PH[a:e])
+            else:
+                PH[a:e] = apply(activation, hs, 0)
+            zs = Z[a:e]
+            zs += D[a:e, a0:e] @ PH[a0:e]
+            zs *= gamma0
+            zs += rT[a:e]
+            if activation == "tanh":
+                gs = G[a:e]
+                np.multiply(PH[a:e], PH[a:e], out=gs)
+                np.subtract(1.0, gs, out=gs)
+                gs *= zs
+            else:
+                G[a:e] = apply(activation, hs, 1) * zs
+    return H.T, PH.T, Z.T, G.T
+
+
+def march_layer_reference(u, r, C, D, gamma0: float, activation: str, T1: int, n: int):
+    """Plain step-by-step NumPy march (test reference for :func:`march_layer`)."""
+    S = u.shape[0]
+    H, PH, Z, G = (np.zeros((S, T1 * n)) for _ in range(4))
+    for t in range(T1):
+        a, e = t * n, (t + 1) * n
+        H[:, a:e] = u[:, a:e] + gamma0 * G[:, :a] @ C[a:e, :a].T
+        PH[:, a:e] = apply(activation, H[:, a:e], 0)
+        Z[:, a:e] = r[:, a:e] + gamma0 * PH[:, :e] @ D[a:e, :e].T
+        G[:, a:e] = apply(activation, H[:, a:e], 1) * Z[:, a:e]
     return H, PH, Z, G
 
 
@@ -637,9 +688,10 @@ def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P
     Q = n - P
     T = T1 - 1
     lam1, lam2 = _lam(activation, H, Z, relu_eps)
-    # (T1, n, S): samples last, to broadcast against (rows, directions, samples)
-    L1 = np.ascontiguousarray(lam1.reshape(S, T1, n).transpose(1, 2, 0))
-    L2 = np.ascontiguousarray(lam2.reshape(S, T1, n).transpose(1, 2, 0))
+    # (T1, n, S): samples last, to broadcast against (rows, directions, samples); the fields
+    # of march_layer are time-major in memory, so this is a view there
+    L1 = np.ascontiguousarray(lam1.T).reshape(T1, n, S)
+    L2 = np.ascontiguousarray(lam2.T).reshape(T1, n, S)
     rdir = direction == "r"
     ndir_t = T if rdir else T1                    # source times s' that matter
     PS = P * S
@@ -750,6 +802,103 @@ def response_reference(H, Z, C, D, gamma0: float, activation: str, direction: st
 
 
 # ------------------------------------------------------------------------------------------
+# deep networks: B by Stein's lemma in causally whitened sources (ReLU)
+# ------------------------------------------------------------------------------------------
+def causal_cholesky(K, rtol: float = 1e-6):
+    """Cholesky factor of a PSD matrix in its given (causal) order, dropping innovations.
+
+    Left-looking Cholesky without pivoting (the order is time-major, so the factor is causal:
+    variable j is a combination of the innovations of variables <= j). A variable whose
+    innovation variance (Schur pivot) is below ``rtol`` times its own variance is a
+    combination of the earlier ones to that accuracy and gets no innovation of its own.
+
+    Returns
+    -------
+    keep : (k,) int, the variables with an innovation (increasing);
+    L : (k, k) exact lower Cholesky factor of ``K[keep][:, keep]``.
+    """
+    K = 0.5 * (np.asarray(K, dtype=np.float64) + np.asarray(K, dtype=np.float64).T)
+    m = K.shape[0]
+    if not np.all(np.isfinite(K)):
+        raise FloatingPointError("non-finite kernel: the fields diverged")
+    F = np.zeros((m, m))
+    keep = np.zeros(m, dtype=bool)
+    diag = np.diag(K)
+    for j in range(m):
+        v = K[j:, j] - F[j:, :j] @ F[j, :j]
+        if v[0] > rtol * max(diag[j], 0.0) and v[0] > 0.0:
+            F[j:, j] = v / math.sqrt(v[0])
+            keep[j] = True
+    idx = np.flatnonzero(keep)
+    # the exact factor of the kept block: its pivots are >= the ones above (fewer conditions)
+    return idx, np.linalg.cholesky(K[np.ix_(idx, idx)])
+
+
+def stein_groups(K, T1: int, n: int, P: int, rtol: float = 1e-6) -> list:
+    """Whitening groups for B^{l-1} = gamma0^{-1} <dg/du> by Stein's lemma (see
+    :func:`stein_finish`), from the covariance K (T1 n, T1 n) of the sources u.
+
+    Test points are passive, so g on a training point depends on the training sources only and
+    g on test point q on the training sources and u_q only. One group per row set: the
+    training rows with the training sources (time-major), and for each test point q its rows
+    with the sources of the training points and q (time-major, interleaved). In each group
+    u_c = L xi with L causal, and <g_rows xi^T> = <dg_rows/du_c> L exactly for Gaussian u.
+
+    Returns
+    -------
+    list of dicts with ``rows`` (flat row indices), ``cols`` (flat source indices with an
+    innovation), ``L`` (causal Cholesky factor of K[cols, cols]), ``row_t``, ``col_t`` (their
+    times).
+    """
+    tb = np.repeat(np.arange(T1), n)
+    pb = np.tile(np.arange(n), T1)
+    train = np.flatnonzero(pb < P)
+    groups = []
+    for q in [None] + list(range(P, n)):
+        rows = train if q is None else np.flatnonzero(pb == q)
+        cand = train if q is None else np.flatnonzero((pb < P) | (pb == q))
+        keep, Lc = causal_cholesky(K[np.ix_(cand, cand)], rtol)
+        cols = cand[keep]
+        groups.append({"rows": rows, "cols": cols, "L": Lc, "row_t": tb[rows],
+                       "col_t": tb[cols]})
+    return groups
+
+
+def stein_accumulate(groups, u, G, acc) -> None:
+    """Add sum_samples g_rows xi^T of one chunk to ``acc`` (a list, one array per group),
+    xi = L^{-1} u_cols the whitened sources of the chunk (u, G: (S, T1 n))."""
+    from scipy.linalg import solve_triangular
+
+    for grp, a in zip(groups, acc):
+        xi = solve_triangular(grp["L"], u[:, grp["cols"]].T, lower=True, check_finite=False)
+        a += G[:, grp["rows"]].T @ xi.T
+
+
+def stein_finish(groups, acc, samples: int, gamma0: float, m: int) -> np.ndarray:
+    """B = gamma0^{-1} <dg/du> (m, m) from the Stein sums of :func:`stein_accumulate`.
+
+    Stein's lemma in whitened coordinates: <dg/dxi> = <g xi^T> exactly for xi ~ N(0, I), so
+    <dg/du_c> = <g xi^T> L^{-1}. Causality is imposed where it is exact, in xi: g(t) does not
+    depend on innovations of later times (set to zero), which keeps the estimate causal after
+    the triangular solve. No pseudo-inverse and no regularisation: the only approximation is
+    the dropping of innovations below ``rtol`` of a variable's variance (their share of the
+    fields is below sqrt(rtol)). The estimate is unbiased for every activation (ReLU's
+    phi'' = delta needs no special treatment); its noise is larger than that of per-sample
+    tangents but enters the fields as a fixed random linear map of whitened features.
+    """
+    from scipy.linalg import solve_triangular
+
+    B = np.zeros((m, m))
+    for grp, a in zip(groups, acc):
+        J = a / samples
+        J *= grp["col_t"][None, :] <= grp["row_t"][:, None]
+        # J L^{-1}: solve L^T X^T = J^T
+        X = solve_triangular(grp["L"], J.T, lower=True, trans="T", check_finite=False).T
+        B[np.ix_(grp["rows"], grp["cols"])] = X / gamma0
+    return B
+
+
+# ------------------------------------------------------------------------------------------
 # deep networks: the alternating solver
 # ------------------------------------------------------------------------------------------
 def _chunk_sizes(samples: int, T1: int, n: int, P: int, chunk_mb: float, min_blocks: int = 8):
@@ -804,7 +953,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                response_samples: int | None = None, damping: float = 1.0, anderson: int = 0,
                tol: float = 1e-4, noise_factor: float = 0.25, max_iter: int = 50,
                chunk_mb: float = 64.0, relu_eps: float | None = None, newton: bool = True,
-               window: int | None = 10, init: dict | None = None, callback=None,
+               window: int | None = 10, init: dict | None = None,
+               b_estimator: str = "auto", stein_rtol: float = 1e-6, callback=None,
                logger=None, bar=None) -> dict:
     """Alternating Monte Carlo solution of the DMFT of a network with ``depth`` >= 2 layers.
 
@@ -832,13 +982,32 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
     GIA (``responses=False``): predictions follow f(t+1) = f(t) + lr K(t) Delta(t) (the
     reading gamma0^{-1} <w phi(h^L)> needs A^{L-1}; without it even the lazy limit is wrong).
 
-    ``residuals``, ``floors``, plus ``samples``, ``response_samples``, ``relu_eps``.
+    Responses: A^l always by per-sample tangents (``response_samples`` samples). B^{l-1} by
+    ``b_estimator``: ``"tangent"`` (per-sample tangents) or ``"stein"`` (Stein's lemma in the
+    causally whitened sources, :func:`stein_finish`, from all ``samples`` samples; innovations
+    below ``stein_rtol`` of a source's variance are dropped); ``"auto"``: Stein for ReLU,
+    tangents otherwise. For ReLU per-sample tangents cannot give B: the sources of layers
+    l >= 2 have innovations of ~1e-2 of their scale per step, so E[z | h = x] has structure on
+    that scale, a smoothed delta wide enough to have a finite variance is biased (measured
+    10-50 % on B phi at eps = 0.2-0.1, L = 2, 40 steps, against Stein with 4e6 samples), and
+    a narrower one makes the per-sample tangents blow up (the delta is re-injected at every
+    step a unit hovers near 0). A does not see the delta directly (r enters h through one
+    memory step) and its smoothed-delta tangents agree with Stein within 3 %.
+
+    ``residuals``, ``floors``, plus ``samples``, ``response_samples``, ``relu_eps``,
+    ``b_estimator``.
     """
     kw = dict(samples=samples, seed=seed, phi0=phi0, g0=g0, responses=responses,
               response_samples=response_samples, damping=damping, anderson=anderson, tol=tol,
               noise_factor=noise_factor, max_iter=max_iter, chunk_mb=chunk_mb,
-              relu_eps=relu_eps, newton=newton, window=window, callback=callback,
-              logger=logger, bar=bar)
+              relu_eps=relu_eps, newton=newton, window=window, b_estimator=b_estimator,
+              stein_rtol=stein_rtol, callback=callback, logger=logger, bar=bar)
+    if b_estimator == "auto":
+        b_estimator = "stein" if activation == "relu" else "tangent"
+    if b_estimator not in ("tangent", "stein"):
+        raise ValueError(f"b_estimator must be 'auto', 'tangent' or 'stein', got "
+                         f"{b_estimator!r}")
+    kw["b_estimator"] = b_estimator
     if init is None and window is not None and steps > window:
         # continuation in time: the map is causal, so the problem on [0, H] is the same problem
         # with fewer steps. Solving it first and extending keeps the fields from being driven
@@ -935,9 +1104,13 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
             sq_phi = np.zeros((m, m))
             sq_g = np.zeros((m, m))
             need_r = nr and l <= L - 2
-            need_u = nr and l >= 1
+            stein_u = bool(nr and l >= 1 and b_estimator == "stein")
+            need_u = nr and l >= 1 and not stein_u
             accA = np.zeros((m, m)) if need_r else None
             accB = np.zeros((m, m)) if need_u else None
+            if stein_u:
+                groups = stein_groups(Su @ Su, T1, n, P, stein_rtol)
+                accS = [np.zeros((len(gr["rows"]), len(gr["cols"]))) for gr in groups]
             for ci in range(nchunks):
                 half = c // 2
                 ru = np.random.default_rng(children[l][0][ci])
@@ -967,6 +1140,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                 eq_g[l, ci] = kg[diag_idx[:, :, None], diag_idx[:, None, :]]
                 if l == L - 1:
                     f_blocks[ci] = (Z * PH).mean(axis=0).reshape(T1, n) / gamma0
+                if stein_u:
+                    stein_accumulate(groups, u, G, accS)
                 lo = ci * c
                 if lo < Sr:
                     k = min(c, Sr - lo)
@@ -990,6 +1165,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                 An[l][...] = accA / (gamma0 * Sr)
             if need_u:
                 Bn[l - 1][...] = accB / (gamma0 * Sr)
+            if stein_u:
+                Bn[l - 1][...] = stein_finish(groups, accS, S, gamma0, m)
         # NTK per block: sum_{l=0}^{L} G^{l+1}(t,t) Phi^l(t,t)
         ntk_b = eq_phi[L - 1].copy()
         for l in range(L):
@@ -1067,4 +1244,4 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
             "ntk": ntk, "ntk_se": last["ntk_se"], "converged": fp.converged,
             "iterations": fp.iterations, "residuals": fp.residuals, "floors": fp.floors,
             "samples": S, "response_samples": Sr, "relu_eps": eps if activation == "relu"
-            else None, "chunk": c, "tangent_chunk": ct}
+            else None, "b_estimator": b_estimator, "chunk": c, "tangent_chunk": ct}
