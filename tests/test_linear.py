@@ -300,7 +300,7 @@ def _extrapolate(widths, means, ses):
     return b0, se0
 
 
-def _simulation_check(L, gamma0, lr, T, widths, seeds, data):
+def _simulation_check(L, gamma0, lr, T, widths, seeds, data, layer_cv=False):
     net = dmft.MLP(L, "linear")
     train = dmft.GradientDescent(gamma0, lr, T)
     sol = dmft.solve(net, data, train)
@@ -308,7 +308,8 @@ def _simulation_check(L, gamma0, lr, T, widths, seeds, data):
     means, ses = [], []
     iu = np.triu_indices(data.P + data.Q)
     for N in widths:
-        ens = dmft.simulate(net, data, train, width=N, seeds=seeds(N), center=True)
+        ens = dmft.simulate(net, data, train, width=N, seeds=seeds(N), center=True,
+                            record_kernels=layer_cv)
         S = ens.n_seeds
         obs = np.concatenate([ens.predictions[:, -1], ens.ntk[:, -1].reshape(S, -1)], axis=1)
         # Control variates with exactly known means: for linear nets at any width the t = 0
@@ -316,8 +317,14 @@ def _simulation_check(L, gamma0, lr, T, widths, seeds, data):
         # are independent) and the raw initial output f(0) has mean 0. Regressing them out
         # removes the initial-condition noise that the trajectory carries along (measured:
         # N Var of the NTK entries drops 4-8x, of the predictions 2-20x).
-        Z = np.concatenate([(ens.ntk[:, 0] - (L + 1) * data.kx)[:, iu[0], iu[1]],
-                            ens.extras["f0"]], axis=1)
+        cv = [(ens.ntk[:, 0] - (L + 1) * data.kx)[:, iu[0], iu[1]], ens.extras["f0"]]
+        if layer_cv:
+            # each layer's Phi^l(0,0) (mean K^x) and G^l(0,0) (mean 1) separately: the
+            # dynamics weigh the layers differently (measured at depth 4, N = 512: N Var of
+            # the off-diagonal NTK entries a further 1.5-4x lower)
+            cv += [(ens.phi[:, l, 0, 0] - data.kx)[:, iu[0], iu[1]] for l in range(L)]
+            cv += [(ens.g[:, l, 0, 0] - 1.0)[:, iu[0], iu[1]] for l in range(L)]
+        Z = np.concatenate(cv, axis=1)
         beta = np.linalg.lstsq(Z - Z.mean(0), obs - obs.mean(0), rcond=None)[0]
         adj = obs - Z @ beta
         means.append(adj.mean(0))
@@ -327,7 +334,7 @@ def _simulation_check(L, gamma0, lr, T, widths, seeds, data):
     lazy = np.concatenate([stat.predictions[-1], stat.ntk[-1].ravel()])
     z = (b0 - theory) / se0
     z_lazy = (b0 - lazy) / se0
-    return z, z_lazy, b0 - theory, se0
+    return z, z_lazy, b0 - theory, se0, np.abs(sol.ntk[-1]).max()
 
 
 def test_agrees_with_simulated_networks_small():
@@ -335,22 +342,31 @@ def test_agrees_with_simulated_networks_small():
     extrapolated linearly in 1/N agree with the exact solution within the fit's standard
     errors; the static-NTK answer is rejected by the same data."""
     data = _data(2, 1, D=3, seed=3, normalize=True)
-    z, z_lazy, diff, se = _simulation_check(2, 1.0, 0.05, 10, [128, 256, 512],
-                                            lambda N: range(48), data)
+    z, z_lazy, diff, se, _ = _simulation_check(2, 1.0, 0.05, 10, [128, 256, 512],
+                                               lambda N: range(48), data)
     assert np.max(np.abs(z)) < TOL["z"], (z, diff, se)
     assert np.max(np.abs(z_lazy)) > 2 * TOL["z"]
 
 
 @pytest.mark.slow
 def test_agrees_with_simulated_networks_depth4():
-    """Depth 4, gamma0 = 1.5 (the issue's case): widths 256, 512, 1024, extrapolated in 1/N.
-    The achievable standard error of the intercept at this cost is printed (-s)."""
+    """Depth 4, gamma0 = 1.5 (the issue's case): widths 256, 512, 1024, extrapolated in 1/N,
+    within 1e-3 on the predictions (targets of order 1) and within 1e-3 of max|K| on the NTK
+    (entries up to ~80 here: an absolute 1e-3 would need the intercept's standard error
+    below 3e-4, i.e. N Var ~ 50 / (N seeds) ~ 1e-7, some 1e4 times the seeds run here). The
+    bounds are checked only where the data could have violated them (se < bound / 3).
+    Measured (1 Dec 2026, 1128/628/378 seeds, 88 s): pred gap 4.9e-4 (se 2.3e-4), NTK gap
+    1.7e-2 = 2.1e-4 of max|K| = 80 (se 2.9e-4 of max|K|); with only the NTK/f0 control
+    variates and 464/264/164 seeds the NTK se was 5e-4 of max|K|, too coarse for the bound."""
     data = _data(2, 1, D=3, seed=3, normalize=True)
-    z, z_lazy, diff, se = _simulation_check(4, 1.5, 0.02, 10, [256, 512, 1024],
-                                            lambda N: range(int(400 * 256 / N) + 64), data)
-    print("\ndepth-4 extrapolation: |diff| max pred %.2e (se %.2e), max ntk %.2e (se %.2e)"
-          % (np.abs(diff[:3]).max(), se[:3].max(), np.abs(diff[3:]).max(), se[3:].max()))
+    z, z_lazy, diff, se, kmax = _simulation_check(
+        4, 1.5, 0.02, 10, [256, 512, 1024], lambda N: range(int(1000 * 256 / N) + 128), data,
+        layer_cv=True)
+    print("\ndepth-4 extrapolation: |diff| max pred %.2e (se %.2e), max ntk %.2e (se %.2e) "
+          "= %.1e of max|K| = %.1f (se %.1e)"
+          % (np.abs(diff[:3]).max(), se[:3].max(), np.abs(diff[3:]).max(), se[3:].max(),
+             np.abs(diff[3:]).max() / kmax, kmax, se[3:].max() / kmax))
     assert np.max(np.abs(z)) < TOL["z"], (z, diff, se)
     assert np.max(np.abs(z_lazy)) > 2 * TOL["z"]
-    # the predictions are pinned to 1e-3 by this data (the NTK only to ~5e-2: its N Var ~ 1e2)
-    assert np.max(se[:3]) < 1e-3 and np.max(np.abs(diff[:3])) < 1e-3
+    assert np.max(se[:3]) < 1e-3 / 3 and np.max(np.abs(diff[:3])) < 1e-3
+    assert np.max(se[3:]) / kmax < 1e-3 / 3 and np.max(np.abs(diff[3:])) / kmax < 1e-3
