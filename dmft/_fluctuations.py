@@ -26,10 +26,20 @@ Methods (``method=``):
     cumulants of the Gaussian unit, including the formal (MSR) cumulants of the response
     order parameters (:mod:`solvers.fluct_deep`). No sampling. At depth 1 it equals
     ``"linear-exact"`` to rounding.
+``"deep-propagator"``
+    Deep networks (depth >= 2) with a smooth activation (tanh, erf; linear as a check): the
+    same propagator with sampled single-site fields (:mod:`solvers.fluct_mc`): the linear
+    response of the Monte Carlo single-site map (PyTorch, sources reparameterised, responses
+    by Stein's lemma) gives the adjoint rows d obs / dE, and kappa, with the formal MSR
+    cumulants of the response order parameters, comes from per-sample Jacobians and
+    Hessians of each layer's march. Reduces to ``"deep-linear"`` for linear networks (a
+    test). Standard errors: batch means of kappa's samples (not the map's sampling, whose
+    effect is below them at the default ``samples``). Cost grows like (n (T+1))^3 per
+    sample: meant for modest n (T+1) (tens to ~100).
 ``"auto"``
     ``"lazy"`` for a ``method="static"`` solution or gamma0 = 0, ``"linear-exact"`` for a
-    two-layer linear network, ``"deep-linear"`` for a deeper linear one, else
-    ``"propagator"``.
+    two-layer linear network, ``"deep-linear"`` for a deeper linear one,
+    ``"deep-propagator"`` for a deep nonlinear one, else ``"propagator"``.
 
 Also here: :func:`solve_two_layer`, the infinite-width two-layer dynamics by a self-consistent
 forward march of a sample population (no outer iteration is needed at L = 1), used by the tests
@@ -44,6 +54,7 @@ import numpy as np
 
 from solvers import fluct as _engine
 from solvers import fluct_deep as _deep
+from solvers import fluct_mc as _deep_mc
 
 from ._progress import progress_bar
 from .results import ConvergenceError, Fluctuations, Solution
@@ -51,9 +62,12 @@ from .specs import MLP, Dataset, GradientDescent, check_positive_int
 
 __all__ = ["fluctuations", "solve_two_layer", "FLUCTUATION_METHODS"]
 
-FLUCTUATION_METHODS = ("auto", "propagator", "lazy", "linear-exact", "deep-linear")
+FLUCTUATION_METHODS = ("auto", "propagator", "lazy", "linear-exact", "deep-linear",
+                       "deep-propagator")
 _MOMENTS = ("auto", "exact", "sampled")
-DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000}
+DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000, "deep-propagator": 16384}
+#: single-site samples for kappa (per-sample Jacobians and Hessians) in "deep-propagator"
+DEFAULT_KAPPA_SAMPLES = 8192
 
 
 def _rng(seed):
@@ -83,7 +97,7 @@ def _delta(sol: Solution, center: bool) -> np.ndarray:
 
 def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=False,
                  blocks: int = 10, chunk=None, ntk=True, moments: str = "auto",
-                 progress=None, **unknown) -> Fluctuations:
+                 kappa_samples=None, progress=None, **unknown) -> Fluctuations:
     """Leading-order finite-width fluctuations N Cov over initialisations (THEORY.md §5).
 
     Parameters
@@ -99,7 +113,7 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
         (module docstring).
     samples : int, optional
         Single-site samples (default 20 000 for ``"propagator"``, 200 000 for sampled lazy
-        moments). The relative Monte Carlo error of the covariances is about sqrt(2 / samples)
+        moments, 16384 per layer for the map of ``"deep-propagator"``). The relative Monte Carlo error of the covariances is about sqrt(2 / samples)
         times a problem-dependent factor; ``stderr`` reports it.
     seed : int or SeedSequence, optional
         Seed of the single-site samples; the same seed gives bit-identical results.
@@ -117,6 +131,9 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
     moments : str
         ``"lazy"`` only: ``"exact"`` (linear networks), ``"sampled"``, or ``"auto"`` (exact
         when available).
+    kappa_samples : int, optional
+        ``"deep-propagator"`` only: samples (<= ``samples``) for the single-site covariance
+        kappa (default 8192; per-sample Jacobians and Hessians, the expensive part).
     progress : bool or None
         Progress bar (None: only on a terminal).
 
@@ -138,17 +155,17 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
     ValueError
         Bad options or a solution the method cannot use.
     NotImplementedError
-        Deep nonlinear networks (depth > 1 with a nonlinear activation; deep linear networks
-        use ``"deep-linear"``), ``"propagator"``/``"linear-exact"`` at depth > 1, and ReLU
-        with ``"propagator"`` (its tangents miss the phi'' = delta term; ``method="lazy"``
-        handles ReLU).
+        ``"propagator"``/``"linear-exact"`` at depth > 1, sampled lazy moments at depth > 1,
+        and ReLU with ``"propagator"`` or ``"deep-propagator"`` (their derivatives miss the
+        phi'' = delta term; ``method="lazy"`` handles two-layer ReLU).
     ConvergenceError
         The single-site fields or the linearised dynamics diverged.
     """
     start = time.perf_counter()
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for fluctuations; known options: "
-                         f"method, samples, seed, center, blocks, chunk, ntk, moments, progress")
+                         f"method, samples, seed, center, blocks, chunk, ntk, moments, "
+                         f"kappa_samples, progress")
     if not isinstance(sol, Solution):
         raise ValueError(f"sol must be a dmft.Solution (from dmft.solve), got "
                          f"{type(sol).__name__}; for an Ensemble of simulated networks use "
@@ -174,21 +191,28 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
         elif net.linear:
             method = "linear-exact" if net.depth == 1 else "deep-linear"
         else:
-            method = "propagator"
-    if net.depth != 1 and not net.linear:
-        raise NotImplementedError(
-            f"fluctuations of deep nonlinear networks (depth={net.depth}, activation="
-            f"{net.activation!r}) are not implemented in this version; available: two-layer "
-            f"networks (depth=1, any smooth activation) and linear networks of any depth "
-            f"(method='deep-linear')")
+            method = "propagator" if net.depth == 1 else "deep-propagator"
     if net.depth != 1 and method in ("propagator", "linear-exact"):
         raise NotImplementedError(
-            f"method={method!r} handles two-layer networks (depth=1) only; for a deep linear "
-            f"network (depth={net.depth}) use method='deep-linear' (or 'auto')")
-    if samples is not None or method == "propagator" or (method == "lazy" and not (
-            moments in ("auto", "exact") and net.linear)):
+            f"method={method!r} handles two-layer networks (depth=1) only; for a deep "
+            f"network (depth={net.depth}) use method='deep-propagator' (or 'deep-linear' for "
+            f"a linear one, or 'auto')")
+    if method == "deep-propagator":
+        if net.depth < 2:
+            raise ValueError("method='deep-propagator' needs depth >= 2; a two-layer network "
+                             "uses method='propagator'")
+        if net.activation == "relu":
+            raise NotImplementedError(
+                "method='deep-propagator' does not support relu: the derivative of the "
+                "sampled single-site map misses the phi'' = delta term; use tanh or erf")
+        if sol.A is None or sol.B is None:
+            raise ValueError(f"method='deep-propagator' linearises around the responses A, B "
+                             f"of the solution; sol (method={sol.method!r}) has none: solve "
+                             f"with method='mc' (or 'linear' for a linear network)")
+    if samples is not None or method in ("propagator", "deep-propagator") or (
+            method == "lazy" and not (moments in ("auto", "exact") and net.linear)):
         if samples is None:
-            samples = DEFAULT_SAMPLES["propagator" if method == "propagator" else "lazy"]
+            samples = DEFAULT_SAMPLES[method if method in DEFAULT_SAMPLES else "lazy"]
         samples = check_positive_int("samples", samples, " (single-site samples, e.g. "
                                      "samples=20000)")
         if samples < 2 * blocks:
@@ -243,8 +267,10 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
                                  f"activation={net.activation!r}; use moments='sampled'")
             if net.depth != 1 and not use_exact:
                 raise NotImplementedError(
-                    f"sampled lazy moments are implemented for two-layer networks only; a deep "
-                    f"linear network (depth={net.depth}) uses moments='exact'")
+                    f"sampled lazy moments are implemented for two-layer networks only "
+                    f"(depth={net.depth}, activation={net.activation!r}): a deep linear network "
+                    f"uses moments='exact'; a deep nonlinear one needs a method='mc' solution "
+                    f"and method='deep-propagator'")
             if use_exact and net.depth != 1:
                 kf, kK = _deep.deep_linear_lazy_kappa(kx, net.depth, g0)
                 res = _engine.lazy_propagator(K, delta, train.lr, kK, kf)
@@ -267,6 +293,33 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
                 options["samples"] = samples
                 extras["sampled_ntk"] = mom["mean_K"]
             extras["lazy_delta"] = delta
+        elif method == "deep-propagator":
+            if gamma0 <= 0:
+                raise ValueError("method='deep-propagator' needs gamma0 > 0; use "
+                                 "method='lazy' for the gamma0 -> 0 limit")
+            ks = DEFAULT_KAPPA_SAMPLES if kappa_samples is None else check_positive_int(
+                "kappa_samples", kappa_samples, " (samples for kappa, e.g. 8192)")
+            ks = min(ks, samples)
+            if ks < 4 * blocks:
+                raise ValueError(f"kappa_samples={ks} is too small for blocks={blocks}; use at "
+                                 f"least {4 * blocks}")
+            flat = lambda K: np.moveaxis(np.asarray(K, dtype=np.float64), -2, -3).reshape(  # noqa: E731
+                K.shape[:-4] + ((T + 1) * n, (T + 1) * n))
+            ss = np.random.SeedSequence(int(rng.integers(2 ** 63)))
+            res = _deep_mc.deep_propagator(
+                kx, np.asarray(data.y_train), net.activation, net.depth, gamma0, train.lr, T,
+                f=f_all, phi=flat(sol.phi), g=flat(sol.g), A=flat(sol.A), B=flat(sol.B),
+                center=center, ntk=ntk, samples=samples, kappa_samples=ks,
+                seed=ss, blocks=blocks)
+            if not (np.all(np.isfinite(res["cov"])) and res["residual"] < 1e-6):
+                raise ConvergenceError(
+                    f"fluctuations (deep-propagator): the linearised dynamics did not converge "
+                    f"(adjoint residual {res['residual']:.3g}); reduce lr or gamma0")
+            stderr["prediction_cov"] = res["pred_cov_se"]
+            if ntk:
+                stderr["ntk_var"] = res["ntk_var_se"]
+            options.update(samples=int(samples), kappa_samples=int(ks),
+                           residual=float(res["residual"]))
         elif method == "deep-linear":
             if not net.linear:
                 raise ValueError(f"method='deep-linear' needs a linear network, got "

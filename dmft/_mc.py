@@ -351,7 +351,10 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     except (FloatingPointError, np.linalg.LinAlgError) as exc:
         raise ConvergenceError(
             f"method={method!r} diverged: {exc}. The fields blow up when gamma0 or lr is too "
-            f"large; reduce lr (or gamma0), or check the static method's stable learning rate")\
+            f"large; reduce lr (or gamma0). Feature learning grows the NTK, so lr can exceed "
+            f"2 / lambda_max(K(t)) during training (edge of stability) even below the static "
+            f"method's stable rate 2 / lambda_max(K(0)); dmft.simulate shows whether finite "
+            f"networks catapult there")\
             from exc
 
     f = out["f"]

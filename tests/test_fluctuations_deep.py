@@ -167,8 +167,13 @@ def test_adapter_shapes_options_and_errors():
     with pytest.raises(NotImplementedError, match="deep-linear"):
         dmft.fluctuations(sol, method="linear-exact")
     tanh = dmft.solve(dmft.MLP(2, "tanh"), data, train, method="static")
-    with pytest.raises(NotImplementedError, match="deep nonlinear"):
-        dmft.fluctuations(tanh)
+    with pytest.raises(NotImplementedError, match="two-layer networks only.*deep-propagator"):
+        dmft.fluctuations(tanh)             # a static solution: auto -> lazy
+    with pytest.raises(ValueError, match="has none: solve with method='mc'"):
+        dmft.fluctuations(tanh, method="deep-propagator")
+    relu2 = dmft.solve(dmft.MLP(2, "relu"), data, train, method="static")
+    with pytest.raises(NotImplementedError, match="does not support relu"):
+        dmft.fluctuations(relu2, method="deep-propagator")
     tanh1 = dmft.solve(dmft.MLP(1, "tanh"), data, train, method="static")
     with pytest.raises(ValueError, match="needs a linear network"):
         dmft.fluctuations(tanh1, method="deep-linear")

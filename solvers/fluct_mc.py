@@ -1,0 +1,513 @@
+"""O(1/N) propagator of deep *nonlinear* networks (THEORY.md §5 on top of §2), sampled.
+
+The model of the finite-width noise is the one of :mod:`solvers.fluct_deep` (checked there
+against simulated linear networks), with the Gaussian unit replaced by sampled single-site
+fields. Integrating out the initial weights couples layers only through averages over the
+units of a layer; at width N each average is its single-unit mean plus noise E / sqrt(N):
+
+    Phi^l = <phi phi^T> + E_pp,   G^l = <g g^T> + E_gg,   f = (<z^L phi^L> + E_f) / gamma0,
+    A^l = (<phi rho_r^T> + E_a) / gamma0,   B^{l-1} = (<g rho_u^T> + E_b) / gamma0,
+
+where rho_r, rho_u are the MSR response fields conjugate to the sources r^l, u^l of a unit
+(<F rho(s)> = <dF / d source(s)>). As in the linear module, the response noise E_a is used on
+s <= t (its equal-time part pairs with the coupling of the same times) and E_b on s < t; the
+structural zeros (test points are passive) carry no noise.
+
+Linearising the fixed point q = M(q) + E (one Gauss-Seidel sweep of the single-site map M, in
+PyTorch, with the sources reparameterised as u = L_Phi xi_u, r = L_G xi_r so that M is a
+differentiable function of q at fixed samples) gives dq/dE = (I - M_q)^{-1} M_E. The adjoint
+rows w_i = d obs_i / dq (I - M_q)^{-1} are iterated, w <- d obs / dq + w M_q (one batched
+vector-Jacobian product per iteration; the map is causal, so T + L + 3 iterations suffice and
+the change of w is checked), and J_i = w_i M_E = d obs_i / dE.
+
+The noise covariance kappa is the single-site covariance of the averaged quantities, with the
+formal MSR rules for the response fields (<F rho_b> = <dF/dsrc_b>, <F rho_b rho_d> =
+<d^2 F / dsrc_b dsrc_d>). In whitened sources (src = L xi, kept innovations only) these are
+Gaussian integration by parts: rho <-> L^{-T} xi and, for pairs, the second Hermite
+polynomial xi xi^T - I. For each layer and observable i the per-sample scalar
+
+    X_i = <J_i^pp, phi phi^T> + <J_i^gg, g g^T> + <J_i^f, z phi> + alpha_i . xi_r + beta_i . xi_u,
+    alpha_i = L_G^{-1} (J_i^a)^T phi,   beta_i = L_Phi^{-1} (J_i^b)^T g,
+
+gives N Cov(obs_i, obs_j) = sum_l [ Cov_s(X_i, X_j) - <alpha_i . alpha_j + beta_i . beta_j> ].
+
+Responses inside the map are estimated by Stein's lemma in causally whitened sources (as
+:func:`solvers.mc.stein_finish`), which is differentiable in q. Smooth activations only: the
+derivative of the map for ReLU would miss the phi'' = delta term.
+
+Cost: per layer and iteration one march of S samples (O(S (nT)^2)) and its backward pass per
+batch of observables; memory one sweep's graph. Meant for modest n (T + 1) (a few hundred).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .fluct_deep import _torch
+from .mc import causal_cholesky, stein_groups
+
+__all__ = ["deep_propagator"]
+
+
+class _Factor:
+    """Causal whitening of a source covariance K (m, m) at fixed innovations ``keep``:
+    u = F xi with F (m, k) = K[:, keep] L^{-T}, L = chol(K[keep, keep]); differentiable in K
+    (the kept set is chosen once, at the linearisation point, and held fixed)."""
+
+    def __init__(self, torch, K, keep):
+        self.keep = keep
+        L = torch.linalg.cholesky(K[keep][:, keep])
+        self.L = L
+        # F = K[:, keep] L^{-T}  (rows of kept variables: F[keep] = L)
+        self.F = torch.linalg.solve_triangular(L, K[:, keep].T, upper=False).T
+
+    def sources(self, xi):
+        """(S, m) sources from (S, k) standard normals."""
+        return xi @ self.F.T
+
+    def whiten(self, v):
+        """L^{-1} v[keep] for v (..., m) -> (..., k) (the coordinates of rho . v)."""
+        torch = _TORCH[0]
+        vk = v[..., self.keep]
+        shp = vk.shape
+        out = torch.linalg.solve_triangular(self.L, vk.reshape(-1, shp[-1]).T, upper=False).T
+        return out.reshape(shp)
+
+
+_TORCH = [None]
+
+
+def _keep(K, rtol):
+    return np.asarray(causal_cholesky(K, rtol)[0])
+
+
+def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A, B,
+                    center=False, ntk=True, samples=16384, seed=0, rtol=1e-6, blocks=8,
+                    batch=32, iters=None, chunk=32, kappa_samples=None):
+    """Leading-order N Cov of the predictions (and N Var of NTK entries) of a deep network.
+
+    Parameters
+    ----------
+    kx : (n, n) input kernel (train first); y : (P,) targets; activation : smooth name;
+    depth : L >= 2; gamma0, lr, steps : the training.
+    f : (T1, n); phi, g : (L, m, m) flat two-time kernels (m = T1 n, index t n + mu);
+    A, B : (L - 1, m, m) flat responses: the infinite-width solution to linearise around.
+    center : bool
+        Centred model f - f(theta_0) (no initial-output variance; Delta from centred f).
+    ntk : bool
+        Also N Var of the equal-time NTK entries.
+    samples : int
+        Single-site samples per layer (the map and kappa); ``blocks`` batch means give the
+        standard error of kappa's sampling (the map's own sampling error is not included).
+    seed : int or SeedSequence.
+    rtol : float
+        Innovations below this fraction of a source's variance are dropped
+        (:func:`solvers.mc.causal_cholesky`).
+    batch : int
+        Observables per batched backward pass.
+    iters : int, optional
+        Adjoint iterations (default T1 + L + 3); the last change is returned as ``residual``.
+
+    Returns
+    -------
+    dict with ``cov`` (T1, T1, n, n) two-time N Cov(f), ``pred_cov`` (T1, n, n), ``ntk_var``
+    (T1, n, n) or None, their batch-means standard errors ``pred_cov_se``, ``ntk_var_se``,
+    ``residual`` (relative change of the adjoint rows in the last iteration).
+    """
+    torch = _torch()
+    _TORCH[0] = torch
+    dt = torch.float64
+    kx = np.asarray(kx, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, P, L, T1 = kx.shape[0], y.size, int(depth), int(steps) + 1
+    if L < 2:
+        raise ValueError("deep_propagator handles depth >= 2 (two-layer networks: "
+                         "solvers.fluct.two_layer_propagator)")
+    m = T1 * n
+    S = int(samples)
+    iters = T1 + L + 3 if iters is None else int(iters)
+    tb = np.repeat(np.arange(T1), n)
+    pb = np.tile(np.arange(n), T1)
+    train = pb < P
+    kx_flat = np.tile(kx, (T1, T1))
+    ones = np.ones((m, m))
+
+    # masks (numpy bool -> torch float)
+    strict = tb[:, None] > tb[None, :]
+    lower = tb[:, None] >= tb[None, :]
+    # A: rows all points, columns train sources only (test r reaches nothing)
+    maskA = lower & train[None, :]
+    # B: train rows see train sources; test row q sees train sources and its own
+    maskB_struct = np.zeros((m, m), bool)
+    maskB_struct[np.ix_(train, train)] = True
+    for q in range(P, n):
+        rows = pb == q
+        maskB_struct[np.ix_(rows, train | rows)] = True
+    maskB_mean = maskB_struct & lower
+    maskB_noise = maskB_struct & strict
+    T = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=dt)      # noqa: E731
+    t_strict, t_maskA = T(strict), T(maskA)
+    t_maskBm, t_maskBn = T(maskB_mean), T(maskB_noise)
+
+    # the linearisation point
+    q0 = {"f": T(f), "phi": [T(phi[l]) for l in range(L)], "g": [T(g[l]) for l in range(L)],
+          "A": [T(A[l]) for l in range(L - 1)], "B": [T(B[l]) for l in range(L - 1)]}
+    # source covariances and their innovations (held fixed)
+    Ku = [kx_flat] + [np.asarray(phi[l]) for l in range(L - 1)]       # layer l: Phi^{l-1}
+    Kr = [np.asarray(g[l + 1]) for l in range(L - 1)] + [ones]        # layer l: G^{l+1}
+    keep_u = [_keep(K, rtol) for K in Ku]
+    keep_r = [_keep(K, rtol) for K in Kr]
+    groups = [None] + [stein_groups(Ku[l], T1, n, P, rtol) for l in range(1, L)]
+    # A's whitening: training sources only (time-major)
+    tr_idx = np.flatnonzero(train)
+    keep_rtr = [tr_idx[_keep(Kr[l][np.ix_(tr_idx, tr_idx)], rtol)] for l in range(L - 1)]
+
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    rngs = [np.random.default_rng(c) for c in ss.spawn(2 * L)]
+    # antithetic pairs (u, r), (u, -r): the parts of phi even in r and of g odd in r (the
+    # dominant ones) cancel in the Stein responses of the map, whose noise sets the error of
+    # the linearisation (measured, depth-2 linear net: 4x fewer samples for the same error)
+    S -= S % 2
+    half = S // 2
+    xi_u = [T(np.repeat(rngs[2 * l].standard_normal((half, len(keep_u[l]))), 2, axis=0))
+            for l in range(L)]
+    xi_r = []
+    for l in range(L):
+        e = rngs[2 * l + 1].standard_normal((half, len(keep_r[l])))
+        xi_r.append(T(np.stack([e, -e], axis=1).reshape(S, -1)))
+
+    act = _activation(torch, activation)
+    yv = T(y)
+    kx_t = T(kx_flat)
+    idx_t = np.arange(T1)
+
+    def march(u, r, C, D):
+        """Fields (m, S) time-major; C may have (noise-only) equal-time blocks, handled to
+        first order by one predictor step (module docstring)."""
+        Hs, Ps, Zs, Gs = [], [], [], []
+        uT, rT = u.T, r.T
+        for t in range(T1):
+            a, e = t * n, (t + 1) * n
+            h0 = uT[a:e]
+            if t:
+                h0 = h0 + gamma0 * (C[a:e, :a] @ torch.cat(Gs, 0))
+                pprev = torch.cat(Ps, 0)
+            Ctt = C[a:e, a:e]
+            Dtt = D[a:e, a:e]
+            zpast = rT[a:e] + (gamma0 * (D[a:e, :a] @ pprev) if t else 0.0)
+            # predictor without the equal-time memory term, then the corrected step
+            p0 = act(h0, 0)
+            gt = act(h0, 1) * (zpast + gamma0 * (Dtt @ p0))
+            h = h0 + gamma0 * (Ctt @ gt)
+            p = act(h, 0)
+            z = zpast + gamma0 * (Dtt @ p)
+            Hs.append(h)
+            Ps.append(p)
+            Zs.append(z)
+            Gs.append(act(h, 1) * z)
+        return (torch.cat(Hs, 0), torch.cat(Ps, 0), torch.cat(Zs, 0), torch.cat(Gs, 0))
+
+    def stein(F_rows, xi, Lc, col_t, row_t, strict_time):
+        """gamma0 * <dF/dsrc> = <F xi^T> L^{-1} with the causal mask on innovations."""
+        J = (F_rows @ xi) / S
+        mask = (col_t[None, :] < row_t[:, None]) if strict_time else \
+            (col_t[None, :] <= row_t[:, None])
+        J = J * T(mask)
+        return torch.linalg.solve_triangular(Lc, J, upper=False, left=False)
+
+    def sweep(q, E, keep_fields=False):
+        fq = q["f"]
+        fc = fq - fq[:1] if center else fq
+        dcol = torch.zeros(T1, n, dtype=dt)
+        dcol[:, :P] = yv[None, :] - fc[:, :P]
+        W = lr * t_strict * dcol.reshape(1, m)
+        out = {"phi": [], "g": [], "A": [], "B": [None] * (L - 1)}
+        fields = []
+        phi_prev, A_prev = kx_t, None
+        for l in range(L):
+            g_next = torch.ones(m, m, dtype=dt) if l == L - 1 else q["g"][l + 1]
+            C = phi_prev * W
+            if A_prev is not None:
+                C = C + A_prev * t_maskA
+            D = g_next * W
+            if l <= L - 2:
+                D = D + q["B"][l] * t_maskBm
+            fu = _Factor(torch, phi_prev, keep_u[l])
+            fr = _Factor(torch, g_next, keep_r[l])
+            u = fu.sources(xi_u[l])
+            r = fr.sources(xi_r[l])
+            H, PH, Z, G = march(u, r, C, D)                        # (m, S)
+            El = E[l]
+            Phi_l = PH @ PH.T / S + El["pp"]
+            G_l = G @ G.T / S + El["gg"]
+            out["phi"].append(Phi_l)
+            out["g"].append(G_l)
+            if l <= L - 2:
+                # A^l = gamma0^{-1} <dphi / dr_train>: Stein in the training sources
+                ktr = keep_rtr[l]
+                Ltr = torch.linalg.cholesky(g_next[ktr][:, ktr])
+                xi_tr = torch.linalg.solve_triangular(Ltr, r[:, ktr].T, upper=False)  # (k,S)
+                Js = stein(PH, xi_tr.T, Ltr, tb[ktr], tb, True)
+                A_l = torch.zeros(m, m, dtype=dt)
+                A_l[:, ktr] = Js
+                A_l = (A_l + El["a"] * t_maskA) / gamma0
+                out["A"].append(A_l)
+                A_prev = A_l
+            if l >= 1:
+                B_l = torch.zeros(m, m, dtype=dt)
+                for grp in groups[l]:
+                    cols = grp["cols"]
+                    Lg = torch.linalg.cholesky(phi_prev[cols][:, cols])
+                    xg = torch.linalg.solve_triangular(Lg, u[:, cols].T, upper=False)
+                    Js = stein(G[grp["rows"]], xg.T, Lg, grp["col_t"], grp["row_t"], False)
+                    B_l[np.ix_(grp["rows"], cols)] = Js
+                out["B"][l - 1] = (B_l + El["b"] * t_maskBn) / gamma0
+            if l == L - 1:
+                zf = (Z * PH).mean(1).reshape(T1, n) + El["f"].reshape(T1, n)
+                out["f"] = zf / gamma0
+            if keep_fields:
+                fields.append({"phi": PH.detach(), "g": G.detach(), "z": Z.detach(),
+                               "u": u.detach(), "r": r.detach(), "C": C.detach(),
+                               "D": D.detach()})
+            phi_prev = Phi_l
+        return out, fields
+
+    def observables(q):
+        fq = q["f"]
+        fc = fq - fq[:1] if center else fq
+        obs = [fc.reshape(-1)]
+        if ntk:
+            K = kx_t.reshape(T1, n, T1, n)[idx_t, :, idx_t, :] * \
+                q["g"][0].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+            for l in range(L):
+                Gl1 = (q["g"][l + 1].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+                       if l < L - 1 else 1.0)
+                K = K + Gl1 * q["phi"][l].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+            iu = np.triu_indices(n)
+            obs.append(K[:, iu[0], iu[1]].reshape(-1))
+        return torch.cat(obs)
+
+    def zero_noise():
+        return [{"pp": torch.zeros(m, m, dtype=dt, requires_grad=True),
+                 "gg": torch.zeros(m, m, dtype=dt, requires_grad=True),
+                 "f": torch.zeros(m, dtype=dt, requires_grad=True),
+                 "a": torch.zeros(m, m, dtype=dt, requires_grad=True),
+                 "b": torch.zeros(m, m, dtype=dt, requires_grad=True)} for _ in range(L)]
+
+    def flat(q):
+        return [q["f"]] + q["phi"] + q["g"] + q["A"] + [b for b in q["B"]]
+
+    nthreads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        qin = {"f": q0["f"].clone().requires_grad_(True),
+               "phi": [x.clone().requires_grad_(True) for x in q0["phi"]],
+               "g": [x.clone().requires_grad_(True) for x in q0["g"]],
+               "A": [x.clone().requires_grad_(True) for x in q0["A"]],
+               "B": [x.clone().requires_grad_(True) for x in q0["B"]]}
+        E = zero_noise()
+        qout, fields = sweep(qin, E, keep_fields=True)
+        leaves_q = flat(qin)
+        leaves_E = [El[k] for El in E for k in ("pp", "gg", "f", "a", "b")]
+        outs = flat(qout)
+        # d obs / dq at the fixed point (obs depend on q directly)
+        qobs = {"f": qin["f"], "phi": qin["phi"], "g": qin["g"]}
+        obs = observables(qobs)
+        K = obs.numel()
+        eye = torch.eye(K, dtype=dt)
+        Jall = {k: [] for k in ("pp", "gg", "f", "a", "b")}
+        residual = 0.0
+        for lo in range(0, K, batch):
+            hi = min(K, lo + batch)
+            nb = hi - lo
+            g0 = torch.autograd.grad(obs, [qin["f"]] + qin["phi"] + qin["g"],
+                                     grad_outputs=eye[lo:hi], retain_graph=True,
+                                     allow_unused=True, is_grads_batched=True)
+            base = [x if x is not None else torch.zeros((nb,) + tuple(lf.shape), dtype=dt)
+                    for x, lf in zip(g0, [qin["f"]] + qin["phi"] + qin["g"])]
+            base += [torch.zeros((nb,) + tuple(lf.shape), dtype=dt)
+                     for lf in qin["A"] + qin["B"]]
+            w = base
+            for k in range(iters):
+                gr = torch.autograd.grad(outs, leaves_q, grad_outputs=w, retain_graph=True,
+                                         allow_unused=True, is_grads_batched=True)
+                new = [b + (x if x is not None else 0.0) for b, x in zip(base, gr)]
+                if k == iters - 1:
+                    num = sum(float(((a - b) ** 2).sum()) for a, b in zip(new, w))
+                    den = sum(float((a ** 2).sum()) for a in new) + 1e-300
+                    residual = max(residual, (num / den) ** 0.5)
+                w = new
+            gE = torch.autograd.grad(outs, leaves_E, grad_outputs=w, retain_graph=True,
+                                     allow_unused=True, is_grads_batched=True)
+            for l in range(L):
+                for j, key in enumerate(("pp", "gg", "f", "a", "b")):
+                    x = gE[5 * l + j]
+                    shape = (nb,) + tuple(E[l][key].shape)
+                    Jall[key].append((l, lo, x.detach() if x is not None else
+                                      torch.zeros(shape, dtype=dt)))
+        # assemble J per layer: (K, ...) arrays
+        J = [{key: torch.cat([x for (ll, lo, x) in Jall[key] if ll == l], 0)
+              for key in Jall} for l in range(L)]
+        # kappa contracted with the J's, from per-sample derivatives (module docstring)
+        Sk = S if kappa_samples is None else min(S, int(kappa_samples))
+        edges = np.linspace(0, Sk, blocks + 1).astype(int)
+        cov = np.zeros((K, K))
+        bc = np.zeros((blocks, K, K))
+        for l in range(L):
+            with torch.no_grad():
+                mom = _kappa_layer(torch, fields[l], J[l], l == 0, l == L - 1, edges, chunk,
+                                   gamma0, act, T1, n)
+            for b in range(blocks):
+                cnt = edges[b + 1] - edges[b]
+                m1, m2 = mom["m1"][b] / cnt, mom["m2"][b] / cnt
+                bc[b] += (m2 - np.outer(m1, m1)) * cnt / (cnt - 1)
+            m1 = sum(mom["m1"]) / Sk
+            m2 = sum(mom["m2"]) / Sk
+            cov += (m2 - np.outer(m1, m1)) * Sk / (Sk - 1)
+        cov_se = bc.std(axis=0, ddof=1) / np.sqrt(blocks)
+    finally:
+        torch.set_num_threads(nthreads)
+    nf = T1 * n
+    cf = cov[:nf, :nf].reshape(T1, n, T1, n).transpose(0, 2, 1, 3)
+    cf_se = cov_se[:nf, :nf].reshape(T1, n, T1, n).transpose(0, 2, 1, 3)
+    res = {"cov": cf, "pred_cov": np.ascontiguousarray(cf[idx_t, idx_t]),
+           "pred_cov_se": np.ascontiguousarray(cf_se[idx_t, idx_t]),
+           "residual": residual, "ntk_var": None, "ntk_var_se": None}
+    if ntk:
+        iu = np.triu_indices(n)
+        v = np.diag(cov)[nf:].reshape(T1, iu[0].size)
+        vs = np.diag(cov_se)[nf:].reshape(T1, iu[0].size)
+        var = np.empty((T1, n, n))
+        vse = np.empty((T1, n, n))
+        var[:, iu[0], iu[1]] = v
+        var[:, iu[1], iu[0]] = v
+        vse[:, iu[0], iu[1]] = vs
+        vse[:, iu[1], iu[0]] = vs
+        res["ntk_var"], res["ntk_var_se"] = var, vse
+    return res
+
+
+def _kappa_layer(torch, fl, Jl, first, last, edges, chunk, gamma0, act, T1, n):
+    """Per-block sums of the formal first and second moments of X_i (module docstring) for
+    one layer: M1_i = Y_i + div_r v^a_i + div_u v^b_i, M2_ij = E[X_i X_j] by the MSR rules,
+    from per-sample Jacobians and Hessians of the layer's march w.r.t. its sources.
+
+    ``first``: no B channel (layer 1 has no u-response order parameter); ``last``: no A
+    channel (r^L = w) and the output channel <J^f, z phi>.
+    """
+    from torch.func import jacfwd, vmap
+
+    m = T1 * n
+    C, D = fl["C"], fl["D"]
+    K = Jl["pp"].shape[0]
+    Jp = 0.5 * (Jl["pp"] + Jl["pp"].transpose(1, 2))
+    Jg = 0.5 * (Jl["gg"] + Jl["gg"].transpose(1, 2))
+    Ja, Jb, Jf = Jl["a"], Jl["b"], Jl["f"]
+    use_a, use_b = not last, not first
+
+    def fields1(u, r):
+        Ps, Gs, Zs = [], [], []
+        for t in range(T1):
+            a, e = t * n, (t + 1) * n
+            h = u[a:e]
+            if t:
+                h = h + gamma0 * (C[a:e, :a] @ torch.cat(Gs))
+            p = act(h, 0)
+            z = r[a:e] + gamma0 * (D[a:e, :e] @ torch.cat(Ps + [p]))
+            Ps.append(p)
+            Zs.append(z)
+            Gs.append(act(h, 1) * z)
+        return torch.cat(Ps), torch.cat(Gs), torch.cat(Zs)
+
+    jac = vmap(jacfwd(fields1, argnums=(0, 1)))
+    if use_a:
+        hess_p = vmap(jacfwd(jacfwd(lambda u, r: fields1(u, r)[0], argnums=1), argnums=(0, 1)))
+    if use_b:
+        hess_g = vmap(jacfwd(jacfwd(lambda u, r: fields1(u, r)[1], argnums=0), argnums=(0, 1)))
+    nb = len(edges) - 1
+    m1 = [np.zeros(K) for _ in range(nb)]
+    m2 = [np.zeros((K, K)) for _ in range(nb)]
+    ein = torch.einsum
+    for b in range(nb):
+        for c0 in range(edges[b], edges[b + 1], chunk):
+            sl = slice(c0, min(edges[b + 1], c0 + chunk))
+            u, r = fl["u"][sl], fl["r"][sl]                            # (s, m)
+            ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T   # (s, m)
+            (pu, pr), (gu, gr), (zu, zr) = jac(u, r)                   # (s, m, m) each
+            # physical part and its first derivatives
+            Jpph = ein("kab,sb->ska", Jp, ph)
+            Jggg = ein("kab,sb->ska", Jg, gg)
+            Y = ein("ska,sa->sk", Jpph, ph) + ein("ska,sa->sk", Jggg, gg)
+            dYdp, dYdg = 2 * Jpph, 2 * Jggg
+            dYdz = None
+            if last:
+                Y = Y + (zz * ph) @ Jf.T
+                dYdp = dYdp + Jf[None] * zz[:, None, :]
+                dYdz = Jf[None] * ph[:, None, :]
+            M1 = Y.clone()
+            M2 = ein("si,sj->ij", Y, Y)
+
+            def dY(ru_p, ru_g, ru_z):
+                out = ein("ska,sad->skd", dYdp, ru_p) + ein("ska,sad->skd", dYdg, ru_g)
+                if dYdz is not None:
+                    out = out + ein("ska,sad->skd", dYdz, ru_z)
+                return out
+
+            if use_a:
+                va = ein("kab,sa->skb", Ja, ph)                         # (s, K, m) over r
+                diva = ein("kab,sab->sk", Ja, pr)
+                dva_r = ein("kab,sad->skbd", Ja, pr)                     # d v^a_b / d r_d
+                dva_u = ein("kab,sad->skbd", Ja, pu)                     # d v^a_b / d u_d
+                hur, hrr = hess_p(u, r)                                  # (s, m, m_r, m_u/m_r)
+                gdiva_r = ein("kab,sabd->skd", Ja, hrr)
+                gdiva_u = ein("kab,sabd->skd", Ja, hur)
+                DrY = dY(pr, gr, zr)
+                T2 = ein("sid,sjd->ij", DrY, va) + ein("si,sj->ij", Y, diva)
+                M2 += T2 + T2.T
+                T3 = ein("sjd,sid->ij", va, gdiva_r)
+                M2 += T3 + T3.T + ein("sibd,sjdb->ij", dva_r, dva_r) + \
+                    ein("si,sj->ij", diva, diva)
+                M1 = M1 + diva
+            if use_b:
+                vb = ein("kab,sa->skb", Jb, gg)                         # over u
+                divb = ein("kab,sab->sk", Jb, gu)
+                dvb_u = ein("kab,sad->skbd", Jb, gu)
+                dvb_r = ein("kab,sad->skbd", Jb, gr)
+                huu, hur_g = hess_g(u, r)                                # (s, m, m_u, m_u/m_r)
+                gdivb_u = ein("kab,sabd->skd", Jb, huu)
+                gdivb_r = ein("kab,sabd->skd", Jb, hur_g)
+                DuY = dY(pu, gu, zu)
+                T2 = ein("sid,sjd->ij", DuY, vb) + ein("si,sj->ij", Y, divb)
+                M2 += T2 + T2.T
+                T3 = ein("sjd,sid->ij", vb, gdivb_u)
+                M2 += T3 + T3.T + ein("sibd,sjdb->ij", dvb_u, dvb_u) + \
+                    ein("si,sj->ij", divb, divb)
+                M1 = M1 + divb
+            if use_a and use_b:
+                # mixed r-u pairs: v^b_j . grad_u(div v^a_i) + div v^a_i div v^b_j
+                #   + tr(d_u v^a_i d_r v^b_j) + v^a_i . grad_r(div v^b_j), and i <-> j
+                T4 = ein("sjd,sid->ij", vb, gdiva_u) + ein("si,sj->ij", diva, divb) + \
+                    ein("sibd,sjdb->ij", dva_u, dvb_r) + ein("sid,sjd->ij", va, gdivb_r)
+                M2 += T4 + T4.T
+            m1[b] += M1.sum(0).numpy()
+            m2[b] += M2.numpy()
+    return {"m1": m1, "m2": m2}
+
+
+def _activation(torch, name):
+    """phi (order 0) and phi' (order 1) as torch functions."""
+    if name == "tanh":
+        def act(x, order):
+            t = torch.tanh(x)
+            return t if order == 0 else 1.0 - t * t
+    elif name == "erf":
+        c = 2.0 / np.sqrt(np.pi)
+
+        def act(x, order):
+            return torch.erf(x) if order == 0 else c * torch.exp(-x * x)
+    elif name == "linear":
+        def act(x, order):
+            return x if order == 0 else torch.ones_like(x)
+    else:
+        raise ValueError(f"deep_propagator supports smooth activations (tanh, erf, linear), "
+                         f"got {name!r}: for relu the map's derivative misses phi'' = delta")
+    return act

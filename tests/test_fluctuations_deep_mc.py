@@ -1,0 +1,113 @@
+"""Finite-width fluctuations of deep nonlinear networks: ``method="deep-propagator"``.
+
+The sampled deep propagator (:mod:`solvers.fluct_mc`) is the linearised Monte Carlo
+single-site map plus a sampled noise covariance kappa with the formal MSR cumulants of the
+response order parameters. Proved here by:
+- an independent exact route: on linear networks (where every single-site average is a
+  Gaussian integral) it must reproduce ``method="deep-linear"`` (solvers.fluct_deep, itself
+  checked against simulated linear networks) within its Monte Carlo standard errors, centred
+  and not, including the initial-output variance and the response-noise terms;
+- reproducibility and the adapter (method selection, options, errors);
+- theory against simulated tanh networks (depth 2), widths 128 .. 2048 (validation: tens of
+  CPU minutes).
+"""
+import numpy as np
+import pytest
+
+import dmft
+
+TOL = {
+    "z": 4.5,           # Monte Carlo agreement, in standard errors (max over ~40 entries)
+    "width_rel": 0.10,  # validation: N Var at the largest width within 10 % (or 3 s.e.)
+}
+
+
+def _data(P=2, Q=1, D=4, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((P + Q, D))
+    y = np.linspace(1.0, -0.5, P)
+    return dmft.Dataset(X[:P], y, X[P:] if Q else None)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_linear_network_reproduces_exact_deep_linear_propagator(center):
+    """Depth 2, gamma0 = 1, 3 steps of lr 0.2 (m = 12 flat indices): every entry of N Cov(f)
+    and N Var(K) at every time within TOL['z'] standard errors of the exact propagator.
+
+    The standard errors are the batch means of kappa's samples; the map's own sampling error
+    (samples = 8192, antithetic pairs) is part of what this test bounds: if it were not
+    below kappa's, the z-scores would exceed the bound."""
+    data = _data()
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=3)
+    sol = dmft.solve(dmft.MLP(2, "linear"), data, train, method="linear")
+    ex = dmft.fluctuations(sol, method="deep-linear", center=center)
+    mc = dmft.fluctuations(sol, method="deep-propagator", center=center, samples=8192,
+                           kappa_samples=4096, seed=3)
+    assert mc.method == "deep-propagator" and mc.options["residual"] < 1e-6
+    for key, se_key in (("prediction_cov", "prediction_cov"), ("ntk_var", "ntk_var")):
+        a, b = getattr(mc, key), getattr(ex, key)
+        se = mc.stderr[se_key]
+        scale = np.abs(b).max()
+        nz = np.abs(b) > 1e-9 * scale
+        if center and key == "prediction_cov":
+            # centred: f(0) = 0 exactly, no noise at t = 0
+            assert np.allclose(a[0], 0.0, atol=1e-12)
+        z = np.abs(a - b)[nz] / np.maximum(se[nz], 1e-3 * scale)
+        assert z.max() < TOL["z"], (key, z.max(), a[-1], b[-1], se[-1])
+        # the test has power: standard errors below 10 % of the largest entry (measured
+        # ~7 %), so a relative error of ~1/3 in the large entries fails it
+        assert se.max() < 0.1 * scale, (key, se.max() / scale)
+    # the initial-output variance Phi^L(0, 0) / gamma0^2 = kx enters uncentred
+    if not center:
+        assert np.max(np.abs(mc.prediction_cov[0] - data.kx)) < TOL["z"] * \
+            mc.stderr["prediction_cov"][0].max() + 1e-12
+
+
+def test_seed_reproducibility_selection_and_errors():
+    data = _data(2, 1)
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=2)
+    sol = dmft.solve(dmft.MLP(2, "tanh"), data, train, method="mc", samples=4096, seed=0,
+                     progress=False)
+    a = dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=5, ntk=False)
+    assert a.method == "deep-propagator" and a.options["kappa_samples"] == 256
+    b = dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=5, ntk=False)
+    assert np.array_equal(a.prediction_cov, b.prediction_cov)
+    assert np.all(np.isnan(a.ntk_var))
+    c = dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=6, ntk=False)
+    assert not np.array_equal(a.prediction_cov, c.prediction_cov)
+    assert np.all(np.isfinite(a.prediction_cov)) and np.all(np.linalg.eigvalsh(
+        a.prediction_cov[-1]) > 0)
+    with pytest.raises(ValueError, match="kappa_samples"):
+        dmft.fluctuations(sol, samples=512, kappa_samples=0)
+    with pytest.raises(ValueError, match="too small for blocks"):
+        dmft.fluctuations(sol, samples=512, kappa_samples=16)
+    with pytest.raises(NotImplementedError, match="depth=1"):
+        dmft.fluctuations(sol, method="propagator")
+
+
+@pytest.mark.slow
+@pytest.mark.validation
+def test_tanh_depth_two_against_simulations():
+    """tanh, depth 2, gamma0 = 1, 10 steps of lr 0.1, 3 train + 1 test points, uncentred and
+    centred: N Var of the final predictions and NTK entries of simulated ensembles (400 networks
+    at widths 512, 2048) against the deep propagator, pooled over entries."""
+    from tests.test_fluctuations_deep import _pooled_ratio
+    from dmft.config import teacher_student
+    data = teacher_student(P=3, Q=1, D=6, seed=0)
+    net = dmft.MLP(2, "tanh")
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=10)
+    sol = dmft.solve(net, data, train, method="mc", samples=1 << 16, response_samples=8192,
+                     seed=0, progress=False)
+    i, j = np.triu_indices(data.P + data.Q)
+    for center in (False, True):
+        fl = dmft.fluctuations(sol, center=center, seed=1)
+        for N in (512, 2048):
+            ens = dmft.simulate(net, data, train, width=N, seeds=range(400), center=center)
+            rp = _pooled_ratio(np.sqrt(N) * ens.predictions[:, -1],
+                               np.diag(fl.prediction_cov[-1]))
+            rk = _pooled_ratio(np.sqrt(N) * ens.ntk[:, -1][:, i, j], fl.ntk_var[-1][i, j])
+            print(f"center={center} N={N}: pred ratio {rp[0]:.3f} +- {rp[1]:.3f}, ntk ratio "
+                  f"{rk[0]:.3f} +- {rk[1]:.3f}")
+            if N == 2048:
+                for r, se in (rp, rk):
+                    assert abs(r - 1) < max(TOL["width_rel"], 3 * se), (center, rp, rk)
