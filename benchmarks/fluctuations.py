@@ -14,7 +14,10 @@ Three parts, each printing a table (and, unless ``--no-plots``, a PNG figure):
    width, for the raw and the centred model (f - f(theta_0); the raw model carries the
    initial-output variance Phi^1 / gamma0^2).
 3. ``timing``: the two-layer propagator with 10 points and 100 steps.
-4. ``depth`` (simulations only -- there is no deep propagator in ``dmft.fluctuations`` yet):
+4. ``depth`` (simulations only: ``dmft.fluctuations(method="deep-propagator")`` exists for
+   depth >= 2 and is checked against simulations in tests/test_fluctuations_deep_mc.py, but at
+   this part's size, (P + Q)(T + 1) = 6 x 31 = 186 flat indices, its cost (growing like the
+   fourth power of that number) is out of reach on two cores):
    the paper's claim that kernel variance accumulates with depth at large gamma0 while the
    kernels' signal-to-noise ratio improves. For tanh networks of depth L = 1, 2, 3 at a small
    and a large gamma0 (one width): sum over entries of N Var K(T) of the final NTK, and the
@@ -234,7 +237,8 @@ def depth(args):
     data = _problem(args.points, 2, 8, 1)
     N, S, T = args.depth_width, args.depth_seeds, args.steps
     print(f"\n[depth] tanh networks, P={data.P} + {data.Q} test, T={T}, lr={args.lr}; "
-          f"SIMULATIONS ONLY (no deep propagator yet), width {N}, {S} seeds per row.")
+          f"SIMULATIONS ONLY (the deep propagator is too costly at this size), width {N}, "
+          f"{S} seeds per row.")
     print(f"{'gamma0':>7} {'L':>2} {'sum N Var K(T)':>18} {'sum K_mean^2':>13} "
           f"{'SNR/N':>16} {'sum N Var f(T)':>18} {'sim s':>6}")
     rows = []

@@ -56,7 +56,7 @@ from solvers import fluct as _engine
 from solvers import fluct_deep as _deep
 from solvers import fluct_mc as _deep_mc
 
-from ._progress import progress_bar
+from ._progress import logger, progress_bar
 from .results import ConvergenceError, Fluctuations, Solution
 from .specs import MLP, Dataset, GradientDescent, check_positive_int
 
@@ -306,11 +306,24 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
             flat = lambda K: np.moveaxis(np.asarray(K, dtype=np.float64), -2, -3).reshape(  # noqa: E731
                 K.shape[:-4] + ((T + 1) * n, (T + 1) * n))
             ss = np.random.SeedSequence(int(rng.integers(2 ** 63)))
-            res = _deep_mc.deep_propagator(
-                kx, np.asarray(data.y_train), net.activation, net.depth, gamma0, train.lr, T,
-                f=f_all, phi=flat(sol.phi), g=flat(sol.g), A=flat(sol.A), B=flat(sol.B),
-                center=center, ntk=ntk, samples=samples, kappa_samples=ks,
-                seed=ss, blocks=blocks)
+            bar = progress_bar(100, "fluctuations (deep)", progress, unit="%")
+
+            def _tick(done, total, what, _state=[0]):
+                # adjoint iterations: first half of the bar; kappa samples: second half
+                pct = int(50 * done / total) + (50 if what == "kappa" else 0)
+                if pct > _state[0]:
+                    bar.update(pct - _state[0])
+                    _state[0] = pct
+                    bar.set_postfix_str(what)
+
+            try:
+                res = _deep_mc.deep_propagator(
+                    kx, np.asarray(data.y_train), net.activation, net.depth, gamma0, train.lr,
+                    T, f=f_all, phi=flat(sol.phi), g=flat(sol.g), A=flat(sol.A),
+                    B=flat(sol.B), center=center, ntk=ntk, samples=samples,
+                    kappa_samples=ks, seed=ss, blocks=blocks, progress=_tick, logger=logger)
+            finally:
+                bar.close()
             if not (np.all(np.isfinite(res["cov"])) and res["residual"] < 1e-6):
                 raise ConvergenceError(
                     f"fluctuations (deep-propagator): the linearised dynamics did not converge "
