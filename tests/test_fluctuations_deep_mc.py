@@ -94,8 +94,10 @@ def test_tanh_depth_two_against_simulations():
     largest width within 10 % (or 3 standard errors of the ensemble).
 
     Measured (1 Dec 2026, 2-core machine): the propagator (16384 / 4096 samples) took 735 s per
-    convention; centred ratios at N = 2048: predictions 1.026 +- 0.048 (t = 3), 0.973 +- 0.048
-    (t = 6), NTK 0.958 +- 0.053, 0.939 +- 0.057 (widths 128 .. 1024 in benchmarks/README.md)."""
+    convention (735 s centred, 420 s raw); ratios at N = 2048, centred: predictions
+    1.026 +- 0.048 (t = 3), 0.973 +- 0.048 (t = 6), NTK 0.958 +- 0.053, 0.939 +- 0.057; raw:
+    predictions 0.993 +- 0.046, 1.013 +- 0.052, NTK 0.965 +- 0.053, 0.955 +- 0.056 (all widths
+    128 .. 2048 in benchmarks/README.md)."""
     from dmft.config import teacher_student
     from tests.test_fluctuations_deep import _pooled_ratio
     data = teacher_student(P=2, Q=1, D=6, seed=0)
