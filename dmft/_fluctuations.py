@@ -326,8 +326,12 @@ def fluctuations(sol, *, method: str = "auto", samples=None, seed=None, center=F
                 bar.close()
             if not (np.all(np.isfinite(res["cov"])) and res["residual"] < 1e-6):
                 raise ConvergenceError(
-                    f"fluctuations (deep-propagator): the linearised dynamics did not converge "
-                    f"(adjoint residual {res['residual']:.3g}); reduce lr or gamma0")
+                    f"fluctuations (deep-propagator): the adjoint iteration of the linearised "
+                    f"single-site map did not converge (relative change {res['residual']:.3g} "
+                    f"after the last iteration): the sampled map's Jacobian has an eigenvalue "
+                    f"of modulus >= 1, from unstable dynamics or from sampling noise amplified "
+                    f"by near-degenerate two-time kernels; use more samples, fewer steps, or "
+                    f"a smaller lr or gamma0")
             stderr["prediction_cov"] = res["pred_cov_se"]
             if ntk:
                 stderr["ntk_var"] = res["ntk_var_se"]

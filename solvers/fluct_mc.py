@@ -124,7 +124,8 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     -------
     dict with ``cov`` (T1, T1, n, n) two-time N Cov(f), ``pred_cov`` (T1, n, n), ``ntk_var``
     (T1, n, n) or None, their batch-means standard errors ``pred_cov_se``, ``ntk_var_se``,
-    ``residual`` (relative change of the adjoint rows in the last iteration).
+    ``residual`` (relative change of the adjoint rows in the last iteration; when it exceeds
+    1e-3 or is not finite the kappa step is skipped and the covariances are NaN).
     """
     torch = _torch()
     _TORCH[0] = torch
@@ -357,12 +358,13 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
                     progress(lo // batch * iters + k + 1, nbatch * iters, "adjoint")
                 if change < tol:
                     break
-            if not np.isfinite(change):
-                # the linearised dynamics blew up: report it (the caller raises)
+            if not (change < 1e-3):
+                # the linearised dynamics blew up or the adjoint iteration does not converge:
+                # report it (the caller raises) without spending the kappa step
                 nan = np.full((T1, n, n), np.nan)
                 return {"cov": np.full((T1, T1, n, n), np.nan), "pred_cov": nan,
                         "pred_cov_se": nan, "ntk_var": nan if ntk else None,
-                        "ntk_var_se": nan if ntk else None, "residual": float("nan")}
+                        "ntk_var_se": nan if ntk else None, "residual": float(change)}
             residual = max(residual, change)
             if logger is not None:
                 logger.info("deep propagator: observables %d-%d of %d, %d adjoint iterations, "
