@@ -56,24 +56,12 @@ class _Factor:
     def __init__(self, torch, K, keep):
         self.keep = keep
         L = torch.linalg.cholesky(K[keep][:, keep])
-        self.L = L
         # F = K[:, keep] L^{-T}  (rows of kept variables: F[keep] = L)
         self.F = torch.linalg.solve_triangular(L, K[:, keep].T, upper=False).T
 
     def sources(self, xi):
         """(S, m) sources from (S, k) standard normals."""
         return xi @ self.F.T
-
-    def whiten(self, v):
-        """L^{-1} v[keep] for v (..., m) -> (..., k) (the coordinates of rho . v)."""
-        torch = _TORCH[0]
-        vk = v[..., self.keep]
-        shp = vk.shape
-        out = torch.linalg.solve_triangular(self.L, vk.reshape(-1, shp[-1]).T, upper=False).T
-        return out.reshape(shp)
-
-
-_TORCH = [None]
 
 
 def _keep(K, rtol):
@@ -128,7 +116,6 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     1e-3 or is not finite the kappa step is skipped and the covariances are NaN).
     """
     torch = _torch()
-    _TORCH[0] = torch
     dt = torch.float64
     kx = np.asarray(kx, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
