@@ -477,41 +477,36 @@ def _kappa_layer(torch, fl, Jl, first, last, edges, chunk, gamma0, act, T1, n, p
                     out = out + ein("ska,sad->skd", dYdz, ru_z)
                 return out
 
+            def channel(Jc, field, d_own, d_other, h_own, h_other, dY_own):
+                """One response channel's terms (A: over r, B: over u): the pairs with Y and
+                with itself added to M2; returns what the mixed r-u pairs need."""
+                nonlocal M1, M2
+                v = ein("kab,sa->skb", Jc, field)                        # (s, K, m)
+                div = ein("kab,sab->sk", Jc, d_own)
+                dv_own = ein("kab,sad->skbd", Jc, d_own)                 # d v_b / d own_d
+                T2 = ein("sid,sjd->ij", dY_own, v) + ein("si,sj->ij", Y, div)
+                M2 += T2 + T2.T
+                T3 = ein("sjd,sid->ij", v, ein("kab,sabd->skd", Jc, h_own))
+                M2 += T3 + T3.T + ein("sibd,sjdb->ij", dv_own, dv_own) + \
+                    ein("si,sj->ij", div, div)
+                M1 = M1 + div
+                return {"v": v, "div": div,
+                        "dv_other": ein("kab,sad->skbd", Jc, d_other),
+                        "gdiv_other": ein("kab,sabd->skd", Jc, h_other)}
+
             if use_a:
-                va = ein("kab,sa->skb", Ja, ph)                         # (s, K, m) over r
-                diva = ein("kab,sab->sk", Ja, pr)
-                dva_r = ein("kab,sad->skbd", Ja, pr)                     # d v^a_b / d r_d
-                dva_u = ein("kab,sad->skbd", Ja, pu)                     # d v^a_b / d u_d
                 hur, hrr = hess_p(u, r)                                  # (s, m, m_r, m_u/m_r)
-                gdiva_r = ein("kab,sabd->skd", Ja, hrr)
-                gdiva_u = ein("kab,sabd->skd", Ja, hur)
-                DrY = dY(pr, gr, zr)
-                T2 = ein("sid,sjd->ij", DrY, va) + ein("si,sj->ij", Y, diva)
-                M2 += T2 + T2.T
-                T3 = ein("sjd,sid->ij", va, gdiva_r)
-                M2 += T3 + T3.T + ein("sibd,sjdb->ij", dva_r, dva_r) + \
-                    ein("si,sj->ij", diva, diva)
-                M1 = M1 + diva
+                ca = channel(Ja, ph, pr, pu, hrr, hur, dY(pr, gr, zr))
             if use_b:
-                vb = ein("kab,sa->skb", Jb, gg)                         # over u
-                divb = ein("kab,sab->sk", Jb, gu)
-                dvb_u = ein("kab,sad->skbd", Jb, gu)
-                dvb_r = ein("kab,sad->skbd", Jb, gr)
                 huu, hur_g = hess_g(u, r)                                # (s, m, m_u, m_u/m_r)
-                gdivb_u = ein("kab,sabd->skd", Jb, huu)
-                gdivb_r = ein("kab,sabd->skd", Jb, hur_g)
-                DuY = dY(pu, gu, zu)
-                T2 = ein("sid,sjd->ij", DuY, vb) + ein("si,sj->ij", Y, divb)
-                M2 += T2 + T2.T
-                T3 = ein("sjd,sid->ij", vb, gdivb_u)
-                M2 += T3 + T3.T + ein("sibd,sjdb->ij", dvb_u, dvb_u) + \
-                    ein("si,sj->ij", divb, divb)
-                M1 = M1 + divb
+                cb = channel(Jb, gg, gu, gr, huu, hur_g, dY(pu, gu, zu))
             if use_a and use_b:
                 # mixed r-u pairs: v^b_j . grad_u(div v^a_i) + div v^a_i div v^b_j
                 #   + tr(d_u v^a_i d_r v^b_j) + v^a_i . grad_r(div v^b_j), and i <-> j
-                T4 = ein("sjd,sid->ij", vb, gdiva_u) + ein("si,sj->ij", diva, divb) + \
-                    ein("sibd,sjdb->ij", dva_u, dvb_r) + ein("sid,sjd->ij", va, gdivb_r)
+                T4 = ein("sjd,sid->ij", cb["v"], ca["gdiv_other"]) + \
+                    ein("si,sj->ij", ca["div"], cb["div"]) + \
+                    ein("sibd,sjdb->ij", ca["dv_other"], cb["dv_other"]) + \
+                    ein("sid,sjd->ij", ca["v"], cb["gdiv_other"])
                 M2 += T4 + T4.T
             m1[b] += M1.sum(0).numpy()
             m2[b] += M2.numpy()

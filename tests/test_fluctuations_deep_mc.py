@@ -95,6 +95,19 @@ def test_seed_reproducibility_selection_and_errors():
         dmft.fluctuations(bad, samples=512, kappa_samples=256, seed=5, ntk=False)
 
 
+def _check_against_simulations(net, data, train, sol, center, times):
+    """Deep propagator (16384 / 4096 samples) against 400 simulated networks at widths 512 and
+    2048 (pooled ratios, tests/test_fluctuations_deep._sweep); at 2048 within TOL['width_rel']
+    (or 3 standard errors of the ensemble)."""
+    from tests.test_fluctuations_deep import _sweep
+    fl = dmft.fluctuations(sol, center=center, samples=16384, kappa_samples=4096, seed=1)
+    rows = _sweep(net, data, train, fl, (512, 2048), {512: 400, 2048: 400}, center, times)
+    for N, t, rp, rk in rows:
+        if N == 2048:
+            for r, se in (rp, rk):
+                assert abs(r - 1) < max(TOL["width_rel"], 3 * se), (center, rows)
+
+
 @pytest.mark.slow
 @pytest.mark.validation
 def test_tanh_depth_two_against_simulations():
@@ -103,32 +116,19 @@ def test_tanh_depth_two_against_simulations():
     400 networks at widths 512 and 2048 against the deep propagator at t = 3 and 6; at the
     largest width within 10 % (or 3 standard errors of the ensemble).
 
-    Measured (1 Dec 2026, 2-core machine): the propagator (16384 / 4096 samples) took 735 s per
-    convention (735 s centred, 420 s raw); ratios at N = 2048, centred: predictions
+    Measured (1 Dec 2026, 2-core machine): the propagator (16384 / 4096 samples) took 735 s
+    centred, 420 s raw; ratios at N = 2048, centred: predictions
     1.026 +- 0.048 (t = 3), 0.973 +- 0.048 (t = 6), NTK 0.958 +- 0.053, 0.939 +- 0.057; raw:
     predictions 0.993 +- 0.046, 1.013 +- 0.052, NTK 0.965 +- 0.053, 0.955 +- 0.056 (all widths
     128 .. 2048 in benchmarks/README.md)."""
     from dmft.config import teacher_student
-    from tests.test_fluctuations_deep import _pooled_ratio
     data = teacher_student(P=2, Q=1, D=6, seed=0)
     net = dmft.MLP(2, "tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=6)
     sol = dmft.solve(net, data, train, method="mc", samples=1 << 16, replicates=4, seed=0,
                      progress=False)
-    i, j = np.triu_indices(data.P + data.Q)
     for center in (True, False):
-        fl = dmft.fluctuations(sol, center=center, samples=16384, kappa_samples=4096, seed=1)
-        for N in (512, 2048):
-            ens = dmft.simulate(net, data, train, width=N, seeds=range(400), center=center)
-            f = np.concatenate([ens.train_predictions, ens.test_predictions], -1)
-            for t in (3, 6):
-                rp = _pooled_ratio(np.sqrt(N) * f[:, t], np.diag(fl.prediction_cov[t]))
-                rk = _pooled_ratio(np.sqrt(N) * ens.ntk[:, t][:, i, j], fl.ntk_var[t][i, j])
-                print(f"center={center} N={N} t={t}: pred ratio {rp[0]:.3f} +- {rp[1]:.3f}, "
-                      f"ntk ratio {rk[0]:.3f} +- {rk[1]:.3f}")
-                if N == 2048:
-                    for r, se in (rp, rk):
-                        assert abs(r - 1) < max(TOL["width_rel"], 3 * se), (center, t, rp, rk)
+        _check_against_simulations(net, data, train, sol, center, (3, 6))
 
 
 @pytest.mark.slow
@@ -141,22 +141,9 @@ def test_tanh_depth_three_against_simulations():
     (t = 2), 0.933 +- 0.046 (t = 4), NTK 0.993 +- 0.052, 1.042 +- 0.067 (at N = 512 the
     predictions' ratio is 0.854 +- 0.040 at t = 4: a finite-width correction)."""
     from dmft.config import teacher_student
-    from tests.test_fluctuations_deep import _pooled_ratio
     data = teacher_student(P=2, Q=1, D=6, seed=0)
     net = dmft.MLP(3, "tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=4)
     sol = dmft.solve(net, data, train, method="mc", samples=1 << 15, replicates=4, seed=0,
                      progress=False)
-    i, j = np.triu_indices(data.P + data.Q)
-    fl = dmft.fluctuations(sol, center=True, samples=16384, kappa_samples=4096, seed=1)
-    for N in (512, 2048):
-        ens = dmft.simulate(net, data, train, width=N, seeds=range(400), center=True)
-        f = np.concatenate([ens.train_predictions, ens.test_predictions], -1)
-        for t in (2, 4):
-            rp = _pooled_ratio(np.sqrt(N) * f[:, t], np.diag(fl.prediction_cov[t]))
-            rk = _pooled_ratio(np.sqrt(N) * ens.ntk[:, t][:, i, j], fl.ntk_var[t][i, j])
-            print(f"N={N} t={t}: pred ratio {rp[0]:.3f} +- {rp[1]:.3f}, ntk ratio "
-                  f"{rk[0]:.3f} +- {rk[1]:.3f}")
-            if N == 2048:
-                for r, se in (rp, rk):
-                    assert abs(r - 1) < max(TOL["width_rel"], 3 * se), (t, rp, rk)
+    _check_against_simulations(net, data, train, sol, True, (2, 4))
