@@ -62,7 +62,7 @@ CASES = {
     # lr lambda_max > 2 and finite networks catapult (edge of stability; width 1024 measured);
     # the solver then reports divergence
     "b": dict(L=3, activation="tanh", P=8, Q=4, steps=50, gamma0=1.0, lr=0.05,
-              samples=[1024, 2048, 4096, 8192],
+              samples=[2048, 4096, 8192, 16384],
               pilot_widths=[256, 512, 1024], pilot_seeds=[128, 96, 64]),
 }
 QUICK = {

