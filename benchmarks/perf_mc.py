@@ -36,7 +36,8 @@ Times depend on the machine and on other jobs (the reference machine has 2 share
 compare rows of one run. Set threads from the shell (``OPENBLAS_NUM_THREADS=1``,
 ``NUMBA_NUM_THREADS``) before Python starts.
 
-Usage: ``python benchmarks/perf_mc.py [--quick] [--cases a b] [--samples ...] [--out r.json]``
+Usage: ``python benchmarks/perf_mc.py [--quick] [--cases a b] [--samples ...] [--out r.json]
+[--ref-cache PREFIX] [--response-samples SR]``
 """
 from __future__ import annotations
 
@@ -167,16 +168,38 @@ def run_case(name, c, args):
           f"T={c['steps']} gamma0={c['gamma0']} lr={c['lr']}", flush=True)
     ref_samples = int(args.ref_factor * max(c["samples"]))
     ref_opts = {"replicates": args.ref_replicates} if c["L"] >= 2 else {}
-    ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345, **ref_opts)
-    ref_f = ref.predictions[-1]
-    ref_se = _rms(np.concatenate([ref.stderr["train_predictions"][-1],
-                                  ref.stderr["test_predictions"][-1]]))
-    print(f"reference: {ref.options['samples']} samples x {ref_opts.get('replicates', 1)} "
-          f"replicates, {ref_wall:.1f} s, "
-          f"{ref.iterations} iterations, RMS stderr {ref_se:.2e}", flush=True)
+    key = json.dumps({"case": {k: v for k, v in c.items() if k not in ("samples",)},
+                      "ref_samples": ref_samples, **ref_opts}, sort_keys=True)
+    cache = None
+    if args.ref_cache:
+        cache = f"{args.ref_cache}_{name}.npz"
+        if os.path.exists(cache):
+            z = np.load(cache)
+            if str(z["key"]) != key:
+                raise SystemExit(f"{cache} holds a reference for other settings; remove it")
+    if cache and os.path.exists(cache):
+        ref_f, ref_se = z["f"], float(z["se"])
+        ref_info = {k: z[k].item() for k in ("samples", "wall_s", "iterations")}
+        print(f"reference (cached in {cache}): {ref_info['samples']} samples x "
+              f"{ref_opts.get('replicates', 1)} replicates, {ref_info['wall_s']:.1f} s when "
+              f"computed, RMS stderr {ref_se:.2e}", flush=True)
+    else:
+        ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345, **ref_opts)
+        ref_f = ref.predictions[-1]
+        ref_se = _rms(np.concatenate([ref.stderr["train_predictions"][-1],
+                                      ref.stderr["test_predictions"][-1]]))
+        ref_info = {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
+                    "iterations": int(ref.iterations)}
+        if cache:
+            np.savez(cache, key=key, f=ref_f, se=ref_se, **ref_info)
+        print(f"reference: {ref.options['samples']} samples x {ref_opts.get('replicates', 1)} "
+              f"replicates, {ref_wall:.1f} s, "
+              f"{ref.iterations} iterations, RMS stderr {ref_se:.2e}", flush=True)
     rows = []
+    row_opts = {} if args.response_samples is None else {"response_samples":
+                                                         args.response_samples}
     for S in c["samples"]:
-        sol, wall, peak = run_mc(net, data, train, S, seed=1)
+        sol, wall, peak = run_mc(net, data, train, S, seed=1, **row_opts)
         err = _rms(sol.predictions[-1] - ref_f)
         se = _rms(np.concatenate([sol.stderr["train_predictions"][-1],
                                   sol.stderr["test_predictions"][-1]]))
@@ -216,9 +239,9 @@ def run_case(name, c, args):
             r["verify_s"] = time.perf_counter() - t0
     print(table(rows, ref_se))
     return {"case": name, "spec": {k: v for k, v in c.items()}, "n": n,
-            "reference": {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
-                          "replicates": int(ref_opts.get("replicates", 1)),
-                          "rms_stderr": ref_se}, "rows": rows, "pilot": p}
+            "reference": {**ref_info, "replicates": int(ref_opts.get("replicates", 1)),
+                          "rms_stderr": ref_se, "f": [float(v) for v in ref_f]},
+            "rows": rows, "pilot": p}
 
 
 def table(rows, ref_se):
@@ -250,6 +273,11 @@ def main(argv=None):
     p.add_argument("--ref-replicates", type=int, default=1,
                    help="L >= 2: the reference is the mean of this many independent solves "
                         "(honest stderr; see the docstring)")
+    p.add_argument("--response-samples", type=int, default=None,
+                   help="L >= 2: response_samples of the timed rows (default: the solver's)")
+    p.add_argument("--ref-cache", default=None, metavar="PREFIX",
+                   help="keep the reference in PREFIX_<case>.npz and reuse it on later runs "
+                        "with the same case and reference settings")
     p.add_argument("--verify", action="store_true",
                    help="run the cheapest matching ensemble of the least accurate row")
     p.add_argument("--out", default=None, help="write the results as JSON")

@@ -56,12 +56,13 @@ __all__ = ["solve_mc", "solve_gia", "DEFAULTS"]
 #: (the march), not by ``response_samples`` once the control variate is on (measured, L = 3
 #: tanh, gamma0 = 1, 8 + 4 points, 20 steps, 3 seeds against 4 x 16384 samples: RMS error
 #: 0.011-0.012 at 8192 samples for 128, 256 and 512 response samples, 0.020 at 2048 samples
-#: for 256 or 2048; 50 steps: response samples 64 / 256 moved f(T) by 0.0029 / 0.0018 RMS
-#: against 1024, beside a march stderr of 0.0125)
+#: for 256 or 2048; 50 steps, 8192 samples: 64 / 256 response samples moved f(T) by 0.0029 /
+#: 0.0018 RMS against 1024, beside a march stderr of 0.0125; the tangents cost ~ T P times a
+#: march sample, so at 256 they were still ~75% of that solve's time)
 DEFAULTS = {
     "samples_two_layer": 1 << 16,
     "samples_deep": 8192,
-    "response_samples": 256,
+    "response_samples": 128,
     "kernel_samples": 4096,
     "damping": 1.0,
     "anderson": 0,
@@ -156,7 +157,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         L = 1: rounded down to a multiple of 2 ``blocks`` (``options["samples"]`` has the
         number used). Default 65536 for L = 1, 8192 for L >= 2.
     response_samples : int
-        Samples used for the tangent estimates of A, B (L >= 2; default 256, at most
+        Samples used for the tangent estimates of A, B (L >= 2; default 128, at most
         ``samples``; with ``response_control`` only the tangents' remainder beyond first order
         comes from them). Tangents cost ~ n P^2 T^3 per sample and layer, kernels ~ (n T)^2.
     kernel_samples : int
@@ -186,7 +187,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         Memory per streamed chunk of samples (default 64 MB).
     relu_eps : float
         Width of the smoothed delta for ReLU's phi'' in the tangents of A (default
-        ``0.3 * response_samples ** -0.2``).
+        ``0.3 * max(response_samples, 2048) ** -0.2``).
     b_estimator : {"auto", "tangent", "stein"}
         How B^{l-1} = gamma0^{-1} <dg^l / du^l> is estimated (L >= 2). "tangent": per-sample
         forward-mode tangents (``response_samples`` samples). "stein": Stein's lemma in the
