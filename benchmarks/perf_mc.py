@@ -14,8 +14,9 @@ For each case:
    their spread (honest, R times the cost). The ``mc se`` column of the rows is the one-solve
    stderr (for L >= 2 a lower bound of the error).
 2. For several sample counts S: wall time of ``dmft.solve(method="mc", samples=S)``, peak
-   NumPy memory of the call (``tracemalloc``: counts NumPy/Python allocations, not memory
-   allocated inside Numba kernels nor BLAS scratch), and the prediction error against the
+   NumPy memory of a second, identical call (``tracemalloc``: counts NumPy/Python
+   allocations, not memory allocated inside Numba kernels nor BLAS scratch; it is kept out of
+   the timed call, which it slowed 2.1-2.6x), and the prediction error against the
    reference: err = RMS over all P + Q points of the final predictions f(T). It includes the
    reference's own error (its RMS stderr is shown as ``ref_se``).
 3. What a simulated ensemble needs for the same error. A pilot of centred networks
@@ -86,16 +87,23 @@ def _rms(x):
     return float(np.sqrt(np.mean(np.square(x))))
 
 
-def run_mc(net, data, train, samples, seed, **opts):
-    """One timed solve. Returns (Solution, wall seconds, peak traced MB)."""
+def run_mc(net, data, train, samples, seed, memory=False, **opts):
+    """One timed solve. Returns (Solution, wall seconds, peak traced MB or None).
+
+    With ``memory`` the solve runs under ``tracemalloc``, which slows NumPy-heavy Python code
+    (the deep solver took 2.1-2.6x longer under it): time and measure memory in separate
+    solves."""
     import dmft
-    tracemalloc.start()
+    if memory:
+        tracemalloc.start()
     t0 = time.perf_counter()
     sol = dmft.solve(net, data, train, method="mc", samples=int(samples), seed=seed,
                      progress=False, **opts)
     wall = time.perf_counter() - t0
-    peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
+    peak = None
+    if memory:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return sol, wall, peak
 
 
@@ -199,7 +207,9 @@ def run_case(name, c, args):
     row_opts = {} if args.response_samples is None else {"response_samples":
                                                          args.response_samples}
     for S in c["samples"]:
-        sol, wall, peak = run_mc(net, data, train, S, seed=1, **row_opts)
+        sol, wall, _ = run_mc(net, data, train, S, seed=1, **row_opts)
+        peak = (run_mc(net, data, train, S, seed=1, memory=True, **row_opts)[2]
+                if args.memory else float("nan"))
         err = _rms(sol.predictions[-1] - ref_f)
         se = _rms(np.concatenate([sol.stderr["train_predictions"][-1],
                                   sol.stderr["test_predictions"][-1]]))
@@ -275,6 +285,8 @@ def main(argv=None):
                         "(honest stderr; see the docstring)")
     p.add_argument("--response-samples", type=int, default=None,
                    help="L >= 2: response_samples of the timed rows (default: the solver's)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the second solve per row that measures peak memory")
     p.add_argument("--ref-cache", default=None, metavar="PREFIX",
                    help="keep the reference in PREFIX_<case>.npz and reuse it on later runs "
                         "with the same case and reference settings")

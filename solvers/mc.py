@@ -670,7 +670,8 @@ def march_layer_reference(u, r, C, D, gamma0: float, activation: str, T1: int, n
 
 
 def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P: int,
-                  direction: str, out, relu_eps: float = 0.05, tblock: int = 8) -> None:
+                  direction: str, out, relu_eps: float = 0.05, tblock: int = 8,
+                  dtype=np.float64) -> None:
     """Add the per-sample tangents of one chunk, summed over samples, to ``out``.
 
     ``direction="r"``: out[(t, mu), (s, a)] += sum_samples d phi(h_mu(t)) / d r_a(s)
@@ -688,8 +689,13 @@ def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P
     ----------
     H, Z : (S, T1 n) fields of the chunk (from :func:`march_layer`).
     C, D : (T1 n, T1 n) the operators the fields were marched with.
-    out : (T1 n, T1 n) accumulator.
+    out : (T1 n, T1 n) accumulator (float64; the per-chunk sums are added in float64).
     tblock : int, times per block.
+    dtype : float64 (default) or float32, the precision of the tangent march. The solver uses
+        float32 with the control variate (:func:`response_control`): the tangents then give
+        only the remainder beyond first order, which carries Monte Carlo noise of ~1e-2
+        relative, far above float32 rounding (~1e-7 per operation, ~T n^2 operations per
+        entry), and single-precision BLAS is ~2x faster.
     """
     S = H.shape[0]
     Q = n - P
@@ -697,18 +703,18 @@ def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P
     lam1, lam2 = _lam(activation, H, Z, relu_eps)
     # (T1, n, S): samples last, to broadcast against (rows, directions, samples); the fields
     # of march_layer are time-major in memory, so this is a view there
-    L1 = np.ascontiguousarray(lam1.T).reshape(T1, n, S)
-    L2 = np.ascontiguousarray(lam2.T).reshape(T1, n, S)
+    L1 = np.ascontiguousarray(lam1.T, dtype=dtype).reshape(T1, n, S)
+    L2 = np.ascontiguousarray(lam2.T, dtype=dtype).reshape(T1, n, S)
     rdir = direction == "r"
     ndir_t = T if rdir else T1                    # source times s' that matter
     PS = P * S
     ncol = ndir_t * PS
     # columns (s', a, sample); a direction s' is zero at times before s' (r: before s' + 1)
-    dphi_tr = np.zeros((T1, P, ncol))
-    dphi_te = np.zeros((T1, Q, ncol)) if Q else None
-    dg_tr = np.zeros((T1, P, ncol))
-    Cd = C.reshape(T1, n, T1, n)
-    Dd = D.reshape(T1, n, T1, n)
+    dphi_tr = np.zeros((T1, P, ncol), dtype=dtype)
+    dphi_te = np.zeros((T1, Q, ncol), dtype=dtype) if Q else None
+    dg_tr = np.zeros((T1, P, ncol), dtype=dtype)
+    Cd = np.asarray(C, dtype=dtype).reshape(T1, n, T1, n)
+    Dd = np.asarray(D, dtype=dtype).reshape(T1, n, T1, n)
     te = np.arange(P, n)
     Dqq = np.ascontiguousarray(np.transpose(Dd[:, te, :, te], (0, 1, 2))) if Q else None
     acc = np.zeros((T1, n, ndir_t, P))            # summed over samples
@@ -719,8 +725,8 @@ def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P
         nb = t1 - t0
         # directions that can be nonzero before t0: s' < t0 (both kinds)
         cp = min(t0, ndir_t) * PS
-        Hp = np.zeros((nb, n, cp))
-        Zp = np.zeros((nb, n, cp))
+        Hp = np.zeros((nb, n, cp), dtype=dtype)
+        Zp = np.zeros((nb, n, cp), dtype=dtype)
         for d0 in range(0, min(t0, ndir_t), b):
             d1 = min(t0, ndir_t, d0 + b)
             c0, c1 = d0 * PS, d1 * PS
@@ -738,7 +744,7 @@ def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P
             cz = min(t + 1, ndir_t) * PS          # directions s' <= t can be nonzero
             if cz == 0:
                 continue
-            h_ = np.zeros((n, cz))
+            h_ = np.zeros((n, cz), dtype=dtype)
             h_[:, :cp] = Hp[k]
             if t > t0:
                 Ct = np.ascontiguousarray(Cd[t, :, t0:t, :P]).reshape(n, (t - t0) * P)
@@ -751,7 +757,7 @@ def response_sums(H, Z, C, D, gamma0: float, activation: str, T1: int, n: int, P
             dphi_tr[t, :, :cz] = (h3[:P] * L1[t, :P, None, :]).reshape(P, cz)
             if Q:
                 dphi_te[t, :, :cz] = (h3[P:] * L1[t, P:, None, :]).reshape(Q, cz)
-            z_ = np.zeros((n, cz))
+            z_ = np.zeros((n, cz), dtype=dtype)
             z_[:, :cp] = Zp[k]
             Dt = np.ascontiguousarray(Dd[t, :, t0:t + 1, :P]).reshape(n, (t + 1 - t0) * P)
             z_ += Dt @ dphi_tr[t0:t + 1, :, :cz].reshape((t + 1 - t0) * P, cz)
@@ -1163,6 +1169,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
             accA = np.zeros((m, m)) if need_r else None
             accB = np.zeros((m, m)) if need_u else None
             cv = bool(response_cv and (need_r or need_u))
+            # with the control variate the tangents give only the noisy remainder: float32
+            tdtype = np.float32 if cv else np.float64
             if cv:
                 # control variate (response_control): sums of Lam1 Lam1^T and Lam2 over all
                 # samples and over the tangent samples
@@ -1218,10 +1226,10 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                         sl = slice(j, min(k, j + ct))
                         if need_r:
                             response_sums(H[sl], Z[sl], C, D, gamma0, activation, T1, n, P,
-                                          "r", accA, eps)
+                                          "r", accA, eps, dtype=tdtype)
                         if need_u:
                             response_sums(H[sl], Z[sl], C, D, gamma0, activation, T1, n, P,
-                                          "u", accB, eps)
+                                          "u", accB, eps, dtype=tdtype)
             phin[l] /= nchunks
             gn[l] /= nchunks
             # symmetrise against rounding in the per-chunk products
