@@ -178,14 +178,12 @@ def run_case(name, c, args):
     ref_opts = {"replicates": args.ref_replicates} if c["L"] >= 2 else {}
     key = json.dumps({"case": {k: v for k, v in c.items() if k not in ("samples",)},
                       "ref_samples": ref_samples, **ref_opts}, sort_keys=True)
-    cache = None
-    if args.ref_cache:
-        cache = f"{args.ref_cache}_{name}.npz"
-        if os.path.exists(cache):
-            z = np.load(cache)
-            if str(z["key"]) != key:
-                raise SystemExit(f"{cache} holds a reference for other settings; remove it")
-    if cache and os.path.exists(cache):
+    cache = f"{args.ref_cache}_{name}.npz" if args.ref_cache else None
+    cached = np.load(cache) if cache and os.path.exists(cache) else None
+    if cached is not None and str(cached["key"]) != key:
+        raise SystemExit(f"{cache} holds a reference for other settings; remove it")
+    if cached is not None:
+        z = cached
         ref_f, ref_se = z["f"], float(z["se"])
         ref_info = {k: z[k].item() for k in ("samples", "wall_s", "iterations")}
         print(f"reference (cached in {cache}): {ref_info['samples']} samples x "

@@ -16,8 +16,9 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
   (horizons ``window``, 2 window, ..., steps); responses A by exact per-sample forward-mode
   tangents (blocked in time, one BLAS thread), with a smoothed delta of width ``relu_eps``
   for ReLU's phi'', and a control variate (``response_control``): the tangents' first-order
-  terms are averaged over all ``samples``, only the remainder over ``response_samples``. B by tangents for smooth activations and, for ReLU, by Stein's lemma in
-  the causally whitened sources (``b_estimator``), which is exact for phi'' = delta: per-sample
+  terms are averaged over all ``samples``, only the remainder over ``response_samples``. B
+  by tangents for smooth activations and, for ReLU, by Stein's lemma in the causally
+  whitened sources (``b_estimator``), which is exact for phi'' = delta: per-sample
   tangents cannot give ReLU's B (a smoothed delta wide enough to have a finite variance was
   measured 10-50 % off on B phi; see :func:`solvers.mc.solve_deep`).
 - ``"gia"``: the same solver with the responses forced to zero (gradient-independence
@@ -160,7 +161,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         Samples used for the tangent estimates of A, B (L >= 2; default 128, at most
         ``samples``; with ``response_control`` only the tangents' remainder beyond first order
         comes from them). Enough for the predictions; for a sub-percent NTK raise it (L = 3
-        tanh, 4 x 32768 samples: replicate stderr of the NTK 0.69% at 128, 0.32% at 256). Tangents cost ~ n P^2 T^3 per sample and layer, kernels ~ (n T)^2.
+        tanh, 4 x 32768 samples: replicate stderr of the NTK 0.69% at 128, 0.32% at 256).
+        Tangents cost ~ n P^2 T^3 per sample and layer, kernels ~ (n T)^2.
     kernel_samples : int
         L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
         from the replicates); predictions and NTK use all ``samples``. The kernels cost

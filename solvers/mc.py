@@ -25,8 +25,10 @@ Both systems are block unit-lower-triangular in time and are marched forward (ne
 inverted). Control variate (:func:`response_control`, on by default): the first-order terms
 of these series, A ~ C (.) <Lam1 Lam1^T> and B ~ gamma0^{-1} diag<Lam2> + D (.) <Lam1 Lam1^T>,
 are averaged over all samples (one GEMM per chunk) and only the remainder comes from the
-``response_samples`` tangent samples; that remainder has 10-75x less variance. Structure used: Delta = 0 and A = 0 on test columns, so test sources reach only
-their own point: A has zero test columns, B has zero (train row, test column) blocks and
+``response_samples`` tangent samples; that remainder has 10-75x less variance.
+
+Structure used: Delta = 0 and A = 0 on test columns, so test sources reach only their own
+point: A has zero test columns, B has zero (train row, test column) blocks and
 diagonal test-test blocks, given in closed form by
 
     B_{aa}(t, s) = gamma0^{-1} < Lam2_a(t) > delta_ts + D_{aa}(t, s) < Lam1_a(t) Lam1_a(s) >.
@@ -40,11 +42,12 @@ ReLU: phi'' is a Dirac delta. Per-sample tangents would miss its contribution
 < delta(h) z dh > (nonzero in expectation), so for ReLU the tangents use the smoothed delta
 Lam2 = z exp(-h^2 / (2 eps^2)) / sqrt(2 pi eps^2) (``relu_eps``, default
 ``0.3 * max(S_resp, 2048) ** -0.2``). That is adequate for A (r reaches h only through one
-memory step; measured within 3 % of Stein's lemma on A g) but not for B, where u enters h directly: the
-sources of layers l >= 2 move by ~1e-2 of their scale per step, E[z | h = x] has structure
-on that scale, and no smoothing width is both unbiased and of finite variance. B for ReLU is
-therefore estimated by Stein's lemma in causally whitened sources (:func:`stein_groups`,
-:func:`stein_accumulate`, :func:`stein_finish`), exact for any activation.
+memory step; measured within 3 % of Stein's lemma on A g) but not for B, where u enters h
+directly: the sources of layers l >= 2 move by ~1e-2 of their scale per step, E[z | h = x]
+has structure on that scale, and no smoothing width is both unbiased and of finite variance.
+B for ReLU is therefore estimated by Stein's lemma in causally whitened sources
+(:func:`stein_groups`, :func:`stein_accumulate`, :func:`stein_finish`), exact for any
+activation.
 
 Predictions f(t) = gamma0^{-1} < z^L(t) phi(h^L(t)) > with antithetic pairs (u, r), (u, -r):
 the t = 0 term, of Monte Carlo size 1 / (gamma0 sqrt S), cancels exactly.
@@ -1023,8 +1026,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
     - a quasi-Newton step on the f -> Delta -> f loop (``newton``; see ``newton_f``);
     - continuation in time (``window``): the map is causal, so [0, H] is solved first with
       H = max(window, steps / 2) recursively (with a quarter of the samples, not below 2048)
-      and extended (:func:`_extend`). Without it the
-      static-NTK error signal over the whole horizon drives ReLU fields to overflow.
+      and extended (:func:`_extend`). Without it the static-NTK error signal over the whole
+      horizon drives ReLU fields to overflow.
 
     Residual: max|f' - f| and, per kernel, RMS(K' - K) / RMS(K); floor: the same norms of the
     batch-mean standard errors. Mixing: ``damping`` (default 1 here: plain iteration), halved
@@ -1035,17 +1038,17 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
 
     Responses: A^l always by per-sample tangents (``response_samples`` samples; with
     ``response_cv`` their first-order term is averaged over all samples instead,
-    :func:`response_control`). B^{l-1} by
-    ``b_estimator``: ``"tangent"`` (per-sample tangents) or ``"stein"`` (Stein's lemma in the
-    causally whitened sources, :func:`stein_finish`, from all ``samples`` samples; innovations
-    below ``stein_rtol`` of a source's variance are dropped); ``"auto"``: Stein for ReLU,
-    tangents otherwise. For ReLU per-sample tangents cannot give B: the sources of layers
-    l >= 2 have innovations of ~1e-2 of their scale per step, so E[z | h = x] has structure on
-    that scale, a smoothed delta wide enough to have a finite variance is biased (measured
-    10-50 % on B phi at eps = 0.2-0.1, L = 2, 40 steps, against Stein with 4e6 samples), and
-    a narrower one makes the per-sample tangents blow up (the delta is re-injected at every
-    step a unit hovers near 0). A does not see the delta directly (r enters h through one
-    memory step) and its smoothed-delta tangents agree with Stein within 3 %.
+    :func:`response_control`). B^{l-1} by ``b_estimator``: ``"tangent"`` (per-sample tangents)
+    or ``"stein"`` (Stein's lemma in the causally whitened sources, :func:`stein_finish`, from
+    all ``samples`` samples; innovations below ``stein_rtol`` of a source's variance are
+    dropped); ``"auto"``: Stein for ReLU, tangents otherwise. For ReLU per-sample tangents
+    cannot give B: the sources of layers l >= 2 have innovations of ~1e-2 of their scale per
+    step, so E[z | h = x] has structure on that scale, a smoothed delta wide enough to have a
+    finite variance is biased (measured 10-50 % on B phi at eps = 0.2-0.1, L = 2, 40 steps,
+    against Stein with 4e6 samples), and a narrower one makes the per-sample tangents blow up
+    (the delta is re-injected at every step a unit hovers near 0). A does not see the delta
+    directly (r enters h through one memory step) and its smoothed-delta tangents agree with
+    Stein within 3 %.
 
     ``residuals``, ``floors``, plus ``samples``, ``response_samples``, ``relu_eps``,
     ``b_estimator``.
@@ -1213,7 +1216,7 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                 lo = ci * c
                 k = min(c, Sr - lo) if lo < Sr else 0
                 if cv:
-                    lam1, lam2 = _lam(activation, H, Z, eps, PH if activation == "tanh" else None)
+                    lam1, lam2 = _lam(activation, H, Z, eps, PH)
                     kl = lam1.T @ lam1
                     kl_all += kl
                     if k:

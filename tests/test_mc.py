@@ -728,6 +728,7 @@ def test_progress_and_logging(small, caplog):
     ("replicates", 0, "replicates must be a positive integer"),
     ("b_estimator", "finite", "b_estimator must be 'auto', 'tangent' or 'stein'"),
     ("stein_rtol", 0.0, "stein_rtol must be a number"),
+    ("response_control", "yes", "response_control must be True or False"),
     ("callback", 3, "callback must be callable"),
     ("sampler", "halton", "sampler must be 'sobol'"),
     ("bogus", 1, "unknown option"),

@@ -259,8 +259,8 @@ def test_two_layer_tanh_agrees_with_simulations_small():
 #: default 8192 samples the NTK moved by ~3% between seeds). Independent replicates give
 #: honest error bars; 4 x 32768 samples put the solver's NTK error near 0.5%.
 #: With the control variate of the responses the default 128 tangent samples suffice for the
-#: predictions but not for a 0.5% NTK: the replicate NTK stderr was 0.69% at 128 against 0.37%
-#: at 256 (1 Dec 2026), so the test uses 512 (and 8 replicates).
+#: predictions but not for a 0.5% NTK: the solver's replicate NTK stderr was 0.69% at 128
+#: against 0.32% at 256 (1 Dec 2026), so the test uses 512 (and 8 replicates).
 DEEP_MC = {"samples": 32768, "response_samples": 512, "replicates": 8}
 
 
