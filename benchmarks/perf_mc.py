@@ -24,8 +24,10 @@ For each case:
    at a few widths measures, per point j, the finite-width bias c_j / N (1/N slope fitted
    with a free intercept, so that the reference's own error is not booked as bias; mean_j
    c_j^2 debiased for the slopes' noise) and the per-network variance v_j / N of the
-   adjusted predictions, and the time per network t(N) (log-log interpolated, power-law
-   extrapolated, held at the smallest pilot width's time below it). An ensemble of S
+   adjusted predictions, and the time per network t(N) (log-log interpolated; beyond the
+   pilot widths power-law extrapolated with the fitted exponent but at least the asymptotic
+   one, N^2 for depth >= 2 and N for L = 1; held at the smallest pilot width's time below
+   it). An ensemble of S
    networks of width N then has err^2 = mean_j (c_j/N)^2 + mean_j v_j / (N S); for each
    target error the cheapest (N, S) over N = 2^k is chosen and its time S t(N) compared with
    the DMFT time (``speedup``; ``c+2sd``: the same with c_rms at its 2-sigma upper bound,
@@ -35,6 +37,10 @@ For each case:
    produce are then nearly free) and compared likewise (``f-only`` speedup).
    With ``--verify`` the cheapest ensemble of the least accurate row is actually run and its
    measured error printed (one realisation: expect scatter of a few tens of percent).
+4. A modelled projection to smaller errors than the rows reach (:func:`projection`): the DMFT's
+   time linear in the samples and its error ~ samples^-1/2 (fitted to the rows, the
+   reference's share of err removed) beside the cheapest modelled ensemble, whose cost grows
+   like err^-3 once its bias forces wider networks. Where the two routes cross, if anywhere.
 
 Times depend on the machine and on other jobs (the reference machine has 2 shared cores):
 compare rows of one run. Set threads from the shell (``OPENBLAS_NUM_THREADS=1``,
@@ -46,6 +52,7 @@ Usage: ``python benchmarks/perf_mc.py [--quick] [--cases a b] [--samples ...] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -186,7 +193,11 @@ def _t_net(p, N):
     lN = math.log(N)
     if lN <= ws[-1]:
         return float(np.exp(np.interp(lN, ws, ts)))
-    return float(np.exp(ts[-1] + max(p["t_exponent"], 1.0) * (lN - ws[-1])))
+    # beyond the widest pilot network: the fitted exponent, but at least the asymptotic one
+    # (N x N hidden weights for depth >= 2: ~N^2; a two-layer net is ~N), since at the pilot
+    # widths fixed per-step overheads flatten the fit
+    return float(np.exp(ts[-1] + max(p["t_exponent"], p.get("t_exponent_min", 1.0))
+                        * (lN - ws[-1])))
 
 
 def cheapest_ensemble(p, err, widths=tuple(2 ** k for k in range(6, 16)), c_rms=None):
@@ -241,6 +252,9 @@ def run_case(name, c, args):
         print(f"reference: {ref.options['samples']} samples x {ref_opts.get('replicates', 1)} "
               f"replicates, {ref_wall:.1f} s, "
               f"{ref.iterations} iterations, RMS stderr {ref_se:.2e}", flush=True)
+    # warm-up: load the cached Numba kernels and BLAS before the first timed row (the first
+    # solve of a process paid ~2 s for it in case (a))
+    run_mc(net, data, dataclasses.replace(train, steps=2), 256, seed=0)
     rows = []
     row_opts = {} if args.response_samples is None else {"response_samples":
                                                          args.response_samples}
@@ -264,6 +278,7 @@ def run_case(name, c, args):
               f"(predictions only {row.get('f_only_s', wall):.2f} s), err {err:.2e}", flush=True)
     t0 = time.perf_counter()
     p = pilot(net, data, train, ref_f, c["pilot_widths"], c["pilot_seeds"])
+    p["t_exponent_min"] = 2.0 if c["L"] >= 2 else 1.0
     print(f"pilot ensembles {p['widths']} x {p['counts']} seeds ({time.perf_counter() - t0:.1f}"
           f" s): bias c_rms/N with c_rms = {p['c_rms']:.3g} (2-sigma upper "
           f"{p['c_rms_upper']:.3g}), N Var = {p['v_mean']:.3g}, "
@@ -290,10 +305,50 @@ def run_case(name, c, args):
             r["verify_err"] = _rms(ensemble_errors(ens, ref_f).mean(0))
             r["verify_s"] = time.perf_counter() - t0
     print(table(rows, ref_se))
+    proj = projection(rows, ref_se, p)
+    if proj:
+        print(proj["text"])
     return {"case": name, "spec": {k: v for k, v in c.items()}, "n": n,
             "reference": {**ref_info, "replicates": int(ref_opts.get("replicates", 1)),
                           "rms_stderr": ref_se, "f": [float(v) for v in ref_f]},
-            "rows": rows, "pilot": p}
+            "rows": rows, "pilot": p, "projection": proj and proj["rows"]}
+
+
+def projection(rows, ref_se, p, targets=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4)):
+    """Both routes extrapolated to smaller errors than the rows reach (a model, not a run).
+
+    DMFT: wall time t(S) = a + b S (least squares over the rows) and error^2 = V / S, with
+    V = mean over rows of S (err^2 - ref_se^2) (the reference's share of err removed; rows
+    where it dominates are skipped). Ensemble: :func:`cheapest_ensemble` with the pilot's
+    bias and variance, so its cost grows like err^-3 once the bias c/N forces wider networks.
+    The model keeps the rows' ``response_samples``: for deep networks that is optimistic for
+    the DMFT below errors of ~2e-3 (the tangent remainder's own error, measured ~2e-3 at 128
+    tangent samples, L = 3, T = 50, would need more of them). Returns None with fewer than two usable rows."""
+    use = [r for r in rows if r["err"] ** 2 > 2 * ref_se ** 2]
+    if len(use) < 2:
+        return None
+    S = np.array([r["samples"] for r in use], dtype=float)
+    t = np.array([r["wall_s"] for r in use])
+    b, a = np.polyfit(S, t, 1)
+    a, b = max(a, 0.0), max(b, 1e-12)
+    V = float(np.mean([r["samples"] * (r["err"] ** 2 - ref_se ** 2) for r in use]))
+    out = []
+    lines = [f"modelled (DMFT t = {a:.3g} s + {b * 1e3:.3g} ms x samples, err^2 = {V:.3g} / "
+             f"samples; ensemble from the pilot):",
+             f"{'err':>9} {'mc samples':>11} {'mc s':>10} | {'sim N':>6} {'sim S':>8} "
+             f"{'sim s':>10} {'speedup':>8}"]
+    for e in targets:
+        Sm = V / e ** 2
+        tm = a + b * Sm
+        best = cheapest_ensemble(p, e)
+        row = {"err": e, "samples": Sm, "mc_s": tm, "sim_N": best and best[1],
+               "sim_S": best and best[2], "sim_s": best[0] if best else float("inf")}
+        row["speedup"] = row["sim_s"] / tm
+        out.append(row)
+        sim = (f"{best[1]:>6} {best[2]:>8} {best[0]:>10.3g}" if best else
+               f"{'-':>6} {'-':>8} {'inf':>10}")
+        lines.append(f"{e:>9.1e} {Sm:>11.3g} {tm:>10.3g} | {sim} {row['speedup']:>8.3g}")
+    return {"rows": out, "text": "\n".join(lines), "a": a, "b": b, "V": V}
 
 
 def table(rows, ref_se):
