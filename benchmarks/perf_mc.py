@@ -27,11 +27,10 @@ For each case:
    adjusted predictions, and the time per network t(N) (log-log interpolated; beyond the
    pilot widths power-law extrapolated with the fitted exponent but at least the asymptotic
    one, N^2 for depth >= 2 and N for L = 1; held at the smallest pilot width's time below
-   it). An ensemble of S
-   networks of width N then has err^2 = mean_j (c_j/N)^2 + mean_j v_j / (N S); for each
-   target error the cheapest (N, S) over N = 2^k is chosen and its time S t(N) compared with
-   the DMFT time (``speedup``; ``c+2sd``: the same with c_rms at its 2-sigma upper bound,
-   the ensemble's worst case).
+   it). An ensemble of S networks of width N then has err^2 = mean_j (c_j/N)^2
+   + mean_j v_j / (N S); for each target error the cheapest (N, S) over N = 2^k is chosen and
+   its time S t(N) compared with the DMFT time (``speedup``; ``c+2sd``: the same with c_rms
+   at its 2-sigma upper bound, the ensemble's worst case).
    For L = 1 the same solve is also timed with ``kernel_samples=2`` (``f-only``: identical
    predictions, the two-time kernels Phi(t, s), G(t, s) that the simulated ensemble does not
    produce are then nearly free) and compared likewise (``f-only`` speedup).
@@ -323,7 +322,8 @@ def projection(rows, ref_se, p, targets=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4)):
     bias and variance, so its cost grows like err^-3 once the bias c/N forces wider networks.
     The model keeps the rows' ``response_samples``: for deep networks that is optimistic for
     the DMFT below errors of ~2e-3 (the tangent remainder's own error, measured ~2e-3 at 128
-    tangent samples, L = 3, T = 50, would need more of them). Returns None with fewer than two usable rows."""
+    tangent samples, L = 3, T = 50, would need more of them). Returns None with fewer than
+    two usable rows."""
     use = [r for r in rows if r["err"] ** 2 > 2 * ref_se ** 2]
     if len(use) < 2:
         return None
