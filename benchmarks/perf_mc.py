@@ -65,6 +65,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:          # run as a script from anywhere: import the package in ROOT
     sys.path.insert(0, ROOT)
 
+from solvers.stats import fit_inverse_width  # noqa: E402  (after the path set-up above)
+
 CASES = {
     "a": dict(L=1, activation="tanh", P=16, Q=16, steps=100, gamma0=1.0, lr=0.1,
               samples=[1 << 12, 1 << 14, 1 << 16, 1 << 18],
@@ -129,33 +131,15 @@ def ensemble_errors(ens, ref):
     return obs - ref[None, :]
 
 
-def bias_slopes(widths, means, se):
-    """1/N slopes c_j of mean_j(N) = a_j + c_j / N and their variances (weighted LSQ per entry).
-
-    The intercept a_j is free: it absorbs the reference's own error, the same at every width.
-    A fit through the origin would book that error as finite-width bias (it did for case (b)
-    with a one-solve reference: c_rms 1.58 there against 0 with a 4-replicate one). With one
-    width only the fit through the origin is possible.
-
-    Parameters
-    ----------
-    widths : (k,); means, se : (k, m) mean deviations from the reference and their stderrs.
-    """
-    x = 1.0 / np.asarray(widths, dtype=float)[:, None]
-    w = 1.0 / np.asarray(se, dtype=float) ** 2
-    means = np.asarray(means, dtype=float)
-    if x.shape[0] == 1:
-        sxx = (w * x ** 2).sum(0)
-        return (w * x * means).sum(0) / sxx, 1.0 / sxx
-    sw, sx, sxx = w.sum(0), (w * x).sum(0), (w * x ** 2).sum(0)
-    sy, sxy = (w * means).sum(0), (w * x * means).sum(0)
-    det = sw * sxx - sx ** 2
-    return (sw * sxy - sx * sy) / det, sw / det
-
-
 def bias_rms(c, c_var):
     """RMS bias amplitude sqrt(mean_j c_j^2), debiased for the slopes' noise
-    (E c_hat^2 = c^2 + var), and its 2-sigma upper bound (Var c_hat^2 = 2 var^2 + 4 c^2 var)."""
+    (E c_hat^2 = c^2 + var), and its 2-sigma upper bound (Var c_hat^2 = 2 var^2 + 4 c^2 var).
+
+    ``c``, ``c_var``: the 1/N slopes of the ensembles' mean deviations from the reference and
+    their variances, from a fit with a free intercept (:func:`solvers.stats.
+    fit_inverse_width`), which absorbs the reference's own error (the same at every width).
+    A fit through the origin would book that error as finite-width bias (it did for case (b)
+    with a one-solve reference: c_rms 1.58 there against 0 with a 4-replicate one)."""
     c, c_var = np.asarray(c, dtype=float), np.asarray(c_var, dtype=float)
     c2 = float(np.mean(c ** 2 - c_var))
     c2_se = float(np.sqrt(np.mean(2 * c_var ** 2 + 4 * c ** 2 * c_var) / c.size))
@@ -178,8 +162,8 @@ def pilot(net, data, train, ref, widths, counts):
     means, varN = np.array(means), np.array(varN)
     v = varN.mean(0)                                   # v_j: N Var is O(1) in N
     se = np.sqrt(v[None, :] / (widths[:, None] * np.asarray(counts)[:, None]))
-    c, c_var = bias_slopes(widths, means, se)
-    c_rms, c_rms_upper = bias_rms(c, c_var)
+    _, _, c, c_se = fit_inverse_width(widths, means, se)
+    c_rms, c_rms_upper = bias_rms(c, c_se ** 2)
     k = np.polyfit(np.log(widths), np.log(tnet), 1)[0] if len(widths) > 1 else 1.0
     return {"widths": widths.tolist(), "counts": [int(s) for s in counts],
             "t_net": tnet, "t_exponent": float(k), "c_rms": c_rms,

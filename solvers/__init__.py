@@ -14,4 +14,5 @@ network      finite-width network simulator (BLAS)
 linear       deep linear DMFT: algebraic matrix equations
 mc           Monte Carlo field marching for nonlinear DMFT (Numba)
 fixedpoint   the one self-consistency loop (damping / Anderson mixing)
+stats        1/N extrapolation of ensemble means (tests, benchmarks)
 """

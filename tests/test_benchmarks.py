@@ -3,6 +3,9 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
+
+from solvers.stats import fit_inverse_width
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,17 +31,35 @@ def test_perf_mc_bias_fit_ignores_the_reference_offset():
     ses = np.full((3, m), se)
     offset = 4e-3 * rng.choice([-1.0, 1.0], m)
     means = offset[None] + se * rng.standard_normal((3, m))
-    c, c_var = pm.bias_slopes(widths, means, ses)
-    c_rms, upper = pm.bias_rms(c, c_var)
+    _, _, c, c_se = fit_inverse_width(widths, means, ses)
+    c_rms, upper = pm.bias_rms(c, c_se ** 2)
     assert c_rms <= upper < 0.05, (c_rms, upper)
-    c0, v0 = pm.bias_slopes(widths[:1], means[:1], ses[:1])   # through the origin
-    assert pm.bias_rms(c0, v0)[0] > 0.4
+    x = 1.0 / widths
+    c0 = means[0] / x[0]                       # through the origin, from the widest lever
+    assert pm.bias_rms(c0, np.full(m, (se / x[0]) ** 2))[0] > 0.4
     c_true = 1.5 * rng.choice([-1.0, 1.0], m)
     means = offset[None] + c_true[None] / widths[:, None] + se * rng.standard_normal((3, m))
-    c, c_var = pm.bias_slopes(widths, means, ses)
-    np.testing.assert_allclose(c_var, c_var[0])
-    c_rms, upper = pm.bias_rms(c, c_var)
+    _, _, c, c_se = fit_inverse_width(widths, means, ses)
+    c_rms, upper = pm.bias_rms(c, c_se ** 2)
     assert abs(c_rms - 1.5) < 0.05 and upper > c_rms, (c_rms, upper)
     # the slope's variance is the textbook one: se^2 / sum (x - xbar)^2 for equal weights
-    x = 1.0 / widths
-    np.testing.assert_allclose(c_var, se ** 2 / np.sum((x - x.mean()) ** 2), rtol=1e-10)
+    np.testing.assert_allclose(c_se ** 2, se ** 2 / np.sum((x - x.mean()) ** 2), rtol=1e-10)
+
+
+def test_fit_inverse_width_matches_the_normal_equations():
+    """The closed form equals the textbook WLS solve (X^T W X)^-1 X^T W y entry by entry,
+    with unequal weights, and refuses a single width."""
+    rng = np.random.default_rng(5)
+    widths = np.array([64.0, 128.0, 256.0, 1024.0])
+    means = rng.standard_normal((4, 7))
+    ses = rng.uniform(0.1, 2.0, (4, 7))
+    b0, se0, b1, se1 = fit_inverse_width(widths, means, ses)
+    X = np.stack([np.ones(4), 1.0 / widths], axis=1)
+    for j in range(7):
+        w = 1.0 / ses[:, j] ** 2
+        cov = np.linalg.inv(X.T @ (w[:, None] * X))
+        beta = cov @ (X.T @ (w * means[:, j]))
+        np.testing.assert_allclose([b0[j], b1[j]], beta, rtol=1e-10)
+        np.testing.assert_allclose([se0[j], se1[j]], np.sqrt(np.diag(cov)), rtol=1e-10)
+    with pytest.raises(ValueError, match="widths"):
+        fit_inverse_width(widths[:1], means[:1], ses[:1])

@@ -15,6 +15,7 @@ import dmft
 from dmft import _linear
 from dmft.results import ConvergenceError
 from solvers import linear as lin
+from solvers.stats import fit_inverse_width
 
 # tolerances in one place
 TOL = {
@@ -285,18 +286,9 @@ def test_agrees_with_monte_carlo_dmft(L):
 
 
 def _extrapolate(widths, means, ses):
-    """Weighted least squares of ensemble means against 1/N, entrywise.
-
-    means, ses: (k, m) for k widths and m entries. Returns intercept and its standard error."""
-    x = 1.0 / np.asarray(widths, dtype=float)
-    b0 = np.empty(means.shape[1])
-    se0 = np.empty(means.shape[1])
-    X = np.stack([np.ones_like(x), x], axis=1)
-    for j in range(means.shape[1]):
-        w = 1.0 / ses[:, j] ** 2
-        cov = np.linalg.inv(X.T @ (w[:, None] * X))
-        beta = cov @ (X.T @ (w * means[:, j]))
-        b0[j], se0[j] = beta[0], np.sqrt(cov[0, 0])
+    """Weighted least squares of ensemble means against 1/N, entrywise
+    (:func:`solvers.stats.fit_inverse_width`). Returns intercept and its standard error."""
+    b0, se0, _, _ = fit_inverse_width(widths, means, ses)
     return b0, se0
 
 

@@ -44,6 +44,7 @@ from scipy.optimize import least_squares
 
 import dmft
 from dmft.config import teacher_student
+from solvers.stats import fit_inverse_width
 
 TOL = {
     "z": 4.5,            # max |z| over ~27 entries (false alarm ~1e-4 for independent entries)
@@ -62,7 +63,8 @@ def _seeds(i, count):
 
 
 def extrapolate(widths, means, ses):
-    """Weighted least squares of ensemble means against 1/N, entrywise.
+    """Weighted least squares of ensemble means against 1/N, entrywise
+    (:func:`solvers.stats.fit_inverse_width`).
 
     Parameters
     ----------
@@ -74,16 +76,7 @@ def extrapolate(widths, means, ses):
     b0, se0, b1, se1 : (m,) intercept (N = infinity), its standard error, the 1/N coefficient
     and its standard error.
     """
-    x = 1.0 / np.asarray(widths, dtype=float)
-    X = np.stack([np.ones_like(x), x], axis=1)
-    m = means.shape[1]
-    b0, se0, b1, se1 = (np.empty(m) for _ in range(4))
-    for j in range(m):
-        w = 1.0 / ses[:, j] ** 2
-        cov = np.linalg.inv(X.T @ (w[:, None] * X))
-        beta = cov @ (X.T @ (w * means[:, j]))
-        b0[j], b1[j], se0[j], se1[j] = beta[0], beta[1], np.sqrt(cov[0, 0]), np.sqrt(cov[1, 1])
-    return b0, se0, b1, se1
+    return fit_inverse_width(widths, means, ses)
 
 
 def fit_power(widths, gaps, ses, se_theory, significant):
