@@ -217,9 +217,8 @@ def run_case(name, c, args):
     if cached is not None and str(cached["key"]) != key:
         raise SystemExit(f"{cache} holds a reference for other settings; remove it")
     if cached is not None:
-        z = cached
-        ref_f, ref_se = z["f"], float(z["se"])
-        ref_info = {k: z[k].item() for k in ("samples", "wall_s", "iterations")}
+        ref_f, ref_se = cached["f"], float(cached["se"])
+        ref_info = {k: cached[k].item() for k in ("samples", "wall_s", "iterations")}
         print(f"reference (cached in {cache}): {ref_info['samples']} samples x "
               f"{ref_opts.get('replicates', 1)} replicates, {ref_info['wall_s']:.1f} s when "
               f"computed, RMS stderr {ref_se:.2e}", flush=True)

@@ -1174,6 +1174,8 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
             cv = bool(response_cv and (need_r or need_u))
             # with the control variate the tangents give only the noisy remainder: float32
             tdtype = np.float32 if cv else np.float64
+            # the operators in the tangents' precision, cast once per layer (not per sub-chunk)
+            Ct, Dt = C.astype(tdtype, copy=False), D.astype(tdtype, copy=False)
             if cv:
                 # control variate (response_control): sums of Lam1 Lam1^T and Lam2 over all
                 # samples and over the tangent samples
@@ -1228,11 +1230,11 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                     for j in range(0, k, ct):
                         sl = slice(j, min(k, j + ct))
                         if need_r:
-                            response_sums(H[sl], Z[sl], C, D, gamma0, activation, T1, n, P,
-                                          "r", accA, eps, dtype=tdtype)
+                            response_sums(H[sl], Z[sl], Ct, Dt, gamma0, activation, T1, n,
+                                          P, "r", accA, eps, dtype=tdtype)
                         if need_u:
-                            response_sums(H[sl], Z[sl], C, D, gamma0, activation, T1, n, P,
-                                          "u", accB, eps, dtype=tdtype)
+                            response_sums(H[sl], Z[sl], Ct, Dt, gamma0, activation, T1, n,
+                                          P, "u", accB, eps, dtype=tdtype)
             phin[l] /= nchunks
             gn[l] /= nchunks
             # symmetrise against rounding in the per-chunk products
