@@ -100,6 +100,12 @@ def _rms(x):
     return float(np.sqrt(np.mean(np.square(x))))
 
 
+def _pred_se(sol):
+    """RMS over all P + Q points of the reported stderr of the final predictions."""
+    return _rms(np.concatenate([sol.stderr["train_predictions"][-1],
+                                sol.stderr["test_predictions"][-1]]))
+
+
 def run_mc(net, data, train, samples, seed, memory=False, **opts):
     """One timed solve. Returns (Solution, wall seconds, peak traced MB or None).
 
@@ -225,8 +231,7 @@ def run_case(name, c, args):
     else:
         ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345, **ref_opts)
         ref_f = ref.predictions[-1]
-        ref_se = _rms(np.concatenate([ref.stderr["train_predictions"][-1],
-                                      ref.stderr["test_predictions"][-1]]))
+        ref_se = _pred_se(ref)
         ref_info = {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
                     "iterations": int(ref.iterations)}
         if cache:
@@ -245,8 +250,7 @@ def run_case(name, c, args):
         peak = (run_mc(net, data, train, S, seed=1, memory=True, **row_opts)[2]
                 if args.memory else float("nan"))
         err = _rms(sol.predictions[-1] - ref_f)
-        se = _rms(np.concatenate([sol.stderr["train_predictions"][-1],
-                                  sol.stderr["test_predictions"][-1]]))
+        se = _pred_se(sol)
         row = {"samples": int(sol.options["samples"]), "wall_s": wall, "peak_mb": peak,
                "iterations": int(sol.iterations), "err": err, "stderr": se}
         if c["L"] == 1:
