@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from solvers import causal as _causal
 from solvers import mc as _engine
 from solvers import static as _static
 
@@ -78,10 +79,31 @@ DEFAULTS = {
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
+    "replicates_onepass": 8,
+    "samples_onepass": 2048,
+    "response_samples_onepass": 32,
+    "scheme": "onepass",
+    "src_rtol": 1e-6,
     "response_control": True,
     "b_estimator": "auto",
     "stein_rtol": 1e-6,
 }
+
+
+def _available_memory() -> float:
+    """Bytes of memory available now (Linux ``MemAvailable``; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    try:
+        import os
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
 
 
 def _real(name, value, lo, hi, hint):
@@ -144,6 +166,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
              sampler: str | None = None, replicates: int | None = None,
              b_estimator: str | None = None, stein_rtol: float | None = None,
              response_control: bool | None = None, callback=None,
+             scheme: str | None = None, src_rtol: float | None = None,
+             max_memory_gb: float | None = None,
              progress=None, _responses: bool = True, **unknown) -> Solution:
     """Nonlinear DMFT of ``net`` trained on ``data`` by alternating Monte Carlo (THEORY.md §2).
 
@@ -251,11 +275,35 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     L, P, Q, T = net.depth, data.P, data.Q, train.steps
     n, T1 = P + Q, T + 1
     d = DEFAULTS
+    scheme = d["scheme"] if scheme is None else scheme
+    if scheme not in ("onepass", "iterative"):
+        raise ValueError(f"scheme must be 'onepass' (causal one-pass solver, default) or "
+                         f"'iterative' (alternating fixed-point iteration), got {scheme!r}")
+    onepass = L >= 2 and scheme == "onepass"
+    if onepass:
+        given = {k: v for k, v in (("damping", damping), ("anderson", anderson), ("tol", tol),
+                                   ("noise_factor", noise_factor), ("max_iter", max_iter),
+                                   ("window", window), ("callback", callback))
+                 if v is not None}
+        if given:
+            raise ValueError(f"option(s) {sorted(given)} belong to the iterative deep solver; "
+                             f"the default one-pass solver (scheme='onepass') has no outer "
+                             f"iteration. Drop them, or pass scheme='iterative'")
     samples = check_positive_int(
         "samples", d["samples_two_layer"] if (samples is None and L == 1) else
-        (d["samples_deep"] if samples is None else samples), " (Monte Carlo samples per layer)")
+        ((d["samples_onepass"] if onepass else d["samples_deep"]) if samples is None
+         else samples), " (Monte Carlo samples per layer)")
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
+    if response_samples is None and onepass:
+        response_samples = d["response_samples_onepass"]
+    if replicates is None and onepass:
+        replicates = d["replicates_onepass"]
+    src_rtol = _real("src_rtol", d["src_rtol"] if src_rtol is None else src_rtol, 0, 1,
+                     "e.g. src_rtol=1e-6")
+    if max_memory_gb is not None:
+        max_memory_gb = _real("max_memory_gb", max_memory_gb, 0, np.inf,
+                              "the memory a solve may use, in GB, e.g. max_memory_gb=8")
     response_samples = check_positive_int(
         "response_samples", d["response_samples"] if response_samples is None
         else response_samples, " (samples for the response tangents)")
@@ -329,6 +377,55 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             phi_se = _two_time(out["phi_se"], T1, n)[None]
             g_se = _two_time(out["g_se"], T1, n)[None]
             extras = {}
+        elif onepass:
+            mem = _causal.estimate_memory(
+                T1, n, P, L, samples, min(samples, response_samples) if _responses else 0,
+                _responses, _responses and (b_estimator == "stein" or (
+                    b_estimator == "auto" and net.activation == "relu")),
+                4 if (response_control and _responses) else 8)
+            limit = (max_memory_gb * 1e9 if max_memory_gb is not None
+                     else 0.8 * _available_memory())
+            flops = _causal.estimate_flops(T1, n, P, L, samples,
+                                           min(samples, response_samples) if _responses
+                                           else 0, _responses) * replicates
+            logger.info("%s one-pass: %d replicates x %d samples, %d steps: ~%.2g GFlop, "
+                        "%.3g GB per replicate (limit %.3g GB)", method, replicates, samples,
+                        T, flops / 1e9, mem / 1e9, limit / 1e9)
+            if mem > limit:
+                raise ValueError(
+                    f"the one-pass solve needs ~{mem / 2**30:.3g} GiB per replicate but "
+                    f"{limit / 2**30:.3g} GiB are available (max_memory_gb or 80% of free "
+                    f"memory); lower samples (memory ~ samples x T n) and response_samples "
+                    f"(~ response_samples x T^2 P n), and raise replicates instead for the "
+                    f"same accuracy")
+            bar = progress_bar(T1 * replicates, f"dmft {method} (one pass)", progress,
+                               unit="step")
+            try:
+                out = _causal.solve_causal(
+                    kx, y, net.activation, L, train.gamma0, train.lr, T,
+                    samples=samples * replicates, seed=ss, populations=replicates,
+                    responses=_responses, response_samples=response_samples * replicates,
+                    b_estimator=b_estimator, response_cv=bool(response_control),
+                    relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
+                    logger=logger, bar=bar)
+            finally:
+                bar.close()
+            converged, iterations, residuals = True, 1, np.zeros(0)
+            options.update(samples=int(out["samples"]) // replicates,
+                           response_samples=int(out["response_samples"]) // replicates,
+                           relu_eps=out["relu_eps"], replicates=int(replicates),
+                           b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
+                           src_rtol=src_rtol, response_control=bool(response_control),
+                           scheme="onepass")
+            for key in ("damping", "anderson", "tol", "noise_factor", "max_iter"):
+                options.pop(key, None)
+            phi = _two_time(out["phi"], T1, n)
+            g = _two_time(out["g"], T1, n)
+            phi_se = _two_time(out["phi_se"], T1, n)
+            g_se = _two_time(out["g_se"], T1, n)
+            A = _two_time(out["A"], T1, n) if out["A"] is not None else None
+            B = _two_time(out["B"], T1, n) if out["B"] is not None else None
+            extras = {"memory_estimate_bytes": np.int64(mem)}
         else:
             st = _static.static_kernels(net.activation, kx, L)
             f0 = _static.frozen_dynamics(st["ntk"], y, train.lr, T)
@@ -363,7 +460,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                            response_samples=int(out["response_samples"]),
                            relu_eps=out["relu_eps"], window=int(window),
                            replicates=int(replicates), b_estimator=out["b_estimator"],
-                           stein_rtol=stein_rtol, response_control=bool(response_control))
+                           stein_rtol=stein_rtol, response_control=bool(response_control),
+                           scheme="iterative")
             phi = _two_time(out["phi"], T1, n)
             g = _two_time(out["g"], T1, n)
             phi_se = _two_time(out["phi_se"], T1, n)

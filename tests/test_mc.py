@@ -620,7 +620,8 @@ def test_gia_vs_mc_deep(gamma0, differs):
 # --------------------------------------------------------------------------------------------
 # solver behaviour
 # --------------------------------------------------------------------------------------------
-SMALL = dict(samples=512, response_samples=128, progress=False)
+#: the iterative deep solver's behaviour (the one-pass solver's: tests/test_causal.py)
+SMALL = dict(samples=512, response_samples=128, progress=False, scheme="iterative")
 
 
 @pytest.fixture(scope="module")
@@ -705,7 +706,7 @@ def test_progress_and_logging(small, caplog):
     data, net, train = small
     with caplog.at_level(logging.INFO, logger="dmft"):
         sol = dmft.solve(net, data, train, method="mc", seed=1, samples=512,
-                         response_samples=128, progress=True)
+                         response_samples=128, progress=True, scheme="iterative")
     lines = [r for r in caplog.records if "iteration" in r.getMessage()]
     assert len(lines) == sol.iterations
 
@@ -736,7 +737,7 @@ def test_progress_and_logging(small, caplog):
 def test_bad_options(small, option, value, match):
     data, net, train = small
     with pytest.raises(ValueError, match=match):
-        dmft.solve(net, data, train, method="mc", **{option: value})
+        dmft.solve(net, data, train, method="mc", scheme="iterative", **{option: value})
 
 
 def test_bad_gamma0_and_seed(small):

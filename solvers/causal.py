@@ -1,0 +1,567 @@
+"""One-pass causal Monte Carlo solver of the deep DMFT (THEORY.md §2), in exact discrete time.
+
+The discrete-time DMFT is causal across all layers. At step t, bottom-up, layer l needs only
+
+    h^l(t)  = u^l(t) + gamma0 sum_{s<t} C^l(t, s) g^l(s),  C^l = A^{l-1} + lr tril_{-1}[Phi^{l-1} Delta]
+
+with u^l(t) drawn from Phi^{l-1}(<=t, <=t), and A^{l-1}(t, <t), Phi^{l-1}(t, <=t) are estimated
+from layer l-1 at the same t; then, top-down,
+
+    z^l(t)  = r^l(t) + gamma0 sum_{s<=t} D^l(t, s) phi(h^l(s)),  D^l = B^l + lr tril_{-1}[G^{l+1} Delta]
+
+with r^l(t) drawn from G^{l+1}(<=t, <=t), and B^l(t, <=t), G^{l+1}(t, <=t) estimated from layer
+l+1 at the same t; g^l(t) = phi'(h^l(t)) z^l(t); finally f(t) = gamma0^{-1} <z^L(t) phi(h^L(t))>
+and Delta(t) = y - f(t), first used at step t + 1. Every order parameter at time t is therefore
+a function of the samples' fields at times <= t, and the fields at time t of the order
+parameters at times <= t (and, within a step, of lower layers going up and upper layers going
+down): the dependency graph over (t, pass, layer) is acyclic. Marching all samples and all
+layers time-major and estimating each new kernel row, response row and f(t) from the
+population as soon as it exists solves the self-consistency in one pass.
+
+Sources are drawn causally: with Phi^{l-1} = F F^T the causal (time-major, block lower
+triangular) Cholesky factor, u(t) = sum_{s<=t} F(t, s) xi(s), xi i.i.d. N(0, 1). The factor is
+extended by one time block per step (:class:`CausalFactor`); its row block t depends on
+Phi(<=t, <=t) only (the Cholesky factor of a leading block is the leading block of the factor).
+An innovation whose variance, given all earlier variables, is below ``rtol`` times the
+variable's own variance is dropped (the variable is then the regression on the earlier ones;
+exactly so for the time-constant u^1, whose covariance has no innovations after t = 0).
+
+Fixed-point property (the proof is the causality above, checked by a test): with common random
+numbers xi, the alternating map of the iterative solver -- march every sample with the order
+parameters q held fixed, re-estimate q -- restricted to times <= t depends on q at times <= t
+only, and strictly so except for the within-step layer order. By induction over t (and over
+layers within a step) its fixed point restricted to [0, t] is unique and equals the one-pass
+values. ``tests/test_causal.py`` marches the one-pass sources with the iterative solver's
+machinery (:func:`solvers.mc.march_layer`, :func:`solvers.mc.response_sums`) and the one-pass
+order parameters, and recovers them to rounding.
+
+Responses. A^l(t, s) = gamma0^{-1} <d phi(h^l(t)) / d r^l(s)> and B^{l-1}(t, s) =
+gamma0^{-1} <d g^l(t) / d u^l(s)> by forward-mode tangents of the march, marched causally with
+it on the first ``response_samples`` samples of each population: the h-part of each tangent
+in the bottom-up pass, the z-part in the top-down pass. With the control variate (default) the
+first-order terms C (.) <Lam1 Lam1^T>, D (.) <Lam1 Lam1^T> and gamma0^{-1} diag <Lam2> come
+from all samples and the tangents give only the remainder (float32). For ReLU, B by Stein's
+lemma in causally whitened sources (per row group, :class:`CausalFactor` with ``stein_rtol``),
+accumulated row by row as g(t) appears.
+
+Error bars. The samples form ``populations`` independent populations, each a complete one-pass
+solution with its own order parameters and Delta; the result is their mean and the standard
+error their spread / sqrt(populations). That includes the propagation of the sampling noise
+through the layers, the sources and the self-consistency.
+
+Layout: per layer, fields are held time-major as (T1, n_points, S) with the sample axis last
+(one time slice is a contiguous (n, S) matrix, the history up to t a contiguous ((t+1) n, S)
+one), train and test points in separate arrays so that the memory terms, which have train
+columns only, are single GEMMs. Kernels are flat (T1 n, T1 n) with index t n + mu.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from .activations import apply
+from .mc import _lam, _single_thread_blas, default_relu_eps, low_rank_factor
+
+__all__ = ["CausalFactor", "solve_causal", "estimate_memory", "estimate_flops"]
+
+
+class CausalFactor:
+    """Causal Cholesky factor of a covariance revealed one block of variables at a time.
+
+    Variables are indexed in their causal order. After ``extend`` calls for blocks of b
+    variables, ``F[:nvar, :k]`` satisfies F F^T = K (up to dropped innovations) with F lower
+    trapezoidal in the compact innovation index: innovation c belongs to variable ``piv[c]``
+    and loads only on variables >= piv[c]. ``Lk = F[piv[:k], :k]`` is lower triangular.
+
+    A variable whose innovation variance (the Schur complement given all earlier variables) is
+    at most ``rtol`` times its own variance gets no innovation; it is represented by its
+    regression on the earlier variables.
+    """
+
+    def __init__(self, m: int, rtol: float):
+        self.F = np.zeros((m, m))
+        self.Lk = np.zeros((m, m))
+        self.piv = np.zeros(m, dtype=np.int64)
+        self.k = 0
+        self.nvar = 0
+        self.rtol = float(rtol)
+        self.tol_loss = 1e-3
+        self.new = np.zeros(0, dtype=np.int64)      # in-block indices of the last new pivots
+
+    def extend(self, Krows) -> np.ndarray:
+        """Add a block of b variables; ``Krows`` (b, nvar + b) is their covariance with all
+        variables so far and with themselves. Returns the new rows ``F[block, :k]``."""
+        Krows = np.asarray(Krows, dtype=np.float64)
+        b = Krows.shape[0]
+        v0, k = self.nvar, self.k
+        if not np.all(np.isfinite(Krows)):
+            raise FloatingPointError("non-finite kernel: the fields diverged")
+        if k:
+            X = solve_triangular(self.Lk[:k, :k], Krows[:, self.piv[:k]].T, lower=True,
+                                 check_finite=False).T
+        else:
+            X = np.zeros((b, 0))
+        Sch = Krows[:, v0:v0 + b] - X @ X.T
+        Sch = 0.5 * (Sch + Sch.T)
+        var = np.diag(Krows[:, v0:v0 + b])
+        # the Schur complement is PSD in exact arithmetic; a clearly negative diagonal means the
+        # factor lost accuracy (near-degenerate pivots compounding): never draw from it
+        if np.any(np.diag(Sch) < -self.tol_loss * np.maximum(var, 1e-300)):
+            raise FloatingPointError(
+                "the causal factor of a source kernel lost accuracy (innovation variance "
+                f"{np.diag(Sch).min():.3g} < 0); raise the innovation threshold src_rtol")
+        Fb = np.zeros((b, b))
+        new = []
+        for i in range(b):
+            r = len(new)
+            v = Sch[i:, i] - Fb[i:, :r] @ Fb[i, :r]
+            if v[0] > 0.0 and v[0] > self.rtol * max(var[i], 0.0):
+                Fb[i:, r] = v / math.sqrt(v[0])
+                new.append(i)
+        r = len(new)
+        self.F[v0:v0 + b, :k] = X
+        self.F[v0:v0 + b, k:k + r] = Fb[:, :r]
+        self.new = np.asarray(new, dtype=np.int64)
+        self.piv[k:k + r] = v0 + self.new
+        self.Lk[k:k + r, :k + r] = self.F[v0 + self.new, :k + r]
+        self.k = k + r
+        self.nvar = v0 + b
+        return self.F[v0:v0 + b, :self.k]
+
+
+def estimate_memory(T1: int, n: int, P: int, depth: int, samples_per_population: int,
+                    tangent_samples: int, responses: bool, stein: bool,
+                    tangent_bytes: int = 4) -> int:
+    """Peak bytes of one population of :func:`solve_causal` (all layers in flight).
+
+    Fields: per layer phi(h), g, phi'(h) histories (T1 n S doubles each) and the source
+    normals of u and r (T1 n S / 2 each); tangents: per tangent system the phi- and g-tangent
+    histories (T1 x rows x T1 P Sr) in ``tangent_bytes``; kernels: Phi, G, A, B, the
+    control-variate kernel and their population sums (flat (T1 n)^2 doubles).
+    """
+    L = int(depth)
+    S = int(samples_per_population)
+    m = T1 * n
+    fields = L * (3 * m * S + m * S) * 8
+    tang = 0
+    if responses and L >= 2:
+        cols = T1 * P * int(tangent_samples)
+        nr = L - 1                                  # r-systems (layers 1 .. L-1)
+        nu = 0 if stein else L - 1                  # u-systems (layers 2 .. L)
+        tang = (nr * (2 * T1 * P) + nu * (T1 * n + T1 * P)) * cols * tangent_bytes
+    kernels = (5 * L) * m * m * 8 * 3
+    stein_b = (L - 1) * (n - P + 1) * T1 * (P + 1) * S * 8 if stein else 0
+    return int(fields + tang + kernels + stein_b)
+
+
+def estimate_flops(T1: int, n: int, P: int, depth: int, samples: int, tangent_samples: int,
+                   responses: bool) -> float:
+    """Floating-point operations of one population of :func:`solve_causal` (model).
+
+    Per sample and layer ~ T1^2 (2 n P + 5 n^2) (memory terms of h and z, the causal sources
+    u and r, the kernel rows of Phi, G and the control-variate kernel); per tangent sample and
+    tangent system ~ 4 n P^2 T1^3 / 3 (the h- and z-parts of the T1 P directions, each causal).
+    """
+    L = int(depth)
+    march = L * samples * T1 ** 2 * (2 * n * P + 5 * n * n)
+    tang = 0.0
+    if responses and L >= 2:
+        tang = 2 * (L - 1) * tangent_samples * 4 * n * P * P * T1 ** 3 / 3
+    return float(march + tang)
+
+
+def _check_finite(name, a, t, layer):
+    if not np.all(np.isfinite(a)):
+        raise FloatingPointError(f"non-finite {name} in layer {layer} at step {t}; the fields "
+                                 f"diverged (gamma0 or lr is too large)")
+
+
+class _Layer:
+    """State of one layer of one population (see the module docstring for the layout)."""
+
+    def __init__(self, T1, n, P, S, Sr, *, r_sys, u_sys, stein, resp, cv, tdtype, src_rtol,
+                 stein_rtol):
+        Q = n - P
+        m = T1 * n
+        self.PH = np.zeros((T1, n, S))
+        self.G = np.zeros((T1, n, S))
+        self.Gtr = np.zeros((T1, P, S))               # train rows of g, for the memory GEMMs
+        self.PHtr = np.zeros((T1, P, S))
+        self.PHte = np.zeros((T1, Q, S)) if Q else None
+        self.phi = np.zeros((m, m))
+        self.g = np.zeros((m, m))
+        # <Lam1 Lam1^T> over all samples and over the tangent samples (responses' control
+        # variate and the closed-form test-test blocks of B)
+        self.L1 = np.zeros((T1, n, S)) if resp else None
+        self.psi = np.zeros((m, m)) if resp else None
+        self.psi_r = np.zeros((m, m)) if cv else None
+        self.fac_u = CausalFactor(m, src_rtol)
+        self.fac_r = CausalFactor(m, src_rtol)
+        self.xi_u = np.zeros((m, S // 2))
+        self.xi_r = np.zeros((m, S // 2))
+        self.r_sys, self.u_sys, self.stein = r_sys, u_sys, stein
+        cols = T1 * P * Sr
+        if r_sys:
+            # directions (s, a, k): r_a(s) of tangent sample k. Train rows are all that later
+            # times need: C and D have train columns only, apart from D's test-test blocks,
+            # which r-tangents of test rows reach only through test rows themselves
+            self.rdphi = np.zeros((T1, P, cols), dtype=tdtype)
+            self.rdg = np.zeros((T1, P, cols), dtype=tdtype)
+        if u_sys:
+            self.udphi = np.zeros((T1, P, cols), dtype=tdtype)
+            self.udphi_te = np.zeros((T1, Q, cols), dtype=tdtype) if Q else None
+            self.udg = np.zeros((T1, P, cols), dtype=tdtype)
+        if stein:
+            self.groups = []
+            for q in [None] + list(range(P, n)):
+                pts = np.arange(P) if q is None else np.append(np.arange(P), q)
+                rows = np.arange(P) if q is None else np.array([q])
+                self.groups.append({"pts": pts, "rows": rows,
+                                    "fac": CausalFactor(T1 * len(pts), stein_rtol),
+                                    "xi": np.zeros((T1 * len(pts), S))})
+
+
+def _rows(cur, hist, t):
+    """Kernel row block K(t, <=t) = cur hist[:t+1]^T / S as (n, (t+1) n') from a (n, S)
+    current slice and a (T1, n', S) history."""
+    S = cur.shape[1]
+    return cur @ hist[:t + 1].reshape(-1, S).T / S
+
+
+def _store_row(K, row, t, n):
+    """Write row block t (n, (t+1) n) of a symmetric flat kernel and its transpose."""
+    a, e = t * n, (t + 1) * n
+    K[a:e, :e] = row
+    K[:e, a:e] = row.T
+
+
+def _draw(fac, xi_store, rng, n, half):
+    """Normals for the innovations a factor just gained (n drawn per step, whatever is kept,
+    so the stream does not depend on the keep decisions); returns the number in use."""
+    xi = rng.standard_normal((n, half))
+    new = fac.new
+    if len(new):
+        xi_store[fac.k - len(new):fac.k] = xi[new]
+    return fac.k
+
+
+def _top_D(delta, t, n, P, lr):
+    """D^L(t, s) = lr Delta(s) 1[s < t] (G^{L+1} = 1, B^L = 0) as (n, t+1, n)."""
+    D = np.zeros((n, t + 1, n))
+    D[:, :t, :P] = lr * delta[None, :t, :]
+    return D
+
+
+def _stein_row(ly, Bl, phi_src, u, g, t, n, gamma0):
+    """Row block t of B^{l-1} = gamma0^{-1} <dg^l / du^l> by Stein's lemma, per row group.
+
+    In each group (the train rows with the train sources; each test point with the train
+    sources and itself: test points are passive) the sources are whitened causally,
+    u_g = F xi_g with F the causal factor of Phi^{l-1} on the group (:class:`CausalFactor`,
+    innovations below ``stein_rtol`` of a variable's variance dropped). Stein's lemma in
+    whitened coordinates, <g(t) xi^T> = <dg(t)/du_g> F, is exact for Gaussian u; g(t) does not
+    depend on innovations of later times, so the row block is J(t) Lk^{-1} with J over the
+    innovations up to t: causal, no pseudo-inverse, no regularisation.
+    """
+    S = u.shape[1]
+    for grp in ly.groups:
+        pts, rows, fac, xi = grp["pts"], grp["rows"], grp["fac"], grp["xi"]
+        b = len(pts)
+        cols = (np.arange(t + 1)[:, None] * n + pts[None, :]).reshape(-1)
+        Frow = fac.extend(phi_src[np.ix_(t * n + pts, cols)])
+        new, k = fac.new, fac.k
+        k0 = k - len(new)
+        if len(new):
+            Fn = Frow[new]
+            rhs = u[pts[new]] - Fn[:, :k0] @ xi[:k0]
+            xi[k0:k] = solve_triangular(Fn[:, k0:k], rhs, lower=True, check_finite=False)
+        J = g[rows] @ xi[:k].T / S
+        X = solve_triangular(fac.Lk[:k, :k], J.T, lower=True, trans="T", check_finite=False).T
+        piv = fac.piv[:k]
+        flat = (piv // b) * n + pts[piv % b]
+        Bl[np.ix_(t * n + rows, flat)] = X / gamma0
+
+
+def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, cv, tdtype,
+                eps, src_rtol, stein_rtol, divergence, record_sources, bar):
+    n = kx.shape[0]
+    P = y.shape[0]
+    Q = n - P
+    T1 = T + 1
+    m = T1 * n
+    half = S // 2
+    rng = np.random.default_rng(seed)
+    layers = [_Layer(T1, n, P, S, Sr, r_sys=responses and l <= L - 2,
+                     u_sys=responses and l >= 1 and not stein,
+                     stein=responses and l >= 1 and stein, resp=responses, cv=cv,
+                     tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol)
+              for l in range(L)]
+    # responses, flat (T1 n, T1 n): A[l] = A^{l+1}, B[l] = B^{l+1} (1-based layers)
+    A = [np.zeros((m, m)) for _ in range(L - 1)]
+    B = [np.zeros((m, m)) for _ in range(L - 1)]
+    # layer 1: u^1 constant in time, u = Fx xi with Fx the low-rank factor of Kx
+    Fx = low_rank_factor(kx)
+    u1 = np.repeat(Fx @ rng.standard_normal((Fx.shape[1], half)), 2, axis=1)
+    w0h = rng.standard_normal(half)
+    w0 = np.stack([w0h, -w0h], axis=1).reshape(-1)     # antithetic pairs (u, r), (u, -r)
+    w = w0.copy()                                       # z^L(t) = w(t), one scalar per sample
+    cols_all = T1 * P * Sr
+    dw = np.zeros(cols_all, dtype=tdtype)               # u-tangents of w (top layer)
+    f = np.zeros((T1, n))
+    delta = np.zeros((T1, P))
+    ntk = np.zeros((T1, n, n))
+    tr = np.arange(P)
+    te = np.arange(P, n)
+    rec = {"u": [np.zeros((m, S)) for _ in range(L)],
+           "r": [np.zeros((m, S)) for _ in range(L)]} if record_sources else None
+    for t in range(T1):
+        a, e = t * n, (t + 1) * n
+        cz0, cz1 = t * P * Sr, (t + 1) * P * Sr          # tangent columns of directions < t, <= t
+        # ------------- bottom-up: h^l(t), phi, Phi^l(t, <=t), A^l(t, <t), dh ---------------
+        for l, ly in enumerate(layers):
+            if l == 0:
+                u = u1
+                # C^1(t, s) = lr Delta(s) Kx for s < t (A^0 = 0)
+                C3 = lr * kx[:, None, :P] * delta[None, :t, :]
+            else:
+                lo = layers[l - 1]
+                Frow = ly.fac_u.extend(lo.phi[a:e, :e])
+                k = _draw(ly.fac_u, ly.xi_u, rng, n, half)
+                u = np.repeat(Frow @ ly.xi_u[:k], 2, axis=1)
+                C3 = (A[l - 1][a:e, :a].reshape(n, t, n)[:, :, :P]
+                      + lr * lo.phi[a:e, :a].reshape(n, t, n)[:, :, :P] * delta[None, :t, :])
+            ly.C3 = C3
+            Crow = np.ascontiguousarray(C3).reshape(n, t * P)
+            if rec is not None:
+                rec["u"][l][a:e] = u
+            ly.u = u
+            h = u + gamma0 * (Crow @ ly.Gtr[:t].reshape(t * P, S)) if t else u.copy()
+            _check_finite("pre-activations", h, t, l + 1)
+            ly.H = h
+            ph = np.tanh(h) if act == "tanh" else apply(act, h, 0)
+            ly.PH[t] = ph
+            ly.PHtr[t] = ph[:P]
+            if Q:
+                ly.PHte[t] = ph[P:]
+            ly.lam1 = (1.0 - ph * ph) if act == "tanh" else apply(act, h, 1)
+            _store_row(ly.phi, _rows(ph, ly.PH, t), t, n)
+            if responses:
+                ly.L1[t] = ly.lam1
+                _store_row(ly.psi, _rows(ly.lam1, ly.L1, t), t, n)
+                if cv:
+                    _store_row(ly.psi_r, _rows(ly.lam1[:, :Sr], ly.L1[:, :, :Sr], t), t, n)
+            if ly.r_sys or ly.u_sys:
+                Ct = Crow.astype(tdtype, copy=False)
+                l1t = ly.lam1[:, :Sr].astype(tdtype, copy=False)
+            if ly.r_sys:
+                # dh(t)/dr(s), s < t: gamma0 C(t, <t) dg(<t)
+                dh = np.zeros((n, cols_all), dtype=tdtype)
+                if t:
+                    dh[:, :cz0] = gamma0 * (Ct @ ly.rdg[:t].reshape(t * P, cols_all)[:, :cz0])
+                ly.rdh = dh[:P]
+                dphi = (dh[:, :cz0].reshape(n, -1, Sr) * l1t[:, None, :]).reshape(n, cz0)
+                ly.rdphi[t, :, :cz0] = dphi[:P]
+                if t:
+                    Arow = dphi.reshape(n, t, P, Sr).sum(-1, dtype=np.float64) / (gamma0 * Sr)
+                    if cv:
+                        dpsi = (ly.psi[a:e, :a] - ly.psi_r[a:e, :a]).reshape(n, t, n)
+                        Arow += C3 * dpsi[:, :, :P]
+                    A[l][a:e, :a].reshape(n, t, n)[:, :, :P] = Arow
+            if ly.u_sys:
+                # dh(t)/du(s), s <= t: direct term at s = t plus gamma0 C(t, <t) dg(<t)
+                dh = np.zeros((n, cols_all), dtype=tdtype)
+                if t:
+                    dh[:, :cz0] = gamma0 * (Ct @ ly.udg[:t].reshape(t * P, cols_all)[:, :cz0])
+                dh[:P, cz0:cz1].reshape(P, P, Sr)[tr, tr, :] += 1.0
+                ly.udh = dh
+                dphi = (dh[:, :cz1].reshape(n, -1, Sr) * l1t[:, None, :]).reshape(n, cz1)
+                ly.udphi[t, :, :cz1] = dphi[:P]
+                if Q:
+                    ly.udphi_te[t, :, :cz1] = dphi[P:]
+        # ------------- top-down: z^l(t), g, G^l(t, <=t), B^{l-1}(t, <=t), dz ----------------
+        for l in reversed(range(L)):
+            ly = layers[l]
+            if l == L - 1:
+                z = np.broadcast_to(w, (n, S))
+                D4 = _top_D(delta, t, n, P, lr)
+                if rec is not None:
+                    rec["r"][l][a:e] = w0[None, :]
+            else:
+                up = layers[l + 1]
+                Frow = ly.fac_r.extend(up.g[a:e, :e])
+                k = _draw(ly.fac_r, ly.xi_r, rng, n, half)
+                rh = Frow @ ly.xi_r[:k]
+                r = np.empty((n, S))
+                r[:, 0::2] = rh
+                r[:, 1::2] = -rh
+                if rec is not None:
+                    rec["r"][l][a:e] = r
+                # D(t, s) = B^l(t, s) + lr Delta(s) G^{l+1}(t, s) [s < t]
+                D4 = B[l][a:e, :e].reshape(n, t + 1, n).copy()
+                D4[:, :t, :P] += lr * up.g[a:e, :a].reshape(n, t, n)[:, :, :P] * delta[None, :t]
+                Dtr = np.ascontiguousarray(D4[:, :, :P]).reshape(n, (t + 1) * P)
+                z = r + gamma0 * (Dtr @ ly.PHtr[:t + 1].reshape((t + 1) * P, S))
+                if Q:
+                    # test-test diagonal blocks of B (a test point sees only itself)
+                    Dqq = D4[te, :, te]                                  # (Q, t+1)
+                    z[P:] += gamma0 * np.einsum("qs,sqk->qk", Dqq, ly.PHte[:t + 1])
+            g = ly.lam1 * z
+            _check_finite("backward fields", g, t, l + 1)
+            ly.G[t] = g
+            ly.Gtr[t] = g[:P]
+            _store_row(ly.g, _rows(g, ly.G, t), t, n)
+            if ly.r_sys or ly.u_sys:
+                l1t = ly.lam1[:, :Sr].astype(tdtype, copy=False)
+                lam2 = _lam(act, ly.H[:, :Sr], z[:, :Sr], eps,
+                            ly.PH[t][:, :Sr] if act == "tanh" else None)[1]
+                l2t = lam2.astype(tdtype, copy=False)
+            if ly.r_sys:
+                # dz(t)/dr(s), s <= t (train rows): direct term at s = t plus gamma0 D dphi
+                Dt = Dtr[:P].astype(tdtype)
+                dz = gamma0 * (Dt @ ly.rdphi[:t + 1].reshape((t + 1) * P, cols_all)[:, :cz1])
+                if t < T:
+                    dz[:, cz0:cz1].reshape(P, P, Sr)[tr, tr, :] += 1.0
+                dg = (ly.rdh[:, :cz1].reshape(P, -1, Sr) * l2t[:P, None, :]
+                      + dz.reshape(P, -1, Sr) * l1t[:P, None, :])
+                ly.rdg[t, :, :cz1] = dg.reshape(P, cz1)
+            if ly.u_sys:
+                if l == L - 1:
+                    # z^L = w: dz(t) = gamma0 lr sum_{s<t} Delta(s) . dphi_train(s)
+                    dz = np.broadcast_to(dw[:cz1], (n, cz1))
+                else:
+                    Dt = Dtr.astype(tdtype)
+                    dz = gamma0 * (Dt @ ly.udphi[:t + 1].reshape((t + 1) * P, cols_all)[:, :cz1])
+                    if Q:
+                        dz[P:] += gamma0 * np.einsum("qs,sqc->qc", Dqq.astype(tdtype),
+                                                     ly.udphi_te[:t + 1, :, :cz1])
+                dg = (ly.udh[:, :cz1].reshape(n, -1, Sr) * l2t[:, None, :]
+                      + dz.reshape(n, -1, Sr) * l1t[:, None, :])
+                ly.udg[t, :, :cz1] = dg[:P].reshape(P, cz1)
+                Brow = dg.reshape(n, t + 1, P, Sr).sum(-1, dtype=np.float64) / (gamma0 * Sr)
+                l2_all = _lam(act, ly.H, z, eps, ly.PH[t] if act == "tanh" else None)[1].mean(-1)
+                if cv:
+                    dpsi = (ly.psi[a:e, :e] - ly.psi_r[a:e, :e]).reshape(n, t + 1, n)
+                    Brow += D4[:, :, :P] * dpsi[:, :, :P]
+                    l2_r = lam2.mean(-1, dtype=np.float64)
+                    Brow[tr, t, tr] += (l2_all[:P] - l2_r[:P]) / gamma0
+                Bb = B[l - 1][a:e, :e].reshape(n, t + 1, n)
+                Bb[:, :, :P] = Brow
+                if Q:
+                    # test sources: closed form over all samples (only their own point responds)
+                    psi_qq = ly.psi[a:e, :e].reshape(n, t + 1, n)[te, :, te]
+                    blockqq = D4[te, :, te] * psi_qq                      # (Q, t+1)
+                    blockqq[:, t] += l2_all[P:] / gamma0
+                    Bb[te, :, te] = blockqq
+            if ly.stein:
+                _stein_row(ly, B[l - 1], layers[l - 1].phi, ly.u, g, t, n, gamma0)
+        # ------------- predictions, NTK, Delta(t) ---------------------------------------
+        top = layers[L - 1]
+        if responses:
+            f[t] = (w[None, :] * top.PH[t]).mean(axis=1) / gamma0
+        K = top.phi[a:e, a:e].copy()
+        for l in range(L):
+            K += layers[l].g[a:e, a:e] * (kx if l == 0 else layers[l - 1].phi[a:e, a:e])
+        ntk[t] = K
+        if not np.all(np.isfinite(f[t])) or np.abs(f[t]).max() > divergence:
+            raise FloatingPointError(f"the predictions diverged at step {t} (|f| = "
+                                     f"{np.abs(f[t]).max():.3g}); gamma0 or lr is too large")
+        delta[t] = y - f[t, :P]
+        if t < T:
+            if not responses:
+                # GIA: f(t+1) = f(t) + lr K(t) Delta(t) (the reading <w phi> needs A^{L-1})
+                f[t + 1] = f[t] + lr * K[:, :P] @ delta[t]
+            # z^L(t+1) = z^L(t) + gamma0 lr Delta(t) . phi_train(h^L(t))
+            w = w + gamma0 * lr * (delta[t] @ top.PHtr[t])
+            if top.u_sys:
+                dw[:cz1] += (gamma0 * lr) * (delta[t].astype(tdtype) @ top.udphi[t, :, :cz1])
+        if bar is not None:
+            bar.update(1)
+    out = {"f": f, "ntk": ntk, "phi": np.stack([ly.phi for ly in layers]),
+           "g": np.stack([ly.g for ly in layers]),
+           "A": np.stack(A) if (responses and L >= 2) else None,
+           "B": np.stack(B) if (responses and L >= 2) else None}
+    if rec is not None:
+        out["sources"] = rec
+    return out
+
+
+def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, steps: int, *,
+                 samples: int, seed, populations: int = 8, responses: bool = True,
+                 response_samples: int = 128, b_estimator: str = "auto",
+                 response_cv: bool = True, relu_eps: float | None = None,
+                 src_rtol: float = 1e-6, stein_rtol: float = 1e-6, divergence: float = 1e8,
+                 record_sources: bool = False, logger=None, bar=None) -> dict:
+    """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
+
+    Parameters
+    ----------
+    kx : (n, n) input kernel; y : (P,) train targets; activation, depth (L >= 2), gamma0, lr,
+    steps : problem.
+    samples : total samples (rounded to ``populations`` times an even number).
+    seed : SeedSequence (or int); population p uses ``seed.spawn(populations)[p]``.
+    responses : False for the gradient-independence ansatz (A = B = 0, predictions by
+        f(t+1) = f(t) + lr K(t) Delta(t)).
+    response_samples : total tangent samples (split equally over the populations).
+    b_estimator : "auto" (Stein for relu, tangents otherwise), "tangent" or "stein".
+    response_cv : control variate of the tangent responses (float32 tangents).
+
+    Returns
+    -------
+    dict with ``f`` (T1, n), ``ntk`` (T1, n, n), flat ``phi``, ``g`` (L, T1 n, T1 n), ``A``,
+    ``B`` (L-1, T1 n, T1 n) or None: the population means; ``f_se``, ``ntk_se``, ``phi_se``,
+    ``g_se``: standard errors of the means (spread over populations / sqrt(populations); zero
+    for one population); ``samples``, ``response_samples``, ``populations``, ``relu_eps``,
+    ``b_estimator``, ``memory_bytes``.
+    """
+    L = int(depth)
+    n = kx.shape[0]
+    P = y.shape[0]
+    T1 = steps + 1
+    R = max(1, int(populations))
+    Sp = max(2, 2 * (int(samples) // (2 * R)))
+    Srp = 0
+    if responses:
+        Srp = max(1, min(Sp, -(-int(response_samples) // R)))
+    if b_estimator == "auto":
+        b_estimator = "stein" if activation == "relu" else "tangent"
+    stein = responses and b_estimator == "stein"
+    cv = bool(response_cv) and responses
+    tdtype = np.float32 if cv else np.float64
+    eps = default_relu_eps(max(Srp * R, 2048)) if relu_eps is None else float(relu_eps)
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    mem = estimate_memory(T1, n, P, L, Sp, Srp, responses, stein,
+                          4 if tdtype == np.float32 else 8)
+    if logger is not None:
+        logger.info("mc one-pass: %d populations x %d samples (%d tangent), %d steps, "
+                    "%.0f MB per population", R, Sp, Srp, steps, mem / 1e6)
+    outs = []
+    with _single_thread_blas():
+        for p, sp in enumerate(ss.spawn(R) if R > 1 else [ss]):
+            o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
+                            responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
+                            src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence,
+                            record_sources=record_sources, bar=bar)
+            outs.append(o)
+            if logger is not None:
+                logger.info("mc population %d/%d: f(T) rms %.4g", p + 1, R,
+                            float(np.sqrt(np.mean(o["f"][-1] ** 2))))
+    res = {}
+    for key in ("f", "ntk", "phi", "g", "A", "B"):
+        if outs[0][key] is None:
+            res[key] = None
+            continue
+        stack = np.stack([o[key] for o in outs])
+        res[key] = stack.mean(axis=0)
+        if key in ("f", "ntk", "phi", "g"):
+            res[key + "_se"] = (stack.std(axis=0, ddof=1) / math.sqrt(R) if R > 1
+                                else np.zeros_like(res[key]))
+        del stack
+    if record_sources:
+        res["sources"] = [o["sources"] for o in outs]
+        res["population_results"] = outs
+    res.update(samples=Sp * R, response_samples=Srp * R, populations=R,
+               relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
+               memory_bytes=mem)
+    return res
