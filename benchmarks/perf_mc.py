@@ -75,15 +75,21 @@ CASES = {
     # lr lambda_max > 2 and finite networks catapult (edge of stability; width 1024 measured);
     # the solver then reports divergence
     "b": dict(L=3, activation="tanh", P=8, Q=4, steps=50, gamma0=1.0, lr=0.05,
-              samples=[2048, 4096, 8192, 16384],
+              samples=[512, 1024, 2048, 4096],
               # the bias is small (c_rms ~ 0.5: 4e-3 at N = 128), so the cheapest ensembles are
               # narrow; widths 128-512 give both the times there and a 1/N lever arm of 4
+              pilot_widths=[128, 256, 512], pilot_seeds=[512, 256, 128]),
+    # the issue's case (c): a new user's depth-3 problem
+    "c": dict(L=3, activation="tanh", P=5, Q=3, D=10, steps=40, gamma0=1.0, lr=0.1,
+              samples=[256, 512, 1024, 2048, 4096],
               pilot_widths=[128, 256, 512], pilot_seeds=[512, 256, 128]),
 }
 QUICK = {
     "a": dict(P=8, Q=8, steps=40, samples=[1 << 12, 1 << 14], pilot_widths=[128, 256, 512],
               pilot_seeds=[64, 64, 64]),
-    "b": dict(P=4, Q=2, steps=20, samples=[512, 1024], pilot_widths=[128, 256, 512],
+    "b": dict(P=4, Q=2, steps=20, samples=[256, 512], pilot_widths=[128, 256, 512],
+              pilot_seeds=[48, 48, 48]),
+    "c": dict(steps=20, samples=[256, 512], pilot_widths=[128, 256, 512],
               pilot_seeds=[48, 48, 48]),
 }
 
@@ -91,7 +97,8 @@ QUICK = {
 def _problem(c, data_seed=0):
     import dmft
     from dmft.config import teacher_student
-    data = teacher_student(P=c["P"], Q=c["Q"], D=max(8, c["P"] // 2), seed=data_seed)
+    data = teacher_student(P=c["P"], Q=c["Q"], D=c.get("D", max(8, c["P"] // 2)),
+                           seed=data_seed)
     return (dmft.MLP(c["L"], c["activation"]), data,
             dmft.GradientDescent(c["gamma0"], c["lr"], c["steps"]))
 
@@ -214,6 +221,8 @@ def run_case(name, c, args):
           f"T={c['steps']} gamma0={c['gamma0']} lr={c['lr']}", flush=True)
     ref_samples = int(args.ref_factor * max(c["samples"]))
     ref_opts = {"replicates": args.ref_replicates} if c["L"] >= 2 else {}
+    if c["L"] >= 2 and args.ref_response_samples:
+        ref_opts["response_samples"] = args.ref_response_samples
     # the reference depends on the problem only (not on the timed rows or the pilot)
     key = json.dumps({"case": {k: v for k, v in c.items()
                                if k not in ("samples", "pilot_widths", "pilot_seeds")},
@@ -232,7 +241,9 @@ def run_case(name, c, args):
         ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345, **ref_opts)
         ref_f = ref.predictions[-1]
         ref_se = _pred_se(ref)
-        ref_info = {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
+        ref_info = {"samples": int(ref.options["samples"]) * int(
+            ref.options.get("replicates", 1) if ref.options.get("scheme") == "onepass" else 1),
+                    "wall_s": ref_wall,
                     "iterations": int(ref.iterations)}
         if cache:
             np.savez(cache, key=key, f=ref_f, se=ref_se, **ref_info)
@@ -245,14 +256,21 @@ def run_case(name, c, args):
     rows = []
     row_opts = {} if args.response_samples is None else {"response_samples":
                                                          args.response_samples}
-    for S in c["samples"]:
-        sol, wall, _ = run_mc(net, data, train, S, seed=1, **row_opts)
-        peak = (run_mc(net, data, train, S, seed=1, memory=True, **row_opts)[2]
+    runs = [("default", S, row_opts) for S in c["samples"]]
+    if c["L"] >= 2 and args.iterative_samples:
+        # the iterative solver as it was the default before the one-pass solver (one solve)
+        runs += [("iterative", S, {"scheme": "iterative"}) for S in args.iterative_samples]
+    for scheme, S, opts in runs:
+        sol, wall, _ = run_mc(net, data, train, S, seed=1, **opts)
+        peak = (run_mc(net, data, train, S, seed=1, memory=True, **opts)[2]
                 if args.memory else float("nan"))
         err = _rms(sol.predictions[-1] - ref_f)
         se = _pred_se(sol)
-        row = {"samples": int(sol.options["samples"]), "wall_s": wall, "peak_mb": peak,
-               "iterations": int(sol.iterations), "err": err, "stderr": se}
+        total = int(sol.options["samples"]) * (int(sol.options.get("replicates", 1))
+                                               if sol.options.get("scheme") == "onepass" else 1)
+        row = {"scheme": sol.options.get("scheme", "two-layer"), "samples": total,
+               "wall_s": wall, "peak_mb": peak, "iterations": int(sol.iterations), "err": err,
+               "stderr": se}
         if c["L"] == 1:
             # the predictions never need the two-time kernels (computed once at the end):
             # time the same solve with the fewest kernel samples (same predictions)
@@ -260,8 +278,9 @@ def run_case(name, c, args):
             assert np.array_equal(sol2.predictions, sol.predictions)
             row["f_only_s"] = wall2
         rows.append(row)
-        print(f"  mc samples={rows[-1]['samples']}: {wall:.2f} s "
-              f"(predictions only {row.get('f_only_s', wall):.2f} s), err {err:.2e}", flush=True)
+        print(f"  mc {row['scheme']} samples={total}: {wall:.2f} s "
+              f"(predictions only {row.get('f_only_s', wall):.2f} s), err {err:.2e}, "
+              f"stderr {se:.2e}", flush=True)
     t0 = time.perf_counter()
     p = pilot(net, data, train, ref_f, c["pilot_widths"], c["pilot_seeds"])
     p["t_exponent_min"] = 2.0 if c["L"] >= 2 else 1.0
@@ -291,7 +310,7 @@ def run_case(name, c, args):
             r["verify_err"] = _rms(ensemble_errors(ens, ref_f).mean(0))
             r["verify_s"] = time.perf_counter() - t0
     print(table(rows, ref_se))
-    proj = projection(rows, ref_se, p)
+    proj = projection([r for r in rows if r["scheme"] != "iterative"], ref_se, p)
     if proj:
         print(proj["text"])
     return {"case": name, "spec": {k: v for k, v in c.items()}, "n": n,
@@ -339,7 +358,7 @@ def projection(rows, ref_se, p, targets=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4)):
 
 
 def table(rows, ref_se):
-    head = (f"{'samples':>8} {'mc s':>8} {'f-only s':>8} {'peak MB':>8} {'it':>3} {'err':>9} "
+    head = (f"{'scheme':>9} {'samples':>8} {'mc s':>8} {'f-only s':>8} {'peak MB':>8} {'it':>3} {'err':>9} "
             f"{'mc se':>9} {'ref se':>9} | {'sim N':>6} {'sim S':>7} {'sim s':>9} "
             f"{'speedup':>8} {'f-only':>7} {'c+2sd':>7} {'verify err':>10}")
     lines = [head, "-" * len(head)]
@@ -349,7 +368,7 @@ def table(rows, ref_se):
                else f"{'-':>6} {'-':>7} {'inf':>9} {'inf':>8} {'inf':>7} {'inf':>7}")
         ver = f" {r['verify_err']:>10.2e}" if "verify_err" in r else ""
         f_only = r.get("f_only_s", r["wall_s"])
-        lines.append(f"{r['samples']:>8} {r['wall_s']:>8.2f} {f_only:>8.2f} "
+        lines.append(f"{r['scheme']:>9} {r['samples']:>8} {r['wall_s']:>8.2f} {f_only:>8.2f} "
                      f"{r['peak_mb']:>8.1f} "
                      f"{r['iterations']:>3} {r['err']:>9.2e} {r['stderr']:>9.2e} "
                      f"{ref_se:>9.2e} | {sim}{ver}")
@@ -359,14 +378,19 @@ def table(rows, ref_se):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    p.add_argument("--cases", nargs="+", default=["a", "b"], choices=sorted(CASES))
+    p.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=sorted(CASES))
     p.add_argument("--samples", type=int, nargs="+", default=None,
                    help="sample counts (overrides the case's list)")
     p.add_argument("--ref-factor", type=float, default=4.0,
                    help="reference samples = this x the largest sample count")
-    p.add_argument("--ref-replicates", type=int, default=1,
-                   help="L >= 2: the reference is the mean of this many independent solves "
-                        "(honest stderr; see the docstring)")
+    p.add_argument("--ref-replicates", type=int, default=8,
+                   help="L >= 2: the reference's replicates (independent one-pass populations, "
+                        "each of ref-factor x the largest row's samples)")
+    p.add_argument("--ref-response-samples", type=int, default=None,
+                   help="L >= 2: response_samples per replicate of the reference")
+    p.add_argument("--iterative-samples", type=int, nargs="*", default=None,
+                   help="L >= 2: also time the iterative solver (scheme='iterative', one "
+                        "solve, its defaults otherwise) at these sample counts")
     p.add_argument("--response-samples", type=int, default=None,
                    help="L >= 2: response_samples of the timed rows (default: the solver's)")
     p.add_argument("--no-memory", dest="memory", action="store_false",

@@ -1,0 +1,179 @@
+"""Deep networks where the iterative solver reported divergence, against simulated networks.
+
+The cases (teacher-student data, 8 train + 4 test points, D = 10, ``--steps`` steps, default 40):
+tanh depth 3 at lr = 0.1 and gamma0 = 1.25, 1.5, 2; relu depth 3 and tanh depth 4 at
+gamma0 = 1, lr = 0.1; linear depth 3 and 4 at gamma0 = 1, lr = 0.05 (there also against the
+exact ``method="linear"``). For each case:
+
+1. the default one-pass solve (``method="mc"``), its time and its reported standard errors;
+2. with ``--iterative``, the iterative solver (``scheme="iterative"``) with its defaults, and
+   whether it reports divergence;
+3. ensembles of centred networks (f - f(0), the raw f(0) regressed out as a control variate
+   with known mean 0) at ``--widths`` with ``--seeds`` seeds each, final predictions and NTK
+   extrapolated linearly in 1/N to N = infinity (:func:`solvers.stats.fit_inverse_width`);
+   the table prints the largest gap to the DMFT over the P + Q final predictions and over the
+   final NTK entries (relative to max|K|), with the combined standard error of the gap and
+   the final training loss of the widest networks (do the networks train?).
+
+A case where the networks themselves diverge (``--diverge``: tanh depth 3, gamma0 = 1,
+lr = 0.6) checks that the one-pass solver reports divergence there and only there.
+
+Usage: ``python benchmarks/deep_cases.py [--quick] [--cases ...] [--iterative] [--out r.json]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from solvers.stats import fit_inverse_width  # noqa: E402
+
+CASES = {
+    "tanh3-g1.25": dict(L=3, activation="tanh", gamma0=1.25, lr=0.1),
+    "tanh3-g1.5": dict(L=3, activation="tanh", gamma0=1.5, lr=0.1),
+    "tanh3-g2": dict(L=3, activation="tanh", gamma0=2.0, lr=0.1),
+    "relu3-g1": dict(L=3, activation="relu", gamma0=1.0, lr=0.1),
+    "tanh4-g1": dict(L=4, activation="tanh", gamma0=1.0, lr=0.1),
+    "linear3-g1": dict(L=3, activation="linear", gamma0=1.0, lr=0.05),
+    "linear4-g1": dict(L=4, activation="linear", gamma0=1.0, lr=0.05),
+}
+DIVERGE = dict(L=3, activation="tanh", gamma0=1.0, lr=0.6)
+
+
+def _problem(c, steps, P=8, Q=4):
+    import dmft
+    from dmft.config import teacher_student
+    data = teacher_student(P=P, Q=Q, D=10, seed=0)
+    return (dmft.MLP(c["L"], c["activation"]), data,
+            dmft.GradientDescent(c["gamma0"], c["lr"], steps))
+
+
+def _final(sol):
+    return np.concatenate([sol.train_predictions[-1], sol.test_predictions[-1]])
+
+
+def _final_se(sol):
+    return np.concatenate([sol.stderr["train_predictions"][-1],
+                           sol.stderr["test_predictions"][-1]])
+
+
+def ensemble(net, data, train, widths, seeds):
+    """Extrapolated N = infinity final predictions and NTK (upper triangle) with standard errors,
+    and the mean final training loss of the widest ensemble."""
+    import dmft
+    n = data.P + data.Q
+    iu = np.triu_indices(n)
+    means, ses, t_sim = [], [], 0.0
+    loss = None
+    for i, (N, S) in enumerate(zip(widths, seeds)):
+        ens = dmft.simulate(net, data, train, width=N, center=True, progress=False,
+                            seeds=range(100_000 * (i + 1), 100_000 * (i + 1) + S))
+        t_sim += ens.elapsed
+        obs = np.concatenate([ens.predictions[:, -1], ens.ntk[:, -1][:, iu[0], iu[1]]], axis=1)
+        Zc = ens.extras["f0"] - ens.extras["f0"].mean(0)
+        beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
+        adj = obs - ens.extras["f0"] @ beta
+        means.append(adj.mean(0))
+        ses.append(adj.std(0, ddof=Zc.shape[1] + 1) / np.sqrt(S))
+        loss = float(np.mean(ens.train_loss[:, -1]))
+        finite = bool(np.all(np.isfinite(ens.train_loss)))
+    b0, se0, _, _ = fit_inverse_width(np.asarray(widths, float), np.array(means), np.array(ses))
+    return b0, se0, loss, finite, t_sim
+
+
+def run_case(name, c, args):
+    import dmft
+    net, data, train = _problem(c, args.steps)
+    n = data.P + data.Q
+    iu = np.triu_indices(n)
+    row = {"case": name}
+    try:
+        sol = dmft.solve(net, data, train, method="mc", seed=args.seed, progress=False,
+                         **({"samples": args.samples} if args.samples else {}))
+        row.update(mc_s=sol.elapsed, status="ok")
+    except dmft.ConvergenceError as exc:
+        row.update(status="diverged: " + str(exc).split(".")[0])
+        sol = None
+    if args.iterative:
+        try:
+            it = dmft.solve(net, data, train, method="mc", scheme="iterative", seed=args.seed,
+                            progress=False)
+            row["iterative"] = f"ok ({it.iterations} it, {it.elapsed:.0f} s)"
+        except dmft.ConvergenceError as exc:
+            row["iterative"] = "diverged" if "diverged" in str(exc) else "not converged"
+    if c["activation"] == "linear" and sol is not None:
+        ex = dmft.solve(net, data, train, method="linear")
+        row["vs_exact_pred"] = float(np.abs(_final(sol) - _final(ex)).max())
+        row["vs_exact_ntk_rel"] = float(np.abs(sol.ntk[-1] - ex.ntk[-1]).max()
+                                        / np.abs(ex.ntk[-1]).max())
+    b0, se0, loss, finite, t_sim = ensemble(net, data, train, args.widths, args.seeds)
+    row.update(sim_s=t_sim, net_loss=loss, nets_finite=finite)
+    if sol is not None:
+        th = np.concatenate([_final(sol), sol.ntk[-1][iu]])
+        se = np.hypot(se0, np.concatenate([_final_se(sol), sol.stderr["ntk"][-1][iu]]))
+        knorm = np.abs(sol.ntk[-1]).max()
+        gap = b0 - th
+        row.update(pred_gap=float(np.abs(gap[:n]).max()), pred_se=float(se[:n].max()),
+                   ntk_gap_rel=float(np.abs(gap[n:]).max() / knorm),
+                   ntk_se_rel=float(se[n:].max() / knorm),
+                   max_z=float(np.abs(gap / se).max()),
+                   dmft_loss=float(sol.train_loss[-1]))
+    print(_line(row), flush=True)
+    return row
+
+
+def _line(r):
+    s = f"| {r['case']} | {r['status'][:40]} | "
+    s += (f"{r['mc_s']:.1f} | " if "mc_s" in r else "- | ")
+    if "pred_gap" in r:
+        s += (f"{r['pred_gap']:.4f} ({r['pred_se']:.4f}) | {100 * r['ntk_gap_rel']:.2f} % "
+              f"({100 * r['ntk_se_rel']:.2f} %) | {r['max_z']:.2f} | {r['dmft_loss']:.2e} | ")
+    else:
+        s += "- | - | - | - | "
+    s += f"{r['net_loss']:.2e} | {r['sim_s']:.0f} |"
+    if "iterative" in r:
+        s += f" {r['iterative']} |"
+    if "vs_exact_pred" in r:
+        s += f" exact: {r['vs_exact_pred']:.4f}, {100 * r['vs_exact_ntk_rel']:.2f} % |"
+    return s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--widths", type=int, nargs="*", default=[256, 512, 1024])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[256, 128, 64])
+    ap.add_argument("--samples", type=int, default=None, help="per replicate (default: the "
+                    "solver's)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--iterative", action="store_true", help="also run scheme='iterative'")
+    ap.add_argument("--diverge", action="store_true", help="also the divergent case")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.cases = args.cases[:1]
+        args.steps, args.widths, args.seeds = 10, [64, 128], [32, 16]
+    print("| case | one-pass | mc s | pred gap (se) | NTK gap (se) | max z | DMFT loss | "
+          "net loss | sim s |" + (" iterative |" if args.iterative else ""))
+    print("|---" * (9 + args.iterative) + "|")
+    rows = [run_case(k, CASES[k], args) for k in args.cases]
+    if args.diverge:
+        rows.append(run_case("tanh3-lr0.6 (diverges)", DIVERGE, args))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
