@@ -79,9 +79,9 @@ DEFAULTS = {
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
-    "replicates_onepass": 8,
-    "samples_onepass": 2048,
-    "response_samples_onepass": 32,
+    "replicates_onepass": 16,
+    "samples_onepass": 1024,
+    "response_samples_onepass": 16,
     "scheme": "onepass",
     "src_rtol": 1e-6,
     "response_control": True,
@@ -407,7 +407,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                     responses=_responses, response_samples=response_samples * replicates,
                     b_estimator=b_estimator, response_cv=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                    logger=logger, bar=bar)
+                    sampler=sampler, logger=logger, bar=bar)
             finally:
                 bar.close()
             converged, iterations, residuals = True, 1, np.zeros(0)
@@ -416,7 +416,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                            relu_eps=out["relu_eps"], replicates=int(replicates),
                            b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
                            src_rtol=src_rtol, response_control=bool(response_control),
-                           scheme="onepass")
+                           scheme="onepass", sampler=sampler)
             for key in ("damping", "anderson", "tol", "noise_factor", "max_iter"):
                 options.pop(key, None)
             phi = _two_time(out["phi"], T1, n)

@@ -284,8 +284,26 @@ def _stein_row(ly, Bl, phi_src, u, g, t, n, gamma0):
         Bl[np.ix_(t * n + rows, flat)] = X / gamma0
 
 
+def _sobol_normals(d: int, count: int, rng) -> np.ndarray:
+    """(count, d) normals from an Owen-scrambled Sobol set (cell midpoints through the normal
+    quantile, never 0 or 1): unbiased, with balanced low-dimensional projections."""
+    import warnings
+
+    from scipy.special import ndtri
+    from scipy.stats import qmc
+    bits = 30
+    try:
+        eng = qmc.Sobol(d, scramble=True, bits=bits, rng=rng)
+    except TypeError:                              # scipy < 1.15 names it ``seed``
+        eng = qmc.Sobol(d, scramble=True, bits=bits, seed=rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # balance is exact for powers of 2
+        x = eng.random(count)
+    return ndtri(x + 0.5 ** (bits + 1))
+
+
 def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, cv, tdtype,
-                eps, src_rtol, stein_rtol, divergence, record_sources, bar):
+                eps, src_rtol, stein_rtol, divergence, record_sources, bar, sampler="sobol"):
     n = kx.shape[0]
     P = y.shape[0]
     Q = n - P
@@ -301,10 +319,16 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
     # responses, flat (T1 n, T1 n): A[l] = A^{l+1}, B[l] = B^{l+1} (1-based layers)
     A = [np.zeros((m, m)) for _ in range(L - 1)]
     B = [np.zeros((m, m)) for _ in range(L - 1)]
-    # layer 1: u^1 constant in time, u = Fx xi with Fx the low-rank factor of Kx
+    # layer 1: u^1 constant in time, u = Fx xi with Fx the low-rank factor of Kx; with w(0)
+    # these are rank(Kx) + 1 numbers per pair, drawn by randomised QMC (``sampler="sobol"``)
     Fx = low_rank_factor(kx)
-    u1 = np.repeat(Fx @ rng.standard_normal((Fx.shape[1], half)), 2, axis=1)
-    w0h = rng.standard_normal(half)
+    r1 = Fx.shape[1]
+    if sampler == "sobol":
+        z = _sobol_normals(r1 + 1, half, rng)
+        xi1, w0h = z[:, :r1].T, z[:, r1].copy()
+    else:
+        xi1, w0h = rng.standard_normal((r1, half)), rng.standard_normal(half)
+    u1 = np.repeat(Fx @ xi1, 2, axis=1)
     w0 = np.stack([w0h, -w0h], axis=1).reshape(-1)     # antithetic pairs (u, r), (u, -r)
     w = w0.copy()                                       # z^L(t) = w(t), one scalar per sample
     cols_all = T1 * P * Sr
@@ -492,7 +516,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  response_samples: int = 128, b_estimator: str = "auto",
                  response_cv: bool = True, relu_eps: float | None = None,
                  src_rtol: float = 1e-6, stein_rtol: float = 1e-6, divergence: float = 1e8,
-                 record_sources: bool = False, logger=None, bar=None) -> dict:
+                 sampler: str = "sobol", record_sources: bool = False, logger=None,
+                 bar=None) -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -506,6 +531,9 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     response_samples : total tangent samples (split equally over the populations).
     b_estimator : "auto" (Stein for relu, tangents otherwise), "tangent" or "stein".
     response_cv : control variate of the tangent responses (float32 tangents).
+    sampler : "sobol" (default): the first layer's sources and the readouts w(0), rank(Kx) + 1
+        numbers per antithetic pair, by randomised quasi-Monte Carlo (one scrambled Sobol set
+        per population); "random": i.i.d. normals. The deeper sources are always i.i.d.
 
     Returns
     -------
@@ -536,31 +564,48 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     if logger is not None:
         logger.info("mc one-pass: %d populations x %d samples (%d tangent), %d steps, "
                     "%.0f MB per population", R, Sp, Srp, steps, mem / 1e6)
-    outs = []
+    keys = ("f", "ntk", "phi", "g", "A", "B")
+    acc, acc2 = {}, {}                     # running sums over populations (no R-fold stack)
+    pops = []
     with _single_thread_blas():
         for p, sp in enumerate(ss.spawn(R) if R > 1 else [ss]):
             o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                             responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
                             src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence,
-                            record_sources=record_sources, bar=bar)
-            outs.append(o)
+                            record_sources=record_sources, bar=bar, sampler=sampler)
+            for key in keys:
+                if o[key] is None:
+                    continue
+                if p == 0:
+                    acc[key] = o[key].copy()
+                    if key in ("f", "ntk", "phi", "g"):
+                        acc2[key] = o[key] * o[key]
+                else:
+                    acc[key] += o[key]
+                    if key in acc2:
+                        acc2[key] += o[key] * o[key]
+            if record_sources:
+                pops.append(o)
             if logger is not None:
                 logger.info("mc population %d/%d: f(T) rms %.4g", p + 1, R,
                             float(np.sqrt(np.mean(o["f"][-1] ** 2))))
+            del o
     res = {}
-    for key in ("f", "ntk", "phi", "g", "A", "B"):
-        if outs[0][key] is None:
+    for key in keys:
+        if key not in acc:
             res[key] = None
             continue
-        stack = np.stack([o[key] for o in outs])
-        res[key] = stack.mean(axis=0)
-        if key in ("f", "ntk", "phi", "g"):
-            res[key + "_se"] = (stack.std(axis=0, ddof=1) / math.sqrt(R) if R > 1
-                                else np.zeros_like(res[key]))
-        del stack
+        mean = acc.pop(key) / R
+        res[key] = mean
+        if key in acc2:
+            if R > 1:
+                var = np.maximum(acc2.pop(key) / R - mean * mean, 0.0) * (R / (R - 1))
+                res[key + "_se"] = np.sqrt(var / R)
+            else:
+                res[key + "_se"] = np.zeros_like(mean)
     if record_sources:
-        res["sources"] = [o["sources"] for o in outs]
-        res["population_results"] = outs
+        res["sources"] = [o["sources"] for o in pops]
+        res["population_results"] = pops
     res.update(samples=Sp * R, response_samples=Srp * R, populations=R,
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
                memory_bytes=mem)
