@@ -10,34 +10,38 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
   randomised quasi-Monte Carlo (scrambled Sobol replicates in rank(Kx) + 1 dimensions,
   ``sampler="sobol"``) or i.i.d. (``"random"``), in antithetic pairs (u, +-w0); the two-time
   kernels are computed once at the end from ``kernel_samples`` re-marched samples.
-- Deep networks: start from the static kernels and static-NTK predictions with A = B = 0;
-  the same standard normals every iteration (common random numbers); Gauss-Seidel sweeps
-  over layers, a quasi-Newton step on the f -> Delta -> f loop and continuation in time
-  (horizons ``window``, 2 window, ..., steps); responses A by exact per-sample forward-mode
-  tangents (blocked in time, one BLAS thread), with a smoothed delta of width ``relu_eps``
-  for ReLU's phi'', and a control variate (``response_control``): the tangents' first-order
-  terms are averaged over all ``samples``, only the remainder over ``response_samples``. B
-  by tangents for smooth activations and, for ReLU, by Stein's lemma in the causally
-  whitened sources (``b_estimator``), which is exact for phi'' = delta: per-sample
-  tangents cannot give ReLU's B (a smoothed delta wide enough to have a finite variance was
-  measured 10-50 % off on B phi; see :func:`solvers.mc.solve_deep`).
-- ``"gia"``: the same solver with the responses forced to zero (gradient-independence
+- Deep networks (L >= 2), default ``scheme="onepass"`` (:mod:`solvers.causal`): the
+  discrete-time DMFT is causal across layers, so all layers and samples are marched
+  time-major in one pass with no outer iteration. Sources are drawn causally (u(t) from the
+  causal Cholesky factor of Phi^{l-1}, extended one time block per step; innovations below
+  ``src_rtol`` of a variable's variance dropped), every kernel row, response row and f(t) is
+  estimated from the population as soon as it exists. Responses A by forward-mode tangents
+  marched with the fields (first ``response_samples`` samples of each replicate, smoothed
+  delta of width ``relu_eps`` for ReLU's phi''), with the control variate
+  (``response_control``); B by tangents for smooth activations and by Stein's lemma in the
+  causally whitened sources for ReLU (``b_estimator``). The one-pass values are the fixed
+  point of the alternating map of the iterative solver with the same random numbers
+  (tests/test_causal.py re-marches them with its machinery).
+- ``scheme="iterative"`` (deep networks, kept for comparison; no known case needs it): the
+  alternating solver that preceded it -- static start, common random numbers, Gauss-Seidel
+  sweeps over layers, a quasi-Newton step on f -> Delta -> f and continuation in time. Its
+  sources use the symmetric square root of the whole two-time kernel, so u(t) depends on Phi at
+  later times and the problem needs ~20 sweeps; it reported divergence on deep problems that
+  networks (and the one-pass solver) train without trouble (benchmarks/README.md).
+- ``"gia"``: the same solvers with the responses forced to zero (gradient-independence
   ansatz), predictions from f(t+1) = f(t) + lr K(t) Delta(t); for L = 1 it is identical to
   ``"mc"``.
 
 Standard errors (``Solution.stderr``): L = 1: the ``blocks`` replicates solved as separate
-populations (includes the feedback of noise through Delta). L >= 2 with ``replicates >= 2``:
-the spread of ``replicates`` independent fixed-point solutions (independent seeds, each with
-``samples`` samples), whose mean is returned -- honest, it includes the propagation of the
-sampling noise through the layers and the self-consistency. L >= 2 with ``replicates = 1``
-(default): batch means over the sample chunks of the last iteration with the order parameters
-held fixed. That misses the propagation of the noise of Phi^{l-1} into layer l's sources and
-the feedback through the self-consistency, and it UNDERESTIMATES the error: measured for
-L = 3 tanh, gamma0 = 1, 40 steps, 8192 samples, the spread of the final NTK over seeds was
-3-5x the reported standard error (about 3% of the NTK, against 0.7% reported). With the
-control variate of the responses (the default since 1 Dec 2026; L = 3 tanh, 8 + 4 points,
-20 steps, 6 seeds) the predictions' one-solve stderr is about right (seed spread 1.15x / 0.67x
-the reported stderr at 2048 / 8192 samples) and the NTK's is ~2x too small (1.99x / 2.03x).
+populations (includes the feedback of noise through Delta). L >= 2, one pass: the spread of
+``replicates`` (default 16) independent one-pass populations of ``samples`` samples each,
+divided by sqrt(replicates); the result is their mean. Each population is a complete solution
+with its own order parameters and Delta, so the spread includes the propagation of the
+sampling noise through the layers, the sources and the self-consistency; the standard errors
+have replicates - 1 degrees of freedom (use Student-t quantiles for intervals). Their coverage
+was checked against the spread over independent seeds (tests/test_causal.py, slow). L >= 2,
+iterative: as before, ``replicates`` independent fixed-point solutions (default 1: batch means,
+which underestimate the error several-fold).
 """
 from __future__ import annotations
 
@@ -181,24 +185,28 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         Raise :class:`~dmft.results.ConvergenceError` when the iteration did not converge
         (default) or return the result with ``converged=False``.
     samples : int
-        Monte Carlo samples per layer (antithetic pairs). L >= 2: rounded up to whole chunks;
-        L = 1: rounded down to a multiple of 2 ``blocks`` (``options["samples"]`` has the
-        number used). Default 65536 for L = 1, 8192 for L >= 2.
+        Monte Carlo samples per layer (antithetic pairs). L = 1: rounded down to a multiple of
+        2 ``blocks`` (default 65536). L >= 2, one pass: samples per replicate, rounded to an
+        even number (default 1024; the solve uses ``replicates x samples``). L >= 2,
+        iterative: rounded up to whole chunks (default 8192). ``options["samples"]`` has the
+        number used.
     response_samples : int
-        Samples used for the tangent estimates of A, B (L >= 2; default 128, at most
-        ``samples``; with ``response_control`` only the tangents' remainder beyond first order
-        comes from them). Enough for the predictions; for a sub-percent NTK raise it (L = 3
-        tanh, 4 x 32768 samples: replicate stderr of the NTK 0.69% at 128, 0.32% at 256).
-        Tangents cost ~ n P^2 T^3 per sample and layer, kernels ~ (n T)^2.
+        Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
+        ``response_control`` only the tangents' remainder beyond first order comes from
+        them). One pass: per replicate, default 16; iterative: default 128. Tangents cost
+        ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample: at large P T the
+        tangents dominate and this is the knob (benchmarks/README.md).
     kernel_samples : int
         L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
         from the replicates); predictions and NTK use all ``samples``. The kernels cost
         ~ kernel_samples (n (T+1))^2 flops (one symmetric rank-k BLAS update per chunk) and
         are computed once, after the predictions, which never need them.
     sampler : {"sobol", "random"}
-        L = 1 only: "sobol" (default) draws the sources by randomised quasi-Monte Carlo
-        (``blocks`` independent scrambled Sobol replicates in the rank(Kx) + 1 source
-        dimensions); "random" draws i.i.d. normals. Both use antithetic pairs (u, +-w0).
+        "sobol" (default) draws the first layer's sources and the readouts w(0) by randomised
+        quasi-Monte Carlo (independent scrambled Sobol sets in the rank(Kx) + 1 dimensions:
+        L = 1 one per block, L >= 2 one per replicate; measured for L = 3 tanh, 40 steps: a
+        1.6x smaller standard error of f at equal cost); "random" draws i.i.d. normals.
+        Both use antithetic pairs (u, +-w0); deeper sources are i.i.d.
     damping : float in (0, 1]
         Weight of the new estimate in the mixing (default 1: plain Gauss-Seidel iteration;
         halved automatically, not below 0.25, when the residual stalls).
@@ -243,12 +251,26 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         First time horizon of the continuation in time (default 10): horizons
         max(window, steps/2^k) are solved in turn, each started from the previous one.
     replicates : int
-        L >= 2 only: number of independent fixed-point solutions (independent seeds, each with
+        L >= 2 only: number of independent solutions (independent seeds, each with
         ``samples`` and ``response_samples`` samples, so the cost is ``replicates`` times one
         solve). The result is their mean and ``stderr`` their standard error of the mean,
         which includes the propagation of sampling noise through the layers and the
-        self-consistency (default 1: one solve, batch-means standard errors that miss it and
-        underestimate the error several-fold; see the module docstring).
+        self-consistency. One pass: default 16 (populations marched one after the other).
+        Iterative: default 1 (one solve, batch-means standard errors that underestimate the
+        error several-fold; see the module docstring).
+    scheme : {"onepass", "iterative"}
+        L >= 2: the causal one-pass solver (default) or the alternating fixed-point iteration
+        (``damping``, ``anderson``, ``tol``, ``noise_factor``, ``max_iter``, ``window``,
+        ``callback`` apply to it only; passing them with "onepass" is an error).
+    src_rtol : float
+        One pass: a source variable whose innovation variance (given the earlier ones) is below
+        this fraction of its variance gets no innovation of its own (default 1e-6; smaller
+        values let near-degenerate pivots compound and the factor lose accuracy, which is
+        detected and reported).
+    max_memory_gb : float
+        One pass: refuse (ValueError, before any work) a solve whose estimated memory per
+        replicate exceeds this (default: 80 % of the memory available now). The estimate and a
+        flop count are logged at INFO level.
     callback : callable
         ``callback(iteration, state, residual)`` after each iteration (L >= 2); return True
         to stop.

@@ -21,7 +21,7 @@ METHODS = {
     "linear": ("dmft._linear", "solve_linear",
                "deep linear networks: exact algebraic DMFT matrix equations (no sampling)"),
     "mc": ("dmft._mc", "solve_mc",
-           "nonlinear DMFT by alternating Monte Carlo sampling of the single-site fields"),
+           "nonlinear DMFT by Monte Carlo sampling of the single-site fields (one causal pass)"),
     "gia": ("dmft._mc", "solve_gia",
             "gradient-independence approximation: the Monte Carlo DMFT with A = B = 0"),
     "perturbative": ("dmft._perturbative", "solve_perturbative",
