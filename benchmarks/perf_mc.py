@@ -1,24 +1,24 @@
 """Cost and accuracy of the Monte Carlo DMFT solver (``method="mc"``) against simulated networks.
 
-Cases (the issue's): (a) L = 1 tanh, 16 train + 16 test points, 100 steps, gamma0 = 1;
-(b) L = 3 tanh, 8 train + 4 test points, 50 steps, gamma0 = 1; lr = 0.1 for (a) and 0.05 for (b)
-(at 0.1 case (b) crosses the edge of stability, see CASES), teacher-student data.
+Cases: (a) L = 1 tanh, 16 train + 16 test points, 100 steps, gamma0 = 1, lr = 0.1;
+(b) L = 3 tanh, 8 train + 4 test points, 50 steps, gamma0 = 1, lr = 0.05 (at 0.1 case (b)
+crosses the edge of stability, see CASES); (c) L = 3 tanh, 5 train + 3 test points, D = 10,
+40 steps, gamma0 = 1, lr = 0.1 (a new user's first depth-3 problem); teacher-student data.
 
 For each case:
 
 1. A high-sample reference solve (``--ref-factor`` times the largest sample count, its own
-   seed). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it. For deep
-   networks (L >= 2) the one-solve stderr (batch means) misses the noise propagated through the
-   layers and the self-consistency and was measured 2-4x too small (L = 3 tanh); with
-   ``--ref-replicates R`` the reference is the mean of R independent solves and its stderr
-   their spread (honest, R times the cost). The ``mc se`` column of the rows is the one-solve
-   stderr (for L >= 2 a lower bound of the error).
-2. For several sample counts S: wall time of ``dmft.solve(method="mc", samples=S)``, peak
-   NumPy memory of a second, identical call (``tracemalloc``: counts NumPy/Python
-   allocations, not memory allocated inside Numba kernels nor BLAS scratch; it is kept out of
-   the timed call, which it slowed 2.1-2.6x), and the prediction error against the
-   reference: err = RMS over all P + Q points of the final predictions f(T). It includes the
-   reference's own error (its RMS stderr is shown as ``ref_se``).
+   seed; for L >= 2 the one-pass solver with ``--ref-replicates`` populations of that many
+   samples each). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
+2. For several sample counts S (for L >= 2: samples per replicate; the ``samples`` column is
+   the total, replicates x S): wall time of ``dmft.solve(method="mc", samples=S)`` with its
+   other defaults, optionally peak NumPy memory of a second, identical call (``tracemalloc``:
+   counts NumPy/Python allocations, not BLAS scratch; kept out of the timed call, which it
+   slows), and the prediction error against the reference: err = RMS over all P + Q points of
+   the final predictions f(T). It includes the reference's own error (its RMS stderr is shown
+   as ``ref se``). With ``--iterative-samples`` the iterative deep solver
+   (``scheme="iterative"``, the default before the one-pass solver) is timed too, in the same
+   run.
 3. What a simulated ensemble needs for the same error. A pilot of centred networks
    (``center=True``; the raw initial outputs regressed out as control variates, mean exactly 0)
    at a few widths measures, per point j, the finite-width bias c_j / N (1/N slope fitted

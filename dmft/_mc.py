@@ -85,13 +85,18 @@ DEFAULTS = {
     "replicates": 1,
     "replicates_onepass": 16,
     "samples_onepass": 1024,
-    "response_samples_onepass": 16,
+    "response_samples_onepass": 8,
     "scheme": "onepass",
     "src_rtol": 1e-6,
     "response_control": True,
     "b_estimator": "auto",
     "stein_rtol": 1e-6,
 }
+
+
+#: typical sustained rate of the one-pass solver on one core (benchmarks/scaling_mc.py), used
+#: only for the time estimate in the log
+_FLOP_RATE = 10e9
 
 
 def _available_memory() -> float:
@@ -193,7 +198,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     response_samples : int
         Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
         ``response_control`` only the tangents' remainder beyond first order comes from
-        them). One pass: per replicate, default 16; iterative: default 128. Tangents cost
+        them). One pass: per replicate, default 8; iterative: default 128. Tangents cost
         ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample: at large P T the
         tangents dominate and this is the knob (benchmarks/README.md).
     kernel_samples : int
@@ -410,9 +415,10 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             flops = _causal.estimate_flops(T1, n, P, L, samples,
                                            min(samples, response_samples) if _responses
                                            else 0, _responses) * replicates
-            logger.info("%s one-pass: %d replicates x %d samples, %d steps: ~%.2g GFlop, "
-                        "%.3g GB per replicate (limit %.3g GB)", method, replicates, samples,
-                        T, flops / 1e9, mem / 1e9, limit / 1e9)
+            logger.info("%s one-pass: %d replicates x %d samples, %d steps: ~%.2g GFlop "
+                        "(~%.0f s at %.0f GFlop/s), %.3g GB per replicate (limit %.3g GB)",
+                        method, replicates, samples, T, flops / 1e9, flops / _FLOP_RATE,
+                        _FLOP_RATE / 1e9, mem / 1e9, limit / 1e9)
             if mem > limit:
                 raise ValueError(
                     f"the one-pass solve needs ~{mem / 2**30:.3g} GiB per replicate but "
