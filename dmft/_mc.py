@@ -198,9 +198,9 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     response_samples : int
         Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
         ``response_control`` only the tangents' remainder beyond first order comes from
-        them). One pass: per replicate, default 8; iterative: default 128. Tangents cost
-        ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample: at large P T the
-        tangents dominate and this is the knob (benchmarks/README.md).
+        them). One pass: per replicate, default max(8, samples / 128); iterative: default
+        128. Tangents cost ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample:
+        at large P T the tangents dominate and this is the knob (benchmarks/README.md).
     kernel_samples : int
         L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
         from the replicates); predictions and NTK use all ``samples``. The kernels cost
@@ -323,7 +323,10 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
     if response_samples is None and onepass:
-        response_samples = d["response_samples_onepass"]
+        # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
+        # samples) balanced against their costs (a tangent sample costs ~50 march samples at
+        # 8 + 4 points, 50 steps; measured b / a ~ 2e-3): ~1 tangent sample per 128
+        response_samples = max(d["response_samples_onepass"], int(samples) // 128)
     if replicates is None and onepass:
         replicates = d["replicates_onepass"]
     src_rtol = _real("src_rtol", d["src_rtol"] if src_rtol is None else src_rtol, 0, 1,

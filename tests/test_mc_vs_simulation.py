@@ -253,7 +253,8 @@ def test_two_layer_tanh_agrees_with_simulations_small():
 #: honest error bars; 4 x 32768 samples put the solver's NTK error near 0.5%.
 #: With the control variate of the responses the default 128 tangent samples suffice for the
 #: predictions but not for a 0.5% NTK: the solver's replicate NTK stderr was 0.69% at 128
-#: against 0.32% at 256 (1 Dec 2026), so the test uses 512 (and 8 replicates).
+#: against 0.32% at 256 (1 Dec 2026), so the test uses 512 (and 8 replicates). With the
+#: one-pass solver (the default since 4 Dec 2026) these are 8 populations of 32768 samples.
 DEEP_MC = {"samples": 32768, "response_samples": 512, "replicates": 8}
 
 
@@ -295,7 +296,11 @@ def test_three_layer_tanh_must_show():
     N = 128 do not bend the fit; simulations at 128 cost ~70 s. This test as written (new
     seeds at every width, alone on the cores): passed, exponent -0.97 +- 0.10 over 15 entries,
     pred gap 3.2e-3 (se 1.5e-3), NTK gap 0.71% (se 0.33%), max|z| 2.74, mc 232 s (124 it),
-    simulations 358 s, 591 s in all."""
+    simulations 358 s, 591 s in all.
+    With the one-pass solver (4 Dec 2026; DEEP_MC now means 8 independent one-pass populations
+    of 32768 samples and 512 tangent samples each; another job on the second core): pred gap
+    2.5e-4 (se 1.2e-3), NTK gap 0.22% (se 0.46%), max|z| 1.73, exponent -0.94 +- 0.07 over 15
+    entries, mc 45.7 s (one pass), simulations 199 s."""
     r = compare(3, "tanh", 1.0, [128, 256, 512, 1024], [3200, 1600, 800, 400],
                 mc_options=DEEP_MC)
     check(r)
@@ -318,6 +323,9 @@ def test_two_layer_hidden_relu_must_show():
     max|z| 7.8, and divergence at the default samples for some seeds. With the control variate
     on A's tangents (float32; 2 Dec 2026, another job on the cores): pred gap 3.6e-3 (se
     1.8e-3), NTK gap 0.19% (se 0.39%), max|z| 2.28, exponent -0.70 +- 0.18, mc 1480 s
-    (314 iterations), simulations 366 s."""
+    (314 iterations), simulations 366 s. With the one-pass solver (4 Dec 2026; 12 populations
+    of 49152 samples, 4096 tangent samples each for A, Stein's B; another job on the second
+    core): pred gap 2.6e-3 (se 1.5e-3), NTK gap 0.49% (se 0.30%), max|z| 2.49, exponent
+    -0.79 +- 0.16, mc 108 s, simulations 78 s."""
     r = compare(2, "relu", 1.0, [256, 512, 1024], [1600, 800, 400], mc_options=DEEP_RELU_MC)
     check(r)
