@@ -141,6 +141,13 @@ def _two_time(K, T1, n):
     return np.ascontiguousarray(np.moveaxis(K, -3, -2))
 
 
+def _deep_fields(out, T1, n):
+    """The engines' flat kernels and responses in the Solution layout (two-time axes)."""
+    tt = lambda key: (None if out[key] is None                          # noqa: E731
+                      else _two_time(out[key], T1, n))
+    return tt("phi"), tt("g"), tt("phi_se"), tt("g_se"), tt("A"), tt("B")
+
+
 def _combine_replicates(reps):
     """Mean and standard error of the mean of independent deep solutions (``replicates``)."""
     if len(reps) == 1:
@@ -450,12 +457,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                            scheme="onepass", sampler=sampler)
             for key in ("damping", "anderson", "tol", "noise_factor", "max_iter"):
                 options.pop(key, None)
-            phi = _two_time(out["phi"], T1, n)
-            g = _two_time(out["g"], T1, n)
-            phi_se = _two_time(out["phi_se"], T1, n)
-            g_se = _two_time(out["g_se"], T1, n)
-            A = _two_time(out["A"], T1, n) if out["A"] is not None else None
-            B = _two_time(out["B"], T1, n) if out["B"] is not None else None
+            phi, g, phi_se, g_se, A, B = _deep_fields(out, T1, n)
             extras = {"memory_estimate_bytes": np.int64(mem)}
         else:
             st = _static.static_kernels(net.activation, kx, L)
@@ -493,12 +495,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                            replicates=int(replicates), b_estimator=out["b_estimator"],
                            stein_rtol=stein_rtol, response_control=bool(response_control),
                            scheme="iterative")
-            phi = _two_time(out["phi"], T1, n)
-            g = _two_time(out["g"], T1, n)
-            phi_se = _two_time(out["phi_se"], T1, n)
-            g_se = _two_time(out["g_se"], T1, n)
-            A = _two_time(out["A"], T1, n) if out["A"] is not None else None
-            B = _two_time(out["B"], T1, n) if out["B"] is not None else None
+            phi, g, phi_se, g_se, A, B = _deep_fields(out, T1, n)
             extras = {"noise_floors": out["floors"]}
             if out.get("stages"):
                 extras["stages"] = np.asarray(out["stages"], dtype=np.int64)

@@ -316,6 +316,9 @@ def _sobol_normals(d: int, count: int, rng) -> np.ndarray:
 
 def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, cv, tdtype,
                 eps, src_rtol, stein_rtol, divergence, record_sources, bar, sampler="sobol"):
+    """One population of S samples (Sr of them with tangents) marched through all steps and
+    layers; returns its own f, NTK, flat kernels and responses (and, with
+    ``record_sources``, the sources u, r of every layer as (T1 n, S) arrays)."""
     n = kx.shape[0]
     P = y.shape[0]
     Q = n - P

@@ -71,6 +71,21 @@ def test_causal_factor_reports_lost_accuracy():
         fac.extend(np.array([[3.0, 3.0, 1.0]]))
 
 
+def test_shifted_sobol_normals_are_stratified_and_unbiased():
+    """Each coordinate of a randomly shifted Sobol set of 2^k points has one point per cell of
+    width 2^-k (stratified); over independent shifts the normals have mean 0, variance 1."""
+    from scipy.special import ndtr
+    rng = np.random.default_rng(0)
+    z = causal._sobol_normals(5, 256, rng)
+    cells = np.floor(ndtr(z) * 256).astype(int)
+    for j in range(5):
+        assert sorted(cells[:, j]) == list(range(256))
+    means = np.array([causal._sobol_normals(5, 256, rng).mean(0) for _ in range(200)])
+    assert np.abs(means.mean()) < 4 * means.std() / np.sqrt(means.size)
+    allz = np.concatenate([causal._sobol_normals(5, 256, rng) for _ in range(50)])
+    assert abs(allz.var() - 1.0) < 0.02
+
+
 # --------------------------------------------------------------------------------------------
 # the fixed-point property
 # --------------------------------------------------------------------------------------------
