@@ -338,3 +338,15 @@ def test_error_bars_match_the_spread_over_seeds():
         ratio = np.sqrt(np.mean(x.var(axis=0, ddof=1)) / np.mean(se ** 2))
         print(f"{name}: seed spread / reported stderr = {ratio:.3f}")
         assert abs(ratio - 1.0) < 0.25, (name, ratio)
+
+
+@pytest.mark.parametrize("P,Q", [(3, 0), (1, 1)])
+@pytest.mark.parametrize("act", ["tanh", "relu", "linear"])
+def test_edge_shapes(P, Q, act):
+    """No test points, a single training point: every activation and both estimators of B."""
+    data = dmft.config.teacher_student(P=P, Q=Q, D=4, seed=0)
+    train = dmft.GradientDescent(1.0, 0.1, 4)
+    sol = dmft.solve(dmft.MLP(3, act), data, train, method="mc", seed=0, samples=64,
+                     replicates=2, progress=False)
+    assert sol.test_predictions.shape == (5, Q) and sol.A.shape == (2, 5, 5, P + Q, P + Q)
+    assert np.all(np.isfinite(sol.ntk)) and np.all(np.isfinite(sol.B))
