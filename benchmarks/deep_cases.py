@@ -157,8 +157,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--widths", type=int, nargs="*", default=[256, 512, 1024])
     ap.add_argument("--seeds", type=int, nargs="*", default=[256, 128, 64])
-    ap.add_argument("--samples", type=int, default=None, help="per replicate (default: the "
-                    "solver's)")
+    ap.add_argument("--samples", type=int, default=None, help="total samples of the one pass "
+                    "(default: the solver's)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--iterative", action="store_true", help="also run scheme='iterative'")
     ap.add_argument("--diverge", action="store_true", help="also the divergent case")

@@ -8,10 +8,8 @@ crosses the edge of stability, see CASES); (c) L = 3 tanh, 5 train + 3 test poin
 For each case:
 
 1. A high-sample reference solve (``--ref-factor`` times the largest sample count, its own
-   seed; for L >= 2 the one-pass solver with ``--ref-replicates`` populations of that many
-   samples each). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
-2. For several sample counts S (for L >= 2: samples per replicate; the ``samples`` column is
-   the total, replicates x S): wall time of ``dmft.solve(method="mc", samples=S)`` with its
+   seed; for L >= 2 the one-pass solver with ``--ref-replicates`` populations sharing them). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
+2. For several sample counts S (for L >= 2 the total over the replicates): wall time of ``dmft.solve(method="mc", samples=S)`` with its
    other defaults, optionally peak NumPy memory of a second, identical call (``tracemalloc``:
    counts NumPy/Python allocations, not BLAS scratch; kept out of the timed call, which it
    slows), and the prediction error against the reference: err = RMS over all P + Q points of
@@ -75,21 +73,21 @@ CASES = {
     # lr lambda_max > 2 and finite networks catapult (edge of stability; width 1024 measured);
     # the solver then reports divergence
     "b": dict(L=3, activation="tanh", P=8, Q=4, steps=50, gamma0=1.0, lr=0.05,
-              samples=[256, 512, 1024, 2048, 4096],
+              samples=[4096, 8192, 16384, 32768, 65536],
               # the bias is small (c_rms ~ 0.5: 4e-3 at N = 128), so the cheapest ensembles are
               # narrow; widths 128-512 give both the times there and a 1/N lever arm of 4
               pilot_widths=[128, 256, 512], pilot_seeds=[512, 256, 128]),
     # the case (c): a new user's depth-3 problem
     "c": dict(L=3, activation="tanh", P=5, Q=3, D=10, steps=40, gamma0=1.0, lr=0.1,
-              samples=[256, 512, 1024, 2048, 4096],
+              samples=[4096, 8192, 16384, 32768, 65536],
               pilot_widths=[128, 256, 512], pilot_seeds=[512, 256, 128]),
 }
 QUICK = {
     "a": dict(P=8, Q=8, steps=40, samples=[1 << 12, 1 << 14], pilot_widths=[128, 256, 512],
               pilot_seeds=[64, 64, 64]),
-    "b": dict(P=4, Q=2, steps=20, samples=[256, 512], pilot_widths=[128, 256, 512],
+    "b": dict(P=4, Q=2, steps=20, samples=[2048, 4096], pilot_widths=[128, 256, 512],
               pilot_seeds=[48, 48, 48]),
-    "c": dict(steps=20, samples=[256, 512], pilot_widths=[128, 256, 512],
+    "c": dict(steps=20, samples=[2048, 4096], pilot_widths=[128, 256, 512],
               pilot_seeds=[48, 48, 48]),
 }
 
@@ -241,9 +239,7 @@ def run_case(name, c, args):
         ref, ref_wall, _ = run_mc(net, data, train, ref_samples, seed=12345, **ref_opts)
         ref_f = ref.predictions[-1]
         ref_se = _pred_se(ref)
-        ref_info = {"samples": int(ref.options["samples"]) * int(
-            ref.options.get("replicates", 1) if ref.options.get("scheme") == "onepass" else 1),
-                    "wall_s": ref_wall,
+        ref_info = {"samples": int(ref.options["samples"]), "wall_s": ref_wall,
                     "iterations": int(ref.iterations)}
         if cache:
             np.savez(cache, key=key, f=ref_f, se=ref_se, **ref_info)
@@ -266,8 +262,7 @@ def run_case(name, c, args):
                 if args.memory else float("nan"))
         err = _rms(sol.predictions[-1] - ref_f)
         se = _pred_se(sol)
-        total = int(sol.options["samples"]) * (int(sol.options.get("replicates", 1))
-                                               if sol.options.get("scheme") == "onepass" else 1)
+        total = int(sol.options["samples"])
         row = {"scheme": sol.options.get("scheme", "two-layer"), "samples": total,
                "wall_s": wall, "peak_mb": peak, "iterations": int(sol.iterations), "err": err,
                "stderr": se}
@@ -384,10 +379,10 @@ def main(argv=None):
     p.add_argument("--ref-factor", type=float, default=4.0,
                    help="reference samples = this x the largest sample count")
     p.add_argument("--ref-replicates", type=int, default=8,
-                   help="L >= 2: the reference's replicates (independent one-pass populations, "
-                        "each of ref-factor x the largest row's samples)")
+                   help="L >= 2: the reference's replicates (independent one-pass populations "
+                        "sharing its samples)")
     p.add_argument("--ref-response-samples", type=int, default=None,
-                   help="L >= 2: response_samples per replicate of the reference")
+                   help="L >= 2: response_samples (total) of the reference")
     p.add_argument("--iterative-samples", type=int, nargs="*", default=None,
                    help="L >= 2: also time the iterative solver (scheme='iterative', one "
                         "solve, its defaults otherwise) at these sample counts")

@@ -34,7 +34,7 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
 
 Standard errors (``Solution.stderr``): L = 1: the ``blocks`` replicates solved as separate
 populations (includes the feedback of noise through Delta). L >= 2, one pass: the spread of
-``replicates`` (default 16) independent one-pass populations of ``samples`` samples each,
+``replicates`` (default 16) independent one-pass populations sharing the ``samples``,
 divided by sqrt(replicates); the result is their mean. Each population is a complete solution
 with its own order parameters and Delta, so the spread includes the propagation of the
 sampling noise through the layers, the sources and the self-consistency; the standard errors
@@ -84,7 +84,7 @@ DEFAULTS = {
     "window": 10,
     "replicates": 1,
     "replicates_onepass": 16,
-    "samples_onepass": 1024,
+    "samples_onepass": 16384,
     "response_samples_onepass": 8,
     "scheme": "onepass",
     "src_rtol": 1e-6,
@@ -198,15 +198,15 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         (default) or return the result with ``converged=False``.
     samples : int
         Monte Carlo samples per layer (antithetic pairs). L = 1: rounded down to a multiple of
-        2 ``blocks`` (default 65536). L >= 2, one pass: samples per replicate, rounded to an
-        even number (default 1024; the solve uses ``replicates x samples``). L >= 2,
-        iterative: rounded up to whole chunks (default 8192). ``options["samples"]`` has the
-        number used.
+        2 ``blocks`` (default 65536). L >= 2, one pass: the total, split equally over the
+        ``replicates`` populations, each rounded down to an even number (default 16384 =
+        16 x 1024). L >= 2, iterative: per replicate, rounded up to whole chunks (default
+        8192). ``options["samples"]`` has the number used.
     response_samples : int
         Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
         ``response_control`` only the tangents' remainder beyond first order comes from
-        them). One pass: per replicate, default max(8, samples / 128); iterative: default
-        128. Tangents cost ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample:
+        them). One pass: the total over the replicates, default replicates x max(8,
+        samples / replicates / 128); iterative: per replicate, default 128. Tangents cost ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample:
         at large P T the tangents dominate and this is the knob (benchmarks/README.md).
     kernel_samples : int
         L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
@@ -263,13 +263,13 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         First time horizon of the continuation in time (default 10): horizons
         max(window, steps/2^k) are solved in turn, each started from the previous one.
     replicates : int
-        L >= 2 only: number of independent solutions (independent seeds, each with
-        ``samples`` and ``response_samples`` samples, so the cost is ``replicates`` times one
-        solve). The result is their mean and ``stderr`` their standard error of the mean,
-        which includes the propagation of sampling noise through the layers and the
-        self-consistency. One pass: default 16 (populations marched one after the other).
-        Iterative: default 1 (one solve, batch-means standard errors that underestimate the
-        error several-fold; see the module docstring).
+        L >= 2 only: number of independent solutions (independent seeds). The result is their
+        mean and ``stderr`` their standard error of the mean, which includes the propagation
+        of sampling noise through the layers and the self-consistency. One pass: default 16
+        populations marched one after the other, which share ``samples`` (the cost does not
+        grow with their number). Iterative: each with ``samples`` and ``response_samples``
+        (the cost is ``replicates`` times one solve), default 1 (one solve, batch-means
+        standard errors that underestimate the error several-fold; see the module docstring).
     scheme : {"onepass", "iterative"}
         L >= 2: the causal one-pass solver (default) or the alternating fixed-point iteration
         (``damping``, ``anderson``, ``tol``, ``noise_factor``, ``max_iter``, ``window``,
@@ -329,11 +329,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
          else samples), " (Monte Carlo samples per layer)")
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
-    if response_samples is None and onepass:
-        # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
-        # samples) balanced against their costs (a tangent sample costs ~50 march samples at
-        # 8 + 4 points, 50 steps; measured b / a ~ 2e-3): ~1 tangent sample per 128
-        response_samples = max(d["response_samples_onepass"], int(samples) // 128)
+    rs_default = response_samples is None
     if replicates is None and onepass:
         replicates = d["replicates_onepass"]
     src_rtol = _real("src_rtol", d["src_rtol"] if src_rtol is None else src_rtol, 0, 1,
@@ -367,6 +363,21 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     replicates = check_positive_int(
         "replicates", d["replicates"] if replicates is None else replicates,
         " (independent fixed-point solutions for honest standard errors, L >= 2)")
+    if onepass:
+        # samples and response_samples are totals, split equally over the replicates
+        per_rep = 2 * (samples // (2 * replicates))
+        if per_rep < 2:
+            raise ValueError(f"samples={samples} is too few for replicates={replicates}: each "
+                             f"replicate needs an antithetic pair; use samples >= "
+                             f"{2 * replicates} or fewer replicates")
+        if rs_default:
+            # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
+            # samples) balanced against their costs (a tangent sample costs ~50 march samples
+            # at 8 + 4 points, 50 steps; measured b / a ~ 2e-3): ~1 tangent sample per 128
+            tang_rep = max(d["response_samples_onepass"], per_rep // 128)
+        else:
+            tang_rep = -(-response_samples // replicates)
+        tang_rep = min(tang_rep, per_rep)
     if relu_eps is not None:
         relu_eps = _real("relu_eps", relu_eps, 0, np.inf, "e.g. relu_eps=0.05")
     b_estimator = d["b_estimator"] if b_estimator is None else b_estimator
@@ -416,41 +427,40 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             extras = {}
         elif onepass:
             mem = _causal.estimate_memory(
-                T1, n, P, L, samples, min(samples, response_samples) if _responses else 0,
+                T1, n, P, L, per_rep, tang_rep if _responses else 0,
                 _responses, _responses and (b_estimator == "stein" or (
                     b_estimator == "auto" and net.activation == "relu")),
                 4 if (response_control and _responses) else 8)
             limit = (max_memory_gb * 1e9 if max_memory_gb is not None
                      else 0.8 * _available_memory())
-            flops = _causal.estimate_flops(T1, n, P, L, samples,
-                                           min(samples, response_samples) if _responses
-                                           else 0, _responses) * replicates
+            flops = _causal.estimate_flops(T1, n, P, L, per_rep, tang_rep if _responses else 0,
+                                           _responses) * replicates
             logger.info("%s one-pass: %d replicates x %d samples, %d steps: ~%.2g GFlop "
                         "(~%.0f s at %.0f GFlop/s), %.3g GB per replicate (limit %.3g GB)",
-                        method, replicates, samples, T, flops / 1e9, flops / _FLOP_RATE,
+                        method, replicates, per_rep, T, flops / 1e9, flops / _FLOP_RATE,
                         _FLOP_RATE / 1e9, mem / 1e9, limit / 1e9)
             if mem > limit:
                 raise ValueError(
                     f"the one-pass solve needs ~{mem / 2**30:.3g} GiB per replicate but "
                     f"{limit / 2**30:.3g} GiB are available (max_memory_gb or 80% of free "
-                    f"memory); lower samples (memory ~ samples x T n) and response_samples "
-                    f"(~ response_samples x T^2 P n), and raise replicates instead for the "
-                    f"same accuracy")
+                    f"memory); raise replicates (memory ~ samples / replicates x T n, and "
+                    f"~ response_samples / replicates x T^2 P n for the tangents) or lower "
+                    f"samples")
             bar = progress_bar(T1 * replicates, f"dmft {method} (one pass)", progress,
                                unit="step")
             try:
                 out = _causal.solve_causal(
                     kx, y, net.activation, L, train.gamma0, train.lr, T,
-                    samples=samples * replicates, seed=ss, populations=replicates,
-                    responses=_responses, response_samples=response_samples * replicates,
+                    samples=per_rep * replicates, seed=ss, populations=replicates,
+                    responses=_responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_cv=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, logger=logger, bar=bar)
             finally:
                 bar.close()
             converged, iterations, residuals = True, 1, np.zeros(0)
-            options.update(samples=int(out["samples"]) // replicates,
-                           response_samples=int(out["response_samples"]) // replicates,
+            options.update(samples=int(out["samples"]),
+                           response_samples=int(out["response_samples"]),
                            relu_eps=out["relu_eps"], replicates=int(replicates),
                            b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
                            src_rtol=src_rtol, response_control=bool(response_control),

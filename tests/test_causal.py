@@ -196,7 +196,7 @@ def test_one_pass_agrees_with_iterative_solver():
     data = dmft.config.teacher_student(P=4, Q=2, D=8, seed=2)
     net = dmft.MLP(depth=2, activation="tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=20)
-    one = dmft.solve(net, data, train, method="mc", seed=0, samples=4096, progress=False)
+    one = dmft.solve(net, data, train, method="mc", seed=0, samples=65536, progress=False)
     # 8 replicates: the iterative solver's stderr has R - 1 degrees of freedom
     it = dmft.solve(net, data, train, method="mc", seed=1, scheme="iterative", samples=4096,
                     replicates=8, progress=False)
@@ -227,7 +227,7 @@ def test_one_pass_agrees_with_iterative_solver_deeper(act, L, it_samples):
     data = dmft.config.teacher_student(P=5, Q=3, D=10, seed=0)
     net = dmft.MLP(depth=L, activation=act)
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=20)
-    one = dmft.solve(net, data, train, method="mc", seed=0, samples=4096, progress=False)
+    one = dmft.solve(net, data, train, method="mc", seed=0, samples=65536, progress=False)
     it = dmft.solve(net, data, train, method="mc", seed=1, scheme="iterative",
                     samples=it_samples, replicates=8, progress=False)
     for key in ("train_predictions", "test_predictions", "ntk"):
@@ -242,7 +242,7 @@ def test_one_pass_agrees_with_iterative_solver_deeper(act, L, it_samples):
 # --------------------------------------------------------------------------------------------
 # behaviour
 # --------------------------------------------------------------------------------------------
-SMALL = dict(samples=256, response_samples=8, replicates=3, progress=False)
+SMALL = dict(samples=768, response_samples=24, replicates=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,8 @@ def test_deterministic_and_replicates(small):
     c = dmft.solve(net, data, train, method="mc", seed=6, **SMALL)
     assert np.array_equal(a.ntk, b.ntk) and np.array_equal(a.A, b.A)
     assert not np.array_equal(a.ntk, c.ntk)
-    assert a.options["replicates"] == 3 and a.options["samples"] == 256
+    assert a.options["replicates"] == 3 and a.options["samples"] == 768
+    assert a.options["response_samples"] == 24
     # the replicates are independent populations: the mean of the engine's populations
     ss = np.random.SeedSequence(5)
     o = causal.solve_causal(data.kx, np.asarray(data.y_train), "tanh", 2, 1.0, 0.1, 5,
@@ -326,7 +327,7 @@ def test_error_bars_match_the_spread_over_seeds():
     data = dmft.config.teacher_student(P=5, Q=3, D=10, seed=0)
     net = dmft.MLP(depth=3, activation="tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=40)
-    sols = [dmft.solve(net, data, train, method="mc", seed=s, samples=512, progress=False)
+    sols = [dmft.solve(net, data, train, method="mc", seed=s, samples=8192, progress=False)
             for s in range(24)]
     iu = np.triu_indices(8)
     f = np.stack([s.predictions[1:] for s in sols])
@@ -346,7 +347,7 @@ def test_edge_shapes(P, Q, act):
     """No test points, a single training point: every activation and both estimators of B."""
     data = dmft.config.teacher_student(P=P, Q=Q, D=4, seed=0)
     train = dmft.GradientDescent(1.0, 0.1, 4)
-    sol = dmft.solve(dmft.MLP(3, act), data, train, method="mc", seed=0, samples=64,
+    sol = dmft.solve(dmft.MLP(3, act), data, train, method="mc", seed=0, samples=128,
                      replicates=2, progress=False)
     assert sol.test_predictions.shape == (5, Q) and sol.A.shape == (2, 5, 5, P + Q, P + Q)
     assert np.all(np.isfinite(sol.ntk)) and np.all(np.isfinite(sol.B))

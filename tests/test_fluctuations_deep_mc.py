@@ -125,7 +125,7 @@ def test_tanh_depth_two_against_simulations():
     data = teacher_student(P=2, Q=1, D=6, seed=0)
     net = dmft.MLP(2, "tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=6)
-    sol = dmft.solve(net, data, train, method="mc", samples=1 << 16, replicates=4, seed=0,
+    sol = dmft.solve(net, data, train, method="mc", samples=1 << 18, replicates=4, seed=0,
                      progress=False)
     for center in (True, False):
         _check_against_simulations(net, data, train, sol, center, (3, 6))
@@ -144,6 +144,6 @@ def test_tanh_depth_three_against_simulations():
     data = teacher_student(P=2, Q=1, D=6, seed=0)
     net = dmft.MLP(3, "tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=4)
-    sol = dmft.solve(net, data, train, method="mc", samples=1 << 15, replicates=4, seed=0,
+    sol = dmft.solve(net, data, train, method="mc", samples=1 << 17, replicates=4, seed=0,
                      progress=False)
     _check_against_simulations(net, data, train, sol, True, (2, 4))

@@ -431,7 +431,7 @@ def linear_pair(request):
     data = dmft.config.teacher_student(P=3, Q=1, D=6, seed=0)
     net = dmft.MLP(depth=L, activation="linear")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=8)
-    kw = dict(samples=4096, response_samples=1024, progress=False)
+    kw = dict(samples=65536, response_samples=16384, progress=False)
     return (dmft.solve(net, data, train, method="mc", seed=0, **kw),
             dmft.solve(net, data, train, method="mc", seed=1, **kw),
             dmft.solve(net, data, train, method="linear"))
@@ -515,8 +515,8 @@ def test_linear_net_with_stein_B_matches_exact(L):
     data = dmft.config.teacher_student(P=3, Q=1, D=6, seed=0)
     net = dmft.MLP(depth=L, activation="linear")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=8)
-    sol = dmft.solve(net, data, train, method="mc", seed=0, samples=1 << 18,
-                     response_samples=1024, b_estimator="stein", replicates=8,
+    sol = dmft.solve(net, data, train, method="mc", seed=0, samples=1 << 21,
+                     response_samples=8192, b_estimator="stein", replicates=8,
                      progress=False)
     exact = dmft.solve(net, data, train, method="linear")
     assert sol.converged and sol.options["b_estimator"] == "stein"
@@ -605,7 +605,7 @@ def test_gia_vs_mc_deep(gamma0, differs):
     data = _data(seed=2)
     net = dmft.MLP(depth=2, activation="tanh")
     train = dmft.GradientDescent(gamma0, 0.2, 10)
-    kw = dict(seed=6, samples=4096, response_samples=1024, progress=False)
+    kw = dict(seed=6, samples=65536, response_samples=16384, progress=False)
     a = dmft.solve(net, data, train, method="gia", **kw)
     b = dmft.solve(net, data, train, method="mc", **kw)
     assert a.A is None and a.options["gia"] is True and b.A is not None

@@ -255,7 +255,7 @@ def test_two_layer_tanh_agrees_with_simulations_small():
 #: predictions but not for a 0.5% NTK: the solver's replicate NTK stderr was 0.69% at 128
 #: against 0.32% at 256 (1 Dec 2026), so the test uses 512 (and 8 replicates). With the
 #: one-pass solver (the default since 4 Dec 2026) these are 8 populations of 32768 samples.
-DEEP_MC = {"samples": 32768, "response_samples": 512, "replicates": 8}
+DEEP_MC = {"samples": 8 * 32768, "response_samples": 8 * 512, "replicates": 8}
 
 
 @pytest.mark.slow
@@ -309,7 +309,7 @@ def test_three_layer_tanh_must_show():
 #: deep ReLU: B by Stein's lemma (b_estimator="auto"), whose noise is larger than that of the
 #: tangents: more samples, and 12 replicates so that the replicate error bars have 11 degrees
 #: of freedom (with 4, t_3 tails make a 4.5-sigma bound over 27 entries fail often)
-DEEP_RELU_MC = {"samples": 49152, "response_samples": 4096, "replicates": 12}
+DEEP_RELU_MC = {"samples": 12 * 49152, "response_samples": 12 * 4096, "replicates": 12}
 
 
 @pytest.mark.slow
