@@ -316,7 +316,10 @@ def test_deep_tanh_vs_full_mc_dmft_error_is_order_gamma0_4(data):
             gap_p = np.abs(f0[:, :P] + g ** 2 * f2[:, :P] - m.train_predictions)
             gap_s = np.abs(f0[:, :P] - m.train_predictions)
             if check == "agree":
-                assert np.all(gap_p <= 4 * se), (seed, g, gap_p.max())
+                # within the DMFT's error bars plus the expansion's own O(gamma0^4) error,
+                # which (b) bounds by 0.15 of the static gap at gamma0 <= 0.2 (the one-pass
+                # solver's honest stderr, ~4e-4 at 2^19 samples, resolves it: 0.0019 here)
+                assert np.all(gap_p <= 4 * se + 0.15 * gap_s.max()), (seed, g, gap_p.max())
             else:
                 assert gap_s.max() > 4 * se.max(), (seed, g, gap_s.max(), se.max())
                 assert gap_p.max() <= 0.5 * gap_s.max(), (seed, g, gap_p.max(), gap_s.max())
