@@ -351,3 +351,18 @@ def test_edge_shapes(P, Q, act):
                      replicates=2, progress=False)
     assert sol.test_predictions.shape == (5, Q) and sol.A.shape == (2, 5, 5, P + Q, P + Q)
     assert np.all(np.isfinite(sol.ntk)) and np.all(np.isfinite(sol.B))
+
+
+def test_random_sampler_agrees_with_sobol(small):
+    """sampler="random" (i.i.d. first-layer sources and readouts) solves the same problem:
+    agreement within the joint error bars; the option is recorded."""
+    net, data, train = small
+    kw = dict(samples=4096, replicates=8, progress=False)
+    a = dmft.solve(net, data, train, method="mc", seed=2, sampler="sobol", **kw)
+    b = dmft.solve(net, data, train, method="mc", seed=3, sampler="random", **kw)
+    assert a.options["sampler"] == "sobol" and b.options["sampler"] == "random"
+    for key in ("train_predictions", "ntk"):
+        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
+        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
+                                                                          1e-12)
+        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
