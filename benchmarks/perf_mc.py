@@ -232,7 +232,7 @@ def run_case(name, c, args):
     if cached is not None:
         ref_f, ref_se = cached["f"], float(cached["se"])
         ref_info = {k: cached[k].item() for k in ("samples", "wall_s", "iterations")}
-        print(f"reference (cached in {cache}): {ref_info['samples']} samples x "
+        print(f"reference (cached in {cache}): {ref_info['samples']} samples in "
               f"{ref_opts.get('replicates', 1)} replicates, {ref_info['wall_s']:.1f} s when "
               f"computed, RMS stderr {ref_se:.2e}", flush=True)
     else:
@@ -243,7 +243,7 @@ def run_case(name, c, args):
                     "iterations": int(ref.iterations)}
         if cache:
             np.savez(cache, key=key, f=ref_f, se=ref_se, **ref_info)
-        print(f"reference: {ref.options['samples']} samples x {ref_opts.get('replicates', 1)} "
+        print(f"reference: {ref.options['samples']} samples in {ref_opts.get('replicates', 1)} "
               f"replicates, {ref_wall:.1f} s, "
               f"{ref.iterations} iterations, RMS stderr {ref_se:.2e}", flush=True)
     # warm-up: load the cached Numba kernels and BLAS before the first timed row (the first
