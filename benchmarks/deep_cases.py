@@ -99,8 +99,10 @@ def run_case(name, c, args):
     iu = np.triu_indices(n)
     row = {"case": name}
     try:
-        sol = dmft.solve(net, data, train, method="mc", seed=args.seed, progress=False,
-                         **({"samples": args.samples} if args.samples else {}))
+        opts = dict(args.option or [])
+        if args.samples:
+            opts["samples"] = args.samples
+        sol = dmft.solve(net, data, train, method="mc", seed=args.seed, progress=False, **opts)
         row.update(mc_s=sol.elapsed, status="ok")
     except dmft.ConvergenceError as exc:
         row.update(status="diverged: " + str(exc).split(".")[0])
@@ -151,6 +153,18 @@ def _line(r):
     return s
 
 
+def _option(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for conv in (int, float):
+        try:
+            return key, conv(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES))
@@ -160,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=None, help="total samples of the one pass "
                     "(default: the solver's)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
+                    help="a further option of the one-pass solve (number or string), e.g. "
+                         "--option stein_rtol=1e-3; repeatable")
     ap.add_argument("--iterative", action="store_true", help="also run scheme='iterative'")
     ap.add_argument("--diverge", action="store_true", help="also the divergent case")
     ap.add_argument("--quick", action="store_true")
