@@ -8,11 +8,12 @@ crosses the edge of stability, see CASES); (c) L = 3 tanh, 5 train + 3 test poin
 For each case:
 
 1. A high-sample reference solve (``--ref-factor`` times the largest sample count, its own
-   seed; for L >= 2 the one-pass solver with ``--ref-replicates`` populations sharing them). Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
-2. For several sample counts S (for L >= 2 the total over the replicates): wall time of ``dmft.solve(method="mc", samples=S)`` with its
-   other defaults, optionally peak NumPy memory of a second, identical call (``tracemalloc``:
-   counts NumPy/Python allocations, not BLAS scratch; kept out of the timed call, which it
-   slows), and the prediction error against the reference: err = RMS over all P + Q points of
+   seed; for L >= 2 the one-pass solver with ``--ref-replicates`` populations sharing them).
+   Its Monte Carlo standard error (``Solution.stderr``) is printed beside it.
+2. For several sample counts S (for L >= 2 the total over the replicates): wall time of
+   ``dmft.solve(method="mc", samples=S)`` with its other defaults, optionally peak NumPy
+   memory of a second, identical call (``tracemalloc``: counts NumPy/Python allocations, not
+   BLAS scratch; kept out of the timed call, which it slows), and the prediction error against the reference: err = RMS over all P + Q points of
    the final predictions f(T). It includes the reference's own error (its RMS stderr is shown
    as ``ref se``). With ``--iterative-samples`` the iterative deep solver
    (``scheme="iterative"``, the default before the one-pass solver) is timed too, in the same

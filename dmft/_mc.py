@@ -94,11 +94,6 @@ DEFAULTS = {
 }
 
 
-#: typical sustained rate of the one-pass solver on one core (benchmarks/scaling_mc.py), used
-#: only for the time estimate in the log
-_FLOP_RATE = 10e9
-
-
 def _available_memory() -> float:
     """Bytes of memory available now (Linux ``MemAvailable``; else physical memory)."""
     try:
@@ -206,8 +201,9 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
         ``response_control`` only the tangents' remainder beyond first order comes from
         them). One pass: the total over the replicates, default replicates x max(8,
-        samples / replicates / 128); iterative: per replicate, default 128. Tangents cost ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample:
-        at large P T the tangents dominate and this is the knob (benchmarks/README.md).
+        samples / replicates / 128); iterative: per replicate, default 128. Tangents cost
+        ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample: at large P T the
+        tangents dominate and this is the knob (benchmarks/README.md).
     kernel_samples : int
         L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
         from the replicates); predictions and NTK use all ``samples``. The kernels cost
@@ -215,9 +211,10 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         are computed once, after the predictions, which never need them.
     sampler : {"sobol", "random"}
         "sobol" (default) draws the first layer's sources and the readouts w(0) by randomised
-        quasi-Monte Carlo (independent scrambled Sobol sets in the rank(Kx) + 1 dimensions:
-        L = 1 one per block, L >= 2 one per replicate; measured for L = 3 tanh, 40 steps: a
-        1.6x smaller standard error of f at equal cost); "random" draws i.i.d. normals.
+        quasi-Monte Carlo in the rank(Kx) + 1 dimensions (L = 1: an Owen-scrambled Sobol set
+        per block; L >= 2: a randomly digitally shifted Sobol set per replicate; measured for
+        L = 3 tanh, 40 steps: a 1.6x smaller standard error of f at equal cost); "random"
+        draws i.i.d. normals.
         Both use antithetic pairs (u, +-w0); deeper sources are i.i.d.
     damping : float in (0, 1]
         Weight of the new estimate in the mixing (default 1: plain Gauss-Seidel iteration;
@@ -426,26 +423,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             g_se = _two_time(out["g_se"], T1, n)[None]
             extras = {}
         elif onepass:
-            mem = _causal.estimate_memory(
-                T1, n, P, L, per_rep, tang_rep if _responses else 0,
-                _responses, _responses and (b_estimator == "stein" or (
-                    b_estimator == "auto" and net.activation == "relu")),
-                4 if (response_control and _responses) else 8)
             limit = (max_memory_gb * 1e9 if max_memory_gb is not None
                      else 0.8 * _available_memory())
-            flops = _causal.estimate_flops(T1, n, P, L, per_rep, tang_rep if _responses else 0,
-                                           _responses) * replicates
-            logger.info("%s one-pass: %d replicates x %d samples, %d steps: ~%.2g GFlop "
-                        "(~%.0f s at %.0f GFlop/s), %.3g GB per replicate (limit %.3g GB)",
-                        method, replicates, per_rep, T, flops / 1e9, flops / _FLOP_RATE,
-                        _FLOP_RATE / 1e9, mem / 1e9, limit / 1e9)
-            if mem > limit:
-                raise ValueError(
-                    f"the one-pass solve needs ~{mem / 2**30:.3g} GiB per replicate but "
-                    f"{limit / 2**30:.3g} GiB are available (max_memory_gb or 80% of free "
-                    f"memory); raise replicates (memory ~ samples / replicates x T n, and "
-                    f"~ response_samples / replicates x T^2 P n for the tangents) or lower "
-                    f"samples")
             bar = progress_bar(T1 * replicates, f"dmft {method} (one pass)", progress,
                                unit="step")
             try:
@@ -455,7 +434,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                     responses=_responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_cv=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                    sampler=sampler, logger=logger, bar=bar)
+                    sampler=sampler, max_memory=limit, logger=logger, bar=bar)
             finally:
                 bar.close()
             converged, iterations, residuals = True, 1, np.zeros(0)
@@ -468,7 +447,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             for key in ("damping", "anderson", "tol", "noise_factor", "max_iter"):
                 options.pop(key, None)
             phi, g, phi_se, g_se, A, B = _deep_fields(out, T1, n)
-            extras = {"memory_estimate_bytes": np.int64(mem)}
+            extras = {"memory_estimate_bytes": np.int64(out["memory_bytes"])}
         else:
             st = _static.static_kernels(net.activation, kx, L)
             f0 = _static.frozen_dynamics(st["ntk"], y, train.lr, T)

@@ -1,4 +1,4 @@
-"""One-pass causal Monte Carlo solver of the deep DMFT (THEORY.md §2), in exact discrete time.
+"""One-pass causal Monte Carlo solver of the deep DMFT, in exact discrete time.
 
 The discrete-time DMFT is causal across all layers. At step t, bottom-up, layer l needs only
 
@@ -457,9 +457,12 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
             _store_row(ly.g, _rows(g, ly.G, t), t, n)
             if ly.r_sys or ly.u_sys:
                 l1t = ly.lam1[:, :Sr].astype(tdtype, copy=False)
-                lam2 = _lam(act, ly.H[:, :Sr], z[:, :Sr], eps,
-                            ly.PH[t][:, :Sr] if act == "tanh" else None)[1]
-                l2t = lam2.astype(tdtype, copy=False)
+                # Lam2 = phi''(h) z: over all samples where B needs its average (u-system),
+                # else over the tangent samples only
+                k = S if ly.u_sys else Sr
+                lam2 = _lam(act, ly.H[:, :k], z[:, :k], eps,
+                            ly.PH[t][:, :k] if act == "tanh" else None)[1]
+                l2t = lam2[:, :Sr].astype(tdtype, copy=False)
             if ly.r_sys:
                 # dz(t)/dr(s), s <= t (train rows): direct term at s = t plus gamma0 D dphi
                 Dt = Dtr[:P].astype(tdtype)
@@ -483,10 +486,10 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                       + dz.reshape(n, -1, Sr) * l1t[:, None, :])
                 ly.udg[t, :, :cz1] = dg[:P].reshape(P, cz1)
                 Brow = dg.reshape(n, t + 1, P, Sr).sum(-1, dtype=np.float64) / (gamma0 * Sr)
-                l2_all = _lam(act, ly.H, z, eps, ly.PH[t] if act == "tanh" else None)[1].mean(-1)
+                l2_all = lam2.mean(-1)
                 if cv:
                     Brow += D4[:, :, :P] * (ly.psi[t, :, :t + 1] - ly.psi_r[t, :, :t + 1])
-                    l2_r = lam2.mean(-1, dtype=np.float64)
+                    l2_r = lam2[:, :Sr].mean(-1)
                     Brow[tr, t, tr] += (l2_all[:P] - l2_r[:P]) / gamma0
                 Bb = B[l - 1][a:e, :e].reshape(n, t + 1, n)
                 Bb[:, :, :P] = Brow
@@ -533,7 +536,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  response_samples: int = 128, b_estimator: str = "auto",
                  response_cv: bool = True, relu_eps: float | None = None,
                  src_rtol: float = 1e-6, stein_rtol: float = 1e-6, divergence: float = 1e8,
-                 sampler: str = "sobol", record_sources: bool = False, logger=None,
+                 sampler: str = "sobol", max_memory: float | None = None,
+                 flop_rate: float = 10e9, record_sources: bool = False, logger=None,
                  bar=None) -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
@@ -548,6 +552,9 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     response_samples : total tangent samples (split equally over the populations).
     b_estimator : "auto" (Stein for relu, tangents otherwise), "tangent" or "stein".
     response_cv : control variate of the tangent responses (float32 tangents).
+    max_memory : bytes a population may use (:func:`estimate_memory`); a larger solve is
+        refused with a ValueError before any work (None: no check). The estimate and a flop
+        count (:func:`estimate_flops`, a time at ``flop_rate``) are logged.
     sampler : "sobol" (default): the first layer's sources and the readouts w(0), rank(Kx) + 1
         numbers per antithetic pair, by randomised quasi-Monte Carlo (one scrambled Sobol set
         per population); "random": i.i.d. normals. The deeper sources are always i.i.d.
@@ -578,9 +585,18 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     mem = estimate_memory(T1, n, P, L, Sp, Srp, responses, stein,
                           4 if tdtype == np.float32 else 8)
+    flops = R * estimate_flops(T1, n, P, L, Sp, Srp, responses)
     if logger is not None:
-        logger.info("mc one-pass: %d populations x %d samples (%d tangent), %d steps, "
-                    "%.0f MB per population", R, Sp, Srp, steps, mem / 1e6)
+        logger.info("mc one-pass: %d populations x %d samples (%d tangent), %d steps: "
+                    "~%.2g GFlop (~%.0f s at %.0f GFlop/s), %.3g GB per population%s", R, Sp,
+                    Srp, steps, flops / 1e9, flops / flop_rate, flop_rate / 1e9, mem / 1e9,
+                    "" if max_memory is None else f" (limit {max_memory / 1e9:.3g} GB)")
+    if max_memory is not None and mem > max_memory:
+        raise ValueError(
+            f"the one-pass solve needs ~{mem / 2**30:.3g} GiB per replicate but "
+            f"{max_memory / 2**30:.3g} GiB are available (max_memory_gb or 80% of free "
+            f"memory); raise replicates (memory ~ samples / replicates x T n, and "
+            f"~ response_samples / replicates x T^2 P n for the tangents) or lower samples")
     keys = ("f", "ntk", "phi", "g", "A", "B")
     acc, acc2 = {}, {}                     # running sums over populations (no R-fold stack)
     pops = []
