@@ -14,8 +14,8 @@ For each case:
    ``dmft.solve(method="mc", samples=S)`` with its other defaults, optionally peak NumPy
    memory of a second, identical call (``tracemalloc``: counts NumPy/Python allocations, not
    BLAS scratch; kept out of the timed call, which it slows), and the prediction error
-   against the reference: err = RMS over all P + Q points of the final predictions f(T). It includes the reference's own error (its RMS stderr is shown
-   as ``ref se``). With ``--iterative-samples`` the iterative deep solver
+   against the reference: err = RMS over all P + Q points of the final predictions f(T). It
+   includes the reference's own error (its RMS stderr is shown as ``ref se``). With ``--iterative-samples`` the iterative deep solver
    (``scheme="iterative"``, the default before the one-pass solver) is timed too, in the same
    run.
 3. What a simulated ensemble needs for the same error. A pilot of centred networks
@@ -355,8 +355,8 @@ def projection(rows, ref_se, p, targets=(1e-2, 3e-3, 1e-3, 3e-4, 1e-4)):
 
 def table(rows, ref_se):
     head = (f"{'scheme':>9} {'samples':>8} {'mc s':>8} {'f-only s':>8} {'peak MB':>8} "
-            f"{'it':>3} {'err':>9} {'mc se':>9} {'ref se':>9} | {'sim N':>6} {'sim S':>7} {'sim s':>9} "
-            f"{'speedup':>8} {'f-only':>7} {'c+2sd':>7} {'verify err':>10}")
+            f"{'it':>3} {'err':>9} {'mc se':>9} {'ref se':>9} | {'sim N':>6} {'sim S':>7} "
+            f"{'sim s':>9} {'speedup':>8} {'f-only':>7} {'c+2sd':>7} {'verify err':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         sim = (f"{r['sim_N']:>6} {r['sim_S']:>7} {r['sim_s']:>9.2f} {r['speedup']:>8.3g} "
