@@ -15,9 +15,9 @@ For each case:
    memory of a second, identical call (``tracemalloc``: counts NumPy/Python allocations, not
    BLAS scratch; kept out of the timed call, which it slows), and the prediction error
    against the reference: err = RMS over all P + Q points of the final predictions f(T). It
-   includes the reference's own error (its RMS stderr is shown as ``ref se``). With ``--iterative-samples`` the iterative deep solver
-   (``scheme="iterative"``, the default before the one-pass solver) is timed too, in the same
-   run.
+   includes the reference's own error (its RMS stderr is shown as ``ref se``). With
+   ``--iterative-samples`` the iterative deep solver (``scheme="iterative"``, the default
+   before the one-pass solver) is timed too, in the same run.
 3. What a simulated ensemble needs for the same error. A pilot of centred networks
    (``center=True``; the raw initial outputs regressed out as control variates, mean exactly 0)
    at a few widths measures, per point j, the finite-width bias c_j / N (1/N slope fitted
