@@ -62,6 +62,21 @@ def pooled_theory_se(value, se):
     return float(np.sum(se)) / float(np.sum(value))
 
 
+def _axes(**kw):
+    """A figure with two panels side by side (matplotlib imported only when plotting)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, 2, figsize=(9, 3.6), **kw)
+
+
+def _save(fig, args, name):
+    fig.tight_layout()
+    path = os.path.join(args.out, name)
+    fig.savefig(path, dpi=120)
+    print(f"  figure: {path}")
+
+
 def convergence(args):
     data = _problem(args.points, 2, 8, 1)
     net = dmft.MLP(1, "tanh")
@@ -97,10 +112,7 @@ def convergence(args):
                        f"error bars) at width {last[1]}")
     print("  " + "\n  ".join(verdict))
     if not args.no_plots:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+        fig, axes = _axes(sharey=True)
         for k, (ax, name) in enumerate(zip(axes, ("predictions", "NTK entries"))):
             for gamma0 in args.gammas:
                 rr = [r for r in rows if r[0] == gamma0]
@@ -114,10 +126,7 @@ def convergence(args):
             ax.set_xlabel("width N")
             ax.set_title(f"N Var(final {name}) / propagator")
         axes[0].legend()
-        fig.tight_layout()
-        path = os.path.join(args.out, "fluctuations_convergence.png")
-        fig.savefig(path, dpi=120)
-        print(f"  figure: {path}")
+        _save(fig, args, "fluctuations_convergence.png")
     return rows
 
 
@@ -173,10 +182,7 @@ def feature_learning(args):
               f" with gamma0 over {[r[0] for r in rr]}; final test-prediction variance "
               f"{'decreases monotonically' if np.all(dfte < 0) else 'does NOT decrease monotonically'}")
     if not args.no_plots:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        fig, axes = _axes()
         for center, mk in ((True, "o"), (False, "s")):
             rr = [r for r in rows if r[1] == center and r[0] > 0]
             g = [r[0] for r in rr]
@@ -196,10 +202,7 @@ def feature_learning(args):
             ax.set_xlabel("gamma0")
             ax.set_yscale("log")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(args.out, "fluctuations_feature_learning.png")
-        fig.savefig(path, dpi=120)
-        print(f"  figure: {path}")
+        _save(fig, args, "fluctuations_feature_learning.png")
     return rows
 
 
@@ -277,10 +280,7 @@ def depth(args):
                   f"vs {rr[0][5]:.3f} +- {rr[0][6]:.3f} at gamma0={rr[0][0]:g}: feature learning "
                   f"{verdict} the kernel SNR")
     if not args.no_plots:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        fig, axes = _axes()
         for gamma0 in args.depth_gammas:
             rr = [r for r in rows if r[0] == gamma0]
             Ls = [r[1] for r in rr]
@@ -294,10 +294,7 @@ def depth(args):
             ax.set_xlabel("depth L (hidden layers)")
             ax.set_yscale("log")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(args.out, "fluctuations_depth.png")
-        fig.savefig(path, dpi=120)
-        print(f"  figure: {path}")
+        _save(fig, args, "fluctuations_depth.png")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Cost of the exact deep-linear DMFT solver (``method="linear"``, THEORY.md §3).
+"""Cost of the exact deep-linear DMFT solver (``method="linear"``, docs/theory.rst §3).
 
 Default problem: depth L = 5, P = 20 training points (no test points), T = 100 and 200
 steps, gamma0 = 1, Gaussian inputs in D = 40. For each case the script reports the time of the

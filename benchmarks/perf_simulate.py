@@ -77,9 +77,7 @@ def _run_torch(args, X, y, weights, record):
     kx = Xt @ Xt.T / D
     preds = torch.empty((T + 1, X.shape[0]), dtype=torch.float64)
     ntk = torch.empty((T + 1, X.shape[0], X.shape[0]), dtype=torch.float64)
-    if record:
-        phi_t = torch.empty((L, T + 1, X.shape[0], N), dtype=torch.float64)
-        g_t = torch.empty((L, T + 1, X.shape[0], N), dtype=torch.float64)
+    phi_t, g_t = [], []         # with ``record``: per step, (L, n, N) stacks of phi(h^l), g^l
     sN, sD = 1.0 / math.sqrt(N), 1.0 / math.sqrt(D)
     with torch.no_grad():
         for k in range(T + 1):
@@ -98,12 +96,10 @@ def _run_torch(args, X, y, weights, record):
                 K += (fs[l - 1] @ fs[l - 1].T / N) * (gs[l] @ gs[l].T / N)
             if not bool(torch.isfinite(f).all()):
                 raise FloatingPointError(f"torch loop diverged at step {k}")
-            preds[k] = f
-            ntk[k] = K
+            preds[k], ntk[k] = f, K
             if record:
-                for l in range(L):
-                    phi_t[l, k] = fs[l]
-                    g_t[l, k] = gs[l]
+                phi_t.append(torch.stack(fs))
+                g_t.append(torch.stack(gs))
             if k < T:
                 delta = yt - f[:P]
                 c = lr * g0
@@ -111,12 +107,12 @@ def _run_torch(args, X, y, weights, record):
                 for l, Wl in enumerate(Ws):
                     Wl.addmm_(gs[l + 1][:P].T, delta[:, None] * fs[l][:P], alpha=c * sN)
                 W0.addmm_(gs[0][:P].T, delta[:, None] * Xt[:P], alpha=c * sD)
-        if record:
-            for l in range(L):
-                M = phi_t[l].reshape(-1, N)
-                _ = (M @ M.T / N).reshape(T + 1, -1, T + 1, X.shape[0]).permute(0, 2, 1, 3)
-                M = g_t[l].reshape(-1, N)
-                _ = (M @ M.T / N).reshape(T + 1, -1, T + 1, X.shape[0]).permute(0, 2, 1, 3)
+        if record:              # the two-time kernels Phi^l(t, s), G^l(t, s), as numpy's
+            n = X.shape[0]
+            for per_unit in (torch.stack(phi_t, 1), torch.stack(g_t, 1)):   # (L, T+1, n, N)
+                for l in range(L):
+                    M = per_unit[l].reshape(-1, N)
+                    _ = (M @ M.T / N).reshape(T + 1, n, T + 1, n).permute(0, 2, 1, 3)
     return preds.numpy()
 
 

@@ -7,7 +7,7 @@ fresh subprocess (one BLAS thread), which reports its wall time, the peak reside
 (``ru_maxrss``, including the interpreter's ~0.1 GB), the solver's own memory estimate and its
 flop model. The table ends with the exponents fitted on log-log axes over each sweep.
 
-Expected from the algorithm (:mod:`solvers.causal`): the march and the kernel rows cost
+Expected from the algorithm (:mod:`solvers.mc.causal`): the march and the kernel rows cost
 ~ S L (n T)^2 per solve, the tangent responses ~ Sr (L - 1) n P^2 T^3; memory ~ S L n T (fields)
 + L (n T)^2 (kernels) + Sr L n P T^2 (tangents).
 
@@ -33,7 +33,7 @@ sys.path.insert(0, {root!r})
 import numpy as np
 import dmft
 from dmft.config import teacher_student
-from solvers import causal
+from solvers.mc import causal
 c = json.loads(sys.argv[1])
 data = teacher_student(P=c["P"], Q=c["P"] // 2, D=10, seed=0)
 net = dmft.MLP(c["L"], "tanh")

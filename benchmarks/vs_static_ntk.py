@@ -47,7 +47,7 @@ def digits_data(P: int, Q: int, seed: int = 0) -> dmft.Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise SystemExit("--data digits needs scikit-learn (pip install scikit-learn); "
+        raise SystemExit("--data digits needs scikit-learn (pip install -e '.[benchmarks]'); "
                          "use --data teacher") from exc
     X, y = load_digits(return_X_y=True)
     keep = (y == 0) | (y == 1)

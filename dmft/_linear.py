@@ -1,4 +1,4 @@
-"""``method="linear"``: deep linear networks, exact algebraic DMFT (THEORY.md §3).
+"""``method="linear"``: deep linear networks, exact algebraic DMFT (docs/theory.rst §3).
 
 For phi(h) = h the DMFT closes into matrix equations with no sampling. The engine
 :mod:`solvers.linear` marches them forward in exact discrete time (gradient descent with step
@@ -10,41 +10,46 @@ deterministic; ``seed`` is only recorded.
 """
 from __future__ import annotations
 
-import numbers
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from solvers import linear as _engine
 
-from ._progress import logger, progress_bar
+from ._method import Method, Options, boolean, one_of, option
+from ._progress import logger
 from .results import ConvergenceError, Solution
 from .specs import MLP, Dataset, GradientDescent
 
-__all__ = ["solve_linear", "max_stable_gamma0"]
-
-_OPTIONS = ("fast_path", "responses", "verify", "tol", "divergence", "progress")
+__all__ = ["solve_linear", "max_stable_gamma0", "LinearOptions", "LINEAR"]
 
 
-def _check_options(fast_path, responses, verify, tol, divergence):
-    if fast_path not in ("auto", True, False):
-        raise ValueError(f"fast_path must be 'auto', True or False (whitened-data one-point "
-                         f"reduction), got {fast_path!r}")
-    for name, val in (("responses", responses), ("verify", verify)):
-        if not isinstance(val, (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False, got {val!r}")
-    for name, val, hint in (("tol", tol, "e.g. tol=1e-8"),
-                            ("divergence", divergence, "e.g. divergence=1e8")):
-        if isinstance(val, bool) or not isinstance(val, numbers.Real) or not np.isfinite(val) \
-                or val <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {val!r}; {hint}")
+def _positive(hint):
+    def check(name, value):
+        import numbers
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not np.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
+        return float(value)
+    return check
 
 
-def solve_linear(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
-                 throw: bool = True, fast_path="auto", responses: bool = True,
-                 verify: bool = True, tol: float = 1e-8, divergence: float = 1e8,
-                 progress=None, **options) -> Solution:
-    """Exact infinite-width dynamics of a deep linear network (THEORY.md §3).
+@dataclass(frozen=True)
+class LinearOptions(Options):
+    """Options of ``method="linear"`` (see :func:`solve_linear`)."""
+
+    fast_path: object = option("auto", one_of(
+        ("auto", True, False), "{name} must be 'auto', True or False (whitened-data one-point "
+        "reduction), got {value!r}"), "whitened-data one-point reduction")
+    responses: bool = option(True, boolean(), "fill the full-index responses A, B")
+    verify: bool = option(True, boolean(), "re-check the matrix equations globally")
+    tol: float = option(1e-8, _positive("e.g. tol=1e-8"), "tolerance of that check")
+    divergence: float = option(1e8, _positive("e.g. divergence=1e8"),
+                               "loss growth factor that stops the march")
+
+
+class Linear(Method, name="linear", options=LinearOptions):
+    """Exact infinite-width dynamics of a deep linear network (docs/theory.rst §3).
 
     Parameters
     ----------
@@ -55,12 +60,12 @@ def solve_linear(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
         Recorded only: the method draws no random numbers.
     throw : bool
         If True (default), divergence raises :class:`~dmft.results.ConvergenceError`; if
-        False the result is returned with ``converged=False`` and NaN from the first failed
-        step on.
+        False the result is returned with ``converged=False`` (``status`` ``"diverged"`` or
+        ``"not_converged"``, ``message``) and NaN from the first failed step on.
     fast_path : {"auto", True, False}
         Whitened training inputs (X_train X_train^T / D = lambda I, always true for P = 1)
-        reduce any depth to a one-point problem along y (:func:`solvers.linear.
-        whitened_reduction`); "auto" uses it when it applies.
+        reduce any depth to a one-point problem along y
+        (:func:`solvers.linear.whitened_reduction`); "auto" uses it when it applies.
     responses : bool
         Fill the full-index responses ``A``, ``B`` (L-1, T+1, T+1, n, n) (L >= 2). False leaves
         them None and saves memory and two GEMMs per layer.
@@ -92,93 +97,95 @@ def solve_linear(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
     ConvergenceError
         Divergence at large gamma0 * lr (see :func:`max_stable_gamma0`), or a failed check.
     """
-    if options:
-        raise ValueError(f"unknown option(s) for method='linear': {sorted(options)}; the linear "
-                         f"method accepts {list(_OPTIONS)}")
-    if not net.linear:
-        raise ValueError(f"method='linear' solves linear networks only, but net.activation is "
-                         f"{net.activation!r}; use method='mc' for nonlinear networks "
-                         f"(or method='auto')")
-    _check_options(fast_path, responses, verify, tol, divergence)
-    start = time.perf_counter()
-    L, P, Q, T = net.depth, data.P, data.Q, train.steps
-    n, T1 = P + Q, T + 1
-    kx = data.kx
-    gamma0, lr = train.gamma0, train.lr
 
-    bar = progress_bar(T1, "linear DMFT", progress, unit="step")
-    try:
+    description = "deep linear networks: exact algebraic DMFT matrix equations (no sampling)"
+
+    def run(self, ctx, net, data, train, *, opts) -> Solution:
+        if not net.linear:
+            raise ValueError(f"method='linear' solves linear networks only, but net.activation "
+                             f"is {net.activation!r}; use method='mc' for nonlinear networks "
+                             f"(or method='auto')")
+        L, P, Q, T = net.depth, data.P, data.Q, train.steps
+        n, T1 = P + Q, T + 1
+        kx = data.kx
+        gamma0, lr = train.gamma0, train.lr
+
+        bar = ctx.bar(T1, "linear DMFT", unit="step")
         try:
-            res = _engine.solve(kx, data.y_train, L, gamma0, lr, T, fast_path=fast_path,
-                                divergence=float(divergence),
-                                callback=lambda t: bar.update(1))
-        except FloatingPointError as exc:     # overflow inside BLAS with errstate raise
-            raise ConvergenceError(f"method='linear' failed: {exc}") from exc
-    finally:
-        bar.close()
-    diverged = res["diverged_at"] is not None
+            try:
+                res = _engine.solve(kx, data.y_train, L, gamma0, lr, T,
+                                    fast_path=opts.fast_path, divergence=opts.divergence,
+                                    callback=lambda t: bar.update(1))
+            except FloatingPointError as exc:     # overflow inside BLAS with errstate raise
+                raise ConvergenceError(f"method='linear' failed: {exc}") from exc
+        finally:
+            bar.close()
+        diverged = res["diverged_at"] is not None
 
-    residuals = np.zeros(0)
-    if verify and not diverged:
-        with np.errstate(all="ignore"):
-            r = _engine.verify(res, kx, data.y_train, gamma0, lr)
-        residuals = np.array([r])
-        logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, tol)
-    converged = (not diverged) and (residuals.size == 0 or residuals[0] <= tol)
+        residuals = np.zeros(0)
+        if opts.verify and not diverged:
+            with np.errstate(all="ignore"):
+                r = _engine.verify(res, kx, data.y_train, gamma0, lr)
+            residuals = np.array([r])
+            logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, opts.tol)
 
-    # Build the outputs one array at a time and drop the flat copies as they are converted:
-    # the fields themselves are O(L T^2 n^2) numbers, and peak memory should stay near that.
-    A = B = None
-    if responses and L >= 2:
-        with np.errstate(all="ignore"):
-            Aflat = _engine.full_responses(res, kx, gamma0, lr)
-        A = _engine.two_time(Aflat, T1, n)
-        del Aflat
-        # B^l_{mu alpha}(t, s) = b^l_alpha(t, s) for every row mu (G^l is point-independent)
-        b = res["b"][1:].reshape(L - 1, T1, T1, n)
-        B = np.empty((L - 1, T1, T1, n, n))
-        B[...] = b[:, :, :, None, :]
+        # Build the outputs one array at a time and drop the flat copies as they are
+        # converted: the fields themselves are O(L T^2 n^2) numbers, and peak memory should
+        # stay near that.
+        A = B = None
+        if opts.responses and L >= 2:
+            with np.errstate(all="ignore"):
+                Aflat = _engine.full_responses(res, kx, gamma0, lr)
+            A = _engine.two_time(Aflat, T1, n)
+            del Aflat
+            # B^l_{mu alpha}(t, s) = b^l_alpha(t, s) for every row mu (G^l is point-independent)
+            b = res["b"][1:].reshape(L - 1, T1, T1, n)
+            B = np.empty((L - 1, T1, T1, n, n))
+            B[...] = b[:, :, :, None, :]
+            if diverged:
+                t0 = res["diverged_at"]
+                for X in (A, B):
+                    X[:, t0:] = np.nan
+                    X[:, :, t0:] = np.nan
+        phi = np.empty((L, T1, T1, n, n))
+        for l in range(L):
+            phi[l] = _engine.two_time(res["Phi"][l], T1, n)
+            res["Phi"][l] = None
+        g = np.empty((L, T1, T1, n, n))
+        g[...] = res["G"][:, :, :, None, None]
+        f = res["f"]
+        fast_path = opts.fast_path
+        sol = Solution(
+            net=net, data=data, train=train, method="linear", t=train.times,
+            train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+            ntk=res["ntk"], phi=phi, g=g, A=A, B=B, iterations=1, residuals=residuals,
+            seed=ctx.seed_int,
+            options={"fast_path": fast_path if isinstance(fast_path, str) else bool(fast_path),
+                     "fast_path_used": bool(res["fast_path"]), "responses": opts.responses,
+                     "verify": opts.verify, "tol": opts.tol, "divergence": opts.divergence},
+            extras={"kx": kx, "G": res["G"], "delta": res["delta"]})
         if diverged:
-            t0 = res["diverged_at"]
-            for X in (A, B):
-                X[:, t0:] = np.nan
-                X[:, :, t0:] = np.nan
-    phi = np.empty((L, T1, T1, n, n))
-    for l in range(L):
-        phi[l] = _engine.two_time(res["Phi"][l], T1, n)
-        res["Phi"][l] = None
-    g = np.empty((L, T1, T1, n, n))
-    g[...] = res["G"][:, :, :, None, None]
-    f = res["f"]
-    sol = Solution(
-        net=net, data=data, train=train, method="linear", t=train.times,
-        train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
-        ntk=res["ntk"], phi=phi, g=g, A=A, B=B, converged=bool(converged), iterations=1,
-        residuals=residuals, stderr={},
-        seed=int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        else None,
-        elapsed=time.perf_counter() - start,
-        options={"fast_path": fast_path if isinstance(fast_path, str) else bool(fast_path),
-                 "fast_path_used": bool(res["fast_path"]), "responses": bool(responses),
-                 "verify": bool(verify), "tol": float(tol), "divergence": float(divergence)},
-        extras={"kx": kx, "G": res["G"], "delta": res["delta"]})
-    if diverged:
-        msg = (f"method='linear' diverged: {res['message']} (gamma0 = {gamma0:g}, lr = {lr:g}); "
-               f"the discrete dynamics are unstable at this gamma0 * lr. Reduce lr or gamma0; "
-               f"dmft._linear.max_stable_gamma0(net, data, train) gives the largest stable "
-               f"gamma0 for this lr")
-        if throw:
-            raise ConvergenceError(msg, result=sol)
-        sol.extras["message"] = msg
+            sol.fail("diverged", (
+                f"method='linear' diverged: {res['message']} (gamma0 = {gamma0:g}, lr = "
+                f"{lr:g}); the discrete dynamics are unstable at this gamma0 * lr. Reduce lr or "
+                f"gamma0; dmft._linear.max_stable_gamma0(net, data, train) gives the largest "
+                f"stable gamma0 for this lr"))
+        elif residuals.size and not residuals[0] <= opts.tol:
+            sol.fail("not_converged", (
+                f"method='linear': the marched solution fails the global check of the matrix "
+                f"equations (relative residual {residuals[0]:.3g} > tol = {opts.tol:g}); the "
+                f"kernels have grown so large that rounding dominates. Reduce gamma0 * lr or "
+                f"steps"))
+        if not sol.converged:
+            sol.extras["message"] = sol.message   # where earlier versions kept it
         return sol
-    if not converged:
-        msg = (f"method='linear': the marched solution fails the global check of the matrix "
-               f"equations (relative residual {residuals[0]:.3g} > tol = {tol:g}); the kernels "
-               f"have grown so large that rounding dominates. Reduce gamma0 * lr or steps")
-        if throw:
-            raise ConvergenceError(msg, result=sol)
-        sol.extras["message"] = msg
-    return sol
+
+
+LINEAR = Linear()
+
+
+#: ``solve_linear(net, data, train, *, seed=None, throw=True, progress=None, **options)``
+solve_linear = LINEAR
 
 
 def max_stable_gamma0(net: MLP, data: Dataset, train: GradientDescent, *, start: float = 0.25,
@@ -190,7 +197,7 @@ def max_stable_gamma0(net: MLP, data: Dataset, train: GradientDescent, *, start:
     max_t lr lambda_max(K_train(t)) < 2, so that each gradient step contracts the training
     error in its linearisation (and nothing diverges). The NTK grows with gamma0 (two-layer,
     one point, gradient flow: K ends at 2 sqrt(1 + gamma0^2 y^2), so the edge is
-    gamma0* = sqrt(1/lr^2 - 1) / |y|). The first unstable gamma0 met scanning upward from
+    ``gamma0* = sqrt(1/lr^2 - 1) / |y|``). The first unstable gamma0 met scanning upward from
     ``start`` (doubling) is bracketed and bisected to relative width ``rtol``; the stable end
     is returned (``inf`` if none below ``gamma_max``; 0.0 if lr is unstable even for the
     lazy, gamma0 = 0, kernel). Above it the error oscillates; the dynamics may still catapult

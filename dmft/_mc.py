@@ -1,6 +1,6 @@
 """``method="mc"`` and ``method="gia"``: the nonlinear DMFT by alternating Monte Carlo.
 
-THEORY.md §2. Each hidden unit of layer l is a sample of a single-site process driven by
+docs/theory.rst §2. Each hidden unit of layer l is a sample of a single-site process driven by
 Gaussian sources u^l ~ N(0, Phi^{l-1}) and r^l ~ N(0, G^{l+1}); the order parameters Phi^l,
 G^l, the responses A^l, B^l and the predictions f are averages over samples, iterated to self
 consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
@@ -10,7 +10,7 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
   randomised quasi-Monte Carlo (scrambled Sobol replicates in rank(Kx) + 1 dimensions,
   ``sampler="sobol"``) or i.i.d. (``"random"``), in antithetic pairs (u, +-w0); the two-time
   kernels are computed once at the end from ``kernel_samples`` re-marched samples.
-- Deep networks (L >= 2), default ``scheme="onepass"`` (:mod:`solvers.causal`): the
+- Deep networks (L >= 2), default ``scheme="onepass"`` (:mod:`solvers.mc.causal`): the
   discrete-time DMFT is causal across layers, so all layers and samples are marched
   time-major in one pass with no outer iteration. Sources are drawn causally (u(t) from the
   causal Cholesky factor of Phi^{l-1}, extended one time block per step; innovations below
@@ -45,29 +45,25 @@ which underestimate the error several-fold).
 """
 from __future__ import annotations
 
-import numbers
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from solvers import causal as _causal
+from solvers.layout import two_time as _two_time
+from solvers.mc import causal as _causal
 from solvers import mc as _engine
 from solvers import static as _static
 
-from ._progress import logger, progress_bar
+from ._method import (Method, Options, boolean, int_at_least, is_callable, one_of, option,
+                      positive_int, real_in)
+from ._progress import logger
 from .results import ConvergenceError, Solution
-from .specs import MLP, Dataset, GradientDescent, check_positive_int
+from .specs import MLP, Dataset, GradientDescent
 
-__all__ = ["solve_mc", "solve_gia", "DEFAULTS"]
+__all__ = ["solve_mc", "solve_gia", "DEFAULTS", "MCOptions", "MC", "GIA"]
 
-#: default options; chosen so that the issue's sizes reach ~1e-2 on the predictions in about
-#: a minute or less on 2 cores. Deep networks: the prediction error is set by ``samples``
-#: (the march), not by ``response_samples`` once the control variate is on (measured, L = 3
-#: tanh, gamma0 = 1, 8 + 4 points, 20 steps, 3 seeds against 4 x 16384 samples: RMS error
-#: 0.011-0.012 at 8192 samples for 128, 256 and 512 response samples, 0.020 at 2048 samples
-#: for 256 or 2048; 50 steps, 8192 samples: 64 / 256 response samples moved f(T) by 0.0029 /
-#: 0.0018 RMS against 1024, beside a march stderr of 0.0125; the tangents cost ~ T P times a
-#: march sample, so at 256 they were still ~75% of that solve's time)
+#: default options (None in :class:`MCOptions`); chosen so that the issue's sizes reach ~1e-2
+#: on the predictions in about a minute or less on 2 cores (measurements: benchmarks/README.md)
 DEFAULTS = {
     "samples_two_layer": 1 << 16,
     "samples_deep": 8192,
@@ -110,32 +106,6 @@ def _available_memory() -> float:
         return float("inf")
 
 
-def _real(name, value, lo, hi, hint):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
-            or not lo < value <= hi:
-        raise ValueError(f"{name} must be a number in ({lo}, {hi}], got {value!r}; {hint}")
-    return float(value)
-
-
-def _seed_sequence(seed):
-    if isinstance(seed, np.random.SeedSequence):
-        return seed, None
-    if seed is None:
-        ss = np.random.SeedSequence()
-        return ss, None
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0:
-        return np.random.SeedSequence(int(seed)), int(seed)
-    raise ValueError(f"seed must be a non-negative integer, a numpy.random.SeedSequence or "
-                     f"None, got {seed!r}")
-
-
-def _two_time(K, T1, n):
-    """Flat (..., T1 n, T1 n) -> (..., T1, T1, n, n)."""
-    lead = K.shape[:-2]
-    K = K.reshape(*lead, T1, n, T1, n)
-    return np.ascontiguousarray(np.moveaxis(K, -3, -2))
-
-
 def _deep_fields(out, T1, n):
     """The engines' flat kernels and responses in the Solution layout (two-time axes)."""
     tt = lambda key: (None if out[key] is None                          # noqa: E731
@@ -167,20 +137,76 @@ def _combine_replicates(reps):
     return out
 
 
-def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, throw: bool = True,
-             samples: int | None = None, response_samples: int | None = None,
-             kernel_samples: int | None = None, damping: float | None = None,
-             anderson: int | None = None, tol: float | None = None,
-             noise_factor: float | None = None, max_iter: int | None = None,
-             blocks: int | None = None, chunk_mb: float | None = None,
-             relu_eps: float | None = None, window: int | None = None,
-             sampler: str | None = None, replicates: int | None = None,
-             b_estimator: str | None = None, stein_rtol: float | None = None,
-             response_control: bool | None = None, callback=None,
-             scheme: str | None = None, src_rtol: float | None = None,
-             max_memory_gb: float | None = None,
-             progress=None, _responses: bool = True, **unknown) -> Solution:
-    """Nonlinear DMFT of ``net`` trained on ``data`` by alternating Monte Carlo (THEORY.md §2).
+@dataclass(frozen=True)
+class MCOptions(Options):
+    """Options of ``method="mc"`` and ``"gia"`` (see :func:`solve_mc`); None: the default.
+
+    The defaults are in :data:`DEFAULTS` (some depend on the depth and the ``scheme``).
+    """
+
+    samples: int | None = option(None, positive_int(" (Monte Carlo samples per layer)"),
+                                 "Monte Carlo samples per layer")
+    response_samples: int | None = option(
+        None, positive_int(" (samples for the response tangents)"),
+        "samples for the tangent estimates of A, B (L >= 2)")
+    kernel_samples: int | None = option(
+        None, positive_int(" (samples for the two-time kernels of two-layer networks)"),
+        "L = 1: samples for the two-time kernels")
+    damping: float | None = option(None, real_in(
+        0, 1, "the weight of the new estimate in the mixing, e.g. damping=0.5"),
+        "iterative: weight of the new estimate in the mixing")
+    anderson: int | None = option(None, int_at_least(0, "history length; 0 disables"),
+                                  "iterative: Anderson mixing history")
+    tol: float | None = option(None, real_in(0, np.inf, "e.g. tol=1e-4"),
+                               "iterative: residual tolerance")
+    noise_factor: float | None = option(None, real_in(0, np.inf, "e.g. noise_factor=0.25"),
+                                        "iterative: stop at this multiple of the noise floor")
+    max_iter: int | None = option(None, positive_int(" (iteration limit)"),
+                                  "iterative: iteration limit")
+    blocks: int | None = option(
+        None, positive_int(" (independent populations for standard errors)"),
+        "L = 1: independent populations for the standard errors")
+    chunk_mb: float | None = option(None, real_in(
+        0, np.inf, "memory per chunk in MB, e.g. chunk_mb=64"), "memory per streamed chunk")
+    relu_eps: float | None = option(None, real_in(0, np.inf, "e.g. relu_eps=0.05"),
+                                    "width of the smoothed delta for relu's phi''")
+    window: int | None = option(
+        None, positive_int(" (first time horizon of the continuation in time)"),
+        "iterative: first horizon of the continuation in time")
+    sampler: str | None = option(None, one_of(
+        ("sobol", "random"), "{name} must be 'sobol' (randomised quasi-Monte Carlo) or "
+        "'random' (i.i.d.), got {value!r}"), "'sobol' or 'random' sources")
+    replicates: int | None = option(None, positive_int(
+        " (independent fixed-point solutions for honest standard errors, L >= 2)"),
+        "L >= 2: independent populations / solutions")
+    b_estimator: str | None = option(None, one_of(
+        ("auto", "tangent", "stein"), "{name} must be 'auto', 'tangent' or 'stein', got "
+        "{value!r} ('auto': Stein's lemma for relu, tangents otherwise)"),
+        "how B is estimated (L >= 2)")
+    stein_rtol: float | None = option(None, real_in(0, 1, "e.g. stein_rtol=1e-6"),
+                                      "'stein': innovation variance cut-off")
+    response_control: bool | None = option(
+        None, boolean(" (the control variate of the tangent responses)"),
+        "control variate of the tangent responses")
+    callback: object = option(None, is_callable("callback(iteration, state, residual)"),
+                              "iterative: callback(iteration, state, residual)")
+    scheme: str | None = option(None, one_of(
+        ("onepass", "iterative"), "{name} must be 'onepass' (causal one-pass solver, "
+        "default) or 'iterative' (alternating fixed-point iteration), got {value!r}"),
+        "L >= 2: 'onepass' or 'iterative'")
+    src_rtol: float | None = option(None, real_in(0, 1, "e.g. src_rtol=1e-6"),
+                                    "one pass: source innovation cut-off")
+    max_memory_gb: float | None = option(None, real_in(
+        0, np.inf, "the memory a solve may use, in GB, e.g. max_memory_gb=8"),
+        "one pass: refuse solves estimated above this memory")
+
+    #: options of the iterative deep solver only (an error with scheme="onepass")
+    ITERATIVE_ONLY = ("damping", "anderson", "tol", "noise_factor", "max_iter", "window",
+                      "callback")
+
+
+class MonteCarlo(Method, name="mc", options=MCOptions):
+    """Nonlinear DMFT of ``net`` trained on ``data`` by Monte Carlo (docs/theory.rst §2).
 
     Parameters
     ----------
@@ -212,9 +238,9 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
     sampler : {"sobol", "random"}
         "sobol" (default) draws the first layer's sources and the readouts w(0) by randomised
         quasi-Monte Carlo in the rank(Kx) + 1 dimensions (L = 1: an Owen-scrambled Sobol set
-        per block; L >= 2: a randomly digitally shifted Sobol set per replicate; measured for
-        L = 3 tanh, 40 steps: a 1.6x smaller standard error of f at equal cost); "random"
-        draws i.i.d. normals.
+        per block; L >= 2: a randomly digitally shifted Sobol set per replicate; a smaller
+        standard error of f at equal cost, benchmarks/README.md); "random" draws i.i.d.
+        normals.
         Both use antithetic pairs (u, +-w0); deeper sources are i.i.d.
     damping : float in (0, 1]
         Weight of the new estimate in the mixing (default 1: plain Gauss-Seidel iteration;
@@ -250,8 +276,8 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         A^l ~ C (.) <phi'(h) phi'(h)^T> and B^{l-1} ~ gamma0^{-1} diag<phi''(h) z>
         + D (.) <phi'(h) phi'(h)^T>, are averaged over all ``samples`` (they cost one GEMM
         per chunk, like the kernels) and only the remainder comes from the
-        ``response_samples`` tangents. Unbiased; the remainder's variance was measured 11x
-        (A) and 55-75x (B) below the tangents' (L = 3 tanh, gamma0 = 1).
+        ``response_samples`` tangents. Unbiased; the remainder's variance is an order of
+        magnitude or more below the tangents' (benchmarks/README.md).
     stein_rtol : float
         "stein" only: a source whose innovation variance (given the earlier ones in time) is
         below this fraction of its variance gets no innovation of its own (default 1e-6;
@@ -292,74 +318,81 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         With ``A``, ``B`` (L-1, T+1, T+1, n, n) for L >= 2 and ``stderr`` for
         ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``, ``g``.
     """
-    start = time.perf_counter()
-    method = "mc" if _responses else "gia"
-    if unknown:
-        raise ValueError(f"unknown option(s) for method={method!r}: {sorted(unknown)}; see "
-                         f"help(dmft._mc.solve_mc) for samples, response_samples, "
-                         f"kernel_samples, damping, anderson, tol, noise_factor, max_iter, "
-                         f"blocks, chunk_mb, relu_eps, window, sampler, replicates, "
-                         f"b_estimator, stein_rtol, response_control, callback, progress")
+
+    description = ("nonlinear DMFT by Monte Carlo sampling of the single-site fields (one causal "
+                   "pass)")
+
+    responses = True
+
+    def run(self, ctx, net, data, train, *, opts) -> Solution:
+        return _solve(ctx, net, data, train, opts, self.name, self.responses)
+
+
+class GradientIndependence(MonteCarlo, name="gia"):
+    """Gradient-independence approximation: ``method="mc"`` with A = B = 0 (docs/theory.rst §4).
+
+    Same options as :class:`MonteCarlo` (``response_samples`` is ignored). ``A`` and ``B``
+    are None; ``options["gia"]`` is True. For L = 1 (no responses) the result equals
+    ``method="mc"`` with the same seed.
+    """
+
+    description = "gradient-independence approximation: the Monte Carlo DMFT with A = B = 0"
+
+    responses = False
+
+    def parse_options(self, kwargs):
+        kwargs = dict(kwargs)
+        kwargs.pop("response_samples", None)
+        return super().parse_options(kwargs)
+
+
+MC = MonteCarlo()
+GIA = GradientIndependence()
+
+
+#: ``solve_mc(net, data, train, *, seed=None, throw=True, progress=None, **options)``
+solve_mc = MC
+
+
+#: ``solve_gia(net, data, train, *, seed=None, throw=True, progress=None, **options)``
+solve_gia = GIA
+
+
+def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions,
+           method: str, responses: bool) -> Solution:
+    """The body of ``method="mc"`` / ``"gia"``: defaults, the solver for the depth, result."""
     if train.gamma0 <= 0:
         raise ValueError(f"gamma0 must be > 0 for method={method!r} (got {train.gamma0}); "
                          f"use method='static' for the lazy limit gamma0 = 0")
     L, P, Q, T = net.depth, data.P, data.Q, train.steps
     n, T1 = P + Q, T + 1
     d = DEFAULTS
-    scheme = d["scheme"] if scheme is None else scheme
-    if scheme not in ("onepass", "iterative"):
-        raise ValueError(f"scheme must be 'onepass' (causal one-pass solver, default) or "
-                         f"'iterative' (alternating fixed-point iteration), got {scheme!r}")
+
+    def value(name, default_key=None):
+        v = getattr(opts, name)
+        return d[default_key or name] if v is None else v
+
+    scheme = value("scheme")
     onepass = L >= 2 and scheme == "onepass"
     if onepass:
-        given = {k: v for k, v in (("damping", damping), ("anderson", anderson), ("tol", tol),
-                                   ("noise_factor", noise_factor), ("max_iter", max_iter),
-                                   ("window", window), ("callback", callback))
-                 if v is not None}
+        given = [k for k in opts.ITERATIVE_ONLY if getattr(opts, k) is not None]
         if given:
             raise ValueError(f"option(s) {sorted(given)} belong to the iterative deep solver; "
                              f"the default one-pass solver (scheme='onepass') has no outer "
                              f"iteration. Drop them, or pass scheme='iterative'")
-    samples = check_positive_int(
-        "samples", d["samples_two_layer"] if (samples is None and L == 1) else
-        ((d["samples_onepass"] if onepass else d["samples_deep"]) if samples is None
-         else samples), " (Monte Carlo samples per layer)")
+    samples = value("samples", "samples_two_layer" if L == 1 else
+                    "samples_onepass" if onepass else "samples_deep")
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
-    rs_default = response_samples is None
-    if replicates is None and onepass:
-        replicates = d["replicates_onepass"]
-    src_rtol = _real("src_rtol", d["src_rtol"] if src_rtol is None else src_rtol, 0, 1,
-                     "e.g. src_rtol=1e-6")
-    if max_memory_gb is not None:
-        max_memory_gb = _real("max_memory_gb", max_memory_gb, 0, np.inf,
-                              "the memory a solve may use, in GB, e.g. max_memory_gb=8")
-    response_samples = check_positive_int(
-        "response_samples", d["response_samples"] if response_samples is None
-        else response_samples, " (samples for the response tangents)")
-    kernel_samples = check_positive_int(
-        "kernel_samples", d["kernel_samples"] if kernel_samples is None else kernel_samples,
-        " (samples for the two-time kernels of two-layer networks)")
-    damping = _real("damping", d["damping"] if damping is None else damping, 0, 1,
-                    "the weight of the new estimate in the mixing, e.g. damping=0.5")
-    anderson = d["anderson"] if anderson is None else anderson
-    if isinstance(anderson, bool) or not isinstance(anderson, numbers.Integral) or anderson < 0:
-        raise ValueError(f"anderson must be an integer >= 0 (history length; 0 disables), "
-                         f"got {anderson!r}")
-    tol = _real("tol", d["tol"] if tol is None else tol, 0, np.inf, "e.g. tol=1e-4")
-    noise_factor = _real("noise_factor", d["noise_factor"] if noise_factor is None
-                         else noise_factor, 0, np.inf, "e.g. noise_factor=0.25")
-    max_iter = check_positive_int("max_iter", d["max_iter"] if max_iter is None else max_iter,
-                                  " (iteration limit)")
-    blocks = check_positive_int("blocks", d["blocks"] if blocks is None else blocks,
-                                " (independent populations for standard errors)")
-    chunk_mb = _real("chunk_mb", d["chunk_mb"] if chunk_mb is None else chunk_mb, 0, np.inf,
-                     "memory per chunk in MB, e.g. chunk_mb=64")
-    window = check_positive_int("window", d["window"] if window is None else window,
-                                " (first time horizon of the continuation in time)")
-    replicates = check_positive_int(
-        "replicates", d["replicates"] if replicates is None else replicates,
-        " (independent fixed-point solutions for honest standard errors, L >= 2)")
+    rs_default = opts.response_samples is None
+    replicates = value("replicates", "replicates_onepass" if onepass else "replicates")
+    src_rtol = value("src_rtol")
+    max_memory_gb = opts.max_memory_gb
+    response_samples = value("response_samples")
+    kernel_samples = value("kernel_samples")
+    damping, anderson, tol = value("damping"), value("anderson"), value("tol")
+    noise_factor, max_iter = value("noise_factor"), value("max_iter")
+    blocks, chunk_mb, window = value("blocks"), value("chunk_mb"), value("window")
     if onepass:
         # samples and response_samples are totals, split equally over the replicates
         per_rep = 2 * (samples // (2 * replicates))
@@ -369,41 +402,29 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                              f"{2 * replicates} or fewer replicates")
         if rs_default:
             # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
-            # samples) balanced against their costs (a tangent sample costs ~50 march samples
-            # at 8 + 4 points, 50 steps; measured b / a ~ 2e-3): ~1 tangent sample per 128
+            # samples) balanced against their costs: ~1 tangent sample per 128 march samples
+            # (benchmarks/README.md)
             tang_rep = max(d["response_samples_onepass"], per_rep // 128)
         else:
             tang_rep = -(-response_samples // replicates)
         tang_rep = min(tang_rep, per_rep)
-    if relu_eps is not None:
-        relu_eps = _real("relu_eps", relu_eps, 0, np.inf, "e.g. relu_eps=0.05")
-    b_estimator = d["b_estimator"] if b_estimator is None else b_estimator
-    if b_estimator not in ("auto", "tangent", "stein"):
-        raise ValueError(f"b_estimator must be 'auto', 'tangent' or 'stein', got "
-                         f"{b_estimator!r} ('auto': Stein's lemma for relu, tangents otherwise)")
-    stein_rtol = _real("stein_rtol", d["stein_rtol"] if stein_rtol is None else stein_rtol,
-                       0, 1, "e.g. stein_rtol=1e-6")
-    response_control = d["response_control"] if response_control is None else response_control
-    if not isinstance(response_control, (bool, np.bool_)):
-        raise ValueError(f"response_control must be True or False (the control variate of the "
-                         f"tangent responses), got {response_control!r}")
-    if callback is not None and not callable(callback):
-        raise ValueError("callback must be callable: callback(iteration, state, residual)")
-    sampler = d["sampler"] if sampler is None else sampler
-    if sampler not in ("sobol", "random"):
-        raise ValueError(f"sampler must be 'sobol' (randomised quasi-Monte Carlo) or 'random' "
-                         f"(i.i.d.), got {sampler!r}")
-    ss, seed_int = _seed_sequence(seed)
+    relu_eps = opts.relu_eps
+    b_estimator, stein_rtol = value("b_estimator"), value("stein_rtol")
+    response_control = value("response_control")
+    callback = opts.callback
+    sampler = value("sampler")
+    ss, seed_int = ctx.seed_sequence, ctx.seed_int
+
 
     kx = data.kx
     y = np.asarray(data.y_train, dtype=np.float64)
     options = {"samples": int(samples), "damping": damping, "anderson": int(anderson),
                "tol": tol, "noise_factor": noise_factor, "max_iter": int(max_iter),
-               "chunk_mb": chunk_mb, "gia": not _responses,
+               "chunk_mb": chunk_mb, "gia": not responses,
                "seed_entropy": str(ss.entropy), "seed_spawn_key": list(ss.spawn_key)}
     try:
         if L == 1:
-            bar = progress_bar(T, f"dmft {method} (two-layer march)", progress, unit="step")
+            bar = ctx.bar(T, f"dmft {method} (two-layer march)", unit="step")
             try:
                 out = _engine.solve_two_layer(kx, y, net.activation, train.gamma0, train.lr, T,
                                               samples=samples, seed=ss,
@@ -425,13 +446,12 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
         elif onepass:
             limit = (max_memory_gb * 1e9 if max_memory_gb is not None
                      else 0.8 * _available_memory())
-            bar = progress_bar(T1 * replicates, f"dmft {method} (one pass)", progress,
-                               unit="step")
+            bar = ctx.bar(T1 * replicates, f"dmft {method} (one pass)", unit="step")
             try:
                 out = _causal.solve_causal(
                     kx, y, net.activation, L, train.gamma0, train.lr, T,
                     samples=per_rep * replicates, seed=ss, populations=replicates,
-                    responses=_responses, response_samples=tang_rep * replicates,
+                    responses=responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_cv=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, max_memory=limit, logger=logger, bar=bar)
@@ -454,7 +474,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
             if not np.all(np.isfinite(f0)) or np.abs(f0).max() > 1e6:
                 raise FloatingPointError("the static-NTK dynamics that start the iteration "
                                          "diverge; lr is too large")
-            bar = progress_bar(max_iter * replicates, f"dmft {method}", progress)
+            bar = ctx.bar(max_iter * replicates, f"dmft {method}")
             try:
                 # replicates = 1: the seed itself (bit-identical to earlier versions)
                 seeds = [ss] if replicates == 1 else ss.spawn(replicates)
@@ -462,7 +482,7 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                 for k, sk in enumerate(seeds):
                     o = _engine.solve_deep(
                         kx, y, net.activation, L, train.gamma0, train.lr, T, samples=samples,
-                        seed=sk, phi0=st["phi"], g0=st["g"], f0=f0, responses=_responses,
+                        seed=sk, phi0=st["phi"], g0=st["g"], f0=f0, responses=responses,
                         response_samples=response_samples, damping=damping,
                         anderson=anderson, tol=tol, noise_factor=noise_factor,
                         max_iter=max_iter, chunk_mb=chunk_mb, relu_eps=relu_eps,
@@ -508,29 +528,14 @@ def solve_mc(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, thro
                    test_predictions=np.ascontiguousarray(f[:, P:]), ntk=out["ntk"], phi=phi,
                    g=g, A=A, B=B, converged=bool(converged), iterations=int(iterations),
                    residuals=np.asarray(residuals, dtype=np.float64), stderr=stderr,
-                   seed=seed_int, elapsed=time.perf_counter() - start, options=options,
-                   extras=extras)
-    finite = all(np.all(np.isfinite(a)) for a in (f, out["ntk"], phi, g))
-    if not finite:
-        raise ConvergenceError(f"method={method!r} produced non-finite values; gamma0 or lr "
-                               f"is too large", result=sol)
+                   seed=seed_int, options=options, extras=extras)
+    if not all(np.all(np.isfinite(a)) for a in (f, out["ntk"], phi, g)):
+        return sol.fail("diverged", f"method={method!r} produced non-finite values; gamma0 or "
+                                    f"lr is too large")
     if not converged:
         floor = out["floors"][-1] if "floors" in out else 0.0
-        msg = (f"method={method!r} did not converge in {iterations} iterations: last residual "
-               f"{residuals[-1]:.3g} (stop rule max(tol={tol:g}, {noise_factor:g} x noise "
-               f"floor {floor:.3g})); increase max_iter, lower damping, or raise tol")
-        if throw:
-            raise ConvergenceError(msg, result=sol)
-        logger.warning(msg)
+        sol.fail("not_converged", (
+            f"method={method!r} did not converge in {iterations} iterations: last residual "
+            f"{residuals[-1]:.3g} (stop rule max(tol={tol:g}, {noise_factor:g} x noise "
+            f"floor {floor:.3g})); increase max_iter, lower damping, or raise tol"))
     return sol
-
-
-def solve_gia(net: MLP, data: Dataset, train: GradientDescent, *, seed=None, throw: bool = True,
-              **options) -> Solution:
-    """Gradient-independence approximation: :func:`solve_mc` with A = B = 0 (THEORY.md §4).
-
-    Same options as :func:`solve_mc`. ``A`` and ``B`` are None; ``options["gia"]`` is True.
-    For L = 1 (no responses) the result equals ``solve_mc`` with the same seed.
-    """
-    options.pop("response_samples", None)
-    return solve_mc(net, data, train, seed=seed, throw=throw, _responses=False, **options)

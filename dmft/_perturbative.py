@@ -1,4 +1,6 @@
-"""``method="perturbative"``: leading order in gamma0^2 around the lazy dynamics (THEORY.md §4).
+"""``method="perturbative"``: leading order in gamma0^2 around the lazy dynamics.
+
+Theory: docs/theory.rst §4.
 
 Every order parameter is expanded as q = q0 + gamma0^2 q2 + O(gamma0^4) around the static
 (lazy, gamma0 -> 0) solution, in exact discrete time: the kernels move at O(gamma0^2) with the
@@ -16,28 +18,46 @@ the single-site fields, responses by forward-mode tangents, Price's theorem for 
 covariance change; ``blocks`` independent blocks give ``stderr``). ReLU raises ``ValueError``
 pointing to ``method="gia"`` / ``"mc"`` or ``"static"``: phi'' is a Dirac delta, the
 coefficients contain E[phi''(u)^2] (divergent), and relu's two-time kernels move at
-O(|gamma0|), not O(gamma0^2) (module docstring of :mod:`solvers.perturbative`).
+``O(|gamma0|)``, not O(gamma0^2) (module docstring of :mod:`solvers.perturbative`).
 """
 from __future__ import annotations
 
 import numbers
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from solvers import perturbative as _engine
 from solvers import static as _static
 
+from ._method import Method, Options, int_at_least, option
 from .results import ConvergenceError, Solution
-from .specs import MLP, Dataset, GradientDescent
 
-__all__ = ["solve_perturbative"]
+
+__all__ = ["solve_perturbative", "PerturbativeOptions", "PERTURBATIVE"]
 
 _SMOOTH = ("tanh", "erf")
 
 
-def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
-                       throw: bool = True, samples: int = 20000, **options) -> Solution:
+@dataclass(frozen=True)
+class PerturbativeOptions(Options):
+    """Options of ``method="perturbative"`` (see :func:`solve_perturbative`)."""
+
+    samples: int = option(20000, int_at_least(16, "Monte Carlo source draws for nonlinear "
+                                                 "networks"), "Monte Carlo source draws")
+    blocks: int = option(16, None, "independent blocks for the standard errors (L >= 2)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        b = self.blocks
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 2 \
+                or b > self.samples // 2:
+            raise ValueError(f"blocks must be an integer between 2 and samples // 2 "
+                             f"(independent blocks for the standard errors of deep nonlinear "
+                             f"networks), got {b!r}")
+
+
+class Perturbative(Method, name="perturbative", options=PerturbativeOptions):
     """Leading-order (gamma0^2) perturbation theory around the lazy dynamics.
 
     Parameters
@@ -57,7 +77,8 @@ def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=
     blocks : int
         L >= 2 nonlinear: independent sample blocks for the standard errors (default 16).
     throw : bool
-        If True, non-finite results raise :class:`~dmft.results.ConvergenceError`.
+        If True, non-finite results raise :class:`~dmft.results.ConvergenceError`; if False
+        the result is returned with ``status="diverged"``.
 
     Returns
     -------
@@ -75,28 +96,30 @@ def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=
     ValueError
         ReLU networks, bad ``samples`` / ``blocks``, or unknown options.
     """
-    blocks = options.pop("blocks", 16)
-    if options:
-        raise ValueError(f"unknown option(s) for method='perturbative': {sorted(options)}; "
-                         f"the perturbative method accepts ['samples', 'blocks'] "
-                         f"(nonlinear networks)")
-    if not net.linear and net.activation not in _SMOOTH:
-        raise ValueError(
-            f"method='perturbative' handles linear networks and networks with a smooth "
-            f"activation in {list(_SMOOTH)} (any depth), got activation={net.activation!r}: "
-            f"the O(gamma0^2) coefficients need phi'' and phi''' (for relu phi'' is a Dirac "
-            f"delta, E[phi''(u)^2] diverges and the two-time kernels move at O(|gamma0|), "
-            f"so there is no gamma0^2 expansion); use method='gia' or method='mc' "
-            f"(full dynamics) or method='static' (the gamma0 -> 0 limit)")
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 16:
-        raise ValueError(f"samples must be an integer >= 16 (Monte Carlo source draws for "
-                         f"nonlinear networks), got {samples!r}")
-    if isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral) or blocks < 2 \
-            or blocks > samples // 2:
-        raise ValueError(f"blocks must be an integer between 2 and samples // 2 (independent "
-                         f"blocks for the standard errors of deep nonlinear networks), "
-                         f"got {blocks!r}")
-    start = time.perf_counter()
+
+    description = "leading order in gamma0^2 around the lazy dynamics"
+
+    def run(self, ctx, net, data, train, *, opts) -> Solution:
+        if not net.linear and net.activation not in _SMOOTH:
+            raise ValueError(
+                f"method='perturbative' handles linear networks and networks with a smooth "
+                f"activation in {list(_SMOOTH)} (any depth), got activation="
+                f"{net.activation!r}: the O(gamma0^2) coefficients need phi'' and phi''' (for "
+                f"relu phi'' is a Dirac delta, E[phi''(u)^2] diverges and the two-time kernels "
+                f"move at O(|gamma0|), so there is no gamma0^2 expansion); use method='gia' or "
+                f"method='mc' (full dynamics) or method='static' (the gamma0 -> 0 limit)")
+        return _expand(net, data, train, ctx.seed, int(opts.samples), int(opts.blocks))
+
+
+PERTURBATIVE = Perturbative()
+
+
+#: ``solve_perturbative(net, data, train, *, seed=None, throw=True, progress=None, **options)``
+solve_perturbative = PERTURBATIVE
+
+
+def _expand(net, data, train, seed, samples, blocks) -> Solution:
+    """The expansion proper (engines :mod:`solvers.perturbative`, :mod:`solvers.static`)."""
     L, P, T = net.depth, data.P, train.steps
     n = data.P + data.Q
     kx = data.kx
@@ -137,16 +160,11 @@ def solve_perturbative(net: MLP, data: Dataset, train: GradientDescent, *, seed=
     sol = Solution(
         net=net, data=data, train=train, method="perturbative", t=train.times,
         train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
-        ntk=val["ntk"], phi=val["phi"], g=val["g"], A=None, B=None, converged=True,
-        iterations=0, residuals=np.zeros(0), stderr=stderr,
-        seed=int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        else None,
-        elapsed=time.perf_counter() - start, options=opts,
+        ntk=val["ntk"], phi=val["phi"], g=val["g"], A=None, B=None, iterations=0,
+        stderr=stderr, seed=int(seed) if isinstance(seed, numbers.Integral) else None,
+        options=opts,
         extras={"f0": ex["f0"], "f2": ex["f2"], "ntk2": ex["ntk2"], "delta0": ex["delta0"]})
     if not all(np.all(np.isfinite(x)) for x in (f, val["ntk"])):
-        sol.converged = False
-        msg = (f"method='perturbative' produced non-finite values (lr = {train.lr:g}); the "
-               f"lazy dynamics are unstable, reduce lr")
-        if throw:
-            raise ConvergenceError(msg, result=sol)
+        sol.fail("diverged", f"method='perturbative' produced non-finite values (lr = "
+                             f"{train.lr:g}); the lazy dynamics are unstable, reduce lr")
     return sol

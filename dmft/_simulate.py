@@ -1,4 +1,6 @@
-"""``dmft.simulate``: finite-width networks trained in the package's convention (THEORY.md §1).
+"""``dmft.simulate``: finite-width networks trained in the package's convention.
+
+Convention: docs/theory.rst §1.
 
 An adapter: validates the options, turns the specs into arrays, trains one network per seed
 with the engine :mod:`solvers.network` and collects the trajectories in an
@@ -6,21 +8,22 @@ with the engine :mod:`solvers.network` and collects the trajectories in an
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from solvers import network
 
-from ._progress import progress_bar
+from ._method import Method, Options, Run, boolean, option, positive_int
 from .results import ConvergenceError, Ensemble
-from .specs import MLP, Dataset, GradientDescent, check_positive_int
+from .specs import MLP, Dataset, GradientDescent
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "SimulateOptions", "SIMULATE"]
 
 
-def _check_seeds(seeds) -> np.ndarray:
+def _check_seeds(name, seeds) -> np.ndarray:
     hint = "pass e.g. seeds=range(16) or seeds=[0, 1, 2]"
     if isinstance(seeds, (str, bytes)) or isinstance(seeds, numbers.Number) or \
             (isinstance(seeds, np.ndarray) and seeds.ndim != 1):
@@ -43,10 +46,111 @@ def _check_seeds(seeds) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class SimulateOptions(Options):
+    """Options of :func:`simulate`."""
+
+    width: int = option(None, positive_int(" (the number of hidden units per layer, e.g. "
+                                           "width=1024)"), "N, the hidden-layer width")
+    seeds: object = option(None, _check_seeds, "one network per seed")
+    record_kernels: bool = option(False, boolean(), "record the two-time kernels")
+    center: bool = option(False, boolean(), "train the centred model f - f(theta_0)")
+
+
+class Simulate(Method):
+    """The finite-width adapter behind :func:`simulate` (no ``seed``: ``seeds``)."""
+
+    name = "simulate"
+    description = "finite-width networks trained in the package's convention, one per seed"
+    Options = SimulateOptions
+    label = "simulate"
+
+    def unknown_error(self, unknown):
+        extra = ""
+        if "seed" in unknown:
+            extra = " (simulate takes seeds=..., an iterable with one seed per network)"
+        return ValueError(f"unknown option(s) {unknown} for simulate{extra}; known options: "
+                          f"{', '.join(self.Options.names())}, progress, throw")
+
+    def __call__(self, net, data, train, *, throw: bool = True, progress=None, **options):
+        opts = self.parse_options(options)
+        for f in dataclasses.fields(opts)[:2]:   # width and seeds are required: None fails
+            if getattr(opts, f.name) is None:
+                f.metadata["check"](f.name, None)
+        ctx = Run(self.label, None, progress)
+        return self.finish(ctx, self.run(ctx, net, data, train, opts=opts, throw=throw), throw)
+
+    def run(self, ctx, net: MLP, data: Dataset, train: GradientDescent, *,
+            opts: SimulateOptions, throw: bool = True) -> Ensemble:
+        if train.gamma0 <= 0:
+            raise ValueError(
+                "gamma0 must be > 0 to simulate a network: the mean-field output scale "
+                "1/(gamma0 N) is undefined at gamma0 = 0; use a small gamma0 (e.g. 1e-3) for "
+                "the lazy regime, or method='static' in dmft.solve for the gamma0 -> 0 limit")
+        width, seeds = opts.width, opts.seeds
+        record_kernels, center = opts.record_kernels, opts.center
+        X = np.ascontiguousarray(data.X)
+        y = np.array(data.y_train)
+        P, Q, L, T = data.P, data.Q, net.depth, train.steps
+        n = P + Q
+        S = seeds.size
+        preds = np.empty((S, T + 1, n))
+        ntk = np.empty((S, T + 1, n, n))
+        f0 = np.empty((S, n))
+        phi = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
+        g = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
+
+        diverged = []
+        bar = ctx.bar(S, "simulate", unit="net")
+        try:
+            for i, seed in enumerate(seeds):
+                rng = np.random.default_rng(int(seed))
+                weights = network.Weights.draw(rng, data.D, width, L)
+                try:
+                    res = network.train(X, y, weights, activation=net.activation,
+                                        gamma0=train.gamma0, lr=train.lr, steps=T,
+                                        record_kernels=bool(record_kernels), center=bool(center),
+                                        fold_at_end=False)
+                except FloatingPointError as exc:
+                    if throw:
+                        raise ConvergenceError(f"simulate: the network with seed {int(seed)} "
+                                               f"diverged: {exc}") from exc
+                    diverged.append(int(seed))
+                    for arr in (preds, ntk, f0, phi, g):
+                        if arr is not None:
+                            arr[i] = np.nan
+                    bar.update(1)
+                    continue
+                del weights
+                preds[i] = res["predictions"]
+                ntk[i] = res["ntk"]
+                f0[i] = res["f0"]
+                if record_kernels:
+                    phi[i] = res["phi"]
+                    g[i] = res["g"]
+                bar.update(1)
+        finally:
+            bar.close()
+
+        options = {"record_kernels": bool(record_kernels), "center": bool(center),
+                   "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64"}
+        extras = {"f0": f0} if center else {}
+        ens = Ensemble(net=net, data=data, train=train, width=int(width), seeds=seeds,
+                       t=train.times, train_predictions=preds[:, :, :P].copy(),
+                       test_predictions=preds[:, :, P:].copy(), ntk=ntk, phi=phi, g=g,
+                       center=bool(center), options=options, extras=extras)
+        if diverged:
+            ens.fail("diverged", f"simulate: the networks with seeds {diverged} diverged (their "
+                                 f"rows are NaN); reduce lr or gamma0")
+        return ens
+
+
+SIMULATE = Simulate()
+
+
 def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
-             record_kernels: bool = False, center: bool = False, progress=None,
-             **unknown) -> Ensemble:
-    """Train finite-width networks, one per seed, exactly in the convention of THEORY.md §1.
+             throw: bool = True, progress=None, **options) -> Ensemble:
+    """Train finite-width networks, one per seed, exactly in the convention of docs/theory.rst §1.
 
     Each network has all weights i.i.d. N(0, 1) drawn from ``numpy.random.default_rng(seed)``
     (order W^0, W^1 .. W^{L-1}, w), mean-field output f = w . phi(h^L) / (gamma0 N), and is
@@ -71,6 +175,10 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
         shape (S, P+Q)). Gradients are unchanged.
     progress : bool or None
         Progress bar over seeds (None: only on a terminal).
+    throw : bool
+        If True (default) a diverging network raises :class:`~dmft.results.ConvergenceError`;
+        if False its rows are NaN and the Ensemble has ``converged=False``,
+        ``status="diverged"`` and a ``message`` naming the seeds.
 
     Returns
     -------
@@ -94,67 +202,7 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
     ValueError
         Bad width, seeds, gamma0 = 0 or unknown options.
     ConvergenceError
-        A network diverged (non-finite output); reduce ``lr`` or ``gamma0``.
+        A network diverged (non-finite output; ``throw=True``); reduce ``lr`` or ``gamma0``.
     """
-    if unknown:
-        extra = ""
-        if "seed" in unknown:
-            extra = " (simulate takes seeds=..., an iterable with one seed per network)"
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for simulate{extra}; known "
-                         f"options: width, seeds, record_kernels, center, progress")
-    width = check_positive_int("width", width, " (the number of hidden units per layer, "
-                               "e.g. width=1024)")
-    seeds = _check_seeds(seeds)
-    if train.gamma0 <= 0:
-        raise ValueError(
-            "gamma0 must be > 0 to simulate a network: the mean-field output scale "
-            "1/(gamma0 N) is undefined at gamma0 = 0; use a small gamma0 (e.g. 1e-3) for the "
-            "lazy regime, or method='static' in dmft.solve for the gamma0 -> 0 limit")
-    for name, val in (("record_kernels", record_kernels), ("center", center)):
-        if not isinstance(val, (bool, np.bool_)):
-            raise ValueError(f"{name} must be True or False, got {val!r}")
-
-    X = np.ascontiguousarray(data.X)
-    y = np.array(data.y_train)
-    P, Q, L, T = data.P, data.Q, net.depth, train.steps
-    n = P + Q
-    S = seeds.size
-    preds = np.empty((S, T + 1, n))
-    ntk = np.empty((S, T + 1, n, n))
-    f0 = np.empty((S, n))
-    phi = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
-    g = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
-
-    start = time.perf_counter()
-    bar = progress_bar(S, "simulate", progress, unit="net")
-    try:
-        for i, seed in enumerate(seeds):
-            rng = np.random.default_rng(int(seed))
-            weights = network.Weights.draw(rng, data.D, width, L)
-            try:
-                res = network.train(X, y, weights, activation=net.activation,
-                                    gamma0=train.gamma0, lr=train.lr, steps=T,
-                                    record_kernels=bool(record_kernels), center=bool(center),
-                                    fold_at_end=False)
-            except FloatingPointError as exc:
-                raise ConvergenceError(f"simulate: the network with seed {int(seed)} "
-                                       f"diverged: {exc}") from exc
-            del weights
-            preds[i] = res["predictions"]
-            ntk[i] = res["ntk"]
-            f0[i] = res["f0"]
-            if record_kernels:
-                phi[i] = res["phi"]
-                g[i] = res["g"]
-            bar.update(1)
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - start
-
-    options = {"record_kernels": bool(record_kernels), "center": bool(center),
-               "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64"}
-    extras = {"f0": f0} if center else {}
-    return Ensemble(net=net, data=data, train=train, width=int(width), seeds=seeds,
-                    t=train.times, train_predictions=preds[:, :, :P].copy(),
-                    test_predictions=preds[:, :, P:].copy(), ntk=ntk, phi=phi, g=g,
-                    center=bool(center), elapsed=elapsed, options=options, extras=extras)
+    return SIMULATE(net, data, train, width=width, seeds=seeds, throw=throw,
+                    progress=progress, **options)

@@ -1,4 +1,4 @@
-"""``method="static"``: kernels frozen at their t = 0 infinite-width values (THEORY.md §4).
+"""``method="static"``: kernels frozen at their t = 0 infinite-width values (docs/theory.rst §4).
 
 The lazy / static-NTK baseline: the NNGP recursion gives Phi^l and G^l at t = 0, the NTK
 K = sum_l G^{l+1} * Phi^l, and the predictions follow f(t+1) = f(t) + lr K Delta(t) exactly
@@ -7,23 +7,41 @@ the lazy limit itself, is allowed) and is deterministic (``seed`` is only record
 """
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from solvers import static as _engine
 
+from ._method import Method, Options, option
 from .results import ConvergenceError, Solution
-from .specs import MLP, Dataset, GradientDescent
-
-__all__ = ["solve_static"]
-
-_OPTIONS = ("quad_order", "quad_tol")
 
 
-def solve_static(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
-                 throw: bool = True, quad_order: int | None = None,
-                 quad_tol: float = 1e-12, **options) -> Solution:
+__all__ = ["solve_static", "StaticOptions", "STATIC"]
+
+
+def _quad_order(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+        raise ValueError(f"{name} must be an integer >= 2 (quadrature nodes per axis) or "
+                         f"None for automatic, got {value!r}")
+    return int(value)
+
+
+def _quad_tol(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class StaticOptions(Options):
+    """Options of ``method="static"`` (see :func:`solve_static`)."""
+
+    quad_order: int | None = option(None, _quad_order, "quadrature nodes per axis (tanh)")
+    quad_tol: float = option(1e-12, _quad_tol, "target error of the automatic quadrature")
+
+
+class Static(Method, name="static", options=StaticOptions):
     """Frozen-kernel (static NTK / NNGP) solution of the training dynamics.
 
     Parameters
@@ -34,9 +52,9 @@ def solve_static(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
         Recorded for provenance only: the method draws no random numbers.
     throw : bool
         If True, an unstable learning rate (lr > 2 / lambda_max(K_train), so that
-        |1 - lr lambda_max| > 1 and the error grows geometrically) raises
+        ``|1 - lr lambda_max| > 1`` and the error grows geometrically) raises
         :class:`~dmft.results.ConvergenceError`; if False the (diverging) trajectory is
-        returned with ``converged=False``.
+        returned with ``converged=False`` and ``status="diverged"``.
     quad_order : int, optional
         Quadrature nodes per axis for activations without closed-form Gaussian
         expectations (tanh); default: chosen from the largest variance so that the error
@@ -53,63 +71,55 @@ def solve_static(net: MLP, data: Dataset, train: GradientDescent, *, seed=None,
         ``ntk_eigvals`` (P,) the eigenvalues of K on the training points (the largest stable
         lr is 2 / their maximum).
     """
-    if options:
-        raise ValueError(f"unknown option(s) for method='static': {sorted(options)}; "
-                         f"the static method accepts {list(_OPTIONS)}")
-    if quad_order is not None and (isinstance(quad_order, bool)
-                                   or not isinstance(quad_order, (int, np.integer))
-                                   or quad_order < 2):
-        raise ValueError(f"quad_order must be an integer >= 2 (quadrature nodes per axis) or "
-                         f"None for automatic, got {quad_order!r}")
-    if isinstance(quad_tol, bool) or not isinstance(quad_tol, (int, float)) \
-            or not 0 < quad_tol < 1:
-        raise ValueError(f"quad_tol must be a number in (0, 1), got {quad_tol!r}")
-    start = time.perf_counter()
-    L, P, n, T = net.depth, data.P, data.P + data.Q, train.steps
 
-    quad = {"tol": float(quad_tol)}
-    if quad_order is not None:
-        quad["order"] = int(quad_order)
-    try:
-        kern = _engine.static_kernels(net.activation, data.kx, L, **quad)
-    except (ValueError, FloatingPointError) as exc:
-        raise ConvergenceError(f"static kernels could not be computed: {exc}") from exc
-    K = kern["ntk"]
-    if not np.all(np.isfinite(K)):
-        raise ConvergenceError("the static NTK is not finite (overflow in the kernel "
-                               "recursion); rescale the inputs X")
+    description = "frozen kernels at their t = 0 infinite-width values (static NTK / NNGP)"
 
-    eig = np.linalg.eigvalsh(K[:P, :P])
-    lr_max = 2.0 / eig.max() if eig.max() > 0 else np.inf
-    stable = train.lr <= lr_max
-    f = _engine.frozen_dynamics(K, data.y_train, train.lr, T)
+    def run(self, ctx, net, data, train, *, opts) -> Solution:
+        L, P, n, T = net.depth, data.P, data.P + data.Q, train.steps
+        quad = {"tol": opts.quad_tol}
+        if opts.quad_order is not None:
+            quad["order"] = opts.quad_order
+        try:
+            kern = _engine.static_kernels(net.activation, data.kx, L, **quad)
+        except (ValueError, FloatingPointError) as exc:
+            raise ConvergenceError(f"static kernels could not be computed: {exc}") from exc
+        K = kern["ntk"]
+        if not np.all(np.isfinite(K)):
+            raise ConvergenceError("the static NTK is not finite (overflow in the kernel "
+                                   "recursion); rescale the inputs X")
 
-    # real arrays, constant in (t, s): later code may write into them
-    phi = np.empty((L, T + 1, T + 1, n, n))
-    phi[...] = kern["phi"][:, None, None]
-    g = np.empty_like(phi)
-    g[...] = kern["g"][:, None, None]
-    ntk = np.empty((T + 1, n, n))
-    ntk[...] = K
+        eig = np.linalg.eigvalsh(K[:P, :P])
+        lr_max = 2.0 / eig.max() if eig.max() > 0 else np.inf
+        f = _engine.frozen_dynamics(K, data.y_train, train.lr, T)
 
-    sol = Solution(
-        net=net, data=data, train=train, method="static", t=train.times,
-        train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
-        ntk=ntk, phi=phi, g=g, A=None, B=None, converged=bool(stable), iterations=0,
-        residuals=np.zeros(0), stderr={}, seed=int(seed) if isinstance(seed, (int, np.integer))
-        else None, elapsed=time.perf_counter() - start,
-        options={"quad_order": None if quad_order is None else int(quad_order),
-                 "quad_tol": float(quad_tol)},
-        extras={"kx": kern["kx"], "gdot": kern["gdot"], "ntk_eigvals": eig})
-    if not stable:
-        msg = (f"lr = {train.lr:g} is unstable for the frozen NTK: lambda_max(K_train) = "
-               f"{eig.max():.6g} gives |1 - lr lambda_max| = {abs(1 - train.lr * eig.max()):.4g}"
-               f" > 1, so the training error grows geometrically; the largest stable learning "
-               f"rate is 2 / lambda_max = {lr_max:.6g}")
-        if throw:
-            raise ConvergenceError(msg, result=sol)
+        # real arrays, constant in (t, s): later code may write into them
+        phi = np.empty((L, T + 1, T + 1, n, n))
+        phi[...] = kern["phi"][:, None, None]
+        g = np.empty_like(phi)
+        g[...] = kern["g"][:, None, None]
+        ntk = np.empty((T + 1, n, n))
+        ntk[...] = K
+
+        sol = Solution(
+            net=net, data=data, train=train, method="static", t=train.times,
+            train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+            ntk=ntk, phi=phi, g=g, iterations=0, seed=ctx.seed_int,
+            options={"quad_order": opts.quad_order, "quad_tol": opts.quad_tol},
+            extras={"kx": kern["kx"], "gdot": kern["gdot"], "ntk_eigvals": eig})
+        if train.lr > lr_max:
+            return sol.fail("diverged", (
+                f"lr = {train.lr:g} is unstable for the frozen NTK: lambda_max(K_train) = "
+                f"{eig.max():.6g} gives |1 - lr lambda_max| = "
+                f"{abs(1 - train.lr * eig.max()):.4g} > 1, so the training error grows "
+                f"geometrically; the largest stable learning rate is 2 / lambda_max = "
+                f"{lr_max:.6g}"))
+        if not np.all(np.isfinite(f)):
+            return sol.fail("diverged", "non-finite predictions in the frozen-kernel dynamics")
         return sol
-    if not np.all(np.isfinite(f)):
-        raise ConvergenceError("non-finite predictions in the frozen-kernel dynamics",
-                               result=sol)
-    return sol
+
+
+STATIC = Static()
+
+
+#: ``solve_static(net, data, train, *, seed=None, throw=True, progress=None, **options)``
+solve_static = STATIC

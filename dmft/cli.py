@@ -37,7 +37,7 @@ def demo(outdir=".", *, quick=False, progress=None, log=_say) -> dict:
     ``demo_static.h5``, ``demo_width{N}.h5`` (Ensembles), ``demo.png`` (the comparison figure).
     """
     import dmft
-    from .config import accepts_progress, teacher_student
+    from .config import teacher_student
     from .plotting import compare
 
     cfg = DEMO_QUICK if quick else DEMO
@@ -58,22 +58,15 @@ def demo(outdir=".", *, quick=False, progress=None, log=_say) -> dict:
     log(f"  static NTK        {time.perf_counter() - start:6.2f} s  final train loss "
         f"{static.train_loss[-1]:.4g}, test loss {static.test_loss[-1]:.4g}")
 
-    main_sol = static
     start = time.perf_counter()
-    try:
-        extra = {"progress": progress} if accepts_progress("mc", net) else {}
-        sol = dmft.solve(net, data, train, method="mc", samples=cfg["samples"],
-                         seed=cfg["solve_seed"], **extra)
-    except NotImplementedError as exc:
-        log(f"  DMFT (mc)         skipped: {exc}")
-    else:
-        curves["DMFT (mc)"] = sol
-        main_sol = sol
-        log(f"  DMFT (mc)         {time.perf_counter() - start:6.2f} s  final train loss "
-            f"{sol.train_loss[-1]:.4g}, test loss {sol.test_loss[-1]:.4g}  "
-            f"({cfg['samples']} samples, converged={sol.converged})")
+    sol = dmft.solve(net, data, train, method="mc", samples=cfg["samples"],
+                     seed=cfg["solve_seed"], progress=progress)
+    curves["DMFT (mc)"] = sol
+    log(f"  DMFT (mc)         {time.perf_counter() - start:6.2f} s  final train loss "
+        f"{sol.train_loss[-1]:.4g}, test loss {sol.test_loss[-1]:.4g}  "
+        f"({cfg['samples']} samples, converged={sol.converged})")
     files["solution"] = os.path.join(outdir, "demo.h5")
-    main_sol.save(files["solution"])
+    sol.save(files["solution"])
 
     for width in cfg["widths"]:
         start = time.perf_counter()
@@ -131,14 +124,9 @@ def _cmd_plot(args):
 
 
 def _cmd_methods(args):
-    from .api import METHODS, _method_function
-    for name, (_, _, description) in METHODS.items():
-        try:
-            _method_function(name)
-            status = ""
-        except NotImplementedError:
-            status = "  [not available in this installation]"
-        print(f"{name:14s}{description}{status}")
+    from .api import METHODS
+    for name in METHODS:
+        print(f"{name:14s}{METHODS[name].description}")
     return 0
 
 

@@ -38,8 +38,11 @@ The library itself takes no free-form dicts; ``dmft run CONFIG.toml`` reads a fi
     # method = "propagator"   # options of dmft.fluctuations; the file then holds a
                               # Fluctuations (with the solution nested)
 
-Unknown sections or keys raise ``ValueError`` naming them (method options are checked by the
-method itself).
+Unknown sections or keys raise ``ValueError`` naming them. The keys of [solve], [simulate] and
+[fluctuations] are the fields of the method's options dataclass (``dmft.METHODS[method].Options``,
+:class:`dmft._simulate.SimulateOptions`, :class:`dmft._fluctuations.FluctuationOptions`), plus
+``seed`` / ``throw`` (and ``method``); their values are validated by that dataclass when the
+file is read.
 """
 from __future__ import annotations
 
@@ -63,7 +66,8 @@ _NET_KEYS = ("depth", "activation")
 _TRAIN_KEYS = ("gamma0", "lr", "steps", "loss")
 _GENERATOR_KEYS = ("generator", "P", "Q", "D", "seed", "teacher_width", "noise")
 _FILE_KEYS = ("X_train", "y_train", "X_test", "y_test")
-_SIMULATE_KEYS = ("width", "seeds", "record_kernels", "center")
+#: keys every method takes besides its options (the adapter skeleton's keywords)
+_COMMON_KEYS = ("seed", "throw", "progress")
 _GENERATORS = ("teacher_student",)
 
 
@@ -216,18 +220,46 @@ def parse_config(cfg: dict, base_dir: str = ".", source: str = "") -> RunConfig:
         if fl_t is not None:
             raise ValueError("[fluctuations] needs a [solve] section (it expands an "
                              "infinite-width solution), not [simulate]")
-        _unknown("simulate", sim_t, _SIMULATE_KEYS)
+        from ._simulate import SIMULATE, SimulateOptions
+        _unknown("simulate", sim_t, (*SimulateOptions.names(), "throw"))
         if "width" not in sim_t:
             raise ValueError("[simulate] needs width = N (the hidden-layer width)")
         options = dict(sim_t)
         options["seeds"] = _parse_seeds(sim_t.get("seeds", 16))
+        _check_options(SIMULATE, options)
         return RunConfig(net, data, train, "simulate", options, None, source)
     options = dict(solve_t)
     options.setdefault("method", "auto")
     if not isinstance(options["method"], str):
         raise ValueError(f"solve.method must be a string, got {options['method']!r}")
+    adapter = _solve_adapter(options["method"], net)
+    if adapter is not None:
+        _check_options(adapter, options)
+    if fl_t is not None:
+        from ._fluctuations import FLUCTUATION_METHODS
+        _check_options(FLUCTUATION_METHODS["auto"], fl_t)
     return RunConfig(net, data, train, "solve", options,
                      dict(fl_t) if fl_t is not None else None, source)
+
+
+def _lookup(method, net):
+    """The adapter behind ``method`` ("auto" resolved), or None if it is unknown or missing."""
+    from . import api
+    if method == "auto":
+        method = "linear" if net.linear else "mc"
+    return api.METHODS.get(method)
+
+
+def _solve_adapter(method, net):
+    """The adapter of ``method`` (None for an unknown method: reported when run)."""
+    return _lookup(method, net)
+
+
+def _check_options(adapter, table):
+    """Validate a section's keys and values with the adapter's options dataclass (the
+    messages of ``dmft.solve`` / ``dmft.fluctuations``)."""
+    adapter.parse_options({k: v for k, v in table.items()
+                           if k not in ("method", *_COMMON_KEYS)})
 
 
 def load_config(path) -> RunConfig:
@@ -246,21 +278,6 @@ def load_config(path) -> RunConfig:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def accepts_progress(method: str, net: MLP) -> bool:
-    """Whether the adapter behind ``method`` takes a ``progress`` keyword (not all do)."""
-    import inspect
-    from . import api
-    if method == "auto":
-        method = "linear" if net.linear else "mc"
-    if method not in api.METHODS:
-        return False
-    try:
-        fn = api._method_function(method)
-    except NotImplementedError:
-        return False
-    return "progress" in inspect.signature(fn).parameters
-
-
 def run(config: RunConfig, *, progress=None):
     """Execute a configuration: a Solution, an Ensemble or (with [fluctuations]) Fluctuations."""
     from . import api
@@ -269,8 +286,7 @@ def run(config: RunConfig, *, progress=None):
                             **config.options)
     opts = dict(config.options)
     method = opts.pop("method")
-    if progress is not None and "progress" not in opts and accepts_progress(method,
-                                                                             config.net):
+    if progress is not None and "progress" not in opts:
         opts["progress"] = progress
     sol = api.solve(config.net, config.data, config.train, method=method, **opts)
     if config.fluctuations is not None:

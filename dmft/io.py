@@ -12,8 +12,11 @@ Root attributes
     "Fluctuations"), ``method``, ``created`` (ISO 8601, UTC), ``seed`` (when an int), and the
     full specification: ``spec`` / ``net`` / ``train`` / ``options`` / ``meta`` as JSON strings,
     plus flat copies for quick inspection (``net_depth``, ``net_activation``, ``train_gamma0``,
-    ``train_lr``, ``train_steps``, ``train_loss``, ``width`` ...). Flat copies are informative
-    only; ``load`` reads the JSON.
+    ``train_lr``, ``train_steps``, ``train_loss``, ``width``, ``status`` ...). Flat copies are
+    informative only; ``load`` reads the JSON. ``meta`` holds ``converged``, ``status`` and
+    ``message`` of every kind of result; files written before ``status`` / ``message``
+    existed load with ``status`` derived from ``converged`` and the status's default
+    message (:data:`dmft.results.STATUSES`).
 Root datasets
     Every array field (``t``, ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``,
     ``g``, ``A``, ``B``, ``residuals``; Ensemble: with a leading ``seed`` axis; Fluctuations:
@@ -41,7 +44,6 @@ applies the functions registered in :data:`MIGRATIONS` to read files of older sc
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import tempfile
 from typing import Callable
@@ -49,6 +51,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from ._json import get_json as _get_json, put_json as _put_json
 from ._version import __version__
 from .results import DIMS, Ensemble, Fluctuations, Solution
 from .specs import MLP, Dataset, GradientDescent
@@ -113,96 +116,6 @@ def register_migration(from_version: int):
         MIGRATIONS[int(from_version)] = fn
         return fn
     return deco
-
-
-# ------------------------------------------------------------------------------------------
-# plain values <-> JSON (exact for bool / int / float incl. nan, inf / str / None / tuple)
-# ------------------------------------------------------------------------------------------
-def _to_jsonable(value, where):
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    if isinstance(value, np.random.SeedSequence):
-        return {"__seedsequence__": {"entropy": _to_jsonable(value.entropy, where),
-                                     "spawn_key": list(value.spawn_key),
-                                     "pool_size": int(value.pool_size)}}
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biufU":
-            raise ValueError(f"{where}: cannot store an array of dtype {value.dtype}; "
-                             f"convert it to a numeric array")
-        return {"__ndarray__": value.tolist(), "dtype": value.dtype.str,
-                "shape": list(value.shape)}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_to_jsonable(v, where) for v in value]}
-    if isinstance(value, (list, range)):
-        return [_to_jsonable(v, where) for v in value]
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: dict keys must be strings to be saved, got {k!r}")
-            if k.startswith("__"):
-                raise ValueError(f"{where}: dict keys may not start with '__' (reserved), "
-                                 f"got {k!r}")
-            out[k] = _to_jsonable(v, f"{where}[{k!r}]")
-        return out
-    raise ValueError(f"{where}: cannot save a value of type {type(value).__name__} "
-                     f"({value!r}); use numbers, strings, booleans, None, lists, dicts or "
-                     f"NumPy arrays")
-
-
-def _from_jsonable(obj):
-    if isinstance(obj, list):
-        return [_from_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        if "__tuple__" in obj:
-            return tuple(_from_jsonable(v) for v in obj["__tuple__"])
-        if "__ndarray__" in obj:
-            return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
-        if "__seedsequence__" in obj:
-            d = obj["__seedsequence__"]
-            return np.random.SeedSequence(_from_jsonable(d["entropy"]),
-                                          spawn_key=tuple(d["spawn_key"]),
-                                          pool_size=d["pool_size"])
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    return obj
-
-
-def _dumps(value, where) -> str:
-    return json.dumps(_to_jsonable(value, where), allow_nan=True)
-
-
-def _loads(text):
-    return _from_jsonable(json.loads(text))
-
-
-#: HDF5 object headers hold at most 64 KiB of attributes; longer JSON goes to a dataset
-_MAX_ATTR_BYTES = 32768
-
-
-def _put_json(group, name, value, where):
-    """Store ``value`` as JSON text in attribute ``name`` (or dataset ``__name`` when long)."""
-    text = _dumps(value, where)
-    if len(text.encode("utf-8")) <= _MAX_ATTR_BYTES:
-        group.attrs[name] = text
-    else:
-        group.create_dataset("__" + name, data=text, dtype=h5py.string_dtype("utf-8"))
-
-
-def _get_json(tree, name, default="null"):
-    if name in tree["attrs"]:
-        text = tree["attrs"][name]
-    elif "__" + name in tree["datasets"]:
-        text = tree["datasets"]["__" + name][()]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-    else:
-        text = default
-    return _loads(text)
 
 
 # ------------------------------------------------------------------------------------------
@@ -334,12 +247,19 @@ def _write_spec_attrs(group, result, kind):
     a["train_steps"] = train.steps
     a["train_loss"] = train.loss
     a["elapsed"] = float(result.elapsed)
+    a["status"] = str(result.status)
+
+
+def _status(result) -> dict:
+    """``converged``, ``status`` and ``message`` of a result (stored in ``meta``)."""
+    return {"converged": bool(result.converged), "status": result.status,
+            "message": result.message}
 
 
 def _write_solution(group, sol: Solution, compression):
     _write_spec_attrs(group, sol, "Solution")
     meta = {"method": sol.method, "converged": sol.converged, "iterations": sol.iterations,
-            "seed": sol.seed, "elapsed": sol.elapsed}
+            "seed": sol.seed, "elapsed": sol.elapsed, **_status(sol)}
     _put_json(group, "meta", meta, "Solution")
     group.attrs["converged"] = np.int8(bool(sol.converged))
     group.attrs["iterations"] = int(sol.iterations)
@@ -364,7 +284,7 @@ def _write_solution(group, sol: Solution, compression):
 
 def _write_ensemble(group, ens: Ensemble, compression):
     _write_spec_attrs(group, ens, "Ensemble")
-    meta = {"width": ens.width, "center": ens.center, "elapsed": ens.elapsed}
+    meta = {"width": ens.width, "center": ens.center, "elapsed": ens.elapsed, **_status(ens)}
     _put_json(group, "meta", meta, "Ensemble")
     group.attrs["width"] = int(ens.width)
     group.attrs["center"] = np.int8(bool(ens.center))
@@ -398,7 +318,7 @@ class _EnsembleExtraScales:
 
 def _write_fluctuations(group, fl: Fluctuations, compression):
     _write_spec_attrs(group, fl, "Fluctuations")
-    meta = {"method": fl.method, "center": fl.center, "elapsed": fl.elapsed}
+    meta = {"method": fl.method, "center": fl.center, "elapsed": fl.elapsed, **_status(fl)}
     _put_json(group, "meta", meta, "Fluctuations")
     group.attrs["center"] = np.int8(bool(fl.center))
     scales = _Scales(group, _coords(fl, np.asarray(fl.t)))
@@ -534,6 +454,13 @@ def _read_specs(tree):
     return net, train, _read_data(tree) if "data" in tree["groups"] else None
 
 
+def _read_status(meta) -> dict:
+    """Files written before results carried ``status`` / ``message`` get them from
+    ``converged`` (True where that is missing too)."""
+    return {"converged": bool(meta.get("converged", True)), "status": meta.get("status"),
+            "message": meta.get("message")}
+
+
 def _build_solution(tree) -> Solution:
     d = tree["datasets"]
     net, train, data = _read_specs(tree)
@@ -541,7 +468,7 @@ def _build_solution(tree) -> Solution:
     return Solution(net=net, data=data, train=train, method=meta["method"], t=d["t"],
                     train_predictions=d["train_predictions"],
                     test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d["phi"],
-                    g=d["g"], A=d.get("A"), B=d.get("B"), converged=meta["converged"],
+                    g=d["g"], A=d.get("A"), B=d.get("B"), **_read_status(meta),
                     iterations=meta["iterations"], residuals=d["residuals"],
                     stderr=_read_mapping(tree["groups"]["stderr"]), seed=meta["seed"],
                     elapsed=meta["elapsed"], options=_get_json(tree, "options"),
@@ -556,6 +483,7 @@ def _build_ensemble(tree) -> Ensemble:
                     t=d["t"], train_predictions=d["train_predictions"],
                     test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d.get("phi"),
                     g=d.get("g"), center=meta["center"], elapsed=meta["elapsed"],
+                    **_read_status(meta),
                     options=_get_json(tree, "options"),
                     extras=_read_mapping(tree["groups"]["extras"]))
 
@@ -565,7 +493,7 @@ def _build_fluctuations(tree) -> Fluctuations:
     meta = _get_json(tree, "meta")
     return Fluctuations(solution=_build_solution(tree["groups"]["solution"]),
                         prediction_cov=d["prediction_cov"], ntk_var=d["ntk_var"],
-                        center=meta["center"], method=meta["method"],
+                        center=meta["center"], method=meta["method"], **_read_status(meta),
                         stderr=_read_mapping(tree["groups"]["stderr"]),
                         elapsed=meta["elapsed"], options=_get_json(tree, "options"),
                         extras=_read_mapping(tree["groups"]["extras"]))

@@ -18,15 +18,22 @@ A, B                   (L-1, T+1, T+1, n, n) or None    responses A^l, B^l, l = 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .specs import MLP, Dataset, GradientDescent
 
-__all__ = ["Solution", "Ensemble", "Fluctuations", "ConvergenceError", "DIMS"]
+__all__ = ["Solution", "Ensemble", "Fluctuations", "ConvergenceError", "DIMS", "STATUSES"]
+
+#: ``result.status`` -> default ``result.message`` (see :mod:`dmft._method`):
+#: "converged" (finished, every check passed), "not_converged" (finished, a check failed:
+#: iteration limit, residual above tolerance), "diverged" (the dynamics blew up)
+STATUSES = {
+    "converged": "converged",
+    "not_converged": "did not converge",
+    "diverged": "diverged",
+}
 
 
 class ConvergenceError(RuntimeError):
@@ -63,18 +70,70 @@ def _loss(f, y):
     return 0.5 * np.sum((f - y) ** 2, axis=-1)
 
 
-@dataclass(eq=False)
-class Solution:
-    """Infinite-width (or frozen-kernel) solution of the training dynamics.
+class _Status:
+    """``converged``, ``status`` and ``message``, kept consistent (mixin of every result).
 
-    See the module docstring for field shapes. ``stderr`` maps field names to Monte Carlo
-    standard errors of the same shape (empty for deterministic methods). ``extras`` holds
-    method-specific arrays (e.g. ``"f_std"``); all arrays there are saved to HDF5 too.
+    A result built without ``status`` gets ``"converged"`` or ``"not_converged"`` from
+    ``converged``, and without ``message`` the status's default message.
     """
+
+    def _init_status(self):
+        if self.status is None:
+            self.status = "converged" if self.converged else "not_converged"
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {list(STATUSES)}, got {self.status!r}")
+        if self.message is None:
+            self.message = STATUSES[self.status]
+
+    def __post_init__(self):
+        self._init_status()
+
+    def fail(self, status: str, message: str):
+        """Mark the result as failed: ``converged=False`` with ``status`` and ``message``."""
+        if status not in STATUSES or status == "converged":
+            raise ValueError(f"a failure status is one of {list(STATUSES)[1:]}, got {status!r}")
+        self.converged, self.status, self.message = False, status, message
+        return self
+
+
+@dataclass(eq=False)
+class _Predictions(_Status):
+    """The specification, and losses and all-point predictions, for one solution
+    (T+1, ...) or a stack of networks (S, T+1, ...)."""
 
     net: MLP
     data: Dataset
     train: GradientDescent
+
+    @property
+    def train_loss(self) -> np.ndarray:
+        """Training loss sum_mu (f_mu - y_mu)^2 / 2, shape (T+1,), or (S, T+1) for an Ensemble."""
+        return _loss(self.train_predictions, self.data.y_train)
+
+    @property
+    def test_loss(self) -> np.ndarray | None:
+        """Test loss like ``train_loss``, or None without ``y_test``."""
+        if self.data.y_test is None:
+            return None
+        return _loss(self.test_predictions, self.data.y_test)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """Predictions on all points, train first, shape (T+1, P+Q), or (S, T+1, P+Q)."""
+        return np.concatenate([self.train_predictions, self.test_predictions], axis=-1)
+
+
+@dataclass(eq=False)
+class Solution(_Predictions):
+    """Infinite-width (or frozen-kernel) solution of the training dynamics.
+
+    Field shapes: the table in the module docstring (docs/results.rst). ``stderr`` maps field names to Monte Carlo
+    standard errors of the same shape (empty for deterministic methods). ``extras`` holds
+    method-specific arrays (e.g. ``"f_std"``); all arrays there are saved to HDF5 too.
+    ``converged``, ``status`` (``"converged"``, ``"not_converged"`` or ``"diverged"``) and
+    ``message`` say how the solver ended (:mod:`dmft._method`).
+    """
+
     method: str
     t: np.ndarray
     train_predictions: np.ndarray
@@ -92,25 +151,10 @@ class Solution:
     elapsed: float = 0.0
     options: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    status: str | None = None
+    message: str | None = None
 
     # derived -----------------------------------------------------------------------------
-    @property
-    def train_loss(self) -> np.ndarray:
-        """(T+1,) training loss sum_mu (f_mu - y_mu)^2 / 2."""
-        return _loss(self.train_predictions, self.data.y_train)
-
-    @property
-    def test_loss(self) -> np.ndarray | None:
-        """(T+1,) test loss, or None without ``y_test``."""
-        if self.data.y_test is None:
-            return None
-        return _loss(self.test_predictions, self.data.y_test)
-
-    @property
-    def predictions(self) -> np.ndarray:
-        """(T+1, P+Q) predictions on all points, train first."""
-        return np.concatenate([self.train_predictions, self.test_predictions], axis=1)
-
     @property
     def spec(self) -> dict:
         """The full specification as plain data (what HDF5 files store as attributes)."""
@@ -137,21 +181,20 @@ class Solution:
     def __repr__(self):
         return (f"Solution(method={self.method!r}, L={self.L}, P={self.P}, Q={self.Q}, "
                 f"T={self.train.steps}, gamma0={self.train.gamma0}, converged={self.converged}, "
-                f"iterations={self.iterations}, elapsed={self.elapsed:.2f}s)")
+                f"iterations={self.iterations}, status={self.status!r}, "
+                f"elapsed={self.elapsed:.2f}s)")
 
 
 @dataclass(eq=False)
-class Ensemble:
+class Ensemble(_Predictions):
     """Finite-width networks trained from ``len(seeds)`` random initialisations.
 
     Fields as in :class:`Solution` with a leading seed axis S: ``train_predictions``
     (S, T+1, P), ``test_predictions`` (S, T+1, Q), ``ntk`` (S, T+1, n, n) and, when recorded,
-    ``phi`` / ``g`` (S, L, T+1, T+1, n, n).
+    ``phi`` / ``g`` (S, L, T+1, T+1, n, n). ``converged`` is False (``status="diverged"``)
+    when a network diverged under ``simulate(..., throw=False)``; its rows are NaN.
     """
 
-    net: MLP
-    data: Dataset
-    train: GradientDescent
     width: int
     seeds: np.ndarray
     t: np.ndarray
@@ -164,25 +207,11 @@ class Ensemble:
     elapsed: float = 0.0
     options: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    converged: bool = True
+    status: str | None = None
+    message: str | None = None
 
     method = "simulate"
-
-    @property
-    def train_loss(self) -> np.ndarray:
-        """(S, T+1)."""
-        return _loss(self.train_predictions, self.data.y_train)
-
-    @property
-    def test_loss(self) -> np.ndarray | None:
-        """(S, T+1), or None without ``y_test``."""
-        if self.data.y_test is None:
-            return None
-        return _loss(self.test_predictions, self.data.y_test)
-
-    @property
-    def predictions(self) -> np.ndarray:
-        """(S, T+1, P+Q)."""
-        return np.concatenate([self.train_predictions, self.test_predictions], axis=2)
 
     @property
     def n_seeds(self) -> int:
@@ -194,35 +223,57 @@ class Ensemble:
                 "width": int(self.width), "center": bool(self.center),
                 "options": dict(self.options)}
 
-    def _summary(self, reduce) -> Solution:
+    def _summary(self, reduce, stderr_of) -> Solution:
+        """A Solution of per-field seed statistics ``reduce(a)`` with ``stderr_of(a)``."""
         S = self.n_seeds
-        def r(a):
-            return None if a is None else reduce(a)
-        def se(a):
-            if a is None or S < 2:
-                return None
-            return a.std(axis=0, ddof=1) / np.sqrt(S)
-        stderr = {k: se(getattr(self, k)) for k in
-                  ("train_predictions", "test_predictions", "ntk", "phi", "g")}
-        stderr = {k: v for k, v in stderr.items() if v is not None}
+        fields = ("train_predictions", "test_predictions", "ntk", "phi", "g")
+        stderr = {}
+        if S >= 2:
+            stderr = {k: stderr_of(getattr(self, k)) for k in fields
+                      if getattr(self, k) is not None}
         L, T1, n = self.net.depth, self.t.size, self.data.P + self.data.Q
         nan_k = np.full((L, T1, T1, n, n), np.nan)
         return Solution(net=self.net, data=self.data, train=self.train, method="simulate",
                         t=self.t, train_predictions=reduce(self.train_predictions),
                         test_predictions=reduce(self.test_predictions), ntk=reduce(self.ntk),
-                        phi=r(self.phi) if self.phi is not None else nan_k,
-                        g=r(self.g) if self.g is not None else nan_k.copy(),
+                        phi=reduce(self.phi) if self.phi is not None else nan_k,
+                        g=reduce(self.g) if self.g is not None else nan_k.copy(),
+                        converged=self.converged, status=self.status, message=self.message,
                         stderr=stderr, elapsed=self.elapsed,
                         options=dict(self.options, width=int(self.width),
                                      n_seeds=S, center=bool(self.center)))
 
     def mean(self) -> Solution:
-        """Seed average as a Solution (``stderr`` = standard error of the mean)."""
-        return self._summary(lambda a: a.mean(axis=0))
+        """Seed average as a Solution (``stderr`` = standard error of the mean, S >= 2)."""
+        S = self.n_seeds
+        return self._summary(lambda a: a.mean(axis=0),
+                             lambda a: a.std(axis=0, ddof=1) / np.sqrt(S))
 
     def var(self) -> Solution:
-        """Seed variance (ddof=1) as a Solution-shaped object. Multiply by ``width`` for N*Var."""
-        return self._summary(lambda a: a.var(axis=0, ddof=1))
+        """Seed variance (ddof=1) as a Solution-shaped object. Multiply by ``width`` for N*Var.
+
+        ``stderr`` is the standard error of the sample variance s^2, from the fourth central
+        moment m4 = mean_i (x_i - xbar)^4:  se(s^2)^2 = (m4 - (S-3)/(S-1) s^4) / S (the unbiased
+        large-S form of Var[s^2]; clipped at 0). For Gaussian data it is about
+        s^2 sqrt(2 / (S-1)).
+
+        Raises
+        ------
+        ValueError
+            With a single seed (S = 1), which has no sample variance.
+        """
+        S = self.n_seeds
+        if S < 2:
+            raise ValueError("Ensemble.var() needs at least 2 seeds (the sample variance of one "
+                             "network is undefined); simulate with more seeds, e.g. "
+                             "seeds=range(16)")
+
+        def se_var(a):
+            s2 = a.var(axis=0, ddof=1)
+            m4 = ((a - a.mean(axis=0)) ** 4).mean(axis=0)
+            return np.sqrt(np.maximum(m4 - (S - 3) / (S - 1) * s2 ** 2, 0.0) / S)
+
+        return self._summary(lambda a: a.var(axis=0, ddof=1), se_var)
 
     def save(self, path) -> None:
         from .io import save
@@ -235,12 +286,13 @@ class Ensemble:
 
 
 @dataclass(eq=False)
-class Fluctuations:
+class Fluctuations(_Status):
     """Leading-order finite-width fluctuations: N * Cov over initialisations as N -> infinity.
 
     ``prediction_cov`` (T+1, n, n): N Cov[f_mu(t), f_nu(t)] at equal times.
     ``ntk_var`` (T+1, n, n): N Var[K_mu,nu(t)] entrywise.
     ``extras``: further covariances (e.g. two-time prediction covariance, kernel covariances).
+    ``converged``, ``status``, ``message``: how the computation ended, as for a Solution.
     """
 
     solution: Solution
@@ -252,6 +304,9 @@ class Fluctuations:
     elapsed: float = 0.0
     options: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    converged: bool = True
+    status: str | None = None
+    message: str | None = None
 
     @property
     def t(self) -> np.ndarray:

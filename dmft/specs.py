@@ -1,7 +1,7 @@
 """Specification objects: the network, the data and the training procedure.
 
 All three are frozen, validated dataclasses (vary them with ``dataclasses.replace``).
-The one convention of the package (THEORY.md §1):
+The one convention of the package (docs/theory.rst §1):
 
     h^1_mu      = W^0 x_mu / sqrt(D)
     h^{l+1}_mu  = W^l phi(h^l_mu) / sqrt(N)          l = 1 .. L-1
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,42 +71,47 @@ class MLP:
         return {"depth": self.depth, "activation": self.activation}
 
 
-def _as_matrix(name, X):
+def _as_real(name, a, what):
+    """A float64 copy of ``a``; ``what`` (e.g. "a real (P, D) array") is what it must be."""
     try:
-        X = np.array(X, dtype=np.float64)
+        return np.array(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real (P, D) array: {exc}") from None
+        raise ValueError(f"{name} must be {what}: {exc}") from None
+
+
+def _finite_readonly(name, a):
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf; remove or impute those entries")
+    a.setflags(write=False)
+    return a
+
+
+def _as_matrix(name, X):
+    X = _as_real(name, X, "a real (P, D) array")
     if X.ndim == 1:
         raise ValueError(f"{name} must be 2-D with shape (points, input dimension), got shape "
                          f"{X.shape}; use X.reshape(-1, 1) for one feature or X[None] for one point")
     if X.ndim != 2 or X.shape[1] == 0:
         raise ValueError(f"{name} must be 2-D with shape (points, input dimension) and D >= 1, "
                          f"got shape {X.shape}")
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name} contains NaN or inf; remove or impute those entries")
-    X.setflags(write=False)
-    return X
+    return _finite_readonly(name, X)
 
 
 def _as_targets(name, y, P):
-    try:
-        y = np.array(y, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real array of shape ({P},): {exc}") from None
+    y = _as_real(name, y, f"a real array of shape ({P},)")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0].copy()
     if y.shape != (P,):
         raise ValueError(f"{name} must have shape ({P},) (one scalar target per point), got "
                          f"shape {y.shape}")
-    if not np.all(np.isfinite(y)):
-        raise ValueError(f"{name} contains NaN or inf; remove or impute those entries")
-    y.setflags(write=False)
-    return y
+    return _finite_readonly(name, y)
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """Training points (and optional passive test points).
+
+    Arrays are copied and made read-only. Kernel indices run over the P + Q points, train first.
 
     Parameters
     ----------
@@ -117,8 +122,6 @@ class Dataset:
         Test points: extra kernel indices with error signal zero (they never drive training).
     y_test : array (Q,), optional
         Test targets; only used for ``test_loss``.
-
-    Arrays are copied and made read-only. Kernel indices run over the P + Q points, train first.
     """
 
     X_train: np.ndarray
@@ -168,7 +171,7 @@ class Dataset:
 
     @property
     def X(self) -> np.ndarray:
-        """All inputs, train first: (P + Q, D)."""
+        """All inputs, train first, shape (P + Q, D)."""
         return np.concatenate([self.X_train, self.X_test], axis=0)
 
     @property

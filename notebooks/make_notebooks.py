@@ -13,8 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOKS = {
     "01_quickstart.ipynb": [
         ("md", "# dmft quickstart\n\nSolve the infinite-width training dynamics of a network "
-               "(DMFT, THEORY.md §2), compare with the static NTK and with finite networks, "
-               "save and load the result. Conventions: THEORY.md §1 (mean-field output scale, "
+               "(DMFT, docs/theory.rst §2), compare with the static NTK and with finite networks, "
+               "save and load the result. Conventions: docs/theory.rst §1 (mean-field output scale, "
                "`gamma0` = feature-learning strength)."),
         ("code", "QUICK = False  # the slow test sets QUICK = True (small sizes)"),
         ("code", "import numpy as np\nimport matplotlib.pyplot as plt\nimport dmft\n"
@@ -50,7 +50,7 @@ NOTEBOOKS = {
     ],
     "02_deep_linear.ipynb": [
         ("md", "# Deep linear networks\n\nThe DMFT of linear networks closes into matrix "
-               "equations (THEORY.md §3; `method='linear'`, exact and deterministic). As in the "
+               "equations (docs/theory.rst §3; `method='linear'`, exact and deterministic). As in the "
                "paper's Figs. 2-3: loss and kernel movement vs depth, and a `gamma0` sweep "
                "comparing the exact solution with the static NTK, the perturbative expansion "
                "(`method='perturbative'`, O(gamma0^2)) and the gradient-independence "
@@ -132,7 +132,7 @@ NOTEBOOKS = {
     ],
     "04_fluctuations.ipynb": [
         ("md", "# Finite-width fluctuations\n\n`dmft.fluctuations` gives N Cov of the "
-               "predictions at O(1/N) (THEORY.md §5; two-layer propagator). Here it is "
+               "predictions at O(1/N) (docs/theory.rst §5; two-layer propagator). Here it is "
                "compared with the variance over simulated networks, N Var f, at a few widths."),
         ("code", "QUICK = False  # the slow test sets QUICK = True (small sizes)"),
         ("code", "import numpy as np\nimport matplotlib.pyplot as plt\nimport dmft\n"

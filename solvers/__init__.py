@@ -7,12 +7,17 @@ toy inputs. Users normally call :func:`dmft.solve`, :func:`dmft.simulate` and
 
 Modules
 -------
-activations  phi, phi', phi'' for NumPy and Numba (integer codes)
-gaussian     two-point Gaussian expectations (closed forms, quadrature)
-static       NNGP / NTK recursions at t = 0 and frozen-kernel dynamics
-network      finite-width network simulator (BLAS)
-linear       deep linear DMFT: algebraic matrix equations
-mc           Monte Carlo field marching for nonlinear DMFT (Numba)
-fixedpoint   the one self-consistency loop (damping / Anderson mixing)
-stats        1/N extrapolation of ensemble means (tests, benchmarks)
+activations   phi, phi', phi'' for NumPy and Numba (integer codes)
+layout        flat <-> two-time kernels, causal masks, PSD and causal factorisations
+gaussian      two-point Gaussian expectations (closed forms, quadrature)
+static        NNGP / NTK recursions at t = 0 and frozen-kernel dynamics
+network       finite-width network simulator (BLAS)
+linear        deep linear DMFT: algebraic matrix equations
+mc            Monte Carlo DMFT (package): two-layer march, one layer's march, responses,
+              the iterative and the one-pass causal deep solvers
+fluct         O(1/N) fluctuations (package): two-layer propagator, lazy, linear-exact,
+              deep linear and deep sampled propagators
+perturbative  expansion in gamma0^2 around the lazy dynamics (package)
+fixedpoint    the one self-consistency loop (damping / Anderson mixing)
+stats         1/N extrapolation of ensemble means (tests, benchmarks)
 """

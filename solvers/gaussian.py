@@ -5,7 +5,7 @@ For a covariance matrix ``Sigma`` (n, n) and u ~ N(0, Sigma) this module compute
     M[mu, nu] = E[ phi^(a)(u_mu) phi^(b)(u_nu) ]          a, b in {0, 1, 2}
 
 where phi^(0) = phi, phi^(1) = phi', phi^(2) = phi''. These are the building blocks of the
-NNGP / NTK recursions at t = 0 (THEORY.md §4: Phi^l = E[phi phi^T], the derivative kernel
+NNGP / NTK recursions at t = 0 (docs/theory.rst §4: Phi^l = E[phi phi^T], the derivative kernel
 E[phi' phi'^T]) and of perturbation theory around them.
 
 Every entry depends only on the 2 x 2 covariance of (u_mu, u_nu): the variances s11, s22 and
@@ -41,10 +41,10 @@ quadrature (``method="quadrature"``), any smooth activation (tanh has no closed 
   ~190 nodes). :func:`auto_order` picks the node count from the largest variance and the
   derivative orders; ``rule="hermite"`` gives Gauss-Hermite for comparison.
 
-Degenerate covariances: |rho| = 1 (e.g. the diagonal mu = nu) and zero variances are handled
+Degenerate covariances: ``|rho| = 1`` (e.g. the diagonal mu = nu) and zero variances are handled
 without NaN. Conventions at the kink: relu'(0) = 0 (as :mod:`solvers.activations`); a delta
-at a point of zero variance, or E[delta(u1) delta(u2)] with |rho| = 1, is +inf; E[delta(u1)
-relu'(u2)] at |rho| = 1 takes its limit 1 / (2 sqrt(2 pi s11)).
+at a point of zero variance, or E[delta(u1) delta(u2)] with ``|rho| = 1``, is +inf; E[delta(u1)
+relu'(u2)] at ``|rho| = 1`` takes its limit 1 / (2 sqrt(2 pi s11)).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from . import activations as _act
 from ._jit import njit
 
 __all__ = ["expect", "expect_pairs", "expect1", "nngp", "derivative_kernel", "quad_rule",
-           "auto_order", "has_closed_form", "CLOSED_FORMS", "QUAD_HALF_WIDTH",
+           "auto_order", "CLOSED_FORMS", "QUAD_HALF_WIDTH",
            "MAX_AUTO_ORDER"]
 
 #: half-width of the trapezoidal grid in standard-normal units: the Gaussian tail beyond it
@@ -89,11 +89,6 @@ def _check_orders(orders):
         raise ValueError(f"orders must be a pair of derivative orders (a, b) with a, b in "
                          f"{_ORDERS}, got {orders!r}")
     return int(a), int(b)
-
-
-def has_closed_form(activation: str) -> bool:
-    """True if ``activation`` has closed forms for every pair of derivative orders."""
-    return activation in CLOSED_FORMS
 
 
 def _pair_geometry(s11, s22, s12):
@@ -409,7 +404,7 @@ def expect(activation: str, Sigma, orders=(0, 0), **kwargs) -> np.ndarray:
 
 
 def nngp(activation: str, Sigma, **kwargs) -> np.ndarray:
-    """E[phi(u) phi(u)^T], u ~ N(0, Sigma): the NNGP map Phi^{l-1} -> Phi^l (THEORY.md §4)."""
+    """E[phi(u) phi(u)^T], u ~ N(0, Sigma): the NNGP map Phi^{l-1} -> Phi^l (theory §4)."""
     return expect(activation, Sigma, (0, 0), **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Deep linear networks: the DMFT as closed matrix equations, solved exactly (THEORY.md §3).
+"""Deep linear networks: the DMFT as closed matrix equations, solved exactly (docs/theory.rst §3).
 
 For phi(h) = h every single-site field is Gaussian and linear in its sources, so the
 order parameters obey algebraic equations with no sampling. This engine solves them in exact
@@ -7,8 +7,8 @@ discrete time (gradient descent with step ``lr``) by marching forward in time, o
 is deterministic and exact up to rounding.
 
 Reduction used here (derived for this engine, checked against the literal full-index
-equations by :func:`reference_dense` and against simulated networks in the tests)
------------------------------------------------------------------------------------
+equations (tests/_reference.py) and against simulated networks in the tests)
+----------------------------------------------------------------------------
 For a single network output the backward fields do not depend on the data point:
 g^l_mu(t) = z^l(t) (the backward pass of a linear net never sees the input). Hence
 G^l_{mu nu}(t, s) = G^l(t, s) is a (T+1) x (T+1) object, the source r^l is one scalar process,
@@ -32,7 +32,7 @@ Woodbury, M = (I - gamma0^2 C D)^{-1} = I + gamma0^2 a d, so that
 
 (Phi^0 = K^x constant in time, G^{L+1} = 1, a^0 = 0, b^L = 0). Nothing of size
 (PT) x (PT) is ever inverted: the only inverse is the unit-triangular mt, built row by row.
-The full-index responses of THEORY.md §3 follow as A^l = C^l + gamma0^2 a^l (d^l C^l) and
+The full-index responses of docs/theory.rst §3 follow as A^l = C^l + gamma0^2 a^l (d^l C^l) and
 B^{l-1}_{mu alpha}(t, s) = b^{l-1}_alpha(t, s).
 
 Causality makes a time march exact: block row t of the backward quantities (d, mt, b, W, G)
@@ -47,7 +47,7 @@ Divergence and the largest stable gamma0
 ----------------------------------------
 (I - gamma0^2 C D) is unit block lower-triangular in discrete time, so it is never singular;
 instability shows up instead as growth of the trajectory at large gamma0 * lr (the NTK grows
-with gamma0 |y| while the step lr stays fixed; edge of stability: lr K > 2). The march stops
+with gamma0 ``|y|`` while the step lr stays fixed; edge of stability: lr K > 2). The march stops
 and reports ``diverged_at`` when the training loss exceeds ``divergence`` times its initial
 value or any value is not finite. :func:`max_stable_gamma0` defines the largest stable
 gamma0 operationally: the first gamma0 (scanning upward, then bisecting) at which T steps of
@@ -65,15 +65,10 @@ import math
 
 import numpy as np
 
-__all__ = ["march", "full_responses", "verify", "reference_dense", "whitened_reduction",
-           "max_stable_gamma0", "two_time"]
+from .layout import causal_mask, two_time
 
-
-def two_time(K, T1, n):
-    """Flat (..., T1 n, T1 n) kernel -> (..., T1, T1, n, n) (axes t, s, mu, nu)."""
-    lead = K.shape[:-2]
-    return np.ascontiguousarray(
-        np.moveaxis(K.reshape(*lead, T1, n, T1, n), -3, -2))
+__all__ = ["march", "full_responses", "verify", "whitened_reduction", "max_stable_gamma0",
+           "two_time"]
 
 
 def _check_inputs(kx, y, depth, gamma0, lr, steps):
@@ -252,14 +247,8 @@ def _step(t, kx, y, n, P, L, g2, lr, Phi, G, c, a, d, b, mt, E, W, f, delta, ntk
     return diverged_at, message
 
 
-def _strict_block_mask(T1, n):
-    """(n T1, n T1) boolean mask of strictly causal blocks s < t."""
-    tt = np.repeat(np.arange(T1), n)
-    return tt[:, None] > tt[None, :]
-
-
 def full_responses(res: dict, kx, gamma0: float, lr: float):
-    """Full-index responses A^l (l = 1 .. L-1) from a march result (THEORY.md §3).
+    """Full-index responses A^l (l = 1 .. L-1) from a march result (docs/theory.rst §3).
 
     A^l = M^l C^l with C^l = A^{l-1} + lr tril_{-1}[Phi^{l-1} (.) Delta] and, by Woodbury,
     M^l = I + gamma0^2 a^l d^l, so A^l = C^l + gamma0^2 a^l (d^l C^l): two GEMMs of size
@@ -273,7 +262,7 @@ def full_responses(res: dict, kx, gamma0: float, lr: float):
     if L == 1:
         return None
     N1 = n * T1
-    mask = _strict_block_mask(T1, n)
+    mask = causal_mask(T1, n)
     dcol = np.nan_to_num(res["delta"]).ravel()[None, :]   # Delta on the column index
     g2 = gamma0 * gamma0
     A = np.empty((L - 1, N1, N1))
@@ -332,75 +321,6 @@ def verify(res: dict, kx, y, gamma0: float, lr: float) -> float:
             f_new = X.reshape(T1, T1, n)[np.arange(T1), np.arange(T1)]
             rel.append(change(f_new, res["f"]))
     return max(rel)
-
-
-def reference_dense(kx, y, depth: int, gamma0: float, lr: float, steps: int, *,
-                    tol: float = 1e-13, max_iter: int = 2000) -> dict:
-    """Plain NumPy reference: the literal full-index equations of THEORY.md §3, iterated.
-
-    Every operator is a dense (n (T+1)) x (n (T+1)) matrix: C^l, D^l, M^l = (I - gamma0^2
-    C^l D^l)^{-1}, M~^l, and
-
-        Phi^l = M^l [Phi^{l-1} + gamma0^2 C^l G^{l+1} C^{lT}] M^{lT}
-        G^l   = M~^l [G^{l+1} + gamma0^2 D^l Phi^{l-1} D^{lT}] M~^{lT}
-        A^l = M^l C^l,  B^{l-1} = M~^l D^l,
-        f_mu(t) = gamma0^{-1} <z^L_mu(t) h^L_mu(t)>
-                = [M~^L (G^{L+1} C^{LT} + D^L Phi^{L-1}) M^{LT}]_{(t mu), (t mu)}
-
-    with G^{L+1} = 1 (all ones), Phi^0 = K^x in every time block. Jacobi iteration over all
-    layers and Delta until the largest change is below ``tol``; causality makes it terminate.
-    Small problems only (tests): no reduction, no time march, explicit inverses.
-
-    Returns
-    -------
-    dict with ``f`` (T+1, n), ``Phi`` (L, N1, N1), ``G`` (L, N1, N1), ``A`` (L-1, N1, N1),
-    ``B`` (L-1, N1, N1) (``B[l-1]`` = B^l), ``iterations``.
-    """
-    kx, y, L, gamma0, lr, T = _check_inputs(kx, y, depth, gamma0, lr, steps)
-    n, P = kx.shape[0], y.size
-    T1 = T + 1
-    N1 = n * T1
-    g2 = gamma0 * gamma0
-    mask = _strict_block_mask(T1, n)
-    eye = np.eye(N1)
-    phi0 = np.kron(np.ones((T1, T1)), kx)
-    ones = np.ones((N1, N1))
-    Phi = np.array([phi0] * L)
-    G = np.array([ones] * L)
-    A = np.zeros((L + 1, N1, N1))   # A[l] = A^l, A[0] = 0
-    B = np.zeros((L + 1, N1, N1))   # B[l] = B^l, B[L] = 0
-    f = np.zeros((T1, n))
-    idx = np.arange(N1)
-    for it in range(1, max_iter + 1):
-        delta = np.zeros((T1, n))
-        delta[:, :P] = y - f[:, :P]
-        dcol = delta.ravel()[None, :]
-        Phi_n, G_n = np.empty_like(Phi), np.empty_like(G)
-        A_n, B_n = np.zeros_like(A), np.zeros_like(B)
-        for l in range(1, L + 1):
-            phi_prev = phi0 if l == 1 else Phi[l - 2]
-            g_next = ones if l == L else G[l]
-            C = A[l - 1] + lr * np.where(mask, phi_prev * dcol, 0.0)
-            D = B[l] + lr * np.where(mask, g_next * dcol, 0.0)
-            M = np.linalg.inv(eye - g2 * C @ D)
-            Mt = np.linalg.inv(eye - g2 * D @ C)
-            Phi_n[l - 1] = M @ (phi_prev + g2 * C @ g_next @ C.T) @ M.T
-            G_n[l - 1] = Mt @ (g_next + g2 * D @ phi_prev @ D.T) @ Mt.T
-            A_n[l] = M @ C
-            B_n[l - 1] = Mt @ D
-            if l == L:
-                X = Mt @ (g_next @ C.T + D @ phi_prev) @ M.T
-                f_n = X[idx, idx].reshape(T1, n)
-        A_n[0] = 0.0
-        change = max(np.max(np.abs(Phi_n - Phi)), np.max(np.abs(G_n - G)),
-                     np.max(np.abs(A_n - A)), np.max(np.abs(B_n[1:] - B[1:])),
-                     np.max(np.abs(f_n - f)))
-        Phi, G, A, B, f = Phi_n, G_n, A_n, B_n, f_n
-        B[L] = 0.0
-        if change < tol:
-            break
-    return {"f": f, "Phi": Phi, "G": G, "A": A[1:L], "B": B[1:L], "iterations": it,
-            "change": change}
 
 
 def whitened_reduction(kx, y, rtol: float = 1e-12):

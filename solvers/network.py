@@ -1,6 +1,6 @@
 """Finite-width network simulator: one fully connected network trained by full-batch GD.
 
-Implements THEORY.md §1 exactly (the package's one convention), for width N, depth L and
+Implements docs/theory.rst §1 exactly (the package's one convention), for width N, depth L and
 activation phi, on n = P + Q points (P training points first, then Q passive test points):
 
     h^1_mu      = W^0 x_mu / sqrt(D)                      W^0: (N, D)
@@ -49,6 +49,7 @@ import math
 import numpy as np
 
 from .activations import ACTIVATIONS, apply
+from .layout import two_time
 
 __all__ = ["LowRank", "Weights", "forward", "backward", "output", "equal_time_ntk",
            "gd_update", "train", "two_time_kernels", "default_fold_every"]
@@ -231,7 +232,7 @@ def output(weights: Weights, phi_L: np.ndarray, gamma0: float) -> np.ndarray:
 def backward(weights: Weights, h: list, activation: str) -> list:
     """Backward fields g^l = gamma0 N df/dh^l on all points.
 
-    g^L = phi'(h^L) * w and g^l = phi'(h^l) * (W^l)^T g^{l+1} / sqrt(N) (THEORY.md §1).
+    g^L = phi'(h^L) * w and g^l = phi'(h^l) * (W^l)^T g^{l+1} / sqrt(N) (docs/theory.rst §1).
 
     Parameters
     ----------
@@ -259,7 +260,7 @@ def equal_time_ntk(kx: np.ndarray, phi: list, g: list) -> np.ndarray:
     """NTK K = sum_{l=0}^{L} G^{l+1} * Phi^l (elementwise), from one network's own fields.
 
     Phi^l = phi(h^l) phi(h^l)^T / N, G^l = g^l g^{l T} / N at one time, Phi^0 = ``kx``
-    (= X X^T / D), G^{L+1} = 1 (THEORY.md §1).
+    (= X X^T / D), G^{L+1} = 1 (docs/theory.rst §1).
 
     Parameters
     ----------
@@ -324,7 +325,7 @@ def two_time_kernels(features: np.ndarray) -> np.ndarray:
     M = features.reshape(T1 * n, N)
     K = M @ M.T            # symmetric product: NumPy calls BLAS syrk here
     K *= 1.0 / N
-    return np.ascontiguousarray(K.reshape(T1, n, T1, n).transpose(0, 2, 1, 3))
+    return two_time(K, T1, n)
 
 
 def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, gamma0: float,
@@ -334,7 +335,7 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
 
     At each of the T + 1 times k = 0 .. T (before the update of step k) the forward and
     backward passes are run on all n = P + Q points and the predictions and the equal-time NTK
-    K(t) = sum_l G^{l+1}(t,t) Phi^l(t,t) (THEORY.md §1) are recorded; then the weights take
+    K(t) = sum_l G^{l+1}(t,t) Phi^l(t,t) (docs/theory.rst §1) are recorded; then the weights take
     one gradient step with Delta = y - f on the P training points.
 
     Parameters

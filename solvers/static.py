@@ -1,6 +1,6 @@
 """Infinite-width kernels at t = 0 and the frozen-kernel (static NTK) dynamics.
 
-THEORY.md §4. With the input kernel Phi^0 = X X^T / D over all n = P + Q points,
+docs/theory.rst §4. With the input kernel Phi^0 = X X^T / D over all n = P + Q points,
 
     Phi^l   = E[phi(u) phi(u)^T],            u ~ N(0, Phi^{l-1}),    l = 1 .. L   (NNGP)
     Gdot^l  = E[phi'(u) phi'(u)^T],          u ~ N(0, Phi^{l-1})
@@ -25,7 +25,7 @@ __all__ = ["static_kernels", "frozen_dynamics", "frozen_dynamics_closed_form",
 
 
 def static_kernels(activation: str, kx, depth: int, **quad) -> dict:
-    """NNGP and NTK recursions at t = 0 (THEORY.md §4).
+    """NNGP and NTK recursions at t = 0 (docs/theory.rst §4).
 
     Parameters
     ----------

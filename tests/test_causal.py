@@ -1,4 +1,4 @@
-"""The one-pass causal deep solver (solvers.causal, method="mc" for L >= 2).
+"""The one-pass causal deep solver (solvers.mc.causal, method="mc" for L >= 2).
 
 What is proved here:
 
@@ -21,7 +21,9 @@ import pytest
 import dmft
 import dmft.config
 from dmft.results import ConvergenceError
-from solvers import causal, mc
+from _reference import mc_and_exact_linear
+from solvers import mc
+from solvers.mc import causal
 
 Z = 4.5      # max |z| over tens of entries (false alarm ~1e-4 per entry)
 
@@ -168,12 +170,9 @@ def test_one_pass_is_a_fixed_point_of_the_alternating_map(act, L, stein):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=[2, 4])
 def deep_linear(request):
-    L = request.param
-    data = dmft.config.teacher_student(P=4, Q=2, D=8, seed=0)
-    net = dmft.MLP(depth=L, activation="linear")
-    train = dmft.GradientDescent(gamma0=1.0, lr=0.05, steps=30)
-    return (dmft.solve(net, data, train, method="mc", seed=0, progress=False),
-            dmft.solve(net, data, train, method="linear"))
+    return mc_and_exact_linear(request.param, dmft.config.teacher_student(P=4, Q=2, D=8, seed=0),
+                               dmft.GradientDescent(gamma0=1.0, lr=0.05, steps=30), (0,),
+                               progress=False)
 
 
 def test_deep_linear_matches_exact_equations(deep_linear):

@@ -32,14 +32,6 @@ def _is_png(path):
         return fh.read(8) == PNG_MAGIC and os.path.getsize(path) > 10_000
 
 
-def _available(method):
-    try:
-        dmft.api._method_function(method)
-        return True
-    except NotImplementedError:
-        return False
-
-
 def test_help_lists_commands(capsys):
     assert cli.main([]) == 0
     with pytest.raises(SystemExit) as exc:
@@ -90,24 +82,26 @@ def test_demo_quick_writes_files(tmp_path, capsys):
     ens = dmft.load(tmp_path / "demo_width1024.h5")
     assert ens.width == 1024 and ens.n_seeds == cfg["seeds"]
     main = dmft.load(tmp_path / "demo.h5")
-    assert main.method == ("mc" if _available("mc") else "static")
+    assert main.method == "mc"
 
 
 def test_demo_uses_mc_method_from_the_table(tmp_path, monkeypatch, capsys):
-    """The demo takes the DMFT from dmft.METHODS['mc'], whatever module provides it."""
+    """The demo takes the DMFT from dmft.METHODS['mc'], whatever adapter is registered."""
     import dataclasses
-    import types
     calls = []
 
-    def fake_mc(net, data, train, *, seed=None, throw=True, samples=None):
-        calls.append({"seed": seed, "samples": samples})
-        sol = dmft.solve(net, data, train, method="static")
-        return dataclasses.replace(sol, method="mc", seed=seed, options={"samples": samples})
+    class FakeMC(dmft.Method, name="mc", description="fake"):
+        Options = dataclasses.make_dataclass(
+            "FakeOptions", [("samples", int, dmft.option(None, None, "samples"))],
+            bases=(dmft.Options,), frozen=True)
 
-    module = types.ModuleType("fake_mc_for_demo")
-    module.solve_mc = fake_mc
-    monkeypatch.setitem(sys.modules, "fake_mc_for_demo", module)
-    monkeypatch.setitem(dmft.METHODS, "mc", ("fake_mc_for_demo", "solve_mc", "fake"))
+        def run(self, ctx, net, data, train, *, opts):
+            calls.append({"seed": ctx.seed_int, "samples": opts.samples})
+            sol = dmft.solve(net, data, train, method="static")
+            return dataclasses.replace(sol, method="mc", seed=ctx.seed_int,
+                                       options={"samples": opts.samples})
+
+    monkeypatch.setitem(dmft.METHODS, "mc", FakeMC())
     assert cli.main(["demo", "--quick", "-o", str(tmp_path), "--no-progress"]) == 0
     assert calls == [{"seed": cli.DEMO_QUICK["solve_seed"],
                       "samples": cli.DEMO_QUICK["samples"]}]
@@ -155,8 +149,6 @@ def test_every_example_config_parses():
 
 
 def test_run_mc_example(tmp_path):
-    if not _available("mc"):
-        pytest.skip("method='mc' not available yet")
     out = tmp_path / "mc.h5"
     assert cli.main(["run", os.path.join(EXAMPLES, "dmft_mc.toml"), "-o", str(out)]) == 0
     assert dmft.load(out).method == "mc"

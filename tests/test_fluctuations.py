@@ -1,4 +1,4 @@
-"""Finite-width fluctuations (THEORY.md §5): dmft.fluctuations and solvers.fluct.
+"""Finite-width fluctuations (docs/theory.rst §5): dmft.fluctuations and solvers.fluct.
 
 Grouped by what they prove:
 - kernels: the Numba march equals its NumPy reference and the finite network's per-unit
@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 import dmft
+from conftest import small_data
 from dmft._fluctuations import solve_two_layer
+from _reference import march_numpy
 from solvers import fluct, network
 
 # --------------------------------------------------------------------------------------------
@@ -35,11 +37,7 @@ TOL = {
 }
 
 
-def _data(P=2, Q=1, D=4, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((P + Q, D))
-    y = np.linspace(1.0, -0.5, P)
-    return dmft.Dataset(X[:P], y, X[P:] if Q else None)
+_data = small_data      # the shared small data set (tests/conftest.py)
 
 
 def _one_point():
@@ -76,7 +74,7 @@ def test_march_kernel_matches_numpy(act):
     u, w0 = fluct.draw_units(data.kx, 40, rng)
     delta = 0.5 * rng.standard_normal((6, 3))
     h, w = fluct.march(act, u, w0, data.kx, delta, 0.3)
-    h2, w2 = fluct.march_numpy(act, u, w0, data.kx, delta, 0.3)
+    h2, w2 = march_numpy(act, u, w0, data.kx, delta, 0.3)
     assert np.max(np.abs(h - h2)) < TOL["kernel"]
     assert np.max(np.abs(w - w2)) < TOL["kernel"]
 
@@ -84,7 +82,7 @@ def test_march_kernel_matches_numpy(act):
 @pytest.mark.parametrize("act", ["tanh", "linear"])
 def test_march_is_the_finite_network_per_unit_update(act):
     """Driven by a width-64 network's own Delta(t), the per-unit march averaged over the
-    network's units reproduces its predictions and NTK (THEORY.md §1 vs §2 at L = 1)."""
+    network's units reproduces its predictions and NTK (docs/theory.rst §1 vs §2 at L = 1)."""
     data = _data(3, 2)
     gamma0, lr, T, N = 1.3, 0.2, 8, 64
     weights = network.Weights.draw(np.random.default_rng(3), data.D, N, 1)

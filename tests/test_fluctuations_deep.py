@@ -1,4 +1,4 @@
-"""Finite-width fluctuations of deep networks (THEORY.md §5): ``method="deep-linear"``.
+"""Finite-width fluctuations of deep networks (docs/theory.rst §5): ``method="deep-linear"``.
 
 Grouped by what they prove:
 - independent routes: at depth 1 the deep propagator equals the exact two-layer moment
@@ -8,43 +8,34 @@ Grouped by what they prove:
   Wishart-chain kernel moments of a deep linear network at initialisation (centred and not);
   the response order parameters' own (formal) noise is needed for that;
 - theory against simulated ensembles: a quick check here, and slow tests (>= 400 seeds per
-  width, widths 128 .. 2048, depth 3 and depth 2);
+  width, widths 128 .. 2048, depth 3 and depth 2): the pooled ratios N Var / theory at every
+  width extrapolate in 1/N to 1, and at the largest width they are within 10 % of 1;
 - the adapter: method selection, shapes, options and errors.
 """
 import numpy as np
 import pytest
 
 import dmft
-from solvers import fluct, fluct_deep
+from conftest import TOL as _SHARED, pooled_ratio as _pooled_ratio, small_data as _data
+from solvers import fluct
+from solvers.fluct import deep_linear as fluct_deep
+from solvers.stats import fit_inverse_width
+
+# the deep-linear propagator differentiates the march with torch: skip without it
+needs_torch = pytest.mark.usefixtures("torch_or_skip")
 
 TOL = {
+    **_SHARED,              # z, width_rel, width_se (tests/conftest.py)
     "rounding": 1e-9,       # two exact routes, same quantity
     "solver": 1e-10,        # infinite-width trajectory vs solvers.linear
     "lazy": 2e-3,           # gamma0 = 1e-3 against the gamma0 -> 0 form (error O(gamma0))
-    "z": 4.0,               # Monte Carlo agreement, in standard errors
-    "width_rel": 0.10,      # slow tests: N Var at the largest width within 10 % ...
 }
-
-
-def _data(P=2, Q=1, D=4, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((P + Q, D))
-    y = np.linspace(1.0, -0.5, P)
-    return dmft.Dataset(X[:P], y, X[P:] if Q else None)
-
-
-def _pooled_ratio(x, theory):
-    """sum over entries of the ensemble variance / sum of the theory, with a standard error
-    from the spread over seeds of the summed squared deviations."""
-    S = x.shape[0]
-    d2 = ((x - x.mean(0)) ** 2).reshape(S, -1).sum(1) * S / (S - 1)
-    tot = float(np.sum(theory))
-    return d2.mean() / tot, d2.std(ddof=1) / np.sqrt(S) / tot
 
 
 # --------------------------------------------------------------------------------------------
 # independent routes
 # --------------------------------------------------------------------------------------------
+@needs_torch
 @pytest.mark.parametrize("center", [False, True])
 def test_depth_one_equals_exact_two_layer_closure(center):
     data = _data()
@@ -57,6 +48,7 @@ def test_depth_one_equals_exact_two_layer_closure(center):
         np.abs(ex["ntk_var"]).max()
 
 
+@needs_torch
 @pytest.mark.parametrize("depth", [2, 3])
 def test_infinite_width_trajectory_is_the_exact_solver(depth):
     data = _data()
@@ -71,6 +63,7 @@ def test_infinite_width_trajectory_is_the_exact_solver(depth):
     assert fl.options["residual"] < 1e-12
 
 
+@needs_torch
 def test_fixed_point_and_its_derivative_are_converged():
     """More sweeps of the causal march change neither the trajectory nor the propagator."""
     data = _data()
@@ -92,6 +85,7 @@ def test_deep_lazy_kappa_reduces_to_two_layer_moments():
     assert np.allclose(kf, kf1, rtol=1e-14) and np.allclose(kK, kK1, rtol=1e-14)
 
 
+@needs_torch
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("center", [True, False])
 def test_reduces_to_the_lazy_universal_form(depth, center):
@@ -107,6 +101,7 @@ def test_reduces_to_the_lazy_universal_form(depth, center):
     assert np.abs(fl.ntk_var / lz.ntk_var - 1).max() < TOL["lazy"]
 
 
+@needs_torch
 def test_response_noise_is_needed_for_the_lazy_limit():
     """Without the (formal) noise of the response order parameters the centred lazy limit is
     wrong by a few per cent: the responses are not deterministic functions of the kernels at
@@ -126,6 +121,7 @@ def test_response_noise_is_needed_for_the_lazy_limit():
 # --------------------------------------------------------------------------------------------
 # against simulated networks (quick version; the slow tests below do widths 128 .. 2048)
 # --------------------------------------------------------------------------------------------
+@needs_torch
 def test_quick_simulation_check_depth_two():
     data = _data()
     net = dmft.MLP(2, "linear")
@@ -133,19 +129,13 @@ def test_quick_simulation_check_depth_two():
     sol = dmft.solve(net, data, train, method="linear")
     fl = dmft.fluctuations(sol, center=True)
     N, S = 256, 200
-    ens = dmft.simulate(net, data, train, width=N, seeds=range(S), center=True)
-    T = train.steps
-    i, j = np.triu_indices(3)
-    for x, th in ((np.sqrt(N) * ens.predictions[:, T], np.diag(fl.prediction_cov[T])),
-                  (np.sqrt(N) * ens.ntk[:, T][:, i, j], fl.ntk_var[T][i, j])):
-        r, se = _pooled_ratio(x, th)
-        # finite-width bias is O(1/N) ~ a few % here; tolerance: 4 standard errors + 5 %
-        assert abs(r - 1) < TOL["z"] * se + 0.05, (r, se)
+    _assert_width_sweep(_sweep(net, data, train, fl, (N,), {N: S}, True, (train.steps,)))
 
 
 # --------------------------------------------------------------------------------------------
 # adapter
 # --------------------------------------------------------------------------------------------
+@needs_torch
 def test_adapter_shapes_options_and_errors():
     data = _data()
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=4)
@@ -182,6 +172,7 @@ def test_adapter_shapes_options_and_errors():
     assert lz.method == "lazy" and lz.options["moments"] == "exact"
 
 
+@needs_torch
 def test_divergence_raises_convergence_error():
     data = _data()
     sol = dmft.solve(dmft.MLP(3, "linear"), data, dmft.GradientDescent(gamma0=1.0, lr=0.1,
@@ -195,11 +186,11 @@ def test_divergence_raises_convergence_error():
 
 
 # --------------------------------------------------------------------------------------------
-# slow: theory against simulated ensembles, widths 128 .. 2048
+# theory against simulated ensembles, widths 128 .. 2048 (slow)
 # --------------------------------------------------------------------------------------------
 def _sweep(net, data, train, fl, widths, seeds, center, times):
     """Pooled ratios (simulation N Var / theory) at the given times, per width; ``seeds`` maps
-    width -> number of networks."""
+    width -> number of networks. Rows (N, t, (pred ratio, se), (ntk ratio, se)), printed."""
     i, j = np.triu_indices(data.P + data.Q)
     rows = []
     for N in widths:
@@ -214,50 +205,56 @@ def _sweep(net, data, train, fl, widths, seeds, center, times):
     return rows
 
 
+def _assert_width_sweep(rows):
+    """N Var approaches the propagator as the width grows. Every width takes part: with two
+    or more widths, the weighted fit r(N) = r_inf + b / N of each pooled ratio (predictions,
+    NTK; each time) must extrapolate to r_inf within TOL['width_se'] of its standard error of
+    1 (the errors of r(N) are the ensembles' own: the spread over seeds of the summed squared
+    deviations, about sqrt(2 / (S - 1)) relative). At the largest width the ratios must also
+    be within TOL['width_rel'] of 1 (or width_se standard errors, where that is wider)."""
+    widths = sorted({N for N, *_ in rows})
+    for N, t, rp, rk in rows:
+        for what, (r, se) in (("predictions", rp), ("ntk", rk)):
+            if N == widths[-1]:
+                assert abs(r - 1) < max(TOL["width_rel"], TOL["width_se"] * se), \
+                    (what, N, t, r, se, rows)
+    if len(widths) < 2:
+        return
+    for k, what in ((2, "predictions"), (3, "ntk")):
+        # (widths, times) arrays: rows are ordered width-major, times in the same order
+        means = np.array([[row[k][0] for row in rows if row[0] == N] for N in widths])
+        ses = np.array([[row[k][1] for row in rows if row[0] == N] for N in widths])
+        r_inf, se_inf, _, _ = fit_inverse_width(widths, means, ses)
+        assert np.all(np.abs(r_inf - 1) < TOL["width_se"] * se_inf), \
+            (what, r_inf, se_inf, rows)
+
+
+def _against_simulations(depth, gamma0, center, seeds, times):
+    data = _data()
+    net = dmft.MLP(depth, "linear")
+    train = dmft.GradientDescent(gamma0=gamma0, lr=0.1, steps=20)
+    fl = dmft.fluctuations(dmft.solve(net, data, train, method="linear"), center=center)
+    _assert_width_sweep(_sweep(net, data, train, fl, sorted(seeds), seeds, center, times))
+
+
+@needs_torch
 @pytest.mark.slow
 @pytest.mark.validation
 def test_deep_linear_depth_three_against_simulations():
     """Depth 3, gamma0 = 1, 20 steps of lr 0.1, centred; 400 networks at widths 128 and 512,
     1000 at 2048 (about 20 CPU minutes, mostly the width-2048 ensemble)."""
-    data = _data()
-    net = dmft.MLP(3, "linear")
-    train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=20)
-    sol = dmft.solve(net, data, train, method="linear")
-    fl = dmft.fluctuations(sol, center=True)
-    rows = _sweep(net, data, train, fl, (128, 512, 2048), {128: 400, 512: 400, 2048: 1000},
-                  True, (10, 20))
-    for N, t, rp, rk in rows:
-        if N == 2048:
-            for r, se in (rp, rk):
-                assert abs(r - 1) < max(TOL["width_rel"], 3 * se), rows
+    _against_simulations(3, 1.0, True, {128: 400, 512: 400, 2048: 1000}, (10, 20))
 
 
+@needs_torch
 @pytest.mark.slow
 def test_deep_linear_depth_two_uncentred_against_simulations():
     """With the initial-output variance (it dominates at t = 0 and decays with training)."""
-    data = _data()
-    net = dmft.MLP(2, "linear")
-    train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=20)
-    sol = dmft.solve(net, data, train, method="linear")
-    fl = dmft.fluctuations(sol)
-    rows = _sweep(net, data, train, fl, (256, 1024), {256: 400, 1024: 400}, False,
-                  (0, 10, 20))
-    for N, t, rp, rk in rows:
-        if N == 1024:
-            for r, se in (rp, rk):
-                assert abs(r - 1) < max(TOL["width_rel"], 3 * se), rows
+    _against_simulations(2, 1.0, False, {256: 400, 1024: 400}, (0, 10, 20))
 
 
+@needs_torch
 @pytest.mark.slow
 def test_deep_linear_strong_feature_learning_against_simulations():
     """Depth 3 at gamma0 = 1.5 (the NTK grows about tenfold during training), centred."""
-    data = _data()
-    net = dmft.MLP(3, "linear")
-    train = dmft.GradientDescent(gamma0=1.5, lr=0.1, steps=20)
-    sol = dmft.solve(net, data, train, method="linear")
-    fl = dmft.fluctuations(sol, center=True)
-    rows = _sweep(net, data, train, fl, (256, 1024), {256: 400, 1024: 400}, True, (10, 20))
-    for N, t, rp, rk in rows:
-        if N == 1024:
-            for r, se in (rp, rk):
-                assert abs(r - 1) < max(TOL["width_rel"], 3 * se), rows
+    _against_simulations(3, 1.5, True, {256: 400, 1024: 400}, (10, 20))

@@ -1,11 +1,11 @@
 """Finite-width fluctuations of deep nonlinear networks: ``method="deep-propagator"``.
 
-The sampled deep propagator (:mod:`solvers.fluct_mc`) is the linearised Monte Carlo
+The sampled deep propagator (:mod:`solvers.fluct.deep_mc`) is the linearised Monte Carlo
 single-site map plus a sampled noise covariance kappa with the formal MSR cumulants of the
 response order parameters. Proved here by:
 - an independent exact route: on linear networks (where every single-site average is a
-  Gaussian integral) it must reproduce ``method="deep-linear"`` (solvers.fluct_deep, itself
-  checked against simulated linear networks) within its Monte Carlo standard errors, centred
+  Gaussian integral) it must reproduce ``method="deep-linear"`` (solvers.fluct.deep_linear,
+  itself checked against simulated linear networks) within its Monte Carlo standard errors, centred
   and not, including the initial-output variance and the response-noise terms;
 - reproducibility and the adapter (method selection, options, errors);
 - theory against simulated tanh networks (depths 2 and 3), widths 128 .. 2048 (validation: tens of
@@ -15,18 +15,15 @@ import numpy as np
 import pytest
 
 import dmft
+from conftest import small_data as _data
+
+# the deep propagator differentiates the sampled single-site map with torch
+pytestmark = pytest.mark.usefixtures("torch_or_skip")
 
 TOL = {
     "z": 4.5,           # Monte Carlo agreement, in standard errors (max over ~40 entries)
     "width_rel": 0.10,  # validation: N Var at the largest width within 10 % (or 3 s.e.)
 }
-
-
-def _data(P=2, Q=1, D=4, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((P + Q, D))
-    y = np.linspace(1.0, -0.5, P)
-    return dmft.Dataset(X[:P], y, X[P:] if Q else None)
 
 
 @pytest.mark.parametrize("depth,center", [

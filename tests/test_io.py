@@ -192,11 +192,7 @@ def test_fluctuations_round_trip_exact(tmp_path):
 
 
 def test_static_solution_round_trip(tmp_path):
-    """A real Solution from dmft.solve(method='static') (skipped until that method exists)."""
-    try:
-        import dmft._static  # noqa: F401
-    except ModuleNotFoundError:
-        pytest.skip("dmft._static (method='static') not available yet")
+    """A real Solution from dmft.solve(method='static')."""
     rng = np.random.default_rng(7)
     data = dmft.Dataset(rng.normal(size=(4, 3)), rng.normal(size=4), rng.normal(size=(2, 3)),
                         rng.normal(size=2))

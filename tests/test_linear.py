@@ -1,4 +1,4 @@
-"""Tests of method="linear" (deep linear networks, THEORY.md §3), grouped by what they prove.
+"""Tests of method="linear" (deep linear networks, docs/theory.rst §3), grouped by what they prove.
 
 - Analytic limits: the discrete-time two-layer one-point recursion (machine precision), the
   gradient-flow closed form (error linear in lr), gamma0 = 0 equals method="static".
@@ -14,6 +14,7 @@ from scipy.integrate import solve_ivp
 import dmft
 from dmft import _linear
 from dmft.results import ConvergenceError
+from _reference import reference_dense
 from solvers import linear as lin
 from solvers.stats import fit_inverse_width
 
@@ -47,10 +48,11 @@ def _rel(a, b):
                                                (3, 3, 2, 5, 1.5, 0.05), (4, 2, 1, 4, 2.0, 0.04)])
 def test_march_equals_literal_full_index_equations(L, P, Q, T, gamma0, lr):
     """The reduced time march (point-independent G, Woodbury, row recursion) reproduces the
-    literal dense equations of THEORY.md §3 iterated to their fixed point: f, Phi, G, A, B."""
+    literal dense equations of docs/theory.rst §3 iterated to their fixed point: f, Phi, G, A,
+    B."""
     data = _data(P, Q, seed=L)
     kx, y, n = data.kx, data.y_train, P + Q
-    ref = lin.reference_dense(kx, y, L, gamma0, lr, T)
+    ref = reference_dense(kx, y, L, gamma0, lr, T)
     assert ref["change"] < 1e-13
     sol = dmft.solve(dmft.MLP(L, "linear"), data, dmft.GradientDescent(gamma0, lr, T),
                      method="linear", fast_path=False)
@@ -69,7 +71,8 @@ def test_march_equals_literal_full_index_equations(L, P, Q, T, gamma0, lr):
 
 
 def _one_point_recursion(y, gamma0, lr, T):
-    """THEORY.md §3: K_{t+1} = (1 + a^2) K + 4 a gamma0 f, f_{t+1} = (1 + a^2) f + a K / gamma0."""
+    """docs/theory.rst §3:
+    K_{t+1} = (1 + a^2) K + 4 a gamma0 f, f_{t+1} = (1 + a^2) f + a K / gamma0."""
     K, f = 2.0, 0.0
     Ks, fs = [K], [f]
     for _ in range(T):

@@ -5,7 +5,7 @@ width the mean of any observable is DMFT + c/N + O(N^-2), so ensemble means at >
 extrapolated linearly in 1/N (weighted least squares, entrywise) and the intercept is compared
 with the solver: the final predictions (train and test) and the final NTK.
 
-Centring (``center=True``). In the convention of THEORY.md §1 the raw output is
+Centring (``center=True``). In the convention of docs/theory.rst §1 the raw output is
 f = w . phi(h^L) / (gamma0 N), so f(0) ~ N(0, Phi^L(0,0) / (gamma0^2 N)): mean zero, standard
 deviation O(1/(gamma0 sqrt N)) (0.06 at gamma0 = 0.5, N = 256). Both the raw and the centred
 model f(theta) - f(theta_0) have ensemble means DMFT + O(1/N) (f(0) -> 0 at infinite width),

@@ -1,7 +1,7 @@
-"""method="perturbative": leading order in gamma0^2 around the lazy dynamics (THEORY.md §4).
+"""method="perturbative": leading order in gamma0^2 around the lazy dynamics (docs/theory.rst §4).
 
 Independent routes: the exact deep-linear solver (method="linear", deterministic, its own
-row-by-row march) and the static solver; an analytic one-point recursion (THEORY.md §3).
+row-by-row march) and the static solver; an analytic one-point recursion (docs/theory.rst §3).
 """
 import numpy as np
 import pytest
@@ -54,7 +54,7 @@ def test_error_is_order_gamma0_4(data, depth):
 
 def test_one_point_two_layer_exact_discrete_coefficient():
     """P = 1, |x|^2/D = 1, L = 1: K2(t) = 4 v^2 - 2 lr^2 sum_{s<t} Delta0^2 (module docstring),
-    from expanding THEORY.md §3's exact recursion K_{t+1} = (1 + a^2) K_t + 4 a gamma0 f_t;
+    from expanding docs/theory.rst §3's exact recursion K_{t+1} = (1 + a^2) K_t + 4 a gamma0 f_t;
     and f2 from f_{t+1} = (1 + a^2) f_t + a K_t / gamma0, both to machine precision."""
     y, lr, T = np.array([0.7]), 0.05, 60
     ex = pt.linear_expansion(np.ones((1, 1)), y, 1, lr, T)
@@ -274,6 +274,22 @@ def test_deep_nonlinear_solution_deterministic_with_stderr(data):
         assert a.phi.shape == (depth, T_DEEP + 1, T_DEEP + 1, n, n)
 
 
+def _increment_errors(mc, field, coef, gammas, g_ref):
+    """Errors of the static (e_s) and the expanded (e_p) predictions of the common-random-number
+    increments field(gamma0) - field(g_ref) of two Monte Carlo seeds (``mc[seed, gamma0]``,
+    seeds 1 and 2), with their noise; each increment must stand 10 noise levels above zero."""
+    e_s, e_p, noise = [], [], []
+    for g in gammas:
+        inc = [getattr(mc[s, g], field) - getattr(mc[s, g_ref], field) for s in (1, 2)]
+        noise.append(np.abs(inc[0] - inc[1]).max() / np.sqrt(2))
+        mean = 0.5 * (inc[0] + inc[1])
+        e_s.append(np.abs(mean).max())
+        e_p.append(np.abs(mean - (g ** 2 - g_ref ** 2) * coef).max())
+        assert e_s[-1] > 10 * noise[-1], (field, g, e_s[-1], noise[-1])
+    return e_s, e_p, noise
+
+
+
 @pytest.mark.slow
 def test_deep_tanh_vs_full_mc_dmft_error_is_order_gamma0_4(data):
     """Independent route 2: depth-2 tanh against the full Monte Carlo DMFT (method="mc",
@@ -325,16 +341,10 @@ def test_deep_tanh_vs_full_mc_dmft_error_is_order_gamma0_4(data):
                 assert gap_p.max() <= 0.5 * gap_s.max(), (seed, g, gap_p.max(), gap_s.max())
     # (b) increments at common random numbers: O(gamma0^2) static error, O(gamma0^4) expansion
     for field, coef in (("predictions", f2), ("ntk", k2)):
-        e_s, e_p = [], []
-        for g in gammas:
-            inc = [getattr(mc[s, g], field) - getattr(mc[s, g_ref], field) for s in (1, 2)]
-            noise = np.abs(inc[0] - inc[1]).max() / np.sqrt(2)
-            mean = 0.5 * (inc[0] + inc[1])
-            e_s.append(np.abs(mean).max())
-            e_p.append(np.abs(mean - (g ** 2 - g_ref ** 2) * coef).max())
-            assert e_s[-1] > 10 * noise, (field, g, e_s[-1], noise)
-            bound = 0.15 * e_s[-1] + 3 * noise if g <= 0.2 else 0.5 * e_s[-1]
-            assert e_p[-1] <= bound, (field, g, e_p[-1], e_s[-1])
+        e_s, e_p, noise = _increment_errors(mc, field, coef, gammas, g_ref)
+        for g, es, ep, nz in zip(gammas, e_s, e_p, noise):
+            bound = 0.15 * es + 3 * nz if g <= 0.2 else 0.5 * es
+            assert ep <= bound, (field, g, ep, es)
         lg = np.log(gammas)
         assert 1.8 < np.polyfit(lg, np.log(e_s), 1)[0] < 2.2, (field, e_s)
         assert np.polyfit(lg, np.log(e_p), 1)[0] > 3.0, (field, e_p)
@@ -359,14 +369,7 @@ def test_deep3_tanh_vs_full_mc_dmft_orders_in_gamma0(data):
                              method="mc", seed=s, samples=16384)
           for s in (1, 2) for g in (g_ref,) + gammas}
     for field, coef in (("predictions", pert.extras["f2"]), ("ntk", pert.extras["ntk2"])):
-        e_s, e_p = [], []
-        for g in gammas:
-            inc = [getattr(mc[s, g], field) - getattr(mc[s, g_ref], field) for s in (1, 2)]
-            noise = np.abs(inc[0] - inc[1]).max() / np.sqrt(2)
-            mean = 0.5 * (inc[0] + inc[1])
-            e_s.append(np.abs(mean).max())
-            e_p.append(np.abs(mean - (g ** 2 - g_ref ** 2) * coef).max())
-            assert e_s[-1] > 10 * noise, (field, g, e_s[-1], noise)
+        e_s, e_p, _ = _increment_errors(mc, field, coef, gammas, g_ref)
         lg = np.log(gammas)
         ratio = np.array(e_p) / np.array(e_s)
         assert 1.7 < np.polyfit(lg, np.log(e_s), 1)[0] < 2.3, (field, e_s)

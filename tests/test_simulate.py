@@ -7,9 +7,9 @@ What they prove:
   per-point code at three times;
 - one gradient step equals theta - lr gamma0^2 N dLoss/dtheta with finite-difference gradients of
   the loss (plain and centred model);
-- exact discrete-time identities of the two-layer linear network (THEORY.md §3) hold per network
-  to machine precision, and the ensemble mean matches the infinite-width recursion within its
-  standard error;
+- exact discrete-time identities of the two-layer linear network (docs/theory.rst §3) hold per
+  network to machine precision, and the ensemble mean matches the infinite-width recursion
+  within its standard error;
 - N Var f(0) = Phi^L(0,0) / gamma0^2, E K(0) = the infinite-width NTK (quadrature / closed form)
   and N Var K(0) = its exact two-layer value, within sampling errors; Var K(T) ~ 1/N (slope);
 - the pending low-rank weight updates (any fold schedule) equal dense updates to rounding, and
@@ -23,6 +23,7 @@ import pytest
 from scipy import special
 
 import dmft
+from conftest import one_point_recursion
 from dmft.results import ConvergenceError
 from solvers import network
 
@@ -288,7 +289,7 @@ def test_record_kernels_consistent_with_ntk(L):
     assert np.array_equal(ens2.ntk, ens.ntk) and ens2.phi is None and ens2.g is None
 
 
-# --- exact discrete-time identities and the infinite-width limit (THEORY.md §3) --------------
+# --- exact discrete-time identities and the infinite-width limit (docs/theory.rst §3) -------
 def _one_point_data(D=4):
     x = np.ones((1, D))      # |x|^2 / D = 1
     return dmft.Dataset(x, [0.7], np.array([[1.0, -1.0, 0.5, 2.0]]))
@@ -297,7 +298,7 @@ def _one_point_data(D=4):
 def test_two_layer_linear_exact_recursion_per_network():
     """Each unit maps h <- h + a w, w <- w + a h with a = lr gamma0 Delta, so every network's
     own K_t and f_t obey K_{t+1} = (1+a^2) K_t + 4 a gamma0 f_t and
-    f_{t+1} = (1+a^2) f_t + a K_t / gamma0 (THEORY.md §3)."""
+    f_{t+1} = (1+a^2) f_t + a K_t / gamma0 (docs/theory.rst §3)."""
     data = _one_point_data()
     gamma0, lr = 1.7, 0.15
     ens = dmft.simulate(dmft.MLP(1, "linear"), data, dmft.GradientDescent(gamma0, lr, 12),
@@ -319,12 +320,7 @@ def test_two_layer_linear_ensemble_mean_matches_infinite_width():
     gamma0, lr, T, y = 1.0, 0.1, 30, 0.7
     ens = dmft.simulate(dmft.MLP(1, "linear"), data, dmft.GradientDescent(gamma0, lr, T),
                         width=2 ** 15, seeds=range(12))
-    K, f = np.empty(T + 1), np.empty(T + 1)
-    K[0], f[0] = 2.0, 0.0
-    for t in range(T):
-        a = lr * gamma0 * (y - f[t])
-        K[t + 1] = (1 + a * a) * K[t] + 4 * a * gamma0 * f[t]
-        f[t + 1] = (1 + a * a) * f[t] + a * K[t] / gamma0
+    f, K = one_point_recursion(gamma0, y, lr, T)
     m, v = ens.mean(), ens.var()
     se_f = m.stderr["train_predictions"][:, 0]
     se_K = m.stderr["ntk"][:, 0, 0]

@@ -21,14 +21,6 @@ def data():
                    rng.normal(size=2))
 
 
-def _available(method):
-    try:
-        dmft.api._method_function(method)
-        return True
-    except NotImplementedError:
-        return False
-
-
 # ------------------------------------------------------------------------------------------
 # MLP
 # ------------------------------------------------------------------------------------------
@@ -214,15 +206,11 @@ def test_static_unknown_option(data):
 
 
 def test_linear_method_refuses_nonlinear_network(data):
-    if not _available("linear"):
-        pytest.skip("method='linear' not available yet")
     with pytest.raises(ValueError, match="linear"):
         dmft.solve(MLP(2, "tanh"), data, GradientDescent(), method="linear")
 
 
 def test_mc_refuses_bad_samples(data):
-    if not _available("mc"):
-        pytest.skip("method='mc' not available yet")
     with pytest.raises(ValueError, match="samples"):
         dmft.solve(MLP(1, "tanh"), data, GradientDescent(steps=2), method="mc", samples=0)
 
@@ -259,9 +247,5 @@ def test_simulate_other_errors(data):
 
 
 def test_fluctuations_needs_a_solution():
-    try:
-        import dmft._fluctuations  # noqa: F401
-    except ModuleNotFoundError:
-        pytest.skip("dmft.fluctuations not available yet")
     with pytest.raises(ValueError, match="Solution"):
         dmft.fluctuations("run.h5")

@@ -56,120 +56,16 @@ columns only, are single GEMMs. Kernels are flat (T1 n, T1 n) with index t n + m
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy.linalg import solve_triangular
 
-from .activations import apply
-from .mc import _lam, _single_thread_blas, default_relu_eps, low_rank_factor
+from ..activations import apply
+from ..layout import CausalFactor, low_rank_factor
+from ._common import _single_thread_blas
+from .cost import estimate_flops, estimate_memory
+from .responses import _lam, default_relu_eps
 
 __all__ = ["CausalFactor", "solve_causal", "estimate_memory", "estimate_flops"]
-
-
-class CausalFactor:
-    """Causal Cholesky factor of a covariance revealed one block of variables at a time.
-
-    Variables are indexed in their causal order. After ``extend`` calls for blocks of b
-    variables, ``F[:nvar, :k]`` satisfies F F^T = K (up to dropped innovations) with F lower
-    trapezoidal in the compact innovation index: innovation c belongs to variable ``piv[c]``
-    and loads only on variables >= piv[c]. ``Lk = F[piv[:k], :k]`` is lower triangular.
-
-    A variable whose innovation variance (the Schur complement given all earlier variables) is
-    at most ``rtol`` times its own variance gets no innovation; it is represented by its
-    regression on the earlier variables.
-    """
-
-    def __init__(self, m: int, rtol: float):
-        self.F = np.zeros((m, m))
-        self.Lk = np.zeros((m, m))
-        self.piv = np.zeros(m, dtype=np.int64)
-        self.k = 0
-        self.nvar = 0
-        self.rtol = float(rtol)
-        self.tol_loss = 1e-3
-        self.new = np.zeros(0, dtype=np.int64)      # in-block indices of the last new pivots
-
-    def extend(self, Krows) -> np.ndarray:
-        """Add a block of b variables; ``Krows`` (b, nvar + b) is their covariance with all
-        variables so far and with themselves. Returns the new rows ``F[block, :k]``."""
-        Krows = np.asarray(Krows, dtype=np.float64)
-        b = Krows.shape[0]
-        v0, k = self.nvar, self.k
-        if not np.all(np.isfinite(Krows)):
-            raise FloatingPointError("non-finite kernel: the fields diverged")
-        if k:
-            X = solve_triangular(self.Lk[:k, :k], Krows[:, self.piv[:k]].T, lower=True,
-                                 check_finite=False).T
-        else:
-            X = np.zeros((b, 0))
-        Sch = Krows[:, v0:v0 + b] - X @ X.T
-        Sch = 0.5 * (Sch + Sch.T)
-        var = np.diag(Krows[:, v0:v0 + b])
-        # the Schur complement is PSD in exact arithmetic; a clearly negative diagonal means the
-        # factor lost accuracy (near-degenerate pivots compounding): never draw from it
-        if np.any(np.diag(Sch) < -self.tol_loss * np.maximum(var, 1e-300)):
-            raise FloatingPointError(
-                "the causal factor of a source kernel lost accuracy (innovation variance "
-                f"{np.diag(Sch).min():.3g} < 0); raise the innovation threshold src_rtol")
-        Fb = np.zeros((b, b))
-        new = []
-        for i in range(b):
-            r = len(new)
-            v = Sch[i:, i] - Fb[i:, :r] @ Fb[i, :r]
-            if v[0] > 0.0 and v[0] > self.rtol * max(var[i], 0.0):
-                Fb[i:, r] = v / math.sqrt(v[0])
-                new.append(i)
-        r = len(new)
-        self.F[v0:v0 + b, :k] = X
-        self.F[v0:v0 + b, k:k + r] = Fb[:, :r]
-        self.new = np.asarray(new, dtype=np.int64)
-        self.piv[k:k + r] = v0 + self.new
-        self.Lk[k:k + r, :k + r] = self.F[v0 + self.new, :k + r]
-        self.k = k + r
-        self.nvar = v0 + b
-        return self.F[v0:v0 + b, :self.k]
-
-
-def estimate_memory(T1: int, n: int, P: int, depth: int, samples_per_population: int,
-                    tangent_samples: int, responses: bool, stein: bool,
-                    tangent_bytes: int = 4) -> int:
-    """Peak bytes of one population of :func:`solve_causal` (all layers in flight).
-
-    Fields: per layer phi(h), g, phi'(h) histories (T1 n S doubles each) and the source
-    normals of u and r (T1 n S / 2 each); tangents: per tangent system the phi- and g-tangent
-    histories (T1 x rows x T1 P Sr) in ``tangent_bytes``; kernels: Phi, G, A, B, the
-    control-variate kernel and their population sums (flat (T1 n)^2 doubles).
-    """
-    L = int(depth)
-    S = int(samples_per_population)
-    m = T1 * n
-    fields = L * (3 * m * S + m * S) * 8
-    tang = 0
-    if responses and L >= 2:
-        cols = T1 * P * int(tangent_samples)
-        nr = L - 1                                  # r-systems (layers 1 .. L-1)
-        nu = 0 if stein else L - 1                  # u-systems (layers 2 .. L)
-        tang = (nr * (2 * T1 * P) + nu * (T1 * n + T1 * P)) * cols * tangent_bytes
-    kernels = (5 * L) * m * m * 8 * 3
-    stein_b = (L - 1) * (n - P + 1) * T1 * (P + 1) * S * 8 if stein else 0
-    return int(fields + tang + kernels + stein_b)
-
-
-def estimate_flops(T1: int, n: int, P: int, depth: int, samples: int, tangent_samples: int,
-                   responses: bool) -> float:
-    """Floating-point operations of one population of :func:`solve_causal` (model).
-
-    Per sample and layer ~ T1^2 (2 n P + 5 n^2) (memory terms of h and z, the causal sources
-    u and r, the kernel rows of Phi, G and the control-variate kernel); per tangent sample and
-    tangent system ~ 4 n P^2 T1^3 / 3 (the h- and z-parts of the T1 P directions, each causal).
-    """
-    L = int(depth)
-    march = L * samples * T1 ** 2 * (2 * n * P + 5 * n * n)
-    tang = 0.0
-    if responses and L >= 2:
-        tang = 2 * (L - 1) * tangent_samples * 4 * n * P * P * T1 ** 3 / 3
-    return float(march + tang)
 
 
 def _check_finite(name, a, t, layer):
@@ -295,9 +191,8 @@ def _sobol_normals(d: int, count: int, rng) -> np.ndarray:
     points of the (unscrambled) Sobol sequence, each coordinate's 30-bit integer XORed with an
     independent uniform random integer (a random digital shift: every point is uniform on
     [0, 1)^d and the set keeps its stratification), cell midpoints through the normal quantile
-    (never 0 or 1). Unbiased; independent shifts give independent replicates. (Owen's
-    scrambling, scipy's ``scramble=True``, cost ~40 ms per set here, more than the shift's
-    share of the variance reduction was worth at these sizes.)"""
+    (never 0 or 1). Unbiased; independent shifts give independent replicates (cheaper than
+    Owen's scrambling; measurements: benchmarks/README.md)."""
     import warnings
 
     from scipy.special import ndtri
@@ -643,3 +538,4 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
                memory_bytes=mem)
     return res
+

@@ -1,7 +1,7 @@
-"""O(1/N) propagator of deep *nonlinear* networks (THEORY.md §5 on top of §2), sampled.
+"""O(1/N) propagator of deep *nonlinear* networks (docs/theory.rst §5 on top of §2), sampled.
 
-The model of the finite-width noise is the one of :mod:`solvers.fluct_deep` (checked there
-against simulated linear networks), with the Gaussian unit replaced by sampled single-site
+The model of the finite-width noise is the one of :mod:`solvers.fluct.deep_linear` (checked
+there against simulated linear networks), with the Gaussian unit replaced by sampled single-site
 fields. Integrating out the initial weights couples layers only through averages over the
 units of a layer; at width N each average is its single-unit mean plus noise E / sqrt(N):
 
@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fluct_deep import _torch
-from .mc import causal_cholesky, stein_groups
+from ..layout import causal_cholesky, causal_mask, equal_time, two_time
+from ..mc.responses import stein_groups
+from .deep_linear import _torch
 
 __all__ = ["deep_propagator"]
 
@@ -90,12 +91,11 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     seed : int or SeedSequence.
     rtol : float
         Innovations below this fraction of a source's variance are dropped
-        (:func:`solvers.mc.causal_cholesky`). Default 1e-3, larger than the solver's 1e-6:
+        (:func:`solvers.layout.causal_cholesky`). Default 1e-3, larger than the solver's 1e-6:
         the derivative of a Stein response with respect to the source covariance carries the
         sampling noise times the inverse whitening factor, and with near-degenerate
-        innovations kept the adjoint iteration diverges (measured: tanh, depth 2, T = 10,
-        lr = 0.1, at rtol 1e-6 and 1e-4 with 1024 and 4096 samples; converged in 12
-        iterations at 1e-3). The dropped innovations carry at most this fraction of each
+        innovations kept the adjoint iteration diverges (measurements: benchmarks/README.md).
+        The dropped innovations carry at most this fraction of each
         source's variance.
     batch : int
         Observables per batched backward pass.
@@ -135,8 +135,8 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     ones = np.ones((m, m))
 
     # masks (numpy bool -> torch float)
-    strict = tb[:, None] > tb[None, :]
-    lower = tb[:, None] >= tb[None, :]
+    strict = causal_mask(T1, n)
+    lower = causal_mask(T1, n, strict=False)
     # A: rows all points, columns train sources only (test r reaches nothing)
     maskA = lower & train[None, :]
     # B: train rows see train sources; test row q sees train sources and its own
@@ -168,7 +168,7 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     rngs = [np.random.default_rng(c) for c in ss.spawn(2 * L)]
     # antithetic pairs (u, r), (u, -r): the parts of phi even in r and of g odd in r (the
     # dominant ones) cancel in the Stein responses of the map, whose noise sets the error of
-    # the linearisation (measured, depth-2 linear net: 4x fewer samples for the same error)
+    # the linearisation (measurements: benchmarks/README.md)
     S -= S % 2
     half = S // 2
     xi_u = [T(np.repeat(rngs[2 * l].standard_normal((half, len(keep_u[l]))), 2, axis=0))
@@ -279,12 +279,10 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
         fc = fq - fq[:1] if center else fq
         obs = [fc.reshape(-1)]
         if ntk:
-            K = kx_t.reshape(T1, n, T1, n)[idx_t, :, idx_t, :] * \
-                q["g"][0].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+            K = equal_time(kx_t, T1, n) * equal_time(q["g"][0], T1, n)
             for l in range(L):
-                Gl1 = (q["g"][l + 1].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
-                       if l < L - 1 else 1.0)
-                K = K + Gl1 * q["phi"][l].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+                Gl1 = equal_time(q["g"][l + 1], T1, n) if l < L - 1 else 1.0
+                K = K + Gl1 * equal_time(q["phi"][l], T1, n)
             iu = np.triu_indices(n)
             obs.append(K[:, iu[0], iu[1]].reshape(-1))
         return torch.cat(obs)
@@ -392,8 +390,8 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     finally:
         torch.set_num_threads(nthreads)
     nf = T1 * n
-    cf = cov[:nf, :nf].reshape(T1, n, T1, n).transpose(0, 2, 1, 3)
-    cf_se = cov_se[:nf, :nf].reshape(T1, n, T1, n).transpose(0, 2, 1, 3)
+    cf = two_time(cov[:nf, :nf], T1, n)
+    cf_se = two_time(cov_se[:nf, :nf], T1, n)
     res = {"cov": cf, "pred_cov": np.ascontiguousarray(cf[idx_t, idx_t]),
            "pred_cov_se": np.ascontiguousarray(cf_se[idx_t, idx_t]),
            "residual": residual, "ntk_var": None, "ntk_var_se": None}
@@ -421,7 +419,6 @@ def _kappa_layer(torch, fl, Jl, first, last, edges, chunk, gamma0, act, T1, n, p
     """
     from torch.func import jacfwd, vmap
 
-    m = T1 * n
     C, D = fl["C"], fl["D"]
     K = Jl["pp"].shape[0]
     Jp = 0.5 * (Jl["pp"] + Jl["pp"].transpose(1, 2))

@@ -1,4 +1,4 @@
-"""O(1/N) propagator of deep *linear* networks (THEORY.md §5 on top of §3), exact.
+"""O(1/N) propagator of deep *linear* networks (docs/theory.rst §5 on top of §3), exact.
 
 The model of the finite-width noise (derived for this module; checked against the exact
 two-layer closure, the lazy universal form and simulated networks in
@@ -42,6 +42,8 @@ per layer for the two-time prediction covariance (e.g. 40 MB per layer at n = 3,
 from __future__ import annotations
 
 import numpy as np
+
+from ..layout import equal_time, two_time
 
 __all__ = ["deep_linear_propagator", "deep_linear_lazy_kappa"]
 
@@ -133,11 +135,11 @@ def _march(torch, kx_flat, y, L, g0, lr, n, P, T1, E, center, iters, responses=T
         delta = yv[None, :] - fc[:, :P]
     fc = f - f[:1] if center else f
     # equal-time NTK: sum_{l=0}^{L} G^{l+1}(t,t) Phi^l(t,t)
-    kxt = Phi0.reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+    kxt = equal_time(Phi0, T1, n)
     ntk = G[0][idx_t, idx_t][:, None, None] * kxt
     for l in range(1, L + 1):
         Gl1 = G[l][idx_t, idx_t] if l < L else torch.ones(T1, dtype=dt)
-        Pl = Phi[l - 1].reshape(T1, n, T1, n)[idx_t, :, idx_t, :]
+        Pl = equal_time(Phi[l - 1], T1, n)
         ntk = ntk + Gl1[:, None, None] * Pl
     S = []
     for l in range(1, L + 1):
@@ -210,7 +212,7 @@ def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk
         ntk_inf = out["ntk"].detach().numpy()
     finally:
         torch.set_num_threads(nthreads)
-    cf = cov.reshape(T1, n, T1, n).transpose(0, 2, 1, 3)
+    cf = two_time(cov, T1, n)
     res = {"f": f_inf, "ntk_mean": ntk_inf, "cov": cf,
            "pred_cov": np.ascontiguousarray(cf[np.arange(T1), np.arange(T1)]),
            "residual": residual, "ntk_var": None}

@@ -1,0 +1,27 @@
+"""Finite-width fluctuations at O(1/N) (docs/theory.rst §5).
+
+Engines only (arrays in, arrays or plain dicts out; no :mod:`dmft` import). Notation as in
+docs/theory.rst: n = P + Q points (P training points first), T steps, c = lr * gamma0, kx = Phi^0
+(n, n), Delta (T, P) the infinite-width error signal on the training points at the times
+t = 0 .. T-1 that drive the updates. One module per route:
+
+- :mod:`solvers.fluct.two_layer`: the single-site process of a two-layer network (sampling,
+  the march under a given Delta, the self-consistent population march);
+- :mod:`solvers.fluct.propagator`: the two-layer O(1/N) propagator by forward-mode tangents
+  and influence vectors;
+- :mod:`solvers.fluct.lazy`: the lazy (frozen-kernel) limit;
+- :mod:`solvers.fluct.linear_exact`: the exact closure of two-layer linear networks;
+- :mod:`solvers.fluct.deep_linear`: deep linear networks, exact (PyTorch);
+- :mod:`solvers.fluct.deep_mc`: deep nonlinear networks, sampled (PyTorch).
+"""
+from .lazy import lazy_delta, lazy_propagator, linear_lazy_moments, sampled_lazy_moments
+from .linear_exact import linear_exact_fluctuations, linear_moments_march
+from .propagator import (accumulate_response, accumulate_response_jit, default_chunk,
+                         influence_moments, two_layer_propagator)
+from .two_layer import draw_units, march, population_march, triu_index, unit_observables
+
+__all__ = ["draw_units", "march", "population_march", "unit_observables", "accumulate_response",
+           "accumulate_response_jit", "influence_moments", "two_layer_propagator",
+           "lazy_propagator", "linear_lazy_moments", "sampled_lazy_moments",
+           "linear_moments_march", "linear_exact_fluctuations", "triu_index", "default_chunk",
+           "lazy_delta"]
