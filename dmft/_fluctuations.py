@@ -63,7 +63,8 @@ from .results import ConvergenceError, Fluctuations, Solution
 from .specs import check_positive_int
 
 __all__ = ["fluctuations", "solve_two_layer", "FLUCTUATION_METHODS", "FluctuationOptions",
-           "FluctuationMethod"]
+           "SampledOptions", "PropagatorOptions", "LazyOptions", "DeepPropagatorOptions",
+           "AutoOptions", "FluctuationMethod"]
 
 _MOMENTS = ("auto", "exact", "sampled")
 DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000, "deep-propagator": 16384}
@@ -82,20 +83,49 @@ def _blocks(name, value):
 
 @dataclass(frozen=True)
 class FluctuationOptions(Options):
-    """Options of every fluctuation method (see :func:`fluctuations`); each method reads the
-    ones it needs."""
+    """Options every fluctuation method takes (see :func:`fluctuations`)."""
 
     center: bool = option(False, boolean(), "fluctuations of the centred model")
     ntk: bool = option(True, boolean(), "also compute ntk_var")
-    blocks: int = option(10, _blocks, "batch-means blocks for the standard errors")
-    chunk: int | None = option(None, positive_int(" (samples per batch, e.g. chunk=256) or None"),
-                               "samples processed together")
-    moments: str = option("auto", one_of(_MOMENTS, "moments {value!r} is unknown; use one of "
-                                         + str(list(_MOMENTS))), "'lazy': exact or sampled")
+
+
+@dataclass(frozen=True)
+class SampledOptions(FluctuationOptions):
+    """Options of the methods that draw single-site samples."""
+
     samples: int | None = option(None, positive_int(" (single-site samples, e.g. "
                                                     "samples=20000)"), "single-site samples")
+    blocks: int = option(10, _blocks, "batch-means blocks for the standard errors")
+
+
+@dataclass(frozen=True)
+class PropagatorOptions(SampledOptions):
+    """Options of ``method="propagator"``."""
+
+    chunk: int | None = option(None, positive_int(" (samples per batch, e.g. chunk=256) or None"),
+                               "samples processed together")
+
+
+@dataclass(frozen=True)
+class LazyOptions(SampledOptions):
+    """Options of ``method="lazy"``."""
+
+    moments: str = option("auto", one_of(_MOMENTS, "moments {value!r} is unknown; use one of "
+                                         + str(list(_MOMENTS))), "exact or sampled moments")
+
+
+@dataclass(frozen=True)
+class DeepPropagatorOptions(SampledOptions):
+    """Options of ``method="deep-propagator"``."""
+
     kappa_samples: int | None = option(None, positive_int(" (samples for kappa, e.g. 8192)"),
-                                       "'deep-propagator': samples for kappa")
+                                       "samples for kappa")
+
+
+@dataclass(frozen=True)
+class AutoOptions(PropagatorOptions, LazyOptions, DeepPropagatorOptions):
+    """Options of ``method="auto"``: those of every method it may choose; the ones that do
+    not apply to the method chosen for a solution are refused then (:func:`fluctuations`)."""
 
 
 def _delta(sol: Solution, center: bool) -> np.ndarray:
@@ -163,7 +193,7 @@ class FluctuationMethod(Method):
 
     def run(self, ctx, sol: Solution, *, opts: FluctuationOptions) -> Fluctuations:
         self.check(sol, opts)
-        samples = opts.samples
+        samples = getattr(opts, "samples", None)
         if samples is not None or self.uses_samples(sol, opts):
             if samples is None:
                 samples = self.default_samples or DEFAULT_SAMPLES["lazy"]
@@ -176,8 +206,10 @@ class FluctuationMethod(Method):
             raise ValueError("sol has non-finite predictions or NTK; fluctuations need a "
                              "finite infinite-width solution (reduce lr or gamma0 in the solve)")
         state.rng = ctx.rng()
-        state.options.update(method=self.name, center=opts.center, blocks=opts.blocks,
-                             chunk=opts.chunk, ntk=opts.ntk, seed=ctx.seed_int)
+        state.options.update(method=self.name, center=opts.center, ntk=opts.ntk,
+                             seed=ctx.seed_int,
+                             **{k: getattr(opts, k) for k in ("blocks", "chunk")
+                                if hasattr(opts, k)})
         try:
             res = self.compute(state)
         except FloatingPointError as exc:
@@ -197,7 +229,7 @@ class FluctuationMethod(Method):
         return fl
 
 
-class _Auto(FluctuationMethod, name="auto",
+class _Auto(FluctuationMethod, name="auto", options=AutoOptions,
             description="'lazy' for a static solution or gamma0 = 0, 'linear-exact' / "
                         "'deep-linear' for linear networks, else 'propagator' / "
                         "'deep-propagator'"):
@@ -222,7 +254,7 @@ class _TwoLayer(FluctuationMethod):
                 f"'deep-linear' for a linear one, or 'auto')")
 
 
-class _Propagator(_TwoLayer, name="propagator",
+class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
                   description="two-layer networks, sampled single-site propagator (any smooth "
                               "activation)"):
     def compute(self, state):
@@ -253,7 +285,7 @@ class _Propagator(_TwoLayer, name="propagator",
         return res
 
 
-class _Lazy(FluctuationMethod, name="lazy",
+class _Lazy(FluctuationMethod, name="lazy", options=LazyOptions,
             description="gamma0 -> 0: frozen random kernel, linear dynamics (exact or sampled "
                         "moments)"):
     def uses_samples(self, sol, opts):
@@ -302,6 +334,7 @@ class _Lazy(FluctuationMethod, name="lazy",
 
 
 class _DeepPropagator(FluctuationMethod, name="deep-propagator",
+                      options=DeepPropagatorOptions,
                       description="deep smooth networks: propagator with sampled single-site "
                                   "fields"):
     def check(self, sol, opts):
@@ -432,6 +465,11 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
     method : str
         A key of :data:`FLUCTUATION_METHODS`: ``"auto"``, ``"propagator"``, ``"lazy"``,
         ``"linear-exact"``, ``"deep-linear"`` or ``"deep-propagator"`` (module docstring).
+        Each method takes the options of its dataclass (``center`` and ``ntk`` always;
+        ``samples`` and ``blocks`` for the sampled methods; ``chunk`` for ``"propagator"``,
+        ``moments`` for ``"lazy"``, ``kappa_samples`` for ``"deep-propagator"``); an option
+        that does not apply to the method (for ``"auto"``: to the method it chooses for
+        ``sol``) raises ValueError.
     samples : int, optional
         Single-site samples (default 20 000 for ``"propagator"``, 200 000 for sampled lazy
         moments, 16384 per layer for the map of ``"deep-propagator"``). The relative Monte
@@ -488,7 +526,7 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         The single-site fields or the linearised dynamics diverged (``throw=True``, or no
         result to return).
     """
-    unknown = FluctuationOptions.unknown(options)
+    unknown = AutoOptions.unknown(options)
     if unknown:
         raise FLUCTUATION_METHODS["auto"].unknown_error(unknown)
     if not isinstance(sol, Solution):
@@ -497,8 +535,15 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
                          f"ens.var() and multiply by ens.width")
     if not isinstance(method, str) or method not in FLUCTUATION_METHODS:
         raise ValueError(f"method {method!r} is unknown; use one of {list(FLUCTUATION_METHODS)}")
-    FluctuationOptions(**options)  # validate before resolving "auto"
+    AutoOptions(**options)  # validate the values before resolving "auto"
     adapter = FLUCTUATION_METHODS[method].resolve(sol)
+    inapplicable = sorted(set(options) - set(adapter.Options.names()))
+    if inapplicable:
+        chosen = "" if method == adapter.name else \
+            f" (the method that method={method!r} chose for this solution)"
+        raise ValueError(f"option(s) {inapplicable} do not apply to fluctuations method="
+                         f"{adapter.name!r}{chosen}; its options are "
+                         f"{list(adapter.Options.names())}; drop them")
     return adapter(sol, seed=seed, throw=throw, progress=progress, **options)
 
 

@@ -62,7 +62,7 @@ from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["solve_mc", "solve_gia", "DEFAULTS", "MCOptions", "MC", "GIA"]
 
-#: default options (None in :class:`MCOptions`); chosen so that the issue's sizes reach ~1e-2
+#: default options (None in :class:`MCOptions`); chosen so that the benchmark sizes reach ~1e-2
 #: on the predictions in about a minute or less on 2 cores (measurements: benchmarks/README.md)
 DEFAULTS = {
     "samples_two_layer": 1 << 16,
@@ -148,61 +148,83 @@ class MCOptions(Options):
                                  "Monte Carlo samples per layer")
     response_samples: int | None = option(
         None, positive_int(" (samples for the response tangents)"),
-        "samples for the tangent estimates of A, B (L >= 2)")
+        "samples for the tangent estimates of A, B (L >= 2)",
+        applies=("onepass", "iterative"))
     kernel_samples: int | None = option(
         None, positive_int(" (samples for the two-time kernels of two-layer networks)"),
-        "L = 1: samples for the two-time kernels")
+        "L = 1: samples for the two-time kernels",
+        applies=("two_layer",))
     damping: float | None = option(None, real_in(
         0, 1, "the weight of the new estimate in the mixing, e.g. damping=0.5"),
-        "iterative: weight of the new estimate in the mixing")
+        "iterative: weight of the new estimate in the mixing",
+        applies=("iterative",))
     anderson: int | None = option(None, int_at_least(0, "history length; 0 disables"),
-                                  "iterative: Anderson mixing history")
+                                  "iterative: Anderson mixing history",
+                                  applies=("iterative",))
     tol: float | None = option(None, real_in(0, np.inf, "e.g. tol=1e-4"),
-                               "iterative: residual tolerance")
+                               "iterative: residual tolerance",
+                               applies=("iterative",))
     noise_factor: float | None = option(None, real_in(0, np.inf, "e.g. noise_factor=0.25"),
-                                        "iterative: stop at this multiple of the noise floor")
+                                        "iterative: stop at this multiple of the noise floor",
+                                        applies=("iterative",))
     max_iter: int | None = option(None, positive_int(" (iteration limit)"),
-                                  "iterative: iteration limit")
+                                  "iterative: iteration limit",
+                                  applies=("iterative",))
     blocks: int | None = option(
         None, positive_int(" (independent populations for standard errors)"),
-        "L = 1: independent populations for the standard errors")
+        "L = 1: independent populations for the standard errors",
+        applies=("two_layer",))
     chunk_mb: float | None = option(None, real_in(
-        0, np.inf, "memory per chunk in MB, e.g. chunk_mb=64"), "memory per streamed chunk")
+        0, np.inf, "memory per chunk in MB, e.g. chunk_mb=64"), "memory per streamed chunk",
+        applies=("iterative",))
     relu_eps: float | None = option(None, real_in(0, np.inf, "e.g. relu_eps=0.05"),
-                                    "width of the smoothed delta for relu's phi''")
+                                    "width of the smoothed delta for relu's phi''",
+                                    applies=("onepass", "iterative"))
     window: int | None = option(
         None, positive_int(" (first time horizon of the continuation in time)"),
-        "iterative: first horizon of the continuation in time")
+        "iterative: first horizon of the continuation in time",
+        applies=("iterative",))
     sampler: str | None = option(None, one_of(
         ("sobol", "random"), "{name} must be 'sobol' (randomised quasi-Monte Carlo) or "
-        "'random' (i.i.d.), got {value!r}"), "'sobol' or 'random' sources")
+        "'random' (i.i.d.), got {value!r}"), "'sobol' or 'random' sources",
+        applies=("two_layer", "onepass"))
     replicates: int | None = option(None, positive_int(
         " (independent fixed-point solutions for honest standard errors, L >= 2)"),
-        "L >= 2: independent populations / solutions")
+        "L >= 2: independent populations / solutions",
+        applies=("onepass", "iterative"))
     b_estimator: str | None = option(None, one_of(
         ("auto", "tangent", "stein"), "{name} must be 'auto', 'tangent' or 'stein', got "
         "{value!r} ('auto': Stein's lemma for relu, tangents otherwise)"),
-        "how B is estimated (L >= 2)")
+        "how B is estimated (L >= 2)",
+        applies=("onepass", "iterative"))
     stein_rtol: float | None = option(None, real_in(0, 1, "e.g. stein_rtol=1e-6"),
-                                      "'stein': innovation variance cut-off")
+                                      "'stein': innovation variance cut-off",
+                                      applies=("onepass", "iterative"))
     response_control: bool | None = option(
         None, boolean(" (the control variate of the tangent responses)"),
-        "control variate of the tangent responses")
+        "control variate of the tangent responses",
+        applies=("onepass", "iterative"))
     callback: object = option(None, is_callable("callback(iteration, state, residual)"),
-                              "iterative: callback(iteration, state, residual)")
+                              "iterative: callback(iteration, state, residual)",
+                              applies=("iterative",))
     scheme: str | None = option(None, one_of(
         ("onepass", "iterative"), "{name} must be 'onepass' (causal one-pass solver, "
         "default) or 'iterative' (alternating fixed-point iteration), got {value!r}"),
-        "L >= 2: 'onepass' or 'iterative'")
+        "L >= 2: 'onepass' or 'iterative'",
+        applies=("onepass", "iterative"))
     src_rtol: float | None = option(None, real_in(0, 1, "e.g. src_rtol=1e-6"),
-                                    "one pass: source innovation cut-off")
+                                    "one pass: source innovation cut-off",
+                                    applies=("onepass",))
     max_memory_gb: float | None = option(None, real_in(
         0, np.inf, "the memory a solve may use, in GB, e.g. max_memory_gb=8"),
-        "one pass: refuse solves estimated above this memory")
+        "one pass: refuse solves estimated above this memory",
+        applies=("onepass",))
 
-    #: options of the iterative deep solver only (an error with scheme="onepass")
-    ITERATIVE_ONLY = ("damping", "anderson", "tol", "noise_factor", "max_iter", "window",
-                      "callback")
+    #: the regimes of ``applies=``: "two_layer" (depth 1, the forward march), "onepass" and
+    #: "iterative" (depth >= 2, ``scheme``); an option given for another regime is an error
+    REGIMES = {"two_layer": "two-layer networks (depth 1: one forward march)",
+               "onepass": "the one-pass deep solver (scheme='onepass', the default)",
+               "iterative": "the iterative deep solver (scheme='iterative')"}
 
 
 class MonteCarlo(Method, name="mc", options=MCOptions):
@@ -296,7 +318,9 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
     scheme : {"onepass", "iterative"}
         L >= 2: the causal one-pass solver (default) or the alternating fixed-point iteration
         (``damping``, ``anderson``, ``tol``, ``noise_factor``, ``max_iter``, ``window``,
-        ``callback`` apply to it only; passing them with "onepass" is an error).
+        ``callback`` apply to it only; passing them with "onepass" is an error). Every option
+        declares the regimes it applies to (two-layer march, one pass, iterative:
+        ``MCOptions.for_regime``); one given for another regime raises ValueError.
     src_rtol : float
         One pass: a source variable whose innovation variance (given the earlier ones) is below
         this fraction of its variance gets no innovation of its own (default 1e-6; smaller
@@ -374,12 +398,15 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
 
     scheme = value("scheme")
     onepass = L >= 2 and scheme == "onepass"
-    if onepass:
-        given = [k for k in opts.ITERATIVE_ONLY if getattr(opts, k) is not None]
-        if given:
-            raise ValueError(f"option(s) {sorted(given)} belong to the iterative deep solver; "
-                             f"the default one-pass solver (scheme='onepass') has no outer "
-                             f"iteration. Drop them, or pass scheme='iterative'")
+    regime = "two_layer" if L == 1 else scheme
+    given = opts.inapplicable(regime)
+    if given and regime == "onepass" and set(given) <= set(opts.for_regime("iterative")):
+        raise ValueError(f"option(s) {given} belong to the iterative deep solver; "
+                         f"the default one-pass solver (scheme='onepass') has no outer "
+                         f"iteration. Drop them, or pass scheme='iterative'")
+    if given:
+        raise ValueError(f"option(s) {given} do not apply to {opts.REGIMES[regime]}; its "
+                         f"options are {list(opts.for_regime(regime))}; drop them")
     samples = value("samples", "samples_two_layer" if L == 1 else
                     "samples_onepass" if onepass else "samples_deep")
     if samples < 2:

@@ -110,13 +110,17 @@ def is_callable(signature):
     return check
 
 
-def option(default=None, check=None, doc=""):
+def option(default=None, check=None, doc="", applies=None):
     """A field of an :class:`Options` dataclass: default, validator and a one-line doc.
 
     ``check(name, value)`` returns the normalised value or raises ``ValueError``; it is not
-    called for ``None`` (which means "the method's default").
+    called for ``None`` (which means "the method's default"). ``applies``: for a method
+    with several regimes (e.g. ``"mc"``: two-layer march, one-pass or iterative deep
+    solver), the regimes the option applies to (None: all); :meth:`Options.inapplicable`
+    lists the options given for another regime.
     """
-    return dataclasses.field(default=default, metadata={"check": check, "doc": doc})
+    return dataclasses.field(default=default,
+                             metadata={"check": check, "doc": doc, "applies": applies})
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,18 @@ class Options:
     def unknown(cls, kwargs) -> list:
         """The keys of ``kwargs`` that are not options, sorted."""
         return sorted(set(kwargs) - set(cls.names()))
+
+    @classmethod
+    def for_regime(cls, regime) -> tuple:
+        """The option names that apply in ``regime`` (see :func:`option`)."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.metadata.get("applies") is None or regime in f.metadata["applies"])
+
+    def inapplicable(self, regime) -> list:
+        """The options given (not None) that do not apply in ``regime``, sorted."""
+        valid = set(self.for_regime(regime))
+        return sorted(name for name in self.names()
+                      if name not in valid and getattr(self, name) is not None)
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.names()}

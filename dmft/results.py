@@ -127,8 +127,9 @@ class _Predictions(_Status):
 class Solution(_Predictions):
     """Infinite-width (or frozen-kernel) solution of the training dynamics.
 
-    Field shapes: the table in the module docstring (docs/results.rst). ``stderr`` maps field names to Monte Carlo
-    standard errors of the same shape (empty for deterministic methods). ``extras`` holds
+    Field shapes: the table in the module docstring (docs/results.rst). ``stderr`` maps
+    field names to Monte Carlo standard errors of the same shape (empty for deterministic
+    methods). ``extras`` holds
     method-specific arrays (e.g. ``"f_std"``); all arrays there are saved to HDF5 too.
     ``converged``, ``status`` (``"converged"``, ``"not_converged"`` or ``"diverged"``) and
     ``message`` say how the solver ended (:mod:`dmft._method`).

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -213,6 +214,39 @@ def test_mc_iterative_options_refused_with_onepass():
                    method="mc", tol=1e-3, max_iter=3)
 
 
+@pytest.mark.parametrize("depth,options,regime", [
+    (1, {"response_samples": 64}, "two-layer networks"),
+    (1, {"scheme": "onepass", "replicates": 4}, "two-layer networks"),
+    (2, {"blocks": 4}, "the one-pass deep solver"),
+    (2, {"kernel_samples": 64, "tol": 1e-3}, "the one-pass deep solver"),
+    (2, {"scheme": "iterative", "src_rtol": 1e-5}, "the iterative deep solver"),
+    (2, {"scheme": "iterative", "sampler": "random"}, "the iterative deep solver"),
+])
+def test_mc_options_of_another_regime_refused(depth, options, regime):
+    """mc's options declare the regimes they apply to (option(..., applies=)); one given for
+    another regime (depth 1 march, one pass, iterative) is an error naming the valid ones."""
+    names = sorted(options)
+    opts = dmft._mc.MCOptions(**options)
+    mode = "two_layer" if depth == 1 else options.get("scheme", "onepass")
+    valid = list(opts.for_regime(mode))
+    bad = opts.inapplicable(mode)
+    assert bad and set(bad) <= set(names) and not set(bad) & set(valid)
+    with pytest.raises(ValueError, match=rf"option\(s\) {re.escape(str(bad))} do not apply to "
+                                         rf"{regime}.*its options are "
+                                         rf"{re.escape(str(valid))}"):
+        dmft.solve(dmft.MLP(depth, "tanh"), _data(), dmft.GradientDescent(1.0, 0.1, 3),
+                   method="mc", seed=0, **options)
+
+
+def test_mc_regimes_generated_from_the_dataclass():
+    O = dmft._mc.MCOptions
+    assert set(O.for_regime("two_layer")) == {"samples", "kernel_samples", "blocks", "sampler"}
+    assert "src_rtol" in O.for_regime("onepass") and "src_rtol" not in O.for_regime("iterative")
+    assert {"damping", "anderson", "tol", "noise_factor", "max_iter", "window", "callback",
+            "chunk_mb"} == set(O.for_regime("iterative")) - set(O.for_regime("onepass"))
+    assert set(O.names()) == set().union(*(O.for_regime(r) for r in O.REGIMES))
+
+
 def test_throw_false_simulate():
     data = _data()
     net, train = dmft.MLP(2, "linear"), dmft.GradientDescent(5.0, 1.0, 30)
@@ -248,7 +282,14 @@ def test_fluctuation_table():
                                          "deep-linear", "deep-propagator"]
     for name, adapter in FLUCTUATION_METHODS.items():
         assert adapter.name == name and adapter.description
-        assert adapter.Options is FluctuationOptions
+        assert issubclass(adapter.Options, FluctuationOptions)
+    # each method takes its own options, generated from its dataclass
+    names = {name: set(a.Options.names()) for name, a in FLUCTUATION_METHODS.items()}
+    assert names["linear-exact"] == names["deep-linear"] == {"center", "ntk"}
+    assert names["propagator"] == {"center", "ntk", "samples", "blocks", "chunk"}
+    assert names["lazy"] == {"center", "ntk", "samples", "blocks", "moments"}
+    assert names["deep-propagator"] == {"center", "ntk", "samples", "blocks", "kappa_samples"}
+    assert names["auto"] == set().union(*names.values())
     data = _data()
     train = dmft.GradientDescent(1.0, 0.1, 3)
     static = dmft.solve(dmft.MLP(1, "tanh"), data, train, method="static")
@@ -261,6 +302,16 @@ def test_fluctuation_table():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\] for fluctuations; "
                                          r"known options: method, center"):
         dmft.fluctuations(lin, bogus=1)
+    # an option of another method: refused, naming the method (and what "auto" chose)
+    with pytest.raises(ValueError, match=r"option\(s\) \['samples'\] do not apply to "
+                                         r"fluctuations method='linear-exact' \(the method "
+                                         r"that method='auto' chose"):
+        dmft.fluctuations(lin, samples=1000)
+    with pytest.raises(ValueError, match=r"\['chunk', 'kappa_samples'\] do not apply to "
+                                         r"fluctuations method='lazy'; its options are"):
+        dmft.fluctuations(static, method="lazy", chunk=10, kappa_samples=10)
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        dmft.fluctuations(lin, method="linear-exact", samples=-1)
 
 
 # ------------------------------------------------------------------------------------------
