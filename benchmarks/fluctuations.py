@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dmft  # noqa: E402
-from dmft._fluctuations import solve_two_layer  # noqa: E402
+from dmft._two_layer import solve_two_layer  # noqa: E402
 
 
 def _problem(P, Q, D, seed):

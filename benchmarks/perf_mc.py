@@ -78,7 +78,7 @@ CASES = {
               # the bias is small (c_rms ~ 0.5: 4e-3 at N = 128), so the cheapest ensembles are
               # narrow; widths 128-512 give both the times there and a 1/N lever arm of 4
               pilot_widths=[128, 256, 512], pilot_seeds=[512, 256, 128]),
-    # the case (c): a new user's depth-3 problem
+    # case (c): a new user's depth-3 problem
     "c": dict(L=3, activation="tanh", P=5, Q=3, D=10, steps=40, gamma0=1.0, lr=0.1,
               samples=[4096, 8192, 16384, 32768, 65536],
               pilot_widths=[128, 256, 512], pilot_seeds=[512, 256, 128]),

@@ -43,9 +43,8 @@ Methods (``method=``):
     two-layer linear network, ``"deep-linear"`` for a deeper linear one,
     ``"deep-propagator"`` for a deep nonlinear one, else ``"propagator"``.
 
-Also here: :func:`solve_two_layer`, the infinite-width two-layer dynamics by a self-consistent
-forward march of a sample population (no outer iteration is needed at L = 1), used by the tests
-and the benchmark as a reference Solution independent of ``method="mc"``.
+The reference two-layer solution the tests and the benchmark linearise around is in
+:mod:`dmft._two_layer` (``solve_two_layer``).
 """
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ from ._progress import logger
 from .results import ConvergenceError, Fluctuations, Solution
 from .specs import check_positive_int
 
-__all__ = ["fluctuations", "solve_two_layer", "FLUCTUATION_METHODS", "FluctuationOptions",
+__all__ = ["fluctuations", "FLUCTUATION_METHODS", "FluctuationOptions",
            "SampledOptions", "PropagatorOptions", "LazyOptions", "DeepPropagatorOptions",
            "AutoOptions", "FluctuationMethod"]
 
@@ -545,82 +544,3 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
                          f"{adapter.name!r}{chosen}; its options are "
                          f"{list(adapter.Options.names())}; drop them")
     return adapter(sol, seed=seed, throw=throw, progress=progress, **options)
-
-
-@dataclass(frozen=True)
-class TwoLayerMarchOptions(Options):
-    """Options of :func:`solve_two_layer`."""
-
-    samples: int = option(100_000, positive_int(" (population size, e.g. 100000)"), "pairs")
-    kernel_samples: int = option(4096, positive_int(" (e.g. 4096)"), "for phi and g")
-
-
-class TwoLayerMarch(Method, name="two-layer-march", options=TwoLayerMarchOptions):
-    """Infinite-width two-layer dynamics by a self-consistent population march.
-
-    A hidden unit is a sample (u ~ N(0, Phi^0), w0 ~ N(0, 1)); at each step the predictions are
-    the population mean of w phi(h) / gamma0 and every sample moves one step under
-    Delta = y - f (docs/theory.rst §2, "Two-layer networks"). Samples come in antithetic pairs
-    (u, w0), (u, -w0), which cancel the t = 0 output exactly. An adapter with the signature of
-    :data:`dmft.api.METHODS` entries; independent of ``method="mc"``.
-
-    Parameters
-    ----------
-    samples : int
-        Population size (even; pairs). Prediction error ~ 1/sqrt(samples) (``stderr``).
-    kernel_samples : int
-        Samples (<= samples) used for the two-time kernels ``phi`` and ``g``.
-
-    Returns
-    -------
-    Solution
-        method ``"two-layer-march"``; ``stderr["train_predictions"]``,
-        ``stderr["test_predictions"]``.
-    """
-
-    description = "two-layer networks: self-consistent population march (reference solver)"
-
-    def run(self, ctx, net, data, train, *, opts) -> Solution:
-        if net.depth != 1:
-            raise NotImplementedError("solve_two_layer handles two-layer networks (depth=1) only")
-        if train.gamma0 <= 0:
-            raise ValueError("solve_two_layer needs gamma0 > 0; use method='static' for gamma0 = 0")
-        samples, kernel_samples = opts.samples, opts.kernel_samples
-        half = max(1, samples // 2)
-        rng = ctx.rng()
-        kx = data.kx
-        u, w0 = _engine.draw_units(kx, half, rng)
-        u2 = np.concatenate([u, u])
-        w2 = np.concatenate([w0, -w0])
-        T, P, n = train.steps, data.P, data.P + data.Q
-        try:
-            pop = _engine.population_march(net.activation, u2, w2, kx, np.asarray(data.y_train),
-                                           train.gamma0, train.lr, T, antithetic=True)
-        except FloatingPointError as exc:
-            raise ConvergenceError(f"solve_two_layer: {exc}; reduce lr or gamma0") from exc
-        ks = min(kernel_samples, 2 * half)
-        idx = np.r_[0:(ks + 1) // 2, half:half + ks // 2]
-        h, w = _engine.march(net.activation, u2[idx], w2[idx], kx, pop["delta"],
-                             train.lr * train.gamma0)
-        from solvers.activations import apply
-        ph = apply(net.activation, h, 0).reshape(idx.size, (T + 1) * n)
-        g = (apply(net.activation, h, 1) * w[:, :, None]).reshape(idx.size, (T + 1) * n)
-        phi = (ph.T @ ph / idx.size).reshape(T + 1, n, T + 1, n).transpose(0, 2, 1, 3)[None]
-        gg = (g.T @ g / idx.size).reshape(T + 1, n, T + 1, n).transpose(0, 2, 1, 3)[None]
-        f = pop["f"]
-        return Solution(net=net, data=data, train=train, method="two-layer-march", t=train.times,
-                        train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
-                        ntk=pop["ntk"], phi=np.ascontiguousarray(phi), g=np.ascontiguousarray(gg),
-                        converged=True, iterations=0, stderr={
-                            "train_predictions": pop["f_stderr"][:, :P].copy(),
-                            "test_predictions": pop["f_stderr"][:, P:].copy()},
-                        seed=ctx.seed_int,
-                        options={"samples": 2 * half, "kernel_samples": int(idx.size),
-                                 "antithetic": True})
-
-
-TWO_LAYER_MARCH = TwoLayerMarch()
-
-
-#: ``solve_two_layer(net, data, train, *, seed=None, throw=True, progress=None, **options)``
-solve_two_layer = TWO_LAYER_MARCH

@@ -176,8 +176,8 @@ def deep_linear(request):
 
 
 def test_deep_linear_matches_exact_equations(deep_linear):
-    """Depth 4 at gamma0 = 1, lr = 0.05 is one of the issue's cases where the iterative
-    solver reported divergence."""
+    """Depth 4 at gamma0 = 1, lr = 0.05 is one of the benchmark cases (benchmarks/deep_cases.py)
+    where the iterative solver reported divergence."""
     sol, exact = deep_linear
     assert sol.options["scheme"] == "onepass" and sol.converged
     for key in ("train_predictions", "test_predictions", "ntk"):
@@ -317,12 +317,12 @@ def test_bad_scheme(small):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_error_bars_match_the_spread_over_seeds():
-    """Depth 3, the issue's case (c) (5 + 3 points, 40 steps, gamma0 = 1, lr = 0.1): over 24
-    seeds the spread of the one-pass predictions and NTK entries agrees with the reported
-    standard error within 25 % (pooled RMS ratio over entries and times t >= 1; its own
-    uncertainty with 23 degrees of freedom per entry is ~10 %). Measured (4 Dec 2026, 512
-    samples x 16 replicates, 24 seeds): predictions 1.06, NTK 1.14 (16 tangent samples per
-    replicate); 0.93, 1.04 at the later default of 8."""
+    """Depth 3, case (c) of benchmarks/perf_mc.py (5 + 3 points, 40 steps, gamma0 = 1,
+    lr = 0.1): over 24 seeds the spread of the one-pass predictions and NTK entries agrees
+    with the reported standard error within 25 % (pooled RMS ratio over entries and times
+    t >= 1; its own uncertainty with 23 degrees of freedom per entry is ~10 %). Measured
+    (4 Dec 2026, 512 samples x 16 replicates, 24 seeds): predictions 1.06, NTK 1.14 (16
+    tangent samples per replicate); 0.93, 1.04 at the later default of 8."""
     data = dmft.config.teacher_student(P=5, Q=3, D=10, seed=0)
     net = dmft.MLP(depth=3, activation="tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=40)

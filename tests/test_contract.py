@@ -132,7 +132,7 @@ def test_bad_seed_rejected_by_fluctuations(seed):
     sol = dmft.solve(dmft.MLP(1, "linear"), _data(), dmft.GradientDescent(1.0, 0.1, 3))
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         dmft.fluctuations(sol, seed=seed)
-    from dmft._fluctuations import solve_two_layer
+    from dmft._two_layer import solve_two_layer
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         solve_two_layer(dmft.MLP(1, "tanh"), _data(), dmft.GradientDescent(1.0, 0.1, 3),
                         samples=100, seed=seed)

@@ -21,7 +21,7 @@ import pytest
 
 import dmft
 from conftest import small_data
-from dmft._fluctuations import solve_two_layer
+from dmft._two_layer import solve_two_layer
 from _reference import march_numpy
 from solvers import fluct, network
 

@@ -345,14 +345,14 @@ def test_agrees_with_simulated_networks_small():
 
 @pytest.mark.slow
 def test_agrees_with_simulated_networks_depth4():
-    """Depth 4, gamma0 = 1.5 (the issue's case): widths 256, 512, 1024, extrapolated in 1/N,
-    within 1e-3 on the predictions (targets of order 1) and within 1e-3 of max|K| on the NTK
-    (entries up to ~80 here: an absolute 1e-3 would need the intercept's standard error
-    below 3e-4, i.e. N Var ~ 50 / (N seeds) ~ 1e-7, some 1e4 times the seeds run here). The
-    bounds are checked only where the data could have violated them (se < bound / 3).
-    Measured (1 Dec 2026, 1128/628/378 seeds, 88 s): pred gap 4.9e-4 (se 2.3e-4), NTK gap
-    1.7e-2 = 2.1e-4 of max|K| = 80 (se 2.9e-4 of max|K|); with only the NTK/f0 control
-    variates and 464/264/164 seeds the NTK se was 5e-4 of max|K|, too coarse for the bound."""
+    """Depth 4, gamma0 = 1.5 (a benchmark case, benchmarks/README.md): widths 256, 512, 1024,
+    extrapolated in 1/N, within 1e-3 on the predictions (targets of order 1) and within 1e-3 of
+    max|K| on the NTK (entries up to ~80 here: an absolute 1e-3 would need the intercept's
+    standard error below 3e-4, i.e. N Var ~ 50 / (N seeds) ~ 1e-7, some 1e4 times the seeds run
+    here). The bounds are checked only where the data could have violated them (se < bound / 3).
+    Measured (1 Dec 2026, 1128/628/378 seeds, 88 s): pred gap 4.9e-4 (se 2.3e-4), NTK gap 1.7e-2
+    = 2.1e-4 of max|K| = 80 (se 2.9e-4 of max|K|); with only the NTK/f0 control variates and
+    464/264/164 seeds the NTK se was 5e-4 of max|K|, too coarse for the bound."""
     data = _data(2, 1, D=3, seed=3, normalize=True)
     z, z_lazy, diff, se, kmax = _simulation_check(
         4, 1.5, 0.02, 10, [256, 512, 1024], lambda N: range(int(1000 * 256 / N) + 128), data,

@@ -36,7 +36,7 @@ squares, one amplitude per entry; d_j is the solver's own Monte Carlo error, com
 widths, with prior N(0, stderr_j^2)), and p must be -1 within its error bars, with error bars
 small enough that a 1/sqrt(N) gap would be rejected. Power: the static (frozen-NTK) solution must be rejected by the same data.
 
-The default test is one cheap L = 1 case; the issue's "must show" cases are ``slow``.
+The default test is one cheap L = 1 case; the must-show cases (benchmarks/README.md) are ``slow``.
 """
 import numpy as np
 import pytest
@@ -48,8 +48,8 @@ from solvers.stats import fit_inverse_width
 
 TOL = {
     "z": 4.5,            # max |z| over ~27 entries (false alarm ~1e-4 for independent entries)
-    "pred": 0.01,        # |extrapolated - DMFT| on predictions (targets of order 1): the issue
-    "ntk_rel": 0.02,     # |extrapolated - DMFT| / max|K(T)| on the final NTK: the issue
+    "pred": 0.01,        # |extrapolated - DMFT| on predictions (targets of order 1): the target
+    "ntk_rel": 0.02,     # |extrapolated - DMFT| / max|K(T)| on the final NTK: the target
     "slope_sigmas": 3.0,  # fitted exponent within 3 standard errors of -1
     "slope_se": 0.25,    # and pinned well enough to tell -1 from -1/2
     "static_z": 2 * 4.5,  # the static solution must be rejected clearly
@@ -244,7 +244,7 @@ def test_two_layer_tanh_agrees_with_simulations_small():
     check(r, absolute=False, slope=False)
 
 
-# ---------------------------------------------------------------- the issue's "must show"
+# ---------------------------------------------------------------- the must-show cases
 
 #: deep networks: the solver's own error is dominated by noise propagated through the layers
 #: and the self-consistency, which the one-solve batch-means stderr misses (measured, L = 3

@@ -16,7 +16,8 @@ REF = ROOT / "benchmarks" / "data" / "regression_seed0.npz"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("regression", ROOT / "benchmarks" / "regression.py")
+    spec = importlib.util.spec_from_file_location("regression",
+                                                  ROOT / "benchmarks" / "regression.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
