@@ -58,7 +58,7 @@ from solvers.fluct import deep_mc as _deep_mc
 
 from ._method import Method, Options, boolean, one_of, option, positive_int
 from ._progress import logger
-from .results import ConvergenceError, Fluctuations, Solution
+from .results import Fluctuations, Solution
 from .specs import check_positive_int
 
 __all__ = ["fluctuations", "FLUCTUATION_METHODS", "FluctuationOptions",
@@ -190,7 +190,18 @@ class FluctuationMethod(Method):
     def compute(self, state: _State) -> dict:
         raise NotImplementedError
 
+    def estimate(self, sol, *, opts):
+        """Memory and time before the work (:func:`dmft._fluct_estimate.estimate_fluct`)."""
+        from ._fluct_estimate import estimate_fluct
+        return estimate_fluct(self, sol, opts)
+
     def run(self, ctx, sol: Solution, *, opts: FluctuationOptions) -> Fluctuations:
+        if getattr(sol, "status", "converged") != "converged":
+            raise ValueError(
+                f"sol did not converge (status={sol.status!r}: {sol.message}); fluctuations "
+                f"linearise around a converged infinite-width solution. Fix the solve first "
+                f"(as its message says: e.g. a smaller lr or gamma0, more samples, or another "
+                f"method) and pass a Solution with status 'converged'")
         self.check(sol, opts)
         samples = getattr(opts, "samples", None)
         if samples is not None or self.uses_samples(sol, opts):
@@ -212,7 +223,16 @@ class FluctuationMethod(Method):
         try:
             res = self.compute(state)
         except FloatingPointError as exc:
-            raise ConvergenceError(f"fluctuations ({self.name}): {exc}") from exc
+            # an overflow leaves no covariance: a NaN partial result (the skeleton applies
+            # throw=: raised with it on exc.result, or returned)
+            T, n = sol.train.steps, sol.data.P + sol.data.Q
+            nan = np.full((T + 1, n, n), np.nan)
+            return Fluctuations(
+                solution=sol, prediction_cov=nan, ntk_var=nan.copy(), center=opts.center,
+                method=self.name, options=state.options,
+                extras={"prediction_cov_two_time": np.full((T + 1, T + 1, n, n), np.nan)},
+            ).fail("diverged", f"fluctuations ({self.name}) diverged: {exc}; reduce lr or "
+                               f"gamma0")
         T, n = sol.train.steps, sol.data.P + sol.data.Q
         state.extras["prediction_cov_two_time"] = res["cov"]
         ntk_var = res["ntk_var"] if opts.ntk and res.get("ntk_var") is not None else \
@@ -450,7 +470,7 @@ FLUCTUATION_METHODS = {m.name: m for m in (_Auto(), _Propagator(), _Lazy(), _Lin
 
 
 def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, progress=None,
-                 **options) -> Fluctuations:
+                 memory_limit=None, **options) -> Fluctuations:
     """Leading-order finite-width fluctuations N Cov over initialisations (docs/theory.rst §5).
 
     Parameters
@@ -499,6 +519,9 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         kappa (default 8192; per-sample Jacobians and Hessians, the expensive part).
     progress : bool or None
         Progress bar (None: only on a terminal).
+    memory_limit : float, optional
+        GB the computation may use (default: 80 % of the memory available now); a larger
+        estimate (logged at INFO level) is refused with a ValueError before any work.
 
     Returns
     -------
@@ -516,7 +539,8 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
     Raises
     ------
     ValueError
-        Bad options or a solution the method cannot use.
+        Bad options, a solution the method cannot use, or a solution that did not converge
+        (``sol.status != "converged"``, e.g. from ``solve(..., throw=False)``).
     NotImplementedError
         ``"propagator"``/``"linear-exact"`` at depth > 1, sampled lazy moments at depth > 1,
         and ReLU with ``"propagator"`` or ``"deep-propagator"`` (their derivatives miss the
@@ -543,4 +567,5 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         raise ValueError(f"option(s) {inapplicable} do not apply to fluctuations method="
                          f"{adapter.name!r}{chosen}; its options are "
                          f"{list(adapter.Options.names())}; drop them")
-    return adapter(sol, seed=seed, throw=throw, progress=progress, **options)
+    return adapter(sol, seed=seed, throw=throw, progress=progress, memory_limit=memory_limit,
+                   **options)

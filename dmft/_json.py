@@ -99,4 +99,7 @@ def get_json(tree, name, default="null"):
         text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
     else:
         text = default
-    return loads(text)
+    try:
+        return loads(text)
+    except ValueError as exc:  # json.JSONDecodeError included
+        raise ValueError(f"attribute {name!r} is not valid JSON ({exc})") from None

@@ -18,7 +18,7 @@ from solvers import linear as _engine
 
 from ._method import Method, Options, boolean, one_of, option
 from ._progress import logger
-from .results import ConvergenceError, Solution
+from .results import Solution
 from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["solve_linear", "max_stable_gamma0", "LinearOptions", "LINEAR"]
@@ -100,6 +100,30 @@ class Linear(Method, name="linear", options=LinearOptions):
 
     description = "deep linear networks: exact algebraic DMFT matrix equations (no sampling)"
 
+    def estimate(self, net, data, train, *, opts):
+        """Memory: the march's flat kernels Phi^l (n T1)^2 (L of them), the global check
+        (~5 such matrices), the responses (A^l flat and two-time, ~6 work matrices) and the
+        result phi, g (L, T1, T1, n, n), A, B (L-1, ...); the peak is the largest stage.
+        Time: ~ L n^2 T1^3 (march, check and responses are each of that order)."""
+        from ._resources import estimate, kernel_bytes
+        if not net.linear:
+            return None
+        L, n, T1 = net.depth, data.P + data.Q, train.steps + 1
+        K1 = kernel_bytes(1, T1, n)           # one (n T1)^2 float64 matrix = one two-time kernel
+        resp = bool(opts.responses) and L >= 2
+        small = 8 * (6 * L + 2) * T1 * T1 * n + 8 * 3 * T1 * n * n
+        result = (2 * L + (2 * (L - 1) if resp else 0)) * K1 + 8 * T1 * n * n
+        stages = [L * K1 + (5 * K1 if opts.verify else 0),               # march (+ check)
+                  (L + 1) * K1 + (2 * (L - 1) * K1 if resp else 0),     # phi from the flats
+                  result + K1]                                          # the result
+        if resp:
+            stages.append((2 * L - 1) * K1 + 6 * K1)                    # full_responses
+            stages.append((3 * L - 2) * K1)                             # A flat + two-time
+        units = L * n ** 2 * T1 ** 3 * (1 + (1 if opts.verify else 0) + (1 if resp else 0))
+        return estimate("linear", result, max(stages) + small, units,
+                        f"{L} layers x (n T1)^2 = ({n} x {T1})^2 float64 matrices",
+                        knobs="steps / points / depth (or pass responses=False)")
+
     def run(self, ctx, net, data, train, *, opts) -> Solution:
         if not net.linear:
             raise ValueError(f"method='linear' solves linear networks only, but net.activation "
@@ -117,7 +141,16 @@ class Linear(Method, name="linear", options=LinearOptions):
                                     fast_path=opts.fast_path, divergence=opts.divergence,
                                     callback=lambda t: bar.update(1))
             except FloatingPointError as exc:     # overflow inside BLAS with errstate raise
-                raise ConvergenceError(f"method='linear' failed: {exc}") from exc
+                # no trajectory survives: a NaN partial result (the skeleton applies throw=)
+                nan_k = np.full((L, T1, T1, n, n), np.nan)
+                return Solution(
+                    net=net, data=data, train=train, method="linear", t=train.times,
+                    train_predictions=np.full((T1, P), np.nan),
+                    test_predictions=np.full((T1, Q), np.nan),
+                    ntk=np.full((T1, n, n), np.nan), phi=nan_k, g=nan_k.copy(),
+                    iterations=0, seed=ctx.seed_int).fail("diverged", (
+                        f"method='linear' diverged: {exc} (gamma0 = {gamma0:g}, lr = {lr:g}); "
+                        f"Reduce lr or gamma0"))
         finally:
             bar.close()
         diverged = res["diverged_at"] is not None

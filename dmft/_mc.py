@@ -45,7 +45,7 @@ which underestimate the error several-fold).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -54,56 +54,17 @@ from solvers.mc import causal as _causal
 from solvers import mc as _engine
 from solvers import static as _static
 
-from ._method import (Method, Options, boolean, int_at_least, is_callable, one_of, option,
-                      positive_int, real_in)
+from . import _checkpoint
+from ._mc_options import DEFAULTS, MCOptions
+from ._method import Method
 from ._progress import logger
-from .results import ConvergenceError, Solution
+from ._resources import available_memory as _available_memory_shared
+from .results import Solution
 from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["solve_mc", "solve_gia", "DEFAULTS", "MCOptions", "MC", "GIA"]
 
-#: default options (None in :class:`MCOptions`); chosen so that the benchmark sizes reach ~1e-2
-#: on the predictions in about a minute or less on 2 cores (measurements: benchmarks/README.md)
-DEFAULTS = {
-    "samples_two_layer": 1 << 16,
-    "samples_deep": 8192,
-    "response_samples": 128,
-    "kernel_samples": 4096,
-    "damping": 1.0,
-    "anderson": 0,
-    "tol": 1e-4,
-    "noise_factor": 0.25,
-    "max_iter": 60,
-    "blocks": 8,
-    "sampler": "sobol",
-    "chunk_mb": 64.0,
-    "window": 10,
-    "replicates": 1,
-    "replicates_onepass": 16,
-    "samples_onepass": 16384,
-    "response_samples_onepass": 8,
-    "scheme": "onepass",
-    "src_rtol": 1e-6,
-    "response_control": True,
-    "b_estimator": "auto",
-    "stein_rtol": 1e-6,
-}
-
-
-def _available_memory() -> float:
-    """Bytes of memory available now (Linux ``MemAvailable``; else physical memory)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    try:
-        import os
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
+_available_memory = _available_memory_shared
 
 
 def _deep_fields(out, T1, n):
@@ -135,96 +96,6 @@ def _combine_replicates(reps):
         out[key] = np.concatenate([o[key] for o in reps])
     out["stages"] = None
     return out
-
-
-@dataclass(frozen=True)
-class MCOptions(Options):
-    """Options of ``method="mc"`` and ``"gia"`` (see :func:`solve_mc`); None: the default.
-
-    The defaults are in :data:`DEFAULTS` (some depend on the depth and the ``scheme``).
-    """
-
-    samples: int | None = option(None, positive_int(" (Monte Carlo samples per layer)"),
-                                 "Monte Carlo samples per layer")
-    response_samples: int | None = option(
-        None, positive_int(" (samples for the response tangents)"),
-        "samples for the tangent estimates of A, B (L >= 2)",
-        applies=("onepass", "iterative"))
-    kernel_samples: int | None = option(
-        None, positive_int(" (samples for the two-time kernels of two-layer networks)"),
-        "L = 1: samples for the two-time kernels",
-        applies=("two_layer",))
-    damping: float | None = option(None, real_in(
-        0, 1, "the weight of the new estimate in the mixing, e.g. damping=0.5"),
-        "iterative: weight of the new estimate in the mixing",
-        applies=("iterative",))
-    anderson: int | None = option(None, int_at_least(0, "history length; 0 disables"),
-                                  "iterative: Anderson mixing history",
-                                  applies=("iterative",))
-    tol: float | None = option(None, real_in(0, np.inf, "e.g. tol=1e-4"),
-                               "iterative: residual tolerance",
-                               applies=("iterative",))
-    noise_factor: float | None = option(None, real_in(0, np.inf, "e.g. noise_factor=0.25"),
-                                        "iterative: stop at this multiple of the noise floor",
-                                        applies=("iterative",))
-    max_iter: int | None = option(None, positive_int(" (iteration limit)"),
-                                  "iterative: iteration limit",
-                                  applies=("iterative",))
-    blocks: int | None = option(
-        None, positive_int(" (independent populations for standard errors)"),
-        "L = 1: independent populations for the standard errors",
-        applies=("two_layer",))
-    chunk_mb: float | None = option(None, real_in(
-        0, np.inf, "memory per chunk in MB, e.g. chunk_mb=64"), "memory per streamed chunk",
-        applies=("iterative",))
-    relu_eps: float | None = option(None, real_in(0, np.inf, "e.g. relu_eps=0.05"),
-                                    "width of the smoothed delta for relu's phi''",
-                                    applies=("onepass", "iterative"))
-    window: int | None = option(
-        None, positive_int(" (first time horizon of the continuation in time)"),
-        "iterative: first horizon of the continuation in time",
-        applies=("iterative",))
-    sampler: str | None = option(None, one_of(
-        ("sobol", "random"), "{name} must be 'sobol' (randomised quasi-Monte Carlo) or "
-        "'random' (i.i.d.), got {value!r}"), "'sobol' or 'random' sources",
-        applies=("two_layer", "onepass"))
-    replicates: int | None = option(None, positive_int(
-        " (independent fixed-point solutions for honest standard errors, L >= 2)"),
-        "L >= 2: independent populations / solutions",
-        applies=("onepass", "iterative"))
-    b_estimator: str | None = option(None, one_of(
-        ("auto", "tangent", "stein"), "{name} must be 'auto', 'tangent' or 'stein', got "
-        "{value!r} ('auto': Stein's lemma for relu, tangents otherwise)"),
-        "how B is estimated (L >= 2)",
-        applies=("onepass", "iterative"))
-    stein_rtol: float | None = option(None, real_in(0, 1, "e.g. stein_rtol=1e-6"),
-                                      "'stein': innovation variance cut-off",
-                                      applies=("onepass", "iterative"))
-    response_control: bool | None = option(
-        None, boolean(" (the control variate of the tangent responses)"),
-        "control variate of the tangent responses",
-        applies=("onepass", "iterative"))
-    callback: object = option(None, is_callable("callback(iteration, state, residual)"),
-                              "iterative: callback(iteration, state, residual)",
-                              applies=("iterative",))
-    scheme: str | None = option(None, one_of(
-        ("onepass", "iterative"), "{name} must be 'onepass' (causal one-pass solver, "
-        "default) or 'iterative' (alternating fixed-point iteration), got {value!r}"),
-        "L >= 2: 'onepass' or 'iterative'",
-        applies=("onepass", "iterative"))
-    src_rtol: float | None = option(None, real_in(0, 1, "e.g. src_rtol=1e-6"),
-                                    "one pass: source innovation cut-off",
-                                    applies=("onepass",))
-    max_memory_gb: float | None = option(None, real_in(
-        0, np.inf, "the memory a solve may use, in GB, e.g. max_memory_gb=8"),
-        "one pass: refuse solves estimated above this memory",
-        applies=("onepass",))
-
-    #: the regimes of ``applies=``: "two_layer" (depth 1, the forward march), "onepass" and
-    #: "iterative" (depth >= 2, ``scheme``); an option given for another regime is an error
-    REGIMES = {"two_layer": "two-layer networks (depth 1: one forward march)",
-               "onepass": "the one-pass deep solver (scheme='onepass', the default)",
-               "iterative": "the iterative deep solver (scheme='iterative')"}
 
 
 class MonteCarlo(Method, name="mc", options=MCOptions):
@@ -328,8 +199,18 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         detected and reported).
     max_memory_gb : float
         One pass: refuse (ValueError, before any work) a solve whose estimated memory per
-        replicate exceeds this (default: 80 % of the memory available now). The estimate and a
-        flop count are logged at INFO level.
+        replicate exceeds this (default: ``memory_limit``, else 80 % of the memory available
+        now). The estimate and a flop count are logged at INFO level. The whole solve (result
+        arrays included) is checked against ``memory_limit=`` (GB), a keyword of every method.
+    checkpoint : str or os.PathLike
+        One pass only: a file (e.g. ``"run.ckpt.npz"``) written atomically after each finished
+        replicate (the running sums and the next replicate's index: ~(6L - 2) ((T+1) n)^2 float64).
+        If it exists, the solve resumes from it and the result is bit-identical to an
+        uninterrupted one; at most one replicate's work (1 / ``replicates`` of the solve) is
+        lost to an interruption (more replicates: finer checkpoints at the same cost, but
+        another result). A file of another problem, other options or another seed is
+        refused (ValueError). Removed when the solve finishes. Not for depth 1 (seconds) or
+        ``scheme="iterative"`` (ValueError). dmft/_checkpoint.py.
     callback : callable
         ``callback(iteration, state, residual)`` after each iteration (L >= 2); return True
         to stop.
@@ -347,6 +228,10 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
                    "pass)")
 
     responses = True
+
+    def estimate(self, net, data, train, *, opts):
+        from ._mc_estimate import estimate_mc
+        return estimate_mc(net, data, train, opts, self.name, self.responses)
 
     def run(self, ctx, net, data, train, *, opts) -> Solution:
         return _solve(ctx, net, data, train, opts, self.name, self.responses)
@@ -382,6 +267,37 @@ solve_mc = MC
 solve_gia = GIA
 
 
+def _value(opts, name, default_key=None):
+    """An option's value, its default (:data:`DEFAULTS`, key ``default_key``) when None."""
+    v = getattr(opts, name)
+    return DEFAULTS[default_key or name] if v is None else v
+
+
+def _sizes(net, opts):
+    """The sample counts of a solve, defaults resolved: ``samples`` and ``replicates``; one
+    pass: ``per_rep`` and ``tang_rep`` (march and tangent samples per replicate, the totals
+    split equally; ``per_rep < 2`` is too few)."""
+    L = net.depth
+    scheme = _value(opts, "scheme")
+    onepass = L >= 2 and scheme == "onepass"
+    samples = _value(opts, "samples", "samples_two_layer" if L == 1 else
+                     "samples_onepass" if onepass else "samples_deep")
+    replicates = _value(opts, "replicates", "replicates_onepass" if onepass else "replicates")
+    per_rep = tang_rep = None
+    if onepass:
+        per_rep = 2 * (samples // (2 * replicates))
+        if opts.response_samples is None:
+            # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
+            # samples) balanced against their costs: ~1 tangent sample per 128 march samples
+            # (benchmarks/README.md)
+            tang_rep = max(DEFAULTS["response_samples_onepass"], per_rep // 128)
+        else:
+            tang_rep = -(-opts.response_samples // replicates)
+        tang_rep = min(tang_rep, per_rep)
+    return SimpleNamespace(scheme=scheme, onepass=onepass, samples=samples,
+                           replicates=replicates, per_rep=per_rep, tang_rep=tang_rep)
+
+
 def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions,
            method: str, responses: bool) -> Solution:
     """The body of ``method="mc"`` / ``"gia"``: defaults, the solver for the depth, result."""
@@ -390,15 +306,18 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                          f"use method='static' for the lazy limit gamma0 = 0")
     L, P, Q, T = net.depth, data.P, data.Q, train.steps
     n, T1 = P + Q, T + 1
-    d = DEFAULTS
-
     def value(name, default_key=None):
-        v = getattr(opts, name)
-        return d[default_key or name] if v is None else v
+        return _value(opts, name, default_key)
 
-    scheme = value("scheme")
-    onepass = L >= 2 and scheme == "onepass"
+    sz = _sizes(net, opts)
+    scheme, onepass = sz.scheme, sz.onepass
     regime = "two_layer" if L == 1 else scheme
+    if opts.checkpoint is not None and regime != "onepass":
+        raise ValueError(
+            f"checkpoint= is supported by the one-pass deep solver only (depth >= 2, "
+            f"scheme='onepass'), not by {opts.REGIMES[regime]}: "
+            + ("a two-layer solve takes seconds" if L == 1 else
+               "scheme='iterative' is kept for comparison only") + "; drop checkpoint=")
     given = opts.inapplicable(regime)
     if given and regime == "onepass" and set(given) <= set(opts.for_regime("iterative")):
         raise ValueError(f"option(s) {given} belong to the iterative deep solver; "
@@ -407,34 +326,24 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     if given:
         raise ValueError(f"option(s) {given} do not apply to {opts.REGIMES[regime]}; its "
                          f"options are {list(opts.for_regime(regime))}; drop them")
-    samples = value("samples", "samples_two_layer" if L == 1 else
-                    "samples_onepass" if onepass else "samples_deep")
+    samples, replicates = sz.samples, sz.replicates
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
-    rs_default = opts.response_samples is None
-    replicates = value("replicates", "replicates_onepass" if onepass else "replicates")
     src_rtol = value("src_rtol")
     max_memory_gb = opts.max_memory_gb
     response_samples = value("response_samples")
     kernel_samples = value("kernel_samples")
+    if L == 1 and kernel_samples < 2:
+        raise ValueError(f"kernel_samples must be >= 2 (an antithetic pair for the two-time "
+                         f"kernels), got {kernel_samples}; use e.g. kernel_samples=4096")
     damping, anderson, tol = value("damping"), value("anderson"), value("tol")
     noise_factor, max_iter = value("noise_factor"), value("max_iter")
     blocks, chunk_mb, window = value("blocks"), value("chunk_mb"), value("window")
-    if onepass:
-        # samples and response_samples are totals, split equally over the replicates
-        per_rep = 2 * (samples // (2 * replicates))
-        if per_rep < 2:
-            raise ValueError(f"samples={samples} is too few for replicates={replicates}: each "
-                             f"replicate needs an antithetic pair; use samples >= "
-                             f"{2 * replicates} or fewer replicates")
-        if rs_default:
-            # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
-            # samples) balanced against their costs: ~1 tangent sample per 128 march samples
-            # (benchmarks/README.md)
-            tang_rep = max(d["response_samples_onepass"], per_rep // 128)
-        else:
-            tang_rep = -(-response_samples // replicates)
-        tang_rep = min(tang_rep, per_rep)
+    per_rep, tang_rep = sz.per_rep, sz.tang_rep
+    if onepass and per_rep < 2:
+        raise ValueError(f"samples={samples} is too few for replicates={replicates}: each "
+                         f"replicate needs an antithetic pair; use samples >= "
+                         f"{2 * replicates} or fewer replicates")
     relu_eps = opts.relu_eps
     b_estimator, stein_rtol = value("b_estimator"), value("stein_rtol")
     response_control = value("response_control")
@@ -472,7 +381,29 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             extras = {}
         elif onepass:
             limit = (max_memory_gb * 1e9 if max_memory_gb is not None
-                     else 0.8 * _available_memory())
+                     else getattr(ctx, "memory_limit", None) or 0.8 * _available_memory())
+            ckpt = state = None
+            if opts.checkpoint is not None:
+                ckpt = _checkpoint.Checkpoint(
+                    opts.checkpoint, f"{method}-onepass", kx=kx, y=y,
+                    activation=net.activation, depth=L, gamma0=train.gamma0, lr=train.lr,
+                    steps=T, samples=per_rep * replicates, replicates=replicates,
+                    responses=responses, response_samples=tang_rep * replicates,
+                    b_estimator=b_estimator, response_control=bool(response_control),
+                    relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
+                    sampler=sampler, seed=ss)
+                state = ckpt.load()
+                if state is not None:
+                    state = {"next": state[1]["next"],
+                             "acc": {k[4:]: v for k, v in state[0].items() if k[:4] == "acc."},
+                             "acc2": {k[5:]: v for k, v in state[0].items()
+                                      if k[:5] == "acc2."}}
+
+            def on_population(st):
+                arrays = {f"acc.{k}": v for k, v in st["acc"].items()}
+                arrays.update({f"acc2.{k}": v for k, v in st["acc2"].items()})
+                ckpt.save(arrays, {"next": int(st["next"]), "replicates": int(replicates)})
+
             bar = ctx.bar(T1 * replicates, f"dmft {method} (one pass)", unit="step")
             try:
                 out = _causal.solve_causal(
@@ -481,9 +412,12 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     responses=responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_cv=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                    sampler=sampler, max_memory=limit, logger=logger, bar=bar)
+                    sampler=sampler, max_memory=limit, logger=logger, bar=bar, state=state,
+                    on_population=on_population if ckpt is not None else None)
             finally:
                 bar.close()
+            if ckpt is not None:
+                ckpt.remove()
             converged, iterations, residuals = True, 1, np.zeros(0)
             options.update(samples=int(out["samples"]),
                            response_samples=int(out["response_samples"]),
@@ -539,13 +473,20 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                 extras["replicate_iterations"] = np.asarray(out["replicate_iterations"],
                                                             dtype=np.int64)
     except (FloatingPointError, np.linalg.LinAlgError) as exc:
-        raise ConvergenceError(
+        # no trajectory survives an overflow inside the engine: the partial result is NaN
+        # (status "diverged"; the skeleton raises it on exc.result or returns it, throw=)
+        nan = np.full((T1, n), np.nan)
+        nan_k = np.full((L, T1, T1, n, n), np.nan)
+        sol = Solution(net=net, data=data, train=train, method=method, t=train.times,
+                       train_predictions=nan[:, :P].copy(), test_predictions=nan[:, P:].copy(),
+                       ntk=np.full((T1, n, n), np.nan), phi=nan_k, g=nan_k.copy(),
+                       converged=False, iterations=0, seed=seed_int, options=options)
+        return sol.fail("diverged", (
             f"method={method!r} diverged: {exc}. The fields blow up when gamma0 or lr is too "
             f"large; reduce lr (or gamma0). Feature learning grows the NTK, so lr can exceed "
             f"2 / lambda_max(K(t)) during training (edge of stability) even below the static "
             f"method's stable rate 2 / lambda_max(K(0)); dmft.simulate shows whether finite "
-            f"networks catapult there")\
-            from exc
+            f"networks catapult there"))
 
     f = out["f"]
     stderr = {"train_predictions": out["f_se"][:, :P], "test_predictions": out["f_se"][:, P:],

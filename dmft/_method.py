@@ -21,9 +21,12 @@ is an *adapter*: a subclass of :class:`Method` (like the solver classes behind
     result raise :class:`~dmft.results.ConvergenceError` directly.
 
 :meth:`Method.__call__` is written once for all methods: it parses the options, validates the
-seed, runs, sets ``result.elapsed``, logs one line, and applies ``throw=``: a result whose
-``status`` is not ``"converged"`` raises :class:`~dmft.results.ConvergenceError` (with the
-result attached as ``exc.result``) when ``throw=True`` (default), or is returned, after a
+seed, estimates the resources (the optional hook ``estimate(*args, opts)``: memory from the
+shapes that will be allocated, time from a calibrated cost; logged, and a ``ValueError`` naming
+the GiB needed when they exceed ``memory_limit=`` GB, default 80 % of the memory available,
+see :mod:`dmft._resources`), runs, sets ``result.elapsed``, logs one line, and applies
+``throw=``: a result whose ``status`` is not ``"converged"`` raises
+:class:`~dmft.results.ConvergenceError` (with the result attached as ``exc.result``) when ``throw=True`` (default), or is returned, after a
 logged warning, when ``throw=False``.
 
 The status vocabulary (``result.status``, :data:`STATUSES`):
@@ -38,6 +41,26 @@ The status vocabulary (``result.status``, :data:`STATUSES`):
     (``converged=False``).
 
 ``result.message`` says in words what happened and, on failure, the remedy.
+
+The divergence rule (:func:`check_divergence`, applied by :meth:`Method.finish` to every
+result not already reported as diverged, so that it holds for every method and for
+``simulate`` alike; per network for an Ensemble): a trajectory has *diverged* when
+
+- a prediction or NTK entry is NaN or infinite, or
+- the training loss exceeds ``DIVERGENCE_LOSS_FACTOR`` (1e4) times its initial value at some
+  step, or
+- an NTK entry exceeds ``DIVERGENCE_NTK_FACTOR`` (1e8) times the largest entry of K(0).
+
+The message states the peak loss ratio, the step, and the frozen-kernel stability limit
+2 / lambda_max(K_train(0)) of the learning rate. The loss bound is far above what training
+does on its own: gradient descent lowers the loss, and a feature-learning network at the edge
+of stability catapults (the loss first rises, then falls: measured 1.2-1.8 x for two-layer
+tanh networks of width 1024 and the DMFT at lr = 1.2-1.3 x 2 / lambda_max(K(0)); catapults
+in the literature rise by ~10-100 x), while an unstable rate multiplies the loss every step
+(measured 1e4 to 1e10 x within 5-10 steps, 1e30 to 1e100 x within 50). The rule sees only the
+steps computed: a blow-up that starts at the last few steps may stay below the bound. Standard
+errors that are NaN or infinite (too few samples or replicates) are never returned as
+converged either: the result gets ``status="not_converged"`` naming the fix.
 """
 from __future__ import annotations
 
@@ -48,12 +71,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _resources
 from ._progress import logger, progress_bar
 from .results import STATUSES, ConvergenceError
 from .specs import check_positive_int
 
 __all__ = ["Options", "Method", "Run", "option", "parse_seed", "STATUSES",
-           "positive_int", "int_at_least", "real_in", "boolean", "one_of", "is_callable"]
+           "positive_int", "int_at_least", "real_in", "boolean", "one_of", "is_callable",
+           "check_divergence", "DIVERGENCE_LOSS_FACTOR", "DIVERGENCE_NTK_FACTOR"]
+
+#: the training loss may grow to this multiple of its initial value before a result counts
+#: as diverged (a catapult at the edge of stability rises by ~10-100; see the module docstring)
+DIVERGENCE_LOSS_FACTOR = 1e4
+#: an NTK entry may grow to this multiple of the largest entry of K(0)
+DIVERGENCE_NTK_FACTOR = 1e8
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,6 +223,10 @@ def parse_seed(seed):
 class Run:
     """What the skeleton hands to ``Method.run``: seed, progress and the start time."""
 
+    #: bytes the run may use and the resource estimate (set by :meth:`Method.preflight`)
+    memory_limit = None
+    estimate = None
+
     def __init__(self, label, seed=None, progress=None):
         self.label = label
         self.seed_sequence, self.seed_int = parse_seed(seed)
@@ -228,7 +263,7 @@ class Method:
     label_format = "method={name!r}"
     #: the message for unknown options (formatted with ``label``, ``unknown``, ``valid``)
     unknown_format = ("unknown option(s) for {label}: {unknown}; valid options: {valid} "
-                      "(and seed, throw, progress)")
+                      "(and seed, throw, progress, memory_limit)")
 
     def __init_subclass__(cls, name=None, description=None, options=None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -256,14 +291,43 @@ class Method:
     def run(self, ctx: Run, *args, opts):
         raise NotImplementedError
 
-    def __call__(self, *args, seed=None, throw: bool = True, progress=None, **options):
+    def estimate(self, *args, opts):
+        """Resources the run will need (:func:`dmft._resources.estimate`), or None.
+
+        Called with ``run``'s arguments before ``run``; must be cheap (no allocation of the
+        problem's size) and compute in Python numbers, so that absurd sizes are refused fast.
+        """
+        return None
+
+    def preflight(self, ctx: Run, args, opts, memory_limit=None):
+        """Log the estimate and refuse (ValueError) a run that would exceed the memory limit.
+
+        ``memory_limit`` (GB; None: 80 % of the memory available now) is kept as
+        ``ctx.memory_limit`` (bytes) for methods with checks of their own.
+        """
+        ctx.memory_limit = _resources.limit_bytes(memory_limit)
+        ctx.estimate = est = self.estimate(*args, opts=opts)
+        if est is None:
+            return None
+        logger.info("%s: estimated %s (limit %.3g GiB)", ctx.label, _resources.describe(est),
+                    ctx.memory_limit / _resources.GiB)
+        _resources.check(ctx.label, est, ctx.memory_limit, given=memory_limit is not None)
+        return est
+
+    def __call__(self, *args, seed=None, throw: bool = True, progress=None, memory_limit=None,
+                 **options):
         opts = self.parse_options(options)
         ctx = Run(self.label, seed, progress)
+        self.preflight(ctx, args, opts, memory_limit)
         result = self.run(ctx, *args, opts=opts)
         return self.finish(ctx, result, throw)
 
     def finish(self, ctx: Run, result, throw: bool):
-        """Set ``elapsed``, log, and raise or return a result that did not converge."""
+        """Apply the divergence rule (:func:`check_divergence`, to every result not already
+        "diverged"), set ``elapsed``, log, and raise or return a result that did not
+        converge."""
+        if result.status != "diverged":
+            check_divergence(result, self.label)
         result.elapsed = ctx.elapsed
         if result.status == "converged":
             logger.info("%s: %s in %.3g s", ctx.label, result.message, result.elapsed)
@@ -275,3 +339,87 @@ class Method:
 
     def __repr__(self):
         return f"<dmft method {self.name!r}: {self.description}>"
+
+
+def _stable_lr(ntk0, P):
+    """2 / lambda_max of the t = 0 NTK on the training points (None if unknown)."""
+    try:
+        K = np.asarray(ntk0, dtype=np.float64)[..., :P, :P]
+        if K.ndim == 3:                                  # one NTK per seed: the smallest limit
+            K = K[np.all(np.isfinite(K), axis=(1, 2))]
+            lam = max((np.linalg.eigvalsh(k).max() for k in K), default=np.nan)
+        else:
+            lam = np.linalg.eigvalsh(K).max() if np.all(np.isfinite(K)) else np.nan
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    return 2.0 / lam if np.isfinite(lam) and lam > 0 else None
+
+
+def check_divergence(result, label="result"):
+    """The one divergence rule of every method (module docstring); marks ``result`` failed.
+
+    A Solution (or Fluctuations: only finiteness of the standard errors) or an Ensemble
+    (per network: the message names the seeds) whose predictions or NTK are not finite, whose
+    training loss exceeds :data:`DIVERGENCE_LOSS_FACTOR` times its initial value, or whose NTK
+    exceeds :data:`DIVERGENCE_NTK_FACTOR` times its initial scale gets ``status="diverged"``
+    (also when it had failed a milder check: divergence is the more informative status)
+    and a message with the peak, the step and the frozen-kernel limit 2 / lambda_max(K(0)) of
+    lr. A converged result with NaN or infinite standard errors gets
+    ``status="not_converged"``. Returns ``result``.
+    """
+    preds = getattr(result, "train_predictions", None)
+    ntk = getattr(result, "ntk", None)
+    data, train = getattr(result, "data", None), getattr(result, "train", None)
+    if preds is not None and ntk is not None and data is not None and train is not None \
+            and getattr(result, "t", None) is not None:
+        with np.errstate(all="ignore"):
+            f = np.concatenate([np.asarray(preds), np.asarray(result.test_predictions)], -1)
+            K = np.asarray(ntk, dtype=np.float64)
+            loss = np.atleast_2d(0.5 * np.sum((np.asarray(preds) - data.y_train) ** 2, -1))
+            S = loss.shape[0]
+            finite = (np.all(np.isfinite(f.reshape(S, -1)), axis=1)
+                      & np.all(np.isfinite(K.reshape(S, -1)), axis=1))
+            loss0 = np.maximum(loss[:, 0], 1e-30)
+            ratio = loss / loss0[:, None]
+            k0 = np.abs(K.reshape(S, K.shape[-3], -1)[:, 0]).max(axis=1)
+            kmax = np.abs(K.reshape(S, K.shape[-3], -1)).max(axis=(1, 2))
+            grown = kmax > DIVERGENCE_NTK_FACTOR * np.maximum(k0, 1e-300)
+            bad = ~finite | (ratio.max(axis=1) > DIVERGENCE_LOSS_FACTOR) | grown
+        if np.any(bad):
+            lr_max = _stable_lr(K[..., 0, :, :], data.P)
+            limit = (f"; the frozen-kernel (static NTK) stability limit is 2 / "
+                     f"lambda_max(K_train(0)) = {lr_max:.4g}" if lr_max is not None else "")
+            if S == 1 and getattr(result, "seeds", None) is None:
+                r = ratio[0]
+                if not finite[0]:
+                    what = "non-finite predictions or NTK"
+                elif np.max(r) > DIVERGENCE_LOSS_FACTOR:
+                    k = int(np.argmax(r > DIVERGENCE_LOSS_FACTOR))
+                    what = (f"the training loss grew from {loss[0, 0]:.4g} to "
+                            f"{np.max(loss[0]):.4g} ({np.max(r):.3g} x; it exceeded "
+                            f"{DIVERGENCE_LOSS_FACTOR:g} x its initial value at step {k})")
+                else:
+                    what = (f"the NTK grew to {kmax[0] / k0[0]:.3g} x its initial scale "
+                            f"(bound {DIVERGENCE_NTK_FACTOR:g})")
+                result.fail("diverged", (
+                    f"{label} diverged: {what} at lr = {train.lr:g}, gamma0 = "
+                    f"{train.gamma0:g}{limit}. Reduce lr (or gamma0)"))
+            else:
+                seeds = [int(s) for s in np.asarray(result.seeds)[bad]]
+                peak = float(np.nanmax(np.where(bad, ratio.max(axis=1), np.nan))) \
+                    if np.any(bad & finite) else np.inf
+                result.fail("diverged", (
+                    f"{label}: the networks with seeds {seeds} diverged (training loss above "
+                    f"{DIVERGENCE_LOSS_FACTOR:g} x its initial value, peak {peak:.3g} x, or "
+                    f"non-finite values) at lr = {train.lr:g}, gamma0 = {train.gamma0:g}"
+                    f"{limit}. Reduce lr (or gamma0)"))
+            return result
+    stderr = (getattr(result, "stderr", None) or {}) if result.status == "converged" else {}
+    bad_se = sorted(k for k, v in stderr.items()
+                    if v is not None and not np.all(np.isfinite(np.asarray(v))))
+    if bad_se:
+        result.fail("not_converged", (
+            f"{label}: the standard errors of {bad_se} are NaN or infinite (too few Monte "
+            f"Carlo samples per replicate or block to estimate a spread); increase samples "
+            f"(or replicates / blocks)"))
+    return result

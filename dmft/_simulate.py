@@ -16,8 +16,9 @@ import numpy as np
 
 from solvers import network
 
+from . import _checkpoint
 from ._method import Method, Options, Run, boolean, option, positive_int
-from .results import ConvergenceError, Ensemble
+from .results import Ensemble
 from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["simulate", "SimulateOptions", "SIMULATE"]
@@ -55,6 +56,9 @@ class SimulateOptions(Options):
     seeds: object = option(None, _check_seeds, "one network per seed")
     record_kernels: bool = option(False, boolean(), "record the two-time kernels")
     center: bool = option(False, boolean(), "train the centred model f - f(theta_0)")
+    checkpoint: object = option(
+        None, _checkpoint.check_path,
+        "checkpoint file, written after each seed; a rerun resumes from it")
 
 
 class Simulate(Method):
@@ -70,15 +74,40 @@ class Simulate(Method):
         if "seed" in unknown:
             extra = " (simulate takes seeds=..., an iterable with one seed per network)"
         return ValueError(f"unknown option(s) {unknown} for simulate{extra}; known options: "
-                          f"{', '.join(self.Options.names())}, progress, throw")
+                          f"{', '.join(self.Options.names())}, progress, throw, memory_limit")
 
-    def __call__(self, net, data, train, *, throw: bool = True, progress=None, **options):
+    def __call__(self, net, data, train, *, throw: bool = True, progress=None,
+                 memory_limit=None, **options):
         opts = self.parse_options(options)
         for f in dataclasses.fields(opts)[:2]:   # width and seeds are required: None fails
             if getattr(opts, f.name) is None:
                 f.metadata["check"](f.name, None)
         ctx = Run(self.label, None, progress)
+        self.preflight(ctx, (net, data, train), opts, memory_limit)
         return self.finish(ctx, self.run(ctx, net, data, train, opts=opts, throw=throw), throw)
+
+    def estimate(self, net, data, train, *, opts):
+        """Result: predictions (S, T1, n), NTKs (S, T1, n, n), with ``record_kernels`` phi, g
+        (S, L, T1, T1, n, n). Work: one network in flight, (L-1) N^2 + N D weights, the
+        pending low-rank factors, the activations and, with ``record_kernels``, its field
+        histories 2 L T1 n N and kernels. Time: 6 n N (N (L-1) + D) flops per step."""
+        from solvers.network import FOLD_BLOCK, default_fold_every
+        from ._resources import estimate, kernel_bytes
+        if train.gamma0 <= 0:
+            return None
+        N, S, L, D = int(opts.width), int(opts.seeds.size), net.depth, data.D
+        n, P, T1 = data.P + data.Q, data.P, train.steps + 1
+        rk = bool(opts.record_kernels)
+        result = 8 * S * T1 * n * (2 + n) + 8 * S * n + (2 * kernel_bytes(S * L, T1, n) if rk
+                                                         else 0)
+        r = min(N, default_fold_every(N, N, P) * P + P)
+        weights = 8 * ((L - 1) * N * N + N * D + N + 2 * 2 * r * N * L + FOLD_BLOCK * N)
+        acts = 8 * 8 * L * n * N + (8 * 2 * L * T1 * n * N + 2 * kernel_bytes(L, T1, n)
+                                    if rk else 0)
+        units = S * T1 * 6 * n * N * (N * (L - 1) + D)
+        return estimate("simulate", result, result + weights + acts, units,
+                        f"{S} networks of width {N}: {(L - 1)} x N^2 weights each",
+                        knobs="width / steps / points / seeds (or record_kernels=False)")
 
     def run(self, ctx, net: MLP, data: Dataset, train: GradientDescent, *,
             opts: SimulateOptions, throw: bool = True) -> Ensemble:
@@ -100,10 +129,37 @@ class Simulate(Method):
         phi = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
         g = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
 
-        diverged = []
+        diverged, reasons = [], {}
+        rows = {"predictions": preds, "ntk": ntk, "f0": f0, "phi": phi, "g": g}
+        rows = {k: v for k, v in rows.items() if v is not None}
+        ckpt, done = None, 0
+        if opts.checkpoint is not None:
+            ckpt = _checkpoint.Checkpoint(
+                opts.checkpoint, "simulate", X=X, y=y, P=P, activation=net.activation,
+                depth=L, gamma0=train.gamma0, lr=train.lr, steps=T, width=width, seeds=seeds,
+                record_kernels=record_kernels, center=center)
+            state = ckpt.load()
+            if state is not None:
+                done = int(state[1]["done"])
+                diverged = [int(s) for s in state[1]["diverged"]]
+                reasons = dict(state[1].get("reasons", {}))
+                for k, arr in rows.items():
+                    arr[:done] = state[0][k]
+
+        def saved(i):
+            if ckpt is not None:
+                ckpt.save({k: arr[:i + 1] for k, arr in rows.items()},
+                          {"done": i + 1, "seeds": int(S), "diverged": diverged,
+                           "reasons": reasons})
+            bar.update(1)
+
         bar = ctx.bar(S, "simulate", unit="net")
+        if done:
+            bar.update(done)
         try:
             for i, seed in enumerate(seeds):
+                if i < done:
+                    continue
                 rng = np.random.default_rng(int(seed))
                 weights = network.Weights.draw(rng, data.D, width, L)
                 try:
@@ -112,14 +168,15 @@ class Simulate(Method):
                                         record_kernels=bool(record_kernels), center=bool(center),
                                         fold_at_end=False)
                 except FloatingPointError as exc:
-                    if throw:
-                        raise ConvergenceError(f"simulate: the network with seed {int(seed)} "
-                                               f"diverged: {exc}") from exc
+                    # a NaN row; the skeleton raises (throw=True, the Ensemble on exc.result)
+                    # or returns the Ensemble with status "diverged"
                     diverged.append(int(seed))
+                    reasons.setdefault("first", f"; the network with seed {int(seed)} "
+                                                f"diverged: {exc}")
                     for arr in (preds, ntk, f0, phi, g):
                         if arr is not None:
                             arr[i] = np.nan
-                    bar.update(1)
+                    saved(i)
                     continue
                 del weights
                 preds[i] = res["predictions"]
@@ -128,9 +185,11 @@ class Simulate(Method):
                 if record_kernels:
                     phi[i] = res["phi"]
                     g[i] = res["g"]
-                bar.update(1)
+                saved(i)
         finally:
             bar.close()
+        if ckpt is not None:
+            ckpt.remove()
 
         options = {"record_kernels": bool(record_kernels), "center": bool(center),
                    "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64"}
@@ -141,7 +200,8 @@ class Simulate(Method):
                        center=bool(center), options=options, extras=extras)
         if diverged:
             ens.fail("diverged", f"simulate: the networks with seeds {diverged} diverged (their "
-                                 f"rows are NaN); reduce lr or gamma0")
+                                 f"rows are NaN){reasons.get('first', '')}; reduce lr or "
+                                 f"gamma0")
         return ens
 
 
@@ -173,12 +233,22 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
         Train the centred model f(theta) - f(theta_0): the initial output is subtracted, so the
         recorded predictions start at 0 (the raw initial outputs go to ``extras["f0"]``,
         shape (S, P+Q)). Gradients are unchanged.
+    checkpoint : str or os.PathLike
+        A file (e.g. ``"simulate.ckpt.npz"``) written atomically after each seed with the
+        trajectories of the networks trained so far (its size grows to that of the result).
+        If it exists, the run resumes after the last finished seed and the Ensemble is
+        bit-identical to an uninterrupted run; an interruption loses at most the network in
+        flight. A file of another problem, other seeds or options is refused (ValueError).
+        Removed when the run finishes (dmft/_checkpoint.py).
     progress : bool or None
         Progress bar over seeds (None: only on a terminal).
     throw : bool
-        If True (default) a diverging network raises :class:`~dmft.results.ConvergenceError`;
-        if False its rows are NaN and the Ensemble has ``converged=False``,
-        ``status="diverged"`` and a ``message`` naming the seeds.
+        If True (default) a diverging network raises :class:`~dmft.results.ConvergenceError`
+        (the Ensemble on ``exc.result``); if False the Ensemble is returned with
+        ``converged=False``, ``status="diverged"`` and a ``message`` naming the seeds. A network
+        diverges when its output or NTK overflows (its rows are NaN) or under the divergence
+        rule of every method (:func:`dmft._method.check_divergence`: training loss above 1e4
+        x its initial value, NTK above 1e8 x its initial scale).
 
     Returns
     -------

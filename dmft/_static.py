@@ -74,6 +74,18 @@ class Static(Method, name="static", options=StaticOptions):
 
     description = "frozen kernels at their t = 0 infinite-width values (static NTK / NNGP)"
 
+    def estimate(self, net, data, train, *, opts):
+        """phi, g (L, T+1, T+1, n, n) dominate; time: the elements written plus the kernel
+        recursion (~1000 quadrature operations per layer and pair of points)."""
+        from ._resources import estimate, kernel_bytes
+        L, n, T1 = net.depth, data.P + data.Q, train.steps + 1
+        result = 2 * kernel_bytes(L, T1, n) + 8 * T1 * n * n + 16 * T1 * n
+        work = 8 * 8 * L * n * n + 8 * 4 * T1 * n
+        units = 2 * L * T1 ** 2 * n ** 2 + 1000 * L * n ** 2
+        return estimate("static", result, result + work, units,
+                        f"phi, g: 2 x (L={L}, T+1={T1}, T+1, n={n}, n) float64",
+                        knobs="steps / points / depth")
+
     def run(self, ctx, net, data, train, *, opts) -> Solution:
         L, P, n, T = net.depth, data.P, data.P + data.Q, train.steps
         quad = {"tol": opts.quad_tol}

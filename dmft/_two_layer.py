@@ -54,6 +54,20 @@ class TwoLayerMarch(Method, name="two-layer-march", options=TwoLayerMarchOptions
 
     description = "two-layer networks: self-consistent population march (reference solver)"
 
+    def estimate(self, net, data, train, *, opts):
+        """The population (samples x n fields), the kernel samples' histories and features
+        (ks, T1 n) and phi, g flat and two-time."""
+        from ._resources import estimate, kernel_bytes
+        n, P, T1 = data.P + data.Q, data.P, train.steps + 1
+        S = 2 * max(1, opts.samples // 2)
+        ks = min(opts.kernel_samples, S)
+        K1 = kernel_bytes(1, T1, n)
+        result = 2 * K1 + 8 * 4 * T1 * n * n
+        work = 8 * S * (8 * n + 4) + 8 * 4 * ks * T1 * (n + 1) + 2 * K1
+        units = S * T1 * n * (2 * P + 20) + 2 * ks * (T1 * n) ** 2
+        return estimate("two-layer-march", result, result + work, units,
+                        f"{S} samples, kernels from {ks}", knobs="steps / points / samples")
+
     def run(self, ctx, net, data, train, *, opts) -> Solution:
         if net.depth != 1:
             raise NotImplementedError("solve_two_layer handles two-layer networks (depth=1) only")

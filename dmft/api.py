@@ -89,6 +89,11 @@ def solve(net: MLP, data: Dataset, train: GradientDescent, method: str = "auto",
         returns the result with ``converged=False`` and its ``status`` and ``message``.
     progress : bool or None
         Progress bar (None: only on a terminal), for the methods that show one.
+    memory_limit : float, optional
+        GB the method may use (default: 80 % of the memory available now). Every method
+        estimates its memory (from the shapes it will allocate) and time before any work and
+        logs them at INFO level; an estimate above the limit raises ValueError naming the GiB
+        needed and the options that shrink the problem.
     **options
         Method-specific keyword options (e.g. ``samples`` for ``"mc"``): the fields of
         ``METHODS[method].Options``. An unknown one raises ValueError listing them.

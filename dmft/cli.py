@@ -1,7 +1,10 @@
 """The ``dmft`` command line: ``demo``, ``run``, ``plot``, ``methods``.
 
 ``main(argv=None)`` returns the exit code: 0 on success, 2 for bad input (a one-line message
-on standard error, no traceback), 1 when a solver failed (:class:`~dmft.results.ConvergenceError`).
+on standard error, no traceback), 1 when a solver failed (:class:`~dmft.results.ConvergenceError`),
+130 when interrupted (Ctrl-C, or SIGTERM, which the command turns into an interrupt). Bad input
+includes every output path (``-o``, ``--plot``, the demo's folder), checked before any work, and
+a problem whose estimated memory exceeds what is available (refused before any allocation).
 """
 from __future__ import annotations
 
@@ -89,7 +92,51 @@ def demo(outdir=".", *, quick=False, progress=None, log=_say) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+def _check_output_file(path, what):
+    """Refuse (ValueError) an output file that cannot be written, before any work: a
+    directory, a missing or unwritable folder, an existing unwritable file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory; give a file name (e.g. "
+                         f"{os.path.join(path, 'out.h5' if what == 'output' else 'fig.png')})")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"the folder of {what} {path} ({directory}) does not exist; create it "
+                         f"first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {what} {path}: the folder {directory} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {what} {path}: the file exists and is not writable")
+
+
+def _check_figure(path):
+    """A figure path: writable (:func:`_check_output_file`) with a format matplotlib draws."""
+    _check_output_file(path, "figure")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp",
+               "pgf", "raw", "rgba")
+    if ext not in formats:
+        raise ValueError(f"figure {path}: unknown image format {ext or '(no extension)'!r}; "
+                         f"use a name ending in .png, .pdf or .svg")
+
+
+def _check_outdir(outdir):
+    """The demo's output folder: an existing writable folder, or one that can be created."""
+    if os.path.exists(outdir):
+        if not os.path.isdir(outdir):
+            raise ValueError(f"output directory {outdir} exists and is not a directory")
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise ValueError(f"output directory {outdir} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(outdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create output directory {outdir}: {parent} is not a "
+                         f"writable folder")
+
+
 def _cmd_demo(args):
+    _check_outdir(args.outdir)
     demo(args.outdir, quick=args.quick, progress=args.progress)
     return 0
 
@@ -97,11 +144,14 @@ def _cmd_demo(args):
 def _cmd_run(args):
     import dmft
     from .config import load_config, run
-    cfg = load_config(args.config)
     out = args.output or os.path.splitext(os.path.basename(args.config))[0] + ".h5"
-    directory = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(directory):
-        raise ValueError(f"output directory {directory} does not exist; create it first")
+    # every output path is checked before the configuration is even read
+    _check_output_file(out, "output")
+    if args.plot:
+        _check_figure(args.plot)
+        if os.path.abspath(args.plot) == os.path.abspath(out):
+            raise ValueError(f"--plot {args.plot} is the result file itself; give another name")
+    cfg = load_config(args.config)
     start = time.perf_counter()
     result = run(cfg, progress=args.progress)
     dmft.save(result, out)
@@ -117,7 +167,11 @@ def _cmd_run(args):
 
 def _cmd_plot(args):
     from .plotting import plot
+    if args.points < 1:
+        raise ValueError(f"--points must be >= 1 (train and test points to draw), got "
+                         f"{args.points}")
     out = args.output or os.path.splitext(args.result)[0] + ".png"
+    _check_figure(out)
     plot(args.result, out, points=args.points)
     print(f"figure -> {out}")
     return 0
@@ -136,7 +190,9 @@ def _parser():
         description="Dynamical mean field theory of wide neural networks: infinite-width "
                     "feature-learning dynamics, finite-width fluctuations and simulated "
                     "networks in one convention.",
-        epilog="Exit codes: 0 success, 1 a solver failed to converge, 2 bad input. "
+        epilog="Exit codes: 0 success, 1 a solver failed to converge, 2 bad input (also: "
+               "output paths that cannot be written, problems too large for the memory), "
+               "130 interrupted (Ctrl-C or SIGTERM). "
                "See `dmft COMMAND --help`.")
     p.add_argument("--version", action="version", version=f"dmft {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -190,6 +246,7 @@ def main(argv=None) -> int:
     if args.verbose:
         from ._progress import enable_logging
         enable_logging()
+    previous = _install_sigterm()
     try:
         return args.func(args)
     except ConvergenceError as exc:
@@ -199,6 +256,41 @@ def main(argv=None) -> int:
         msg = str(exc).replace("\n", " ")
         print(f"dmft {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        print(f"dmft {args.command}: error: out of memory ({exc or 'MemoryError'}); reduce "
+              f"steps / points / depth / samples", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dmft {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_sigterm(previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+_raise_interrupt._dmft_interrupt = True   # dmft.io defers it during a save, like Ctrl-C
+
+
+def _install_sigterm():
+    """SIGTERM -> KeyboardInterrupt while a command runs (exit code 130, like Ctrl-C).
+
+    Only in the main thread (signal handlers cannot be set elsewhere); returns the previous
+    handler (None when nothing was installed)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if hasattr(signal, "SIGXFSZ"):
+        # a file-size limit makes writes fail (EFBIG, one clear error from dmft.save)
+        # instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _restore_sigterm(previous):
+    import signal
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

@@ -67,7 +67,7 @@ _TRAIN_KEYS = ("gamma0", "lr", "steps", "loss")
 _GENERATOR_KEYS = ("generator", "P", "Q", "D", "seed", "teacher_width", "noise")
 _FILE_KEYS = ("X_train", "y_train", "X_test", "y_test")
 #: keys every method takes besides its options (the adapter skeleton's keywords)
-_COMMON_KEYS = ("seed", "throw", "progress")
+_COMMON_KEYS = ("seed", "throw", "progress", "memory_limit")
 _GENERATORS = ("teacher_student",)
 
 
@@ -221,7 +221,7 @@ def parse_config(cfg: dict, base_dir: str = ".", source: str = "") -> RunConfig:
             raise ValueError("[fluctuations] needs a [solve] section (it expands an "
                              "infinite-width solution), not [simulate]")
         from ._simulate import SIMULATE, SimulateOptions
-        _unknown("simulate", sim_t, (*SimulateOptions.names(), "throw"))
+        _unknown("simulate", sim_t, (*SimulateOptions.names(), "throw", "memory_limit"))
         if "width" not in sim_t:
             raise ValueError("[simulate] needs width = N (the hidden-layer width)")
         options = dict(sim_t)

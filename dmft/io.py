@@ -34,9 +34,14 @@ Groups
     the group's ``values_json`` attribute) and, for Fluctuations, ``solution`` (the nested
     Solution with the same layout as a Solution file's root).
 
-Writes are atomic: the file is written to a temporary file in the target directory, flushed
-to disk, then renamed over the target (``os.replace``); on any error the temporary file is
-removed and an existing file at the target is left untouched.
+Writes are atomic (built in memory, written to a temporary file, renamed over the target;
+nothing is left behind on errors or Ctrl-C / SIGTERM): see :mod:`dmft._atomic` and
+:func:`clean_orphans`.
+
+Integrity (still schema 1; files without these load as before): a whole-file SHA-256
+trailer checked by :func:`load` before libhdf5 reads a byte, Fletcher-32 per dataset chunk,
+the root attribute ``dmft_sha256`` and HDF5 1.10 checksummed metadata; a damaged file raises
+:class:`CorruptFileError`. Details in :mod:`dmft._integrity`.
 
 Compatibility: ``load`` refuses files of a newer schema with a message to upgrade, and
 applies the functions registered in :data:`MIGRATIONS` to read files of older schemas.
@@ -44,19 +49,28 @@ applies the functions registered in :data:`MIGRATIONS` to read files of older sc
 from __future__ import annotations
 
 import datetime
+import hashlib
+import logging
 import os
-import tempfile
 from typing import Callable
 
 import h5py
 import numpy as np
 
+from . import _atomic, _integrity
+from ._atomic import clean_orphans
+from ._integrity import (_HASH_ATTR, CorruptFileError, _attr_value, _checksum_kwargs,
+                         _damaged, _open, _read_tree, verify_checksum)
 from ._json import get_json as _get_json, put_json as _put_json
 from ._version import __version__
 from .results import DIMS, Ensemble, Fluctuations, Solution
 from .specs import MLP, Dataset, GradientDescent
 
-__all__ = ["save", "load", "read_attrs", "SCHEMA_VERSION", "MIGRATIONS", "register_migration"]
+__all__ = ["save", "load", "read_attrs", "SCHEMA_VERSION", "MIGRATIONS", "register_migration",
+           "CorruptFileError", "clean_orphans", "verify_checksum"]
+
+logger = logging.getLogger(__name__)
+
 
 #: version of the file layout written by :func:`save`
 SCHEMA_VERSION = 1
@@ -68,6 +82,15 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 COMPRESS_MIN_SIZE = 4096
 
 _KINDS = ("Solution", "Ensemble", "Fluctuations")
+
+#: HDF5 format versions written (1.10: checksummed object headers and chunk indexes)
+_LIBVER = ("v110", "latest")
+
+#: kept importable from here (tests, dmft._checkpoint); they live in _integrity / _atomic
+_TRAILER_MAGIC, _TRAILER_LEN = _integrity._TRAILER_MAGIC, _integrity._TRAILER_LEN
+_tmp_prefix = _atomic._tmp_prefix
+ORPHAN_AGE = _atomic.ORPHAN_AGE
+CHUNK_BYTES = _integrity.CHUNK_BYTES
 
 #: extra named dimensions of arrays that are not Solution fields
 _EXTRA_DIMS = {
@@ -132,7 +155,7 @@ class _Scales:
         if name in self.group:
             return self.group[name]
         values = np.asarray(self.coords[name])
-        ds = self.group.create_dataset(name, data=values)
+        ds = self.group.create_dataset(name, data=values, **_checksum_kwargs(values))
         ds.make_scale(name)
         if name in _DESCRIPTIONS:
             ds.attrs["long_name"] = _DESCRIPTIONS[name]
@@ -151,11 +174,12 @@ class _Scales:
 
 
 def _create_array(group, name, arr, compression):
+    _atomic._check_interrupt()
     if not isinstance(arr, np.ndarray):
         arr = np.asarray(arr)
-    kwargs = {}
+    kwargs = _checksum_kwargs(arr)
     if compression and arr.size >= COMPRESS_MIN_SIZE:
-        kwargs = dict(compression=compression, shuffle=True)
+        kwargs.update(compression=compression, shuffle=True)
         if compression == "gzip":
             kwargs["compression_opts"] = 4
     ds = group.create_dataset(name, data=arr, **kwargs)
@@ -264,7 +288,9 @@ def _write_solution(group, sol: Solution, compression):
     group.attrs["converged"] = np.int8(bool(sol.converged))
     group.attrs["iterations"] = int(sol.iterations)
     if isinstance(sol.seed, (int, np.integer)) and not isinstance(sol.seed, bool):
-        group.attrs["seed"] = int(sol.seed)
+        # informative flat copy; an int outside int64 (e.g. 2**70) is stored as text
+        seed = int(sol.seed)
+        group.attrs["seed"] = seed if -2**63 <= seed < 2**63 else str(seed)
     times = np.asarray(sol.t)
     coords = _coords(sol, times)
     coords["iteration"] = np.arange(1, np.size(sol.residuals) + 1)
@@ -363,6 +389,17 @@ def save(result, path, *, compression="gzip"):
     ValueError
         Not a result object, a bad ``compression``, or an ``options`` / ``extras`` value that
         cannot be stored (e.g. an arbitrary Python object).
+    OSError
+        Writing failed (full disk ``ENOSPC``, file-size limit ``EFBIG``, I/O error ...): one
+        error naming the target and the cause; the previous file is unchanged and the
+        temporary file removed.
+    KeyboardInterrupt
+        Ctrl-C during the save (re-raised after the temporary file is removed; the previous
+        file is unchanged). SIGTERM likewise aborts the save, then ends the process.
+
+    The file is built in memory first (peak extra memory about twice the file size), so
+    libhdf5 never writes to disk itself; temporary files left by interrupted saves in the
+    target folder are removed first (:func:`clean_orphans`).
     """
     if not isinstance(result, (Solution, Ensemble, Fluctuations)):
         raise ValueError(f"result must be a dmft Solution, Ensemble or Fluctuations, got "
@@ -374,61 +411,24 @@ def save(result, path, *, compression="gzip"):
     if not os.path.isdir(directory):
         raise ValueError(f"cannot save to {path}: directory {directory} does not exist; "
                          f"create it first")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write(f, result, compression)
-        # flush the bytes to disk before the rename makes them visible under the real name
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (not possible on every platform)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _atomic.save_image(lambda: _build_image(result, compression), path, directory)
+
+
+def _build_image(result, compression) -> bytes:
+    """The complete HDF5 file, built in memory (no disk I/O inside libhdf5)."""
+    with h5py.File("dmft-image.h5", "w", driver="core", backing_store=False,
+                   block_size=1 << 20, libver=_LIBVER) as f:
+        _write(f, result, compression)
+        hasher = hashlib.sha256()
+        _read_tree(f, hasher, keep=False)
+        f.attrs[_HASH_ATTR] = hasher.hexdigest()
+        f.flush()
+        return f.id.get_file_image()
 
 
 # ------------------------------------------------------------------------------------------
 # reading: file -> plain tree -> (migrations) -> objects
 # ------------------------------------------------------------------------------------------
-def _attr_value(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _read_tree(group) -> dict:
-    tree = {"attrs": {k: _attr_value(v) for k, v in group.attrs.items()},
-            "datasets": {}, "dims": {}, "groups": {}}
-    for name, obj in group.items():
-        if isinstance(obj, h5py.Group):
-            tree["groups"][name] = _read_tree(obj)
-        else:
-            tree["datasets"][name] = obj[...]
-            tree["dims"][name] = tuple(d.label for d in obj.dims)
-    return tree
-
-
 def _read_mapping(tree) -> dict:
     plain = _get_json(tree, "values_json", "{}")
     keys = _get_json(tree, "keys_json", "[]")
@@ -502,18 +502,10 @@ def _build_fluctuations(tree) -> Fluctuations:
 def read_attrs(path) -> dict:
     """The root attributes of a result file (schema, versions, kind, spec JSON ...)."""
     with _open(path) as f:
-        return {k: _attr_value(v) for k, v in f.attrs.items()}
-
-
-def _open(path):
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such result file: {path}")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path} is not a readable HDF5 file ({exc}); pass a file written "
-                         f"by dmft.save") from None
+        try:
+            return {k: _attr_value(v) for k, v in f.attrs.items()}
+        except Exception as exc:
+            raise _damaged(path, exc) from None
 
 
 def _upgrade(tree, path):
@@ -521,7 +513,11 @@ def _upgrade(tree, path):
     if version is None or "kind" not in tree["attrs"]:
         raise ValueError(f"{path} is not a dmft result file (no schema_version / kind "
                          f"attributes); pass a file written by dmft.save")
-    version = int(version)
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise CorruptFileError(f"{path} is damaged: schema_version {version!r} is not an "
+                               f"integer") from None
     if version > SCHEMA_VERSION:
         raise ValueError(
             f"{path} was written with HDF5 schema version {version} by dmft "
@@ -547,18 +543,49 @@ def load(path):
     ------
     FileNotFoundError
         No file at ``path``.
+    CorruptFileError (a ValueError)
+        The file is damaged: a checksum (whole file, per-dataset Fletcher-32 or the
+        ``dmft_sha256`` of attributes and arrays) does not match, its HDF5 structure cannot
+        be read, or an attribute / dataset is missing or malformed. Never wrong numbers.
     ValueError
         Not an HDF5 file, not a dmft result, or a file from a newer schema version (upgrade
         dmft).
     """
-    with _open(path) as f:
-        tree = _read_tree(f)
+    verified = []
+    with _open(path, verified) as f:
+        hasher = hashlib.sha256()
+        try:
+            tree = _read_tree(f, None if verified[0] else hasher)
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError ...
+            raise _damaged(path, exc) from None
+    attrs = tree["attrs"]
+    stored = attrs.get(_HASH_ATTR)
+    if not verified[0] and stored is not None and "schema_version" in attrs \
+            and _as_int(attrs["schema_version"]) <= SCHEMA_VERSION \
+            and stored != hasher.hexdigest():
+        raise CorruptFileError(
+            f"{os.fspath(path)} is damaged: the checksum of its attributes and arrays "
+            f"({_HASH_ATTR}) does not match (changed after dmft.save wrote it); re-create it "
+            f"with dmft.save")
     tree = _upgrade(tree, os.fspath(path))
     kind = tree["attrs"]["kind"]
-    if kind == "Solution":
-        return _build_solution(tree)
-    if kind == "Ensemble":
-        return _build_ensemble(tree)
-    if kind == "Fluctuations":
-        return _build_fluctuations(tree)
-    raise ValueError(f"{path}: unknown result kind {kind!r}; expected one of {_KINDS}")
+    builders = {"Solution": _build_solution, "Ensemble": _build_ensemble,
+                "Fluctuations": _build_fluctuations}
+    if kind not in builders:
+        raise CorruptFileError(f"{path} is damaged: unknown result kind {kind!r}; expected "
+                               f"one of {_KINDS}")
+    try:
+        return builders[kind](tree)
+    except CorruptFileError:
+        raise
+    except KeyError as exc:
+        raise _damaged(path, exc, f"the {kind} misses attribute or dataset {exc}") from None
+    except Exception as exc:  # malformed JSON, wrong types or shapes
+        raise _damaged(path, exc, f"a {kind} field is malformed") from None
+
+
+def _as_int(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return SCHEMA_VERSION + 1

@@ -73,10 +73,22 @@ class MLP:
 
 def _as_real(name, a, what):
     """A float64 copy of ``a``; ``what`` (e.g. "a real (P, D) array") is what it must be."""
+    if _is_complex(a):
+        raise ValueError(f"{name} must be {what}, got complex values; pass the real part "
+                         f"(np.real({name})) or split real and imaginary parts into features")
     try:
         return np.array(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be {what}: {exc}") from None
+
+
+def _is_complex(a) -> bool:
+    """Whether ``a`` (an array, or a nested sequence) holds complex numbers."""
+    if isinstance(a, (complex, np.complexfloating)):
+        return True
+    if isinstance(a, (list, tuple)):
+        return any(_is_complex(x) for x in a)
+    return bool(np.iscomplexobj(a)) if hasattr(a, "dtype") else False
 
 
 def _finite_readonly(name, a):

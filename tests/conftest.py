@@ -78,3 +78,23 @@ def requires_torch():
 def torch_or_skip():
     """Fixture form of :func:`requires_torch`: ``@pytest.mark.usefixtures("torch_or_skip")``."""
     return requires_torch()
+
+
+def unseal(path):
+    """Make a saved result file look as dmft wrote it before checksums existed (no whole-file
+    trailer, no ``dmft_sha256`` attribute), so that a test can edit it as an old file."""
+    import h5py
+    from dmft import io as dio
+    data = path.read_bytes()
+    if data[-dio._TRAILER_LEN:].startswith(dio._TRAILER_MAGIC):
+        path.write_bytes(data[:-dio._TRAILER_LEN])
+    with h5py.File(path, "r+") as f:
+        del f.attrs["dmft_sha256"]
+
+
+def small_deep_problem():
+    """A small depth-2 tanh problem (3 + 1 points, 5 steps) for solver-behaviour tests."""
+    import dmft.config
+    data = dmft.config.teacher_student(P=3, Q=1, D=4, seed=0)
+    return (dmft.MLP(depth=2, activation="tanh"), data,
+            dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=5))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import dmft
+from conftest import small_deep_problem
 import dmft.config
 from dmft.results import ConvergenceError
 from _reference import mc_and_exact_linear
@@ -246,9 +247,7 @@ SMALL = dict(samples=768, response_samples=24, replicates=3, progress=False)
 
 @pytest.fixture(scope="module")
 def small():
-    data = dmft.config.teacher_student(P=3, Q=1, D=4, seed=0)
-    return (dmft.MLP(depth=2, activation="tanh"), data,
-            dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=5))
+    return small_deep_problem()
 
 
 def test_deterministic_and_replicates(small):

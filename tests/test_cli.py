@@ -309,3 +309,110 @@ def test_plot_draws_the_data():
     with pytest.raises(ValueError, match="plot needs a Solution, Ensemble, Fluctuations or the "
                                          "path"):
         dmft.plot(42)
+
+
+# ------------------------------------------------------------------------------------------
+# issue 20: output paths checked before work, --points, interrupts, oversized problems
+# ------------------------------------------------------------------------------------------
+_STATIC_CFG = ('[net]\ndepth = 1\nactivation = "tanh"\n[data]\nP = 4\nQ = 2\n[train]\n'
+               'lr = 0.1\nsteps = 5\n[solve]\nmethod = "static"\n')
+
+
+def test_run_output_paths_checked_before_work(tmp_path, capsys, monkeypatch):
+    import dmft.config
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(_STATIC_CFG)
+    calls = []
+    monkeypatch.setattr(dmft.config, "run", lambda *a, **k: calls.append(1))
+    cases = [(["-o", str(tmp_path)], "is a directory"),
+             (["-o", str(tmp_path / "nope" / "o.h5")], "does not exist"),
+             (["--plot", str(tmp_path / "nope" / "f.png")], "does not exist"),
+             (["--plot", str(tmp_path)], "is a directory"),
+             (["--plot", str(tmp_path / "f.xyz")], "unknown image format"),
+             (["-o", str(tmp_path / "o.png"), "--plot", str(tmp_path / "o.png")],
+              "is the result file itself")]
+    for extra, match in cases:
+        assert cli.main(["run", str(cfg), "--no-progress", *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0] and err[0].startswith("dmft run: error:"), err
+    assert calls == []                              # nothing was computed
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_run_unwritable_folder(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(_STATIC_CFG)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert cli.main(["run", str(cfg), "-o", str(ro / "o.h5")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_demo_outdir_checked(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["demo", "--quick", "-o", str(f)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli.main(["demo", "--quick", "-o", str(f / "sub")]) == 2
+    assert "cannot create output directory" in capsys.readouterr().err
+
+
+def test_plot_points_must_be_positive(tmp_path, capsys):
+    sol = dmft.solve(dmft.MLP(1, "tanh"), teacher_student(4, 2, 5, 0),
+                     dmft.GradientDescent(0.5, 0.1, 5), method="static")
+    sol.save(tmp_path / "s.h5")
+    for k in ("0", "-2"):
+        assert cli.main(["plot", str(tmp_path / "s.h5"), "--points", k]) == 2
+        assert "--points must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+    assert cli.main(["plot", str(tmp_path / "s.h5"), "-o", str(tmp_path / "nope" / "f.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["plot", str(tmp_path / "s.h5"), "--points", "1"]) == 0
+
+
+def test_run_oversized_problem_is_one_line(tmp_path):
+    cfg = tmp_path / "big.toml"
+    cfg.write_text('[net]\ndepth = 3\nactivation = "linear"\n[data]\nP = 200\nQ = 20\nD = 10\n'
+                   '[train]\ngamma0 = 0.5\nlr = 0.05\nsteps = 500\n[solve]\nmethod = "linear"\n'
+                   'memory_limit = 24\n')
+    proc = subprocess.run([sys.executable, "-m", "dmft", "run", str(cfg), "-o",
+                           str(tmp_path / "o.h5")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr
+    assert err[0].startswith("dmft run: error: method='linear' needs ~") and "GiB" in err[0]
+    assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_run_interrupted_exits_130(tmp_path, signame):
+    import signal
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text('[net]\ndepth = 3\nactivation = "tanh"\n[data]\nP = 8\nQ = 0\n[train]\n'
+                   'gamma0 = 0.5\nlr = 0.01\nsteps = 100000\n[simulate]\nwidth = 512\n'
+                   'seeds = 64\n')
+    # SIGINT may be inherited as ignored (background jobs): restore the default, as a
+    # terminal's Ctrl-C would find it
+    proc = subprocess.Popen([sys.executable, "-m", "dmft", "run", str(cfg), "-v", "-o",
+                             str(tmp_path / "o.h5"), "--no-progress"], cwd=ROOT,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stderr:                    # the estimate is logged: the run started
+            if "estimated" in line:
+                break
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "dmft run: interrupted" in err
+    assert not (tmp_path / "o.h5").exists()

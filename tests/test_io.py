@@ -11,6 +11,10 @@ What these tests prove
   existing file at the target is byte-for-byte untouched.
 - Files from a newer schema are refused with an "upgrade" message; older ones go through the
   migration hook.
+- Seeds beyond int64 round-trip.
+- Integrity (checksums, damaged files, orphaned temporary files, interrupts, EFBIG) is in
+  test_io_integrity.py; the kill -9 / byte-flip campaigns are in test_files_slow.py
+  (``-m slow``).
 """
 import dataclasses
 import json
@@ -361,6 +365,7 @@ def test_older_schema_goes_through_migration_hook(tmp_path, monkeypatch):
         f.attrs["schema_version"] = 0
         f.attrs["old_meta"] = f.attrs["meta"]
         del f.attrs["meta"]
+        del f.attrs["dmft_sha256"]  # schema-0 files had no checksums
     seen = []
 
     def upgrade_0_to_1(tree):
@@ -415,3 +420,29 @@ def test_long_json_values_round_trip(tmp_path):
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert "options" not in f.attrs and "__options" in f
     assert_same(sol, dmft.load(tmp_path / "s.h5"))
+
+
+# ------------------------------------------------------------------------------------------
+# seeds beyond int64
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [2**70, -2**70, 2**64 - 1,
+                                  np.random.SeedSequence(2**200, spawn_key=(3,))])
+def test_huge_seeds_round_trip(tmp_path, seed):
+    sol = make_solution(np.random.default_rng(36), seed=seed)
+    sol.save(tmp_path / "s.h5")
+    back = dmft.load(tmp_path / "s.h5")
+    if isinstance(seed, np.random.SeedSequence):
+        assert back.seed.entropy == seed.entropy and back.seed.spawn_key == (3,)
+    else:
+        assert back.seed == seed and type(back.seed) is int
+    if not isinstance(seed, np.random.SeedSequence):  # the informative flat copy
+        assert dio.read_attrs(tmp_path / "s.h5")["seed"] in (seed, str(seed))
+
+
+def test_solve_with_seed_2_to_the_70_saves(tmp_path):
+    rng = np.random.default_rng(0)
+    data = dmft.Dataset(rng.normal(size=(3, 2)), rng.normal(size=3))
+    sol = dmft.solve(dmft.MLP(1, "tanh"), data, dmft.GradientDescent(1., .1, 3), method="mc",
+                     seed=2**70, samples=64)
+    sol.save(tmp_path / "s.h5")
+    assert dmft.load(tmp_path / "s.h5").seed == 2**70

@@ -433,7 +433,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  src_rtol: float = 1e-6, stein_rtol: float = 1e-6, divergence: float = 1e8,
                  sampler: str = "sobol", max_memory: float | None = None,
                  flop_rate: float = 10e9, record_sources: bool = False, logger=None,
-                 bar=None) -> dict:
+                 bar=None, state: dict | None = None, on_population=None) -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -447,6 +447,14 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     response_samples : total tangent samples (split equally over the populations).
     b_estimator : "auto" (Stein for relu, tangents otherwise), "tangent" or "stein".
     response_cv : control variate of the tangent responses (float32 tangents).
+    state, on_population : checkpoint hook. After each finished population
+        ``on_population(state)`` is called with ``state = {"next": p + 1, "acc": {...},
+        "acc2": {...}}``, the running sums over populations 0..p of each result and of its
+        square (arrays that are updated in place afterwards: save them before returning).
+        Passing such a state back as ``state`` resumes with population ``state["next"]``:
+        the sums are copied, the finished populations skipped, the others drawn from their own
+        (unchanged) seeds, so the result is bit-identical to an uninterrupted solve. Not with
+        ``record_sources``.
     max_memory : bytes a population may use (:func:`estimate_memory`); a larger solve is
         refused with a ValueError before any work (None: no check). The estimate and a flop
         count (:func:`estimate_flops`, a time at ``flop_rate``) are logged.
@@ -495,8 +503,23 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     keys = ("f", "ntk", "phi", "g", "A", "B")
     acc, acc2 = {}, {}                     # running sums over populations (no R-fold stack)
     pops = []
+    p0 = 0
+    if state is not None:
+        if record_sources:
+            raise ValueError("state (resume) and record_sources exclude each other")
+        p0 = int(state["next"])
+        if not 1 <= p0 <= R:
+            raise ValueError(f"state['next'] = {p0} is not a population index in 1..{R}")
+        acc = {k: np.array(v, dtype=np.float64) for k, v in state["acc"].items()}
+        acc2 = {k: np.array(v, dtype=np.float64) for k, v in state["acc2"].items()}
+        if bar is not None:
+            bar.update(p0 * T1)
+        if logger is not None:
+            logger.info("mc one-pass: resumed at population %d/%d", p0 + 1, R)
     with _single_thread_blas():
         for p, sp in enumerate(ss.spawn(R) if R > 1 else [ss]):
+            if p < p0:
+                continue
             o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                             responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
                             src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence,
@@ -518,6 +541,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                 logger.info("mc population %d/%d: f(T) rms %.4g", p + 1, R,
                             float(np.sqrt(np.mean(o["f"][-1] ** 2))))
             del o
+            if on_population is not None:
+                on_population({"next": p + 1, "acc": acc, "acc2": acc2})
     res = {}
     for key in keys:
         if key not in acc:

@@ -1,0 +1,137 @@
+"""The options of ``method="mc"`` / ``"gia"``: :class:`MCOptions` and the :data:`DEFAULTS`
+that fill its None fields (documented in :class:`dmft._mc.MonteCarlo`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checkpoint
+from ._method import (Options, boolean, int_at_least, is_callable, one_of, option,
+                      positive_int, real_in)
+
+__all__ = ["DEFAULTS", "MCOptions"]
+
+#: default options (None in :class:`MCOptions`); chosen so that the benchmark sizes reach ~1e-2
+#: on the predictions in about a minute or less on 2 cores (measurements: benchmarks/README.md)
+DEFAULTS = {
+    "samples_two_layer": 1 << 16,
+    "samples_deep": 8192,
+    "response_samples": 128,
+    "kernel_samples": 4096,
+    "damping": 1.0,
+    "anderson": 0,
+    "tol": 1e-4,
+    "noise_factor": 0.25,
+    "max_iter": 60,
+    "blocks": 8,
+    "sampler": "sobol",
+    "chunk_mb": 64.0,
+    "window": 10,
+    "replicates": 1,
+    "replicates_onepass": 16,
+    "samples_onepass": 16384,
+    "response_samples_onepass": 8,
+    "scheme": "onepass",
+    "src_rtol": 1e-6,
+    "response_control": True,
+    "b_estimator": "auto",
+    "stein_rtol": 1e-6,
+}
+
+
+#: bytes of memory available now (moved to :mod:`dmft._resources`; kept under this name)
+
+
+@dataclass(frozen=True)
+class MCOptions(Options):
+    """Options of ``method="mc"`` and ``"gia"`` (see :func:`solve_mc`); None: the default.
+
+    The defaults are in :data:`DEFAULTS` (some depend on the depth and the ``scheme``).
+    """
+
+    samples: int | None = option(None, positive_int(" (Monte Carlo samples per layer)"),
+                                 "Monte Carlo samples per layer")
+    response_samples: int | None = option(
+        None, positive_int(" (samples for the response tangents)"),
+        "samples for the tangent estimates of A, B (L >= 2)",
+        applies=("onepass", "iterative"))
+    kernel_samples: int | None = option(
+        None, positive_int(" (samples for the two-time kernels of two-layer networks)"),
+        "L = 1: samples for the two-time kernels",
+        applies=("two_layer",))
+    damping: float | None = option(None, real_in(
+        0, 1, "the weight of the new estimate in the mixing, e.g. damping=0.5"),
+        "iterative: weight of the new estimate in the mixing",
+        applies=("iterative",))
+    anderson: int | None = option(None, int_at_least(0, "history length; 0 disables"),
+                                  "iterative: Anderson mixing history",
+                                  applies=("iterative",))
+    tol: float | None = option(None, real_in(0, np.inf, "e.g. tol=1e-4"),
+                               "iterative: residual tolerance",
+                               applies=("iterative",))
+    noise_factor: float | None = option(None, real_in(0, np.inf, "e.g. noise_factor=0.25"),
+                                        "iterative: stop at this multiple of the noise floor",
+                                        applies=("iterative",))
+    max_iter: int | None = option(None, positive_int(" (iteration limit)"),
+                                  "iterative: iteration limit",
+                                  applies=("iterative",))
+    blocks: int | None = option(
+        None, positive_int(" (independent populations for standard errors)"),
+        "L = 1: independent populations for the standard errors",
+        applies=("two_layer",))
+    chunk_mb: float | None = option(None, real_in(
+        0, np.inf, "memory per chunk in MB, e.g. chunk_mb=64"), "memory per streamed chunk",
+        applies=("iterative",))
+    relu_eps: float | None = option(None, real_in(0, np.inf, "e.g. relu_eps=0.05"),
+                                    "width of the smoothed delta for relu's phi''",
+                                    applies=("onepass", "iterative"))
+    window: int | None = option(
+        None, positive_int(" (first time horizon of the continuation in time)"),
+        "iterative: first horizon of the continuation in time",
+        applies=("iterative",))
+    sampler: str | None = option(None, one_of(
+        ("sobol", "random"), "{name} must be 'sobol' (randomised quasi-Monte Carlo) or "
+        "'random' (i.i.d.), got {value!r}"), "'sobol' or 'random' sources",
+        applies=("two_layer", "onepass"))
+    replicates: int | None = option(None, positive_int(
+        " (independent fixed-point solutions for honest standard errors, L >= 2)"),
+        "L >= 2: independent populations / solutions",
+        applies=("onepass", "iterative"))
+    b_estimator: str | None = option(None, one_of(
+        ("auto", "tangent", "stein"), "{name} must be 'auto', 'tangent' or 'stein', got "
+        "{value!r} ('auto': Stein's lemma for relu, tangents otherwise)"),
+        "how B is estimated (L >= 2)",
+        applies=("onepass", "iterative"))
+    stein_rtol: float | None = option(None, real_in(0, 1, "e.g. stein_rtol=1e-6"),
+                                      "'stein': innovation variance cut-off",
+                                      applies=("onepass", "iterative"))
+    response_control: bool | None = option(
+        None, boolean(" (the control variate of the tangent responses)"),
+        "control variate of the tangent responses",
+        applies=("onepass", "iterative"))
+    callback: object = option(None, is_callable("callback(iteration, state, residual)"),
+                              "iterative: callback(iteration, state, residual)",
+                              applies=("iterative",))
+    scheme: str | None = option(None, one_of(
+        ("onepass", "iterative"), "{name} must be 'onepass' (causal one-pass solver, "
+        "default) or 'iterative' (alternating fixed-point iteration), got {value!r}"),
+        "L >= 2: 'onepass' or 'iterative'",
+        applies=("onepass", "iterative"))
+    src_rtol: float | None = option(None, real_in(0, 1, "e.g. src_rtol=1e-6"),
+                                    "one pass: source innovation cut-off",
+                                    applies=("onepass",))
+    max_memory_gb: float | None = option(None, real_in(
+        0, np.inf, "the memory a solve may use, in GB, e.g. max_memory_gb=8"),
+        "one pass: refuse solves estimated above this memory",
+        applies=("onepass",))
+    checkpoint: object = option(
+        None, _checkpoint.check_path,
+        "one pass: checkpoint file, written after each replicate; a rerun resumes from it",
+        applies=("onepass",))
+
+    #: the regimes of ``applies=``: "two_layer" (depth 1, the forward march), "onepass" and
+    #: "iterative" (depth >= 2, ``scheme``); an option given for another regime is an error
+    REGIMES = {"two_layer": "two-layer networks (depth 1: one forward march)",
+               "onepass": "the one-pass deep solver (scheme='onepass', the default)",
+               "iterative": "the iterative deep solver (scheme='iterative')"}
