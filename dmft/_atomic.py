@@ -59,14 +59,6 @@ def save_image(build, path, directory):
         raise
     finally:
         _HIT.clear()
-    try:  # make the rename itself durable (not possible on every platform)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def _tmp_prefix(path) -> str:
@@ -76,15 +68,31 @@ def _tmp_prefix(path) -> str:
 
 def _write_atomic(image, path, directory):
     trailer = _trailer(image)
+
+    def write(fd):
+        view = memoryview(image)
+        chunk = 16 << 20
+        for start in range(0, len(view), chunk):
+            _check_interrupt()
+            _write_all(fd, view[start:start + chunk])
+        _write_all(fd, trailer)
+
+    replace_atomically(path, directory, write)
+
+
+def replace_atomically(path, directory, write):
+    """Replace ``path`` (in the existing ``directory``) by what ``write(fd)`` writes, atomically.
+
+    The bytes go to a temporary file named by :func:`_tmp_prefix` (so that
+    :func:`clean_orphans` removes it if this process is killed), are synced to disk, then
+    renamed over ``path`` and the rename is synced too. On any error, Ctrl-C included, the
+    temporary file is removed and ``path`` is untouched; an ``OSError`` while writing becomes
+    one naming ``path``. Used by :func:`save_image` and by the checkpoints.
+    """
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         try:
-            view = memoryview(image)
-            chunk = 16 << 20
-            for start in range(0, len(view), chunk):
-                _check_interrupt()
-                _write_all(fd, view[start:start + chunk])
-            _write_all(fd, trailer)
+            write(fd)
             os.fsync(fd)  # the bytes are on disk before the rename makes them visible
         except OSError as exc:
             raise OSError(exc.errno, f"cannot save {path}: writing the temporary file failed "
@@ -102,6 +110,21 @@ def _write_atomic(image, path, directory):
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory):
+    """Make a rename in ``directory`` durable (not possible on every platform: then a no-op)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def _write_all(fd, data):

@@ -24,11 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
-from . import io as _io
+from . import _atomic
 from ._version import __version__
 
 __all__ = ["Checkpoint", "fingerprint", "check_path"]
@@ -75,19 +74,6 @@ def check_path(name, value):
         raise ValueError(f"{name} must be a file path (str or pathlib.Path), e.g. "
                          f"{name}='run.ckpt.npz', got {value!r}")
     return value
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:                       # e.g. Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Checkpoint:
@@ -147,24 +133,15 @@ class Checkpoint:
         folder = os.path.dirname(os.path.abspath(self.path))
         if self.writes == 0:
             # temp files of killed writers (of checkpoints or results) in this folder
-            _io.clean_orphans(folder)
-        # the temp name of dmft.io (host and pid in it), so that the next save cleans it up
-        # when this process is killed mid-write
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_io._tmp_prefix(self.path),
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
+            _atomic.clean_orphans(folder)
+        # dmft.io's atomic replace: a temp file named so that the next save cleans it up
+        # when this process is killed mid-write, synced, renamed, the rename synced
+
+        def write(fd):
+            with os.fdopen(fd, "wb", closefd=False) as fh:
                 np.savez(fh, **{_HEADER: np.array(head)}, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(folder)
+
+        _atomic.replace_atomically(os.path.abspath(self.path), folder, write)
         self.writes += 1
         self.bytes = os.path.getsize(self.path)
 

@@ -58,13 +58,10 @@ from . import _checkpoint
 from ._mc_options import DEFAULTS, MCOptions
 from ._method import Method
 from ._progress import logger
-from ._resources import available_memory as _available_memory_shared
 from .results import Solution
 from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["solve_mc", "solve_gia", "DEFAULTS", "MCOptions", "MC", "GIA"]
-
-_available_memory = _available_memory_shared
 
 
 def _deep_fields(out, T1, n):
@@ -380,8 +377,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             g_se = _two_time(out["g_se"], T1, n)[None]
             extras = {}
         elif onepass:
-            limit = (max_memory_gb * 1e9 if max_memory_gb is not None
-                     else getattr(ctx, "memory_limit", None) or 0.8 * _available_memory())
+            # per replicate; default: the run's memory_limit (set by the skeleton's preflight)
+            limit = max_memory_gb * 1e9 if max_memory_gb is not None else ctx.memory_limit
             ckpt = state = None
             if opts.checkpoint is not None:
                 ckpt = _checkpoint.Checkpoint(

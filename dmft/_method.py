@@ -71,9 +71,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solvers import static as _static
+
 from . import _resources
 from ._progress import logger, progress_bar
-from .results import STATUSES, ConvergenceError
+from .results import STATUSES, ConvergenceError, _loss
 from .specs import check_positive_int
 
 __all__ = ["Options", "Method", "Run", "option", "parse_seed", "STATUSES",
@@ -342,17 +344,15 @@ class Method:
 
 
 def _stable_lr(ntk0, P):
-    """2 / lambda_max of the t = 0 NTK on the training points (None if unknown)."""
+    """2 / lambda_max of the t = 0 NTK on the training points (None if unknown); for one NTK
+    per seed the smallest of the networks' limits (:func:`solvers.static.stable_lr`)."""
+    K = np.asarray(ntk0, dtype=np.float64)[..., :P, :P].reshape(-1, P, P)
+    K = K[np.all(np.isfinite(K), axis=(1, 2))]
     try:
-        K = np.asarray(ntk0, dtype=np.float64)[..., :P, :P]
-        if K.ndim == 3:                                  # one NTK per seed: the smallest limit
-            K = K[np.all(np.isfinite(K), axis=(1, 2))]
-            lam = max((np.linalg.eigvalsh(k).max() for k in K), default=np.nan)
-        else:
-            lam = np.linalg.eigvalsh(K).max() if np.all(np.isfinite(K)) else np.nan
-    except (ValueError, np.linalg.LinAlgError):
+        lr = min((_static.stable_lr(k) for k in K), default=np.inf)
+    except np.linalg.LinAlgError:
         return None
-    return 2.0 / lam if np.isfinite(lam) and lam > 0 else None
+    return float(lr) if np.isfinite(lr) else None
 
 
 def check_divergence(result, label="result"):
@@ -375,7 +375,7 @@ def check_divergence(result, label="result"):
         with np.errstate(all="ignore"):
             f = np.concatenate([np.asarray(preds), np.asarray(result.test_predictions)], -1)
             K = np.asarray(ntk, dtype=np.float64)
-            loss = np.atleast_2d(0.5 * np.sum((np.asarray(preds) - data.y_train) ** 2, -1))
+            loss = np.atleast_2d(_loss(np.asarray(preds), data.y_train))
             S = loss.shape[0]
             finite = (np.all(np.isfinite(f.reshape(S, -1)), axis=1)
                       & np.all(np.isfinite(K.reshape(S, -1)), axis=1))
