@@ -422,6 +422,9 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                            b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
                            src_rtol=src_rtol, response_control=bool(response_control),
                            scheme="onepass", sampler=sampler)
+            if ckpt is not None:
+                # populations read back from the checkpoint, not recomputed
+                options["resumed_units"] = int(state["next"]) if state is not None else 0
             for key in ("damping", "anderson", "tol", "noise_factor", "max_iter"):
                 options.pop(key, None)
             phi, g, phi_se, g_se, A, B = _deep_fields(out, T1, n)

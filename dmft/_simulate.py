@@ -193,6 +193,8 @@ class Simulate(Method):
 
         options = {"record_kernels": bool(record_kernels), "center": bool(center),
                    "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64"}
+        if ckpt is not None:
+            options["resumed_units"] = int(done)      # networks read back from the checkpoint
         extras = {"f0": f0} if center else {}
         ens = Ensemble(net=net, data=data, train=train, width=int(width), seeds=seeds,
                        t=train.times, train_predictions=preds[:, :, :P].copy(),

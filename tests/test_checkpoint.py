@@ -35,13 +35,18 @@ def problem():
     return small_deep_problem()
 
 
-def assert_identical(a, b):
-    """Every field of two results equal bit for bit (``elapsed`` excepted)."""
+def assert_identical(a, b, resumed=None):
+    """Every field of two results equal bit for bit (``elapsed`` excepted, and the provenance
+    ``options["resumed_units"]`` of a checkpointed run ``a``, checked equal to ``resumed``)."""
     assert type(a) is type(b)
     for f in dataclasses.fields(a):
         if f.name == "elapsed":
             continue
-        _same(getattr(a, f.name), getattr(b, f.name), f.name)
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "options" and "resumed_units" in x:
+            assert x["resumed_units"] == resumed
+            x = {k: v for k, v in x.items() if k != "resumed_units"}
+        _same(x, y, f.name)
 
 
 def _same(x, y, where):
@@ -89,7 +94,7 @@ def test_mc_resume_bit_identical(problem, tmp_path, monkeypatch, method):
     calls = _interrupt_after(monkeypatch, causal, "_population", 99)
     res = dmft.solve(net, data, train, method=method, seed=3, checkpoint=str(path), **SMALL)
     assert len(calls) == 2                     # only the two unfinished replicates were run
-    assert_identical(res, ref)
+    assert_identical(res, ref, resumed=2)
     assert not path.exists()                   # removed after success
     assert os.listdir(tmp_path) == []
 
@@ -115,7 +120,7 @@ def test_mc_checkpoint_every_replicate(problem, tmp_path, monkeypatch):
     calls = _interrupt_after(monkeypatch, causal, "_population", 99)
     res = dmft.solve(net, data, train, method="mc", seed=1, checkpoint=path, **SMALL)
     assert calls == []
-    assert_identical(res, dmft.solve(net, data, train, method="mc", seed=1, **SMALL))
+    assert_identical(res, dmft.solve(net, data, train, method="mc", seed=1, **SMALL), resumed=4)
 
 
 def test_mc_refuses_other_work(problem, tmp_path, monkeypatch):
@@ -176,7 +181,7 @@ def test_simulate_resume_bit_identical(problem, tmp_path, monkeypatch, kernels):
     res = dmft.simulate(net, data, train, seeds=seeds, checkpoint=path, record_kernels=kernels,
                         **SIM)
     assert len(calls) == 3
-    assert_identical(res, ref)
+    assert_identical(res, ref, resumed=5)
     assert not path.exists()
 
 
@@ -195,14 +200,14 @@ def test_simulate_resume_with_diverged_seed(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             dmft.simulate(net, data, train, seeds=seeds, throw=False, checkpoint=path, **SIM)
     res = dmft.simulate(net, data, train, seeds=seeds, throw=False, checkpoint=path, **SIM)
-    assert_identical(res, ref)
+    assert_identical(res, ref, resumed=4)
     with monkeypatch.context() as m:
         _interrupt_after(m, network, "train", 2)
         with pytest.raises(KeyboardInterrupt):
             dmft.simulate(net, data, train, seeds=seeds, throw=False, checkpoint=path, **SIM)
     with pytest.raises(dmft.ConvergenceError) as err:        # throw=True: the same result
         dmft.simulate(net, data, train, seeds=seeds, checkpoint=path, **SIM)
-    assert_identical(err.value.result, ref)
+    assert_identical(err.value.result, ref, resumed=2)
     with monkeypatch.context() as m:
         _interrupt_after(m, network, "train", 2)
         with pytest.raises(KeyboardInterrupt):

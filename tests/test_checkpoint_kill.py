@@ -120,5 +120,7 @@ def test_kill9_and_resume(kind, tmp_path):
           f"checkpoint {size / 1e6:.2f} MB; files at the kill: {leftovers}; bit-identical")
     # the work lost is at most one interval (plus scheduling noise on a shared machine)
     assert lost <= 1.5 * interval + 0.1
-    # resuming redid no finished unit: about the remaining half, not the whole run
-    assert resumed_wall < 0.8 * full
+    # resuming redid no finished unit: it read back exactly what the checkpoint held at the
+    # kill (a count, not a timing: wall times on a shared 2-core machine are too noisy)
+    resumed = json.load(open(out + ".json"))["options"]["resumed_units"]
+    assert resumed == done >= units // 2
