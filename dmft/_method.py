@@ -261,6 +261,10 @@ class Method:
     name = ""
     description = ""
     Options = Options
+    #: what the method solves beyond one squared-error output trained full-batch without
+    #: weight decay (docs/theory.rst §7): a subset of :data:`FEATURES`; the rest is refused
+    #: with a ValueError before any work (:func:`check_features`)
+    supports = frozenset()
     #: how results and log lines name the method (formatted with ``name``)
     label_format = "method={name!r}"
     #: the message for unknown options (formatted with ``label``, ``unknown``, ``valid``)
@@ -318,6 +322,8 @@ class Method:
 
     def __call__(self, *args, seed=None, throw: bool = True, progress=None, memory_limit=None,
                  **options):
+        if len(args) >= 3:
+            check_features(self.label, self.supports, args[0], args[1], args[2])
         opts = self.parse_options(options)
         ctx = Run(self.label, seed, progress)
         self.preflight(ctx, args, opts, memory_limit)
@@ -341,6 +347,45 @@ class Method:
 
     def __repr__(self):
         return f"<dmft method {self.name!r}: {self.description}>"
+
+
+#: problem features beyond the original one (one mse output, full batch, no decay)
+FEATURES = {
+    "outputs": "C >= 2 outputs (targets of shape (P, C))",
+    "losses": "losses other than mse",
+    "hinge": "the hinge loss",
+    "weight_decay": "weight decay toward the initialisation",
+    "decay_to_zero": "weight decay toward zero",
+    "batches": "mini-batches and online schedules (batch_size)",
+}
+
+
+def features(data, train) -> set:
+    """The :data:`FEATURES` a problem needs."""
+    need = set()
+    if data.multi_output:
+        need.add("outputs")
+    if train.loss != "mse":
+        need.add("losses")
+    if train.loss == "hinge":
+        need.add("hinge")
+    if train.weight_decay > 0:
+        need.add("decay_to_zero" if train.decay_to == "zero" else "weight_decay")
+    if train.batch_size is not None:
+        need.add("batches")
+    return need
+
+
+def check_features(label, supports, net, data, train) -> None:
+    """ValueError naming what a method does not solve (and which methods do)."""
+    if not hasattr(train, "loss") or not hasattr(data, "multi_output"):
+        return
+    missing = sorted(features(data, train) - set(supports))
+    if missing:
+        what = "; ".join(FEATURES[m] for m in missing)
+        raise ValueError(
+            f"{label} does not solve {what}; use method='mc' or dmft.simulate (see "
+            f"docs/methods.rst for which method solves what), or change train / data")
 
 
 def _stable_lr(ntk0, P):
@@ -373,20 +418,24 @@ def check_divergence(result, label="result"):
     if preds is not None and ntk is not None and data is not None and train is not None \
             and getattr(result, "t", None) is not None:
         with np.errstate(all="ignore"):
-            f = np.concatenate([np.asarray(preds), np.asarray(result.test_predictions)], -1)
-            K = np.asarray(ntk, dtype=np.float64)
-            loss = np.atleast_2d(_loss(np.asarray(preds), data.y_train))
-            S = loss.shape[0]
+            f = np.concatenate([np.asarray(preds).reshape(-1),
+                                np.asarray(result.test_predictions).reshape(-1)])
+            loss = np.atleast_2d(_loss(np.asarray(preds), data.y_train, train.loss))
+            S, T1 = loss.shape
+            # the NTK as (S, T+1, n C, n C) over point-major (point, output) pairs
+            K = np.asarray(ntk, dtype=np.float64).reshape(S, T1, -1)
+            nC = int(round(np.sqrt(K.shape[-1])))
+            K = K.reshape(S, T1, nC, nC)
             finite = (np.all(np.isfinite(f.reshape(S, -1)), axis=1)
                       & np.all(np.isfinite(K.reshape(S, -1)), axis=1))
             loss0 = np.maximum(loss[:, 0], 1e-30)
             ratio = loss / loss0[:, None]
-            k0 = np.abs(K.reshape(S, K.shape[-3], -1)[:, 0]).max(axis=1)
-            kmax = np.abs(K.reshape(S, K.shape[-3], -1)).max(axis=(1, 2))
+            k0 = np.abs(K.reshape(S, T1, -1)[:, 0]).max(axis=1)
+            kmax = np.abs(K.reshape(S, T1, -1)).max(axis=(1, 2))
             grown = kmax > DIVERGENCE_NTK_FACTOR * np.maximum(k0, 1e-300)
             bad = ~finite | (ratio.max(axis=1) > DIVERGENCE_LOSS_FACTOR) | grown
         if np.any(bad):
-            lr_max = _stable_lr(K[..., 0, :, :], data.P)
+            lr_max = _stable_lr(K[:, 0], data.P * data.C)
             limit = (f"; the frozen-kernel (static NTK) stability limit is 2 / "
                      f"lambda_max(K_train(0)) = {lr_max:.4g}" if lr_max is not None else "")
             if S == 1 and getattr(result, "seeds", None) is None:

@@ -66,6 +66,7 @@ def _check_specs(net, data, train):
     if not isinstance(train, GradientDescent):
         raise ValueError(f"train must be a dmft.GradientDescent, got {type(train).__name__}; "
                          f"build one with dmft.GradientDescent(gamma0=..., lr=..., steps=...)")
+    train.check(data)
 
 
 def solve(net: MLP, data: Dataset, train: GradientDescent, method: str = "auto", *,

@@ -14,6 +14,15 @@ phi, g                 (L, T+1, T+1, n, n)              Phi^l(t, s), G^l(t, s), 
 A, B                   (L-1, T+1, T+1, n, n) or None    responses A^l, B^l, l = 1 .. L-1
 =====================  ===============================  ======================================
 
+With C >= 2 outputs (targets of shape (P, C), docs/theory.rst §7) the prediction fields gain a
+trailing output axis, ``train_predictions`` (T+1, P, C) and ``test_predictions`` (T+1, Q, C),
+and the backward kernels and the NTK run over (point, output) pairs: ``ntk`` (T+1, n, C, n, C)
+= K_{mu c, nu c'}(t) and ``g`` (L, T+1, T+1, n, C, n, C) = G^l_{mu c, nu c'}(t, s) (reshape
+to (T+1, n C, n C) for the matrix over flattened point-major pairs); ``phi`` has no output
+index. C = 1 keeps every shape above. The losses are those of ``train.loss``;
+``train_accuracy`` / ``test_accuracy`` (fraction classified right: argmax over outputs, or the
+sign for one output) exist for the classification losses and for mse with C >= 2.
+
 ``Ensemble`` holds the same prediction, loss and NTK fields with a leading seed axis.
 """
 from __future__ import annotations
@@ -21,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from solvers.objective import accuracy, loss_value
 
 from .specs import MLP, Dataset, GradientDescent
 
@@ -57,6 +68,8 @@ DIMS = {
     "ntk": ("t", "point", "point_"),
     "phi": ("layer", "t", "s", "point", "point_"),
     "g": ("layer", "t", "s", "point", "point_"),
+    "train_accuracy": ("t",),
+    "test_accuracy": ("t",),
     "A": ("response_layer", "t", "s", "point", "point_"),
     "B": ("response_layer", "t", "s", "point", "point_"),
     "residuals": ("iteration",),
@@ -65,9 +78,40 @@ DIMS = {
 }
 
 
-def _loss(f, y):
-    """Sum of squared errors / 2 over the last axis."""
-    return 0.5 * np.sum((f - y) ** 2, axis=-1)
+#: the dims of the fields that gain output axes with C >= 2 outputs
+DIMS_OUTPUTS = {
+    "train_predictions": ("t", "train_point", "output"),
+    "test_predictions": ("t", "test_point", "output"),
+    "ntk": ("t", "point", "output", "point_", "output_"),
+    "g": ("layer", "t", "s", "point", "output", "point_", "output_"),
+    "prediction_cov": ("t", "point", "output", "point_", "output_"),
+    "ntk_var": ("t", "point", "output", "point_", "output_"),
+}
+
+
+def dims(name: str, multi_output: bool = False) -> tuple:
+    """Named dimensions of a field (with output axes when ``multi_output``)."""
+    if multi_output and name in DIMS_OUTPUTS:
+        return DIMS_OUTPUTS[name]
+    return DIMS[name]
+
+
+def _loss(f, y, loss: str = "mse"):
+    """The loss of predictions f (..., P) or (..., P, C) against targets y (P,) or (P, C),
+    summed over points and outputs."""
+    y = np.asarray(y, dtype=np.float64)
+    f = np.asarray(f, dtype=np.float64)
+    if y.ndim == 1:
+        y, f = y[:, None], f[..., None]
+    return loss_value(loss, f, y)
+
+
+def _accuracy(f, y):
+    y = np.asarray(y, dtype=np.float64)
+    f = np.asarray(f)
+    if y.ndim == 1:
+        y, f = y[:, None], f[..., None]
+    return accuracy(f, y)
 
 
 class _Status:
@@ -107,20 +151,43 @@ class _Predictions(_Status):
 
     @property
     def train_loss(self) -> np.ndarray:
-        """Training loss sum_mu (f_mu - y_mu)^2 / 2, shape (T+1,), or (S, T+1) for an Ensemble."""
-        return _loss(self.train_predictions, self.data.y_train)
+        """Training loss (``train.loss``, summed over all P training points and the outputs;
+        e.g. sum_mu (f_mu - y_mu)^2 / 2), shape (T+1,), or (S, T+1) for an Ensemble."""
+        return _loss(self.train_predictions, self.data.y_train, self.train.loss)
 
     @property
     def test_loss(self) -> np.ndarray | None:
         """Test loss like ``train_loss``, or None without ``y_test``."""
         if self.data.y_test is None:
             return None
-        return _loss(self.test_predictions, self.data.y_test)
+        return _loss(self.test_predictions, self.data.y_test, self.train.loss)
+
+    @property
+    def classifies(self) -> bool:
+        """Whether accuracies are defined: a classification loss, or mse with C >= 2."""
+        return self.train.loss != "mse" or self.data.multi_output
+
+    @property
+    def train_accuracy(self) -> np.ndarray | None:
+        """Fraction of training points classified right (argmax over outputs; the sign for
+        one output), (T+1,) or (S, T+1); None for one-output mse."""
+        if not self.classifies:
+            return None
+        return _accuracy(self.train_predictions, self.data.y_train)
+
+    @property
+    def test_accuracy(self) -> np.ndarray | None:
+        """Like ``train_accuracy`` on the test points (None without ``y_test``)."""
+        if not self.classifies or self.data.y_test is None or self.data.Q == 0:
+            return None
+        return _accuracy(self.test_predictions, self.data.y_test)
 
     @property
     def predictions(self) -> np.ndarray:
-        """Predictions on all points, train first, shape (T+1, P+Q), or (S, T+1, P+Q)."""
-        return np.concatenate([self.train_predictions, self.test_predictions], axis=-1)
+        """Predictions on all points, train first, shape (T+1, P+Q) (or (T+1, P+Q, C)), with a
+        leading seed axis for an Ensemble."""
+        axis = -2 if self.data.multi_output else -1
+        return np.concatenate([self.train_predictions, self.test_predictions], axis=axis)
 
 
 @dataclass(eq=False)

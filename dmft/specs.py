@@ -7,8 +7,10 @@ The one convention of the package (docs/theory.rst §1):
     h^{l+1}_mu  = W^l phi(h^l_mu) / sqrt(N)          l = 1 .. L-1
     f_mu        = w . phi(h^L_mu) / (gamma0 N)
 
-all weights i.i.d. N(0, 1), loss = sum_mu 1/2 (f_mu - y_mu)^2, full-batch gradient descent
-``theta <- theta - lr * gamma0^2 * N * dLoss/dtheta``, time ``t = k * lr``.
+all weights i.i.d. N(0, 1), loss = sum_mu 1/2 (f_mu - y_mu)^2 by default, full-batch gradient
+descent ``theta <- theta - lr * gamma0^2 * N * dLoss/dtheta``, time ``t = k * lr``. With C
+outputs (targets of shape (P, C)) the readout is a (N, C) matrix; other losses, weight decay
+and mini-batches: :class:`GradientDescent` and docs/theory.rst §7.
 """
 from __future__ import annotations
 
@@ -19,10 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.activations import ACTIVATIONS
+from solvers.objective import DECAY_TO, LOSSES, SCHEDULES, batch_schedule, check_targets
 
 __all__ = ["MLP", "Dataset", "GradientDescent", "LOSSES"]
-
-LOSSES = ("mse",)
 
 
 def _is_int(x) -> bool:
@@ -109,14 +110,34 @@ def _as_matrix(name, X):
     return _finite_readonly(name, X)
 
 
-def _as_targets(name, y, P):
-    y = _as_real(name, y, f"a real array of shape ({P},)")
+def _as_targets(name, y, P, C=None):
+    """Targets of shape (P,) (one output; (P, 1) is squeezed) or (P, C)."""
+    y = _as_real(name, y, f"a real array of shape ({P},) or ({P}, C)")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0].copy()
-    if y.shape != (P,):
-        raise ValueError(f"{name} must have shape ({P},) (one scalar target per point), got "
-                         f"shape {y.shape}")
+    if y.ndim == 0 or y.shape[0] != P or y.ndim > 2 or (y.ndim == 2 and y.shape[1] == 0):
+        raise ValueError(f"{name} must have shape ({P},) (one output) or ({P}, C) (C outputs), "
+                         f"one row per point, got shape {y.shape}")
+    if C is not None and (1 if y.ndim == 1 else y.shape[1]) != C:
+        raise ValueError(f"{name} has {1 if y.ndim == 1 else y.shape[1]} outputs but y_train "
+                         f"has {C}; give both the same number of columns")
     return _finite_readonly(name, y)
+
+
+def _one_hot(name, labels, classes):
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or not (np.issubdtype(lab.dtype, np.integer)
+                             or (np.issubdtype(lab.dtype, np.floating)
+                                 and np.all(lab == np.round(lab)))):
+        raise ValueError(f"{name} must be a 1-D array of integer class labels 0 .. C-1, got "
+                         f"dtype {lab.dtype} and shape {lab.shape}")
+    lab = lab.astype(np.int64)
+    if lab.size and (lab.min() < 0 or lab.max() >= classes):
+        raise ValueError(f"{name} holds labels outside 0 .. {classes - 1} (classes={classes}); "
+                         f"relabel them 0 .. C-1 or pass classes=")
+    Y = np.zeros((lab.size, classes))
+    Y[np.arange(lab.size), lab] = 1.0
+    return Y
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,12 +149,13 @@ class Dataset:
     Parameters
     ----------
     X_train : array (P, D)
-    y_train : array (P,)
-        Scalar targets (one network output).
+    y_train : array (P,) or (P, C)
+        Targets: one output (P,), or C outputs (P, C) (one-hot rows for cross-entropy: build
+        them from integer labels with :meth:`from_labels`; +-1 for logistic and hinge).
     X_test : array (Q, D), optional
         Test points: extra kernel indices with error signal zero (they never drive training).
-    y_test : array (Q,), optional
-        Test targets; only used for ``test_loss``.
+    y_test : array (Q,) or (Q, C), optional
+        Test targets; only used for ``test_loss`` and ``test_accuracy``.
     """
 
     X_train: np.ndarray
@@ -163,7 +185,27 @@ class Dataset:
             object.__setattr__(self, "X_test", Xt)
             if self.y_test is not None:
                 object.__setattr__(self, "y_test",
-                                   _as_targets("y_test", self.y_test, Xt.shape[0]))
+                                   _as_targets("y_test", self.y_test, Xt.shape[0], self.C))
+
+    @classmethod
+    def from_labels(cls, X_train, labels_train, X_test=None, labels_test=None,
+                    classes: int | None = None) -> "Dataset":
+        """A classification dataset from integer labels 0 .. C-1: one-hot targets (P, C).
+
+        ``classes`` (C) defaults to 1 + the largest label in either split; pass it when a
+        class is missing from the data. Train with ``loss="cross_entropy"`` (or ``"mse"`` on
+        the one-hot targets).
+        """
+        found = [np.max(np.asarray(v)) for v in (labels_train, labels_test)
+                 if v is not None and np.size(v)]
+        if classes is None:
+            classes = int(max(found)) + 1 if found else 1
+        if not _is_int(classes) or classes < 2:
+            raise ValueError(f"classes must be an integer >= 2 (the number of classes), got "
+                             f"{classes!r}")
+        Y = _one_hot("labels_train", labels_train, int(classes))
+        Yt = None if labels_test is None else _one_hot("labels_test", labels_test, int(classes))
+        return cls(X_train, Y, X_test, Yt)
 
     # sizes -------------------------------------------------------------------------------
     @property
@@ -180,6 +222,27 @@ class Dataset:
     def D(self) -> int:
         """Input dimension."""
         return self.X_train.shape[1]
+
+    @property
+    def C(self) -> int:
+        """Number of outputs (columns of y_train; 1 for targets of shape (P,))."""
+        return 1 if self.y_train.ndim == 1 else self.y_train.shape[1]
+
+    @property
+    def multi_output(self) -> bool:
+        """Whether the targets carry an output axis (y_train of shape (P, C), C >= 2): results
+        then have an output axis too."""
+        return self.y_train.ndim == 2
+
+    @property
+    def Y_train(self) -> np.ndarray:
+        """Training targets as a (P, C) array (a view)."""
+        return self.y_train.reshape(self.P, self.C)
+
+    @property
+    def Y_test(self) -> np.ndarray | None:
+        """Test targets as a (Q, C) array, or None."""
+        return None if self.y_test is None else self.y_test.reshape(self.Q, self.C)
 
     @property
     def X(self) -> np.ndarray:
@@ -205,14 +268,17 @@ class Dataset:
     __hash__ = None
 
     def __repr__(self):
-        return f"Dataset(P={self.P}, Q={self.Q}, D={self.D}, y_test={'yes' if self.y_test is not None else 'no'})"
+        c = f", C={self.C}" if self.multi_output else ""
+        return (f"Dataset(P={self.P}, Q={self.Q}, D={self.D}{c}, "
+                f"y_test={'yes' if self.y_test is not None else 'no'})")
 
 
 @dataclass(frozen=True)
 class GradientDescent:
-    """Full-batch gradient descent in the mean-field / muP convention.
+    """Gradient descent in the mean-field / muP convention (docs/theory.rst §1, §7).
 
-    ``theta <- theta - lr * gamma0**2 * N * dLoss/dtheta`` for ``steps`` steps; t = k * lr.
+    ``theta <- theta - lr * (gamma0**2 * N * dLoss/dtheta + weight_decay * (theta - theta_bar))``
+    for ``steps`` steps; t = k * lr. The loss is summed over the points of the step's batch.
 
     Parameters
     ----------
@@ -223,13 +289,35 @@ class GradientDescent:
     steps : int
         T >= 1, number of gradient steps; results live on T + 1 times.
     loss : str
-        ``"mse"``: l(f, y) = (f - y)^2 / 2, summed over points.
+        ``"mse"`` (|f - y|^2 / 2 per point, any number of outputs), ``"cross_entropy"``
+        (softmax over C >= 2 outputs, one-hot or probability targets), ``"logistic"``
+        (log(1 + exp(-y f)), one output, labels +-1) or ``"hinge"`` (max(0, 1 - y f), one
+        output, labels +-1).
+    weight_decay : float
+        lambda >= 0 with ``lr * weight_decay < 1``; 0 (default) is no decay.
+    decay_to : str
+        ``"init"`` (theta_bar = theta(0), the kernel-machine limit: kernel ridge regression
+        for mse, the soft-margin SVM for hinge) or ``"zero"`` (theta_bar = 0, the usual
+        weight decay).
+    batch_size : int or None
+        None (default): full batch. B: each step sums the loss over B training points.
+    batch_seed : int
+        Seed of the ``"epochs"`` permutations (the same in every method and network, so
+        DMFT and networks see the same batches).
+    schedule : str
+        ``"epochs"``: a fresh permutation each epoch cut into batches of B. ``"online"``:
+        step t uses training points t B .. (t + 1) B - 1, each seen once (P >= steps * B).
     """
 
     gamma0: float = 1.0
     lr: float = 0.1
     steps: int = 50
     loss: str = "mse"
+    weight_decay: float = 0.0
+    decay_to: str = "init"
+    batch_size: int | None = None
+    batch_seed: int = 0
+    schedule: str = "epochs"
 
     def __post_init__(self):
         if not _is_real(self.gamma0) or not np.isfinite(self.gamma0) or self.gamma0 < 0:
@@ -243,13 +331,57 @@ class GradientDescent:
         if not _is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         object.__setattr__(self, "steps", int(self.steps))
-        if self.loss not in LOSSES:
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not supported; use one of {LOSSES}")
+        wd = self.weight_decay
+        if not _is_real(wd) or not np.isfinite(wd) or wd < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        object.__setattr__(self, "weight_decay", float(wd))
+        if self.lr * self.weight_decay >= 1.0:
+            raise ValueError(f"lr * weight_decay = {self.lr * self.weight_decay:g} must be < 1 "
+                             f"(each step multiplies the weights by 1 - lr * weight_decay); "
+                             f"lower weight_decay or lr")
+        if self.decay_to not in DECAY_TO:
+            raise ValueError(f"decay_to must be one of {DECAY_TO} (the point weight decay pulls "
+                             f"toward), got {self.decay_to!r}")
+        if self.batch_size is not None:
+            if not _is_int(self.batch_size) or self.batch_size < 1:
+                raise ValueError(f"batch_size must be None (full batch) or an integer >= 1, "
+                                 f"got {self.batch_size!r}")
+            object.__setattr__(self, "batch_size", int(self.batch_size))
+        if not _is_int(self.batch_seed) or self.batch_seed < 0:
+            raise ValueError(f"batch_seed must be an integer >= 0, got {self.batch_seed!r}")
+        object.__setattr__(self, "batch_seed", int(self.batch_seed))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "online" and self.batch_size is None:
+            raise ValueError("schedule='online' draws fresh points each step: give batch_size "
+                             "(points per step)")
 
     @property
     def times(self) -> np.ndarray:
         """The T + 1 times k * lr."""
         return np.arange(self.steps + 1) * self.lr
+
+    @property
+    def plain(self) -> bool:
+        """Squared error, full batch, no weight decay (the original problem)."""
+        return self.loss == "mse" and self.weight_decay == 0.0 and self.batch_size is None
+
+    def batch_mask(self, P: int) -> np.ndarray | None:
+        """Which of the P training points each step uses, (steps, P) bool; None: full batch
+        (solvers/objective.py: batch_schedule)."""
+        if self.batch_size is not None and self.batch_size > P:
+            raise ValueError(f"batch_size={self.batch_size} exceeds the P = {P} training "
+                             f"points; pass batch_size <= {P} or None for full batch")
+        return batch_schedule(P, self.steps, self.batch_size, self.batch_seed, self.schedule)
+
+    def check(self, data) -> None:
+        """ValueError (naming the fix) where ``data`` does not suit this training."""
+        check_targets(self.loss, data.Y_train, "y_train")
+        if data.y_test is not None and self.loss != "mse":
+            check_targets(self.loss, data.Y_test, "y_test")
+        self.batch_mask(data.P)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

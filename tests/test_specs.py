@@ -99,17 +99,22 @@ def test_dataset_not_real_arrays(X):
 
 def test_dataset_target_shapes():
     X = np.ones((3, 2))
-    with pytest.raises(ValueError, match=r"y_train must have shape \(3,\) \(one scalar target "
-                                         r"per point\), got shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"y_train must have shape \(3,\) \(one output\) or "
+                                         r"\(3, C\) \(C outputs\), one row per point, got "
+                                         r"shape \(4,\)"):
         Dataset(X, np.ones(4))
-    with pytest.raises(ValueError, match=r"y_train must have shape \(3,\).*got shape \(3, 2\)"):
-        Dataset(X, np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"y_train must have shape \(3,\).*got shape \(3, 2, 1\)"):
+        Dataset(X, np.ones((3, 2, 1)))
     with pytest.raises(ValueError, match=r"y_train must be a real array of shape \(3,\)"):
         Dataset(X, ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"y_test must have shape \(2,\)"):
         Dataset(X, np.ones(3), np.ones((2, 2)), np.ones(3))
+    with pytest.raises(ValueError, match=r"y_test has 1 outputs but y_train has 2"):
+        Dataset(X, np.ones((3, 2)), np.ones((2, 2)), np.ones(2))
     d = Dataset(X, np.ones((3, 1)))  # a column vector of targets is accepted
-    assert d.y_train.shape == (3,)
+    assert d.y_train.shape == (3,) and d.C == 1 and not d.multi_output
+    d = Dataset(X, np.ones((3, 2)))  # two outputs
+    assert d.C == 2 and d.multi_output and d.Y_train.shape == (3, 2)
 
 
 def test_dataset_test_set_consistency():
@@ -158,9 +163,9 @@ def test_bad_steps(steps):
 
 
 def test_bad_loss():
-    with pytest.raises(ValueError, match=r"loss 'cross_entropy' is not supported; use one of "
-                                         r"\('mse',\)"):
-        GradientDescent(loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"loss 'l1' is not supported; use one of "
+                                         r"\('mse', 'cross_entropy', 'logistic', 'hinge'\)"):
+        GradientDescent(loss="l1")
 
 
 def test_gradient_descent_accepts():
