@@ -20,6 +20,10 @@ def estimate_fluct(method, sol, opts):
     if not isinstance(sol, Solution):
         return None
     L, P, n, T = sol.net.depth, sol.data.P, sol.data.P + sol.data.Q, sol.train.steps
+    # C >= 2 outputs (docs/theory.rst §7): every point index becomes a (point, output) pair
+    # (the deep-linear backward index (t, c) is bounded the same way)
+    C = sol.data.C if getattr(sol.data, "multi_output", False) else 1
+    P, n = P * C, n * C
     T1 = T + 1
     m = n * T1
     K1 = kernel_bytes(1, T1, n)

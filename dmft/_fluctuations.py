@@ -43,8 +43,31 @@ Methods (``method=``):
     two-layer linear network, ``"deep-linear"`` for a deeper linear one,
     ``"deep-propagator"`` for a deep nonlinear one, else ``"propagator"``.
 
+Beyond one squared-error output (docs/theory.rst §7). Each method's ``supports`` lists what
+it handles; anything else is refused with a ValueError before any work, naming a method
+that handles it:
+
+- ``"propagator"``: C outputs, cross-entropy and logistic losses, weight decay toward the
+  initialisation and toward zero, mini-batches. The loss enters through its Jacobian
+  d Delta / d f (``Objective.jacobian``; -I for mse): N Cov(f) = (I - J D E)^{-1} kappa
+  (I - J D E)^{-T}; weight decay through the per-unit march (exact at L = 1).
+- ``"deep-linear"``: the same, over the flattened (t, c) backward index; toward zero the
+  initial-weight channel (sources and the responses to them) carries a^t.
+- ``"lazy"``: C outputs, those losses, decay toward the initialisation, batches
+  (f = f(0) + K alpha, alpha(t+1) = a alpha(t) + lr Delta(t)); depth > 1 only for one
+  output of a linear network. Decay toward zero has no lazy limit (refused).
+- ``"linear-exact"``, ``"deep-propagator"``: the original problem only (``"auto"`` picks
+  ``"deep-linear"`` for a two-layer linear network beyond it).
+- the hinge loss: refused everywhere (its kink y f = 1 moves with the fluctuations, a
+  delta term the linearisations miss, like ReLU's phi'').
+
+With C >= 2 outputs ``prediction_cov``, ``ntk_var`` and their ``stderr`` have shape
+(T+1, n, C, n, C) (``extras["prediction_cov_two_time"]`` (T+1, T+1, n, C, n, C)), per
+dmft/results.py; with one output every shape is as before, and the original problem (mse,
+C = 1, full batch, no decay) runs the original code paths (numbers unchanged).
+
 The reference two-layer solution the tests and the benchmark linearise around is in
-:mod:`dmft._two_layer` (``solve_two_layer``).
+:mod:`dmft._two_layer` (``solve_two_layer``; every objective).
 """
 from __future__ import annotations
 
@@ -56,7 +79,9 @@ from solvers import fluct as _engine
 from solvers.fluct import deep_linear as _deep
 from solvers.fluct import deep_mc as _deep_mc
 
-from ._method import Method, Options, boolean, one_of, option, positive_int
+from solvers.objective import Objective
+
+from ._method import FEATURES, Method, Options, boolean, features, one_of, option, positive_int
 from ._progress import logger
 from .results import Fluctuations, Solution
 from .specs import check_positive_int
@@ -137,6 +162,35 @@ def _delta(sol: Solution, center: bool) -> np.ndarray:
     return np.asarray(sol.data.y_train)[None, :] - f[:-1]
 
 
+def _objective(sol: Solution) -> Objective:
+    """The solution's loss, targets, batches and weight decay (docs/theory.rst §7)."""
+    return Objective.from_specs(sol.data, sol.train)
+
+
+def _delta_jacobian(sol: Solution, center: bool):
+    """Infinite-width error signal and loss Jacobian for any objective (docs/theory.rst §7):
+    Delta (T, P, C) = objective.delta(t, f(t)) and jac (T, P, C, C) = d Delta(t) / d f(t)
+    (zero off-batch), from the (centred when ``center``) predictions of the solution."""
+    obj = _objective(sol)
+    F = np.asarray(sol.train_predictions, dtype=np.float64)
+    if F.ndim == 2:
+        F = F[:, :, None]
+    if center:
+        F = F - F[:1]
+    T, P = sol.train.steps, sol.data.P
+    delta = np.stack([obj.delta(t, F[t])[:P] for t in range(T)])
+    jac = np.stack([obj.jacobian(t, F[t]) for t in range(T)])
+    return delta, jac, obj
+
+
+def _output_shape(arr, n: int, C: int, multi: bool):
+    """(..., n C, n C) over I = mu C + c -> (..., n, C, n, C) for C >= 2 outputs, or
+    (..., n, n) for one (dmft/results.py shape convention)."""
+    arr = np.asarray(arr)
+    lead = arr.shape[:-2]
+    return arr.reshape(lead + ((n, C, n, C) if multi else (n, n)))
+
+
 def _need_gamma0(method, gamma0):
     if gamma0 <= 0:
         raise ValueError(f"method={method!r} needs gamma0 > 0; use method='lazy' for the "
@@ -184,6 +238,23 @@ class FluctuationMethod(Method):
     def check(self, sol: Solution, opts: FluctuationOptions):
         """Refuse a solution the method cannot use (before any work)."""
 
+    def check_problem(self, sol: Solution):
+        """ValueError where the solution's problem (outputs, loss, weight decay, batches;
+        docs/theory.rst §7) needs a feature outside :attr:`supports` (before any work)."""
+        if not hasattr(sol.train, "loss") or not hasattr(sol.data, "multi_output"):
+            return
+        need = features(sol.data, sol.train)
+        missing = sorted(need - set(self.supports))
+        if missing:
+            what = "; ".join(FEATURES[m] for m in missing)
+            able = [m.name for m in FLUCTUATION_METHODS.values()
+                    if m.name != "auto" and need <= set(m.supports)]
+            fix = (f"use method={able[0]!r}" + (f" (or one of {able[1:]})" if able[1:] else "")
+                   + " where it applies to the network") if able else \
+                "no fluctuation method handles this yet; use dmft.simulate at several widths"
+            raise ValueError(f"fluctuations method={self.name!r} does not handle {what}; "
+                             f"{fix}, or change train / data")
+
     def uses_samples(self, sol: Solution, opts: FluctuationOptions) -> bool:
         return self.default_samples is not None
 
@@ -202,6 +273,7 @@ class FluctuationMethod(Method):
                 f"linearise around a converged infinite-width solution. Fix the solve first "
                 f"(as its message says: e.g. a smaller lr or gamma0, more samples, or another "
                 f"method) and pass a Solution with status 'converged'")
+        self.check_problem(sol)
         self.check(sol, opts)
         samples = getattr(opts, "samples", None)
         if samples is not None or self.uses_samples(sol, opts):
@@ -226,17 +298,18 @@ class FluctuationMethod(Method):
             # an overflow leaves no covariance: a NaN partial result (the skeleton applies
             # throw=: raised with it on exc.result, or returned)
             T, n = sol.train.steps, sol.data.P + sol.data.Q
-            nan = np.full((T + 1, n, n), np.nan)
+            pair = (n, sol.data.C, n, sol.data.C) if getattr(sol.data, "multi_output", False) \
+                else (n, n)
+            nan = np.full((T + 1,) + pair, np.nan)
             return Fluctuations(
                 solution=sol, prediction_cov=nan, ntk_var=nan.copy(), center=opts.center,
                 method=self.name, options=state.options,
-                extras={"prediction_cov_two_time": np.full((T + 1, T + 1, n, n), np.nan)},
+                extras={"prediction_cov_two_time": np.full((T + 1, T + 1) + pair, np.nan)},
             ).fail("diverged", f"fluctuations ({self.name}) diverged: {exc}; reduce lr or "
                                f"gamma0")
-        T, n = sol.train.steps, sol.data.P + sol.data.Q
         state.extras["prediction_cov_two_time"] = res["cov"]
         ntk_var = res["ntk_var"] if opts.ntk and res.get("ntk_var") is not None else \
-            np.full((T + 1, n, n), np.nan)
+            np.full(np.shape(res["pred_cov"]), np.nan)
         fl = Fluctuations(solution=sol, prediction_cov=res["pred_cov"], ntk_var=ntk_var,
                           center=opts.center, method=self.name, stderr=state.stderr,
                           options=state.options, extras=state.extras)
@@ -258,7 +331,8 @@ class _Auto(FluctuationMethod, name="auto", options=AutoOptions,
         if sol.method == "static" or sol.train.gamma0 == 0:
             name = "lazy"
         elif net.linear:
-            name = "linear-exact" if net.depth == 1 else "deep-linear"
+            plain = _objective(sol).plain if hasattr(sol.train, "loss") else True
+            name = "linear-exact" if net.depth == 1 and plain else "deep-linear"
         else:
             name = "propagator" if net.depth == 1 else "deep-propagator"
         return FLUCTUATION_METHODS[name]
@@ -276,6 +350,11 @@ class _TwoLayer(FluctuationMethod):
 class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
                   description="two-layer networks, sampled single-site propagator (any smooth "
                               "activation)"):
+    #: docs/theory.rst §7: the loss enters through its Jacobian d Delta / d f; the hinge
+    #: loss's Jacobian is zero almost everywhere but its kink (y f = 1) moves with the
+    #: fluctuations, a delta term the linearisation misses (like ReLU's phi'')
+    supports = frozenset({"outputs", "losses", "weight_decay", "decay_to_zero", "batches"})
+
     def compute(self, state):
         sol, opts = state.sol, state.opts
         net, train = sol.net, sol.train
@@ -286,15 +365,36 @@ class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
                 "the phi'' = delta(h) contribution; use a smooth activation (tanh, erf) or "
                 "method='lazy' for the gamma0 -> 0 limit")
         kx = sol.data.kx
-        u, w0 = _engine.draw_units(kx, state.samples, state.rng)
+        delta, jac, obj = _delta_jacobian(sol, opts.center)
+        plain = obj.plain
+        if plain:
+            # the original problem: the original (Numba) path, numbers unchanged
+            u, w0 = _engine.draw_units(kx, state.samples, state.rng)
+        else:
+            u, w0 = _engine.draw_units_multi(kx, state.samples, obj.C, state.rng)
         bar = state.ctx.bar(state.samples, "fluctuations", unit="sample")
         try:
-            res = _engine.two_layer_propagator(
-                net.activation, u, w0, kx, _delta(sol, opts.center), train.gamma0, train.lr,
-                center=opts.center, blocks=opts.blocks, chunk=opts.chunk, ntk=opts.ntk,
-                progress=bar.update)
+            if plain:
+                res = _engine.two_layer_propagator(
+                    net.activation, u, w0, kx, _delta(sol, opts.center), train.gamma0,
+                    train.lr, center=opts.center, blocks=opts.blocks, chunk=opts.chunk,
+                    ntk=opts.ntk, progress=bar.update)
+            else:
+                res = _engine.objective_propagator(
+                    net.activation, u, w0, kx, delta, jac, train.gamma0, train.lr, a=obj.a,
+                    decay_to=obj.decay_to, center=opts.center, blocks=opts.blocks,
+                    chunk=opts.chunk, ntk=opts.ntk, progress=bar.update)
         finally:
             bar.close()
+        if not plain:
+            n, C, multi = sol.data.P + sol.data.Q, obj.C, sol.data.multi_output
+            for key in ("cov", "pred_cov", "ntk_var", "pred_cov_stderr", "ntk_var_stderr",
+                        "kappa"):
+                if res.get(key) is not None:
+                    res[key] = _output_shape(res[key], n, C, multi)
+            T = train.steps
+            res["response"] = res["response"].reshape(
+                (T + 1, n, C, T, sol.data.P, C) if multi else (T + 1, n, T, sol.data.P))
         state.stderr["prediction_cov"] = res["pred_cov_stderr"]
         if opts.ntk:
             state.stderr["ntk_var"] = res["ntk_var_stderr"]
@@ -307,6 +407,11 @@ class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
 class _Lazy(FluctuationMethod, name="lazy", options=LazyOptions,
             description="gamma0 -> 0: frozen random kernel, linear dynamics (exact or sampled "
                         "moments)"):
+    #: docs/theory.rst §7: the frozen-kernel dynamics f = f(0) + K alpha, alpha(t+1) =
+    #: a alpha(t) + lr Delta(t); not decay toward zero (the weights leave the neighbourhood
+    #: of their initialisation: no lazy limit) nor the hinge loss (kink)
+    supports = frozenset({"outputs", "losses", "weight_decay", "batches"})
+
     def uses_samples(self, sol, opts):
         return not (opts.moments in ("auto", "exact") and sol.net.linear)
 
@@ -319,6 +424,8 @@ class _Lazy(FluctuationMethod, name="lazy", options=LazyOptions,
                 "use center=True (the centred model f - f(theta_0)) or a gamma0 > 0")
         g0 = None if opts.center else train.gamma0
         kx = data.kx
+        if hasattr(train, "loss") and not _objective(sol).plain:
+            return self._compute_objective(state, g0)
         K = np.asarray(sol.ntk[0], dtype=np.float64)
         delta = _engine.lazy_delta(K, np.asarray(data.y_train), train.lr, train.steps)
         use_exact = net.linear and opts.moments in ("auto", "exact")
@@ -349,6 +456,54 @@ class _Lazy(FluctuationMethod, name="lazy", options=LazyOptions,
             state.options["samples"] = state.samples
             state.extras["sampled_ntk"] = mom["mean_K"]
         state.extras["lazy_delta"] = delta
+        return res
+
+    def _compute_objective(self, state, g0):
+        """docs/theory.rst §7: C outputs, any smooth loss, weight decay toward the
+        initialisation, batches (:func:`solvers.fluct.lazy.lazy_propagator_objective`)."""
+        sol, opts = state.sol, state.opts
+        net, data, train = sol.net, sol.data, sol.train
+        obj = _objective(sol)
+        n, C, multi = data.P + data.Q, obj.C, data.multi_output
+        nC = n * C
+        use_exact = net.linear and opts.moments in ("auto", "exact")
+        if opts.moments == "exact" and not net.linear:
+            raise ValueError(f"moments='exact' is available for linear networks only, got "
+                             f"activation={net.activation!r}; use moments='sampled'")
+        if net.depth != 1 and not (use_exact and C == 1):
+            raise ValueError(
+                f"the lazy propagator beyond one squared-error output handles depth > 1 only "
+                f"for one output of a linear network (exact moments); depth={net.depth}, "
+                f"C={C}, activation={net.activation!r}: use method='deep-linear' for a linear "
+                f"network")
+        K = np.asarray(sol.ntk[0], dtype=np.float64).reshape(nC, nC)
+        tr = _engine.lazy_trajectory(K, obj)
+
+        def propagate(kK, kf):
+            return _engine.lazy_propagator_objective(K, tr["alpha"], tr["jac"], obj.a,
+                                                     train.lr, kK, kf)
+
+        if use_exact:
+            kf, kK = (_deep.deep_linear_lazy_kappa(data.kx, net.depth, g0)
+                      if net.depth != 1 else _engine.linear_lazy_moments_multi(data.kx, C, g0))
+            res = propagate(kK, kf)
+            state.options["moments"] = "exact"
+        else:
+            u, w0 = _engine.draw_units_multi(data.kx, state.samples, C, state.rng)
+            mom = _engine.sampled_lazy_moments_multi(net.activation, u, w0, data.kx, g0,
+                                                     opts.blocks)
+            res = propagate(mom["kappa_K"], mom["kappa_f0"])
+            per = [propagate(b["kappa_K"], b["kappa_f0"]) for b in mom["blocks"]]
+            for key, name in (("pred_cov", "prediction_cov"), ("ntk_var", "ntk_var")):
+                arr = np.stack([r[key] for r in per])
+                state.stderr[name] = _output_shape(arr.std(axis=0, ddof=1)
+                                                   / np.sqrt(opts.blocks), n, C, multi)
+            state.options["moments"] = "sampled"
+            state.options["samples"] = state.samples
+            state.extras["sampled_ntk"] = _output_shape(mom["mean_K"], n, C, multi)
+        for key in ("cov", "pred_cov", "ntk_var"):
+            res[key] = _output_shape(res[key], n, C, multi)
+        state.extras["lazy_delta"] = tr["delta"] if multi else tr["delta"][..., 0]
         return res
 
 
@@ -438,10 +593,24 @@ class _ExactLinear(FluctuationMethod):
 class _DeepLinear(_ExactLinear, name="deep-linear",
                   description="linear networks of any depth: exact propagator, no sampling"):
 
+    #: docs/theory.rst §7: outputs over the flattened (t, c) backward index, the loss
+    #: through its (differentiable) error signal, weight decay (toward zero: the
+    #: initial-weight channel scaled by a^t), batches; not the hinge loss (its kink moves
+    #: with the fluctuations, a term the linearisation misses)
+    supports = frozenset({"outputs", "losses", "weight_decay", "decay_to_zero", "batches"})
+
     def exact(self, net, data, train, opts, state):
+        obj = _objective(state.sol)
         res = _deep.deep_linear_propagator(data.kx, np.asarray(data.y_train), net.depth,
                                            train.gamma0, train.lr, train.steps,
-                                           center=opts.center, ntk=opts.ntk)
+                                           center=opts.center, ntk=opts.ntk, objective=obj)
+        if not obj.plain:
+            n, C, multi = data.P + data.Q, obj.C, data.multi_output
+            T1 = train.steps + 1
+            res["f"] = res["f"].reshape((T1, n, C) if multi else (T1, n))
+            for key in ("cov", "pred_cov", "ntk_var", "ntk_mean"):
+                if res.get(key) is not None:
+                    res[key] = _output_shape(res[key], n, C, multi)
         if not (np.all(np.isfinite(res["f"])) and res["residual"] < 1e-8 * max(
                 1.0, float(np.max(np.abs(res["f"]))))):
             state.failure = ("not_converged", (
@@ -526,6 +695,9 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
     Returns
     -------
     Fluctuations
+        (For C >= 2 outputs every (n, n) below is (n, C, n, C) over (point, output) pairs,
+        docs/theory.rst §7; see the module docstring for which method handles which loss,
+        weight decay and batches.)
         ``prediction_cov`` (T+1, n, n): N Cov[f_mu(t), f_nu(t)]; ``ntk_var`` (T+1, n, n):
         N Var[K_mu,nu(t)] (NaN when ``ntk=False``); ``stderr`` with the same keys (Monte Carlo
         batch means; absent for deterministic methods); ``extras["prediction_cov_two_time"]``
@@ -539,8 +711,10 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
     Raises
     ------
     ValueError
-        Bad options, a solution the method cannot use, or a solution that did not converge
-        (``sol.status != "converged"``, e.g. from ``solve(..., throw=False)``).
+        Bad options, a solution the method cannot use (including a problem feature outside
+        the method's ``supports``: outputs, loss, weight decay, batches), or a solution that
+        did not converge (``sol.status != "converged"``, e.g. from
+        ``solve(..., throw=False)``).
     NotImplementedError
         ``"propagator"``/``"linear-exact"`` at depth > 1, sampled lazy moments at depth > 1,
         and ReLU with ``"propagator"`` or ``"deep-propagator"`` (their derivatives miss the

@@ -6,6 +6,14 @@ lr), using that the backward kernels G^l do not depend on the data index (one ou
 strictly causal structure in time: nothing of size (P T) x (P T) is inverted. The result is
 deterministic; ``seed`` is only recorded.
 
+Beyond one squared-error output (docs/theory.rst §7) -- C outputs, the cross-entropy, logistic
+and hinge losses, weight decay toward the initialisation or toward zero, mini-batch and online
+schedules -- the backward fields stay point-independent (G^l_{mu c, nu c'} = G^l_{c c'}), the
+backward index becomes (t, c), and :func:`solvers.linear.march_general` marches the same
+closed matrix equations with the error signal Delta(t) = Objective.delta(t, f(t)), memory
+weights a^(t-1-s) and, toward zero, the source scale a^t. The plain problem keeps its own path
+(:func:`solvers.linear.solve`, with the whitened fast path) and its numbers bit for bit.
+
 ``method="auto"`` picks this solver for linear networks.
 """
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers import linear as _engine
+from solvers.objective import Objective
 
 from ._method import Method, Options, boolean, one_of, option
 from ._progress import logger
@@ -55,7 +64,10 @@ class Linear(Method, name="linear", options=LinearOptions):
     ----------
     net, data, train : MLP, Dataset, GradientDescent
         ``net.activation`` must be ``"linear"``. ``train.gamma0 = 0`` is allowed: it is the
-        lazy limit and reproduces ``method="static"``.
+        lazy limit and reproduces ``method="static"``. Every feature of docs/theory.rst §7 is
+        solved: targets of shape (P, C), ``train.loss`` of any kind, ``weight_decay`` with
+        ``decay_to="init"`` or ``"zero"``, ``batch_size`` with either schedule; those
+        problems use the general march (no whitened fast path).
     seed : optional
         Recorded only: the method draws no random numbers.
     throw : bool
@@ -65,10 +77,15 @@ class Linear(Method, name="linear", options=LinearOptions):
     fast_path : {"auto", True, False}
         Whitened training inputs (X_train X_train^T / D = lambda I, always true for P = 1)
         reduce any depth to a one-point problem along y
-        (:func:`solvers.linear.whitened_reduction`); "auto" uses it when it applies.
+        (:func:`solvers.linear.whitened_reduction`); "auto" uses it when it applies. Only the
+        plain problem (one mse output, full batch, no weight decay) has it; True raises for
+        the others.
     responses : bool
-        Fill the full-index responses ``A``, ``B`` (L-1, T+1, T+1, n, n) (L >= 2). False leaves
-        them None and saves memory and two GEMMs per layer.
+        Fill the full-index responses ``A``, ``B`` (L-1, T+1, T+1, n, n) (L >= 2), the
+        responses to the raw sources (under weight decay toward zero the sources enter scaled
+        by a^t). False leaves them None and saves memory and two GEMMs per layer. With C >= 2
+        outputs they carry output indices that the result layout has no axes for: ``A`` and
+        ``B`` are None there.
     verify : bool
         Re-evaluate the matrix equations globally at the marched solution (dense GEMMs and a
         triangular solve, independent of the row recursion); the relative change is
@@ -88,7 +105,10 @@ class Linear(Method, name="linear", options=LinearOptions):
         (L-1, T+1, T+1, n, n) or None; ``iterations = 1`` (one march: causality makes it
         exact, no outer iteration); ``residuals`` = [verification residual] (empty when
         ``verify=False``); ``stderr = {}``. ``extras``: ``kx`` (n, n), ``G`` (L, T+1, T+1)
-        the point-independent G^l(t, s), ``delta`` (T+1, n) the error signal.
+        the point-independent G^l(t, s), ``delta`` (T+1, n) the error signal. With C >= 2
+        outputs (dmft/results.py): predictions (T+1, P, C), ``ntk`` (T+1, n, C, n, C),
+        ``g`` (L, T+1, T+1, n, C, n, C), ``extras["G"]`` (L, T+1, T+1, C, C) = G^l_{c c'}(t, s),
+        ``extras["delta"]`` (T+1, n, C).
 
     Raises
     ------
@@ -99,6 +119,8 @@ class Linear(Method, name="linear", options=LinearOptions):
     """
 
     description = "deep linear networks: exact algebraic DMFT matrix equations (no sampling)"
+    supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "decay_to_zero",
+                          "batches"})
 
     def estimate(self, net, data, train, *, opts):
         """Memory: the march's flat kernels Phi^l (n T1)^2 (L of them), the global check
@@ -110,6 +132,21 @@ class Linear(Method, name="linear", options=LinearOptions):
             return None
         L, n, T1 = net.depth, data.P + data.Q, train.steps + 1
         K1 = kernel_bytes(1, T1, n)           # one (n T1)^2 float64 matrix = one two-time kernel
+        if not Objective.from_specs(data, train).plain:
+            # march_general: L flat Phi, 5 (n T1) x (C T1) operators and 2 (C T1)^2 per layer,
+            # the check (~6 flat matrices); the result phi, g (g with C^2 output entries)
+            C = data.C
+            ops = 8 * L * (5 * n * T1 * C * T1 + 2 * (C * T1) ** 2)
+            resp = bool(opts.responses) and L >= 2 and C == 1
+            result = (L + L * C * C + (2 * (L - 1) if resp else 0)) * K1 + 8 * T1 * (n * C) ** 2
+            peak = max((L + 1) * K1 + ops + (6 * K1 if opts.verify else 0),
+                       L * K1 + ops + result + (6 * K1 if resp else 0))
+            units = L * n ** 2 * C * T1 ** 3 * (1 + (1 if opts.verify else 0)
+                                                 + (1 if resp else 0))
+            return estimate("linear", result, peak, units,
+                            f"{L} layers x (n T1)^2 = ({n} x {T1})^2 float64 matrices, "
+                            f"C = {C} outputs",
+                            knobs="steps / points / depth / outputs (or responses=False)")
         resp = bool(opts.responses) and L >= 2
         small = 8 * (6 * L + 2) * T1 * T1 * n + 8 * 3 * T1 * n * n
         result = (2 * L + (2 * (L - 1) if resp else 0)) * K1 + 8 * T1 * n * n
@@ -133,6 +170,9 @@ class Linear(Method, name="linear", options=LinearOptions):
         n, T1 = P + Q, T + 1
         kx = data.kx
         gamma0, lr = train.gamma0, train.lr
+        obj = Objective.from_specs(data, train)
+        if not obj.plain:
+            return self._run_general(ctx, net, data, train, obj, opts)
 
         bar = ctx.bar(T1, "linear DMFT", unit="step")
         try:
@@ -213,6 +253,99 @@ class Linear(Method, name="linear", options=LinearOptions):
             sol.extras["message"] = sol.message   # where earlier versions kept it
         return sol
 
+    def _run_general(self, ctx, net, data, train, obj, opts) -> Solution:
+        """Every problem but the plain one (docs/theory.rst §7): :func:`solvers.linear.
+        march_general` (no whitened fast path)."""
+        L, P, Q, T = net.depth, data.P, data.Q, train.steps
+        n, T1, C = P + Q, T + 1, data.C
+        multi = data.multi_output
+        kx = data.kx
+        gamma0, lr = train.gamma0, train.lr
+        if opts.fast_path is True:
+            raise ValueError(
+                "fast_path=True needs the plain problem (one mse output, full batch, no weight "
+                "decay) with whitened training inputs; use fast_path='auto' or False")
+        bar = ctx.bar(T1, "linear DMFT", unit="step")
+        try:
+            try:
+                res = _engine.march_general(kx, obj, L, gamma0, lr, T,
+                                            divergence=opts.divergence,
+                                            callback=lambda t: bar.update(1))
+            except FloatingPointError as exc:
+                fshape = (T1, P, C) if multi else (T1, P)
+                kshape = (T1, n, C, n, C) if multi else (T1, n, n)
+                gshape = (L, T1, T1) + kshape[1:]
+                return Solution(
+                    net=net, data=data, train=train, method="linear", t=train.times,
+                    train_predictions=np.full(fshape, np.nan),
+                    test_predictions=np.full((T1, Q) + fshape[2:], np.nan),
+                    ntk=np.full(kshape, np.nan), phi=np.full((L, T1, T1, n, n), np.nan),
+                    g=np.full(gshape, np.nan), iterations=0, seed=ctx.seed_int).fail(
+                        "diverged", (f"method='linear' diverged: {exc} (gamma0 = {gamma0:g}, "
+                                     f"lr = {lr:g}); Reduce lr or gamma0"))
+        finally:
+            bar.close()
+        diverged = res["diverged_at"] is not None
+
+        residuals = np.zeros(0)
+        if opts.verify and not diverged:
+            with np.errstate(all="ignore"):
+                r = _engine.verify_general(res, kx, obj, gamma0, lr)
+            residuals = np.array([r])
+            logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, opts.tol)
+
+        A = B = None
+        if opts.responses and L >= 2 and C == 1:
+            with np.errstate(all="ignore"):
+                Aflat, Bflat = _engine.full_responses_general(res, kx, obj, gamma0, lr)
+            A = _engine.two_time(Aflat, T1, n)
+            B = _engine.two_time(Bflat, T1, n)
+            del Aflat, Bflat
+            if diverged:
+                t0 = res["diverged_at"]
+                for X in (A, B):
+                    X[:, t0:] = np.nan
+                    X[:, :, t0:] = np.nan
+        phi = np.empty((L, T1, T1, n, n))
+        for l in range(L):
+            phi[l] = _engine.two_time(res["Phi"][l], T1, n)
+            res["Phi"][l] = None
+        Gr = res["G"].reshape(L, T1, C, T1, C).transpose(0, 1, 3, 2, 4)   # (L, t, s, c, c')
+        f = res["f"]
+        if multi:
+            g = np.empty((L, T1, T1, n, C, n, C))
+            g[...] = Gr[:, :, :, None, :, None, :]
+            ntk, Gx, delta = res["ntk"], Gr, res["delta"]
+        else:
+            g = np.empty((L, T1, T1, n, n))
+            g[...] = Gr[:, :, :, 0, 0, None, None]
+            f = f[:, :, 0]
+            ntk, Gx, delta = res["ntk"][:, :, 0, :, 0], Gr[..., 0, 0], res["delta"][:, :, 0]
+        sol = Solution(
+            net=net, data=data, train=train, method="linear", t=train.times,
+            train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
+            ntk=np.ascontiguousarray(ntk), phi=phi, g=g, A=A, B=B, iterations=1,
+            residuals=residuals, seed=ctx.seed_int,
+            options={"fast_path": opts.fast_path if isinstance(opts.fast_path, str)
+                     else bool(opts.fast_path), "fast_path_used": False,
+                     "responses": opts.responses, "verify": opts.verify, "tol": opts.tol,
+                     "divergence": opts.divergence},
+            extras={"kx": kx, "G": np.ascontiguousarray(Gx), "delta": delta})
+        if diverged:
+            sol.fail("diverged", (
+                f"method='linear' diverged: {res['message']} (gamma0 = {gamma0:g}, lr = "
+                f"{lr:g}); the discrete dynamics are unstable at this gamma0 * lr. Reduce lr or "
+                f"gamma0"))
+        elif residuals.size and not residuals[0] <= opts.tol:
+            sol.fail("not_converged", (
+                f"method='linear': the marched solution fails the global check of the matrix "
+                f"equations (relative residual {residuals[0]:.3g} > tol = {opts.tol:g}); the "
+                f"kernels have grown so large that rounding dominates. Reduce gamma0 * lr or "
+                f"steps"))
+        if not sol.converged:
+            sol.extras["message"] = sol.message
+        return sol
+
 
 LINEAR = Linear()
 
@@ -243,5 +376,11 @@ def max_stable_gamma0(net: MLP, data: Dataset, train: GradientDescent, *, start:
     if not net.linear:
         raise ValueError(f"max_stable_gamma0 needs a linear network, got activation "
                          f"{net.activation!r}")
+    if not Objective.from_specs(data, train).plain:
+        raise ValueError(
+            "max_stable_gamma0 is defined for one mse output trained full-batch without weight "
+            "decay (its edge is lr lambda_max(K_train) < 2 for the squared error); pass "
+            "train = GradientDescent(gamma0, lr, steps) and one column of targets, or scan "
+            "gamma0 with dmft.solve(..., throw=False) for other objectives")
     return _engine.max_stable_gamma0(data.kx, data.y_train, net.depth, train.lr, train.steps,
                                      start=start, rtol=rtol, gamma_max=gamma_max)

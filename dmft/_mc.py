@@ -32,6 +32,18 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
   ansatz), predictions from f(t+1) = f(t) + lr K(t) Delta(t); for L = 1 it is identical to
   ``"mc"``.
 
+Beyond one squared-error output (docs/theory.rst §7): C outputs, the cross-entropy, logistic
+and hinge losses, weight decay toward the initialisation or toward zero and mini-batch / online
+schedules are solved by the two-layer march and by the one-pass deep solver
+(:func:`solvers.mc.causal._population_objective`: the backward fields, G, the r-sources and
+the responses carry the output index; Delta(t) = Objective.delta(t, f(t)); memory terms
+lr a^(t-1-s) Delta(s); toward zero the initial-weight channel -- sources and responses --
+scaled by a^t). The plain problem keeps its original code path, bit for bit. With C >= 2
+outputs ``A`` and ``B`` are not returned (None). ``scheme="iterative"`` refuses every new
+feature (ValueError naming ``scheme="onepass"``); ``"gia"`` at depth >= 2 refuses weight decay
+(its prediction update has no decay term). Checked against simulated networks extrapolated
+in width: tests/test_mc_deep_objectives.py.
+
 Standard errors (``Solution.stderr``): L = 1: the ``blocks`` replicates solved as separate
 populations (includes the feedback of noise through Delta). L >= 2, one pass: the spread of
 ``replicates`` (default 16) independent one-pass populations sharing the ``samples``,
@@ -51,6 +63,8 @@ import numpy as np
 
 from solvers.layout import two_time as _two_time
 from solvers.mc import causal as _causal
+from solvers.mc import two_layer as _two_layer
+from solvers.objective import Objective as _Objective
 from solvers import mc as _engine
 from solvers import static as _static
 
@@ -217,14 +231,26 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
     Returns
     -------
     Solution
-        With ``A``, ``B`` (L-1, T+1, T+1, n, n) for L >= 2 and ``stderr`` for
-        ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``, ``g``.
+        With ``A``, ``B`` (L-1, T+1, T+1, n, n) for L >= 2 (None with C >= 2 outputs) and
+        ``stderr`` for ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``, ``g``
+        (with C >= 2 outputs the prediction, NTK and G fields carry output axes,
+        dmft/results.py). Every training objective of docs/theory.rst §7 (outputs, losses,
+        weight decay, batches) is solved by the two-layer march and the one-pass deep
+        solver; ``scheme="iterative"`` refuses them. With the hinge loss
+        ``extras["hinge_margin_z"]`` is the smallest distance of a training margin y f(t)
+        from 1 in standard errors (a warning below 3).
     """
 
     description = ("nonlinear DMFT by Monte Carlo sampling of the single-site fields (one causal "
                    "pass)")
 
     responses = True
+
+    #: docs/theory.rst §7, every feature: the two-layer march and the one-pass deep solver
+    #: solve them all; ``scheme="iterative"`` refuses them (and ``"gia"`` at depth >= 2
+    #: refuses weight decay) with a ValueError naming the fix
+    supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "decay_to_zero",
+                          "batches"})
 
     def estimate(self, net, data, train, *, opts):
         from ._mc_estimate import estimate_mc
@@ -239,7 +265,8 @@ class GradientIndependence(MonteCarlo, name="gia"):
 
     Same options as :class:`MonteCarlo` (``response_samples`` is ignored). ``A`` and ``B``
     are None; ``options["gia"]`` is True. For L = 1 (no responses) the result equals
-    ``method="mc"`` with the same seed.
+    ``method="mc"`` with the same seed. At depth >= 2 weight decay is refused: the ansatz's
+    update f(t+1) = f(t) + lr K(t) Delta(t) has no decay term (docs/theory.rst §7).
     """
 
     description = "gradient-independence approximation: the Monte Carlo DMFT with A = B = 0"
@@ -295,6 +322,52 @@ def _sizes(net, opts):
                            replicates=replicates, per_rep=per_rep, tang_rep=tang_rep)
 
 
+def _check_deep_objective(data, train, scheme, method, responses):
+    """ValueError (before any work) for what the deep regimes do not solve: the iterative
+    scheme solves the plain problem only (one mse output, full batch, no weight decay); the
+    gradient-independence ansatz has no weight-decay term in f(t+1) = f(t) + lr K Delta."""
+    from ._method import FEATURES, features
+    need = features(data, train)
+    if scheme == "iterative" and need:
+        what = "; ".join(FEATURES[k] for k in sorted(need))
+        raise ValueError(
+            f"method={method!r} with scheme='iterative' solves one mse output trained full "
+            f"batch without weight decay, not {what}; use scheme='onepass' (the default)")
+    if not responses and train.weight_decay > 0:
+        raise ValueError(
+            f"method={method!r} (the gradient-independence ansatz) reads the predictions from "
+            f"f(t+1) = f(t) + lr K(t) Delta(t), which has no weight-decay term, at depth >= 2; "
+            f"use method='mc' for weight_decay > 0")
+
+
+def _deep_objective_fields(out, T1, n, C, multi):
+    """The one-pass engine's results for a general objective (docs/theory.rst §7) in the
+    Solution layout: f (T1, n, C), ntk (T1, n, C, n, C), g two-time (L, T1, T1, n, C, n, C),
+    squeezed to the single-output shapes when not ``multi`` (C = 1). Responses: A
+    (L-1, T1 n, T1 n C) and B (L-1, T1 n C, T1 n) in two-time form for C = 1; None for
+    C >= 2 (the results have no output-indexed response fields)."""
+    def g2(K):
+        L = K.shape[0]
+        return np.ascontiguousarray(
+            K.reshape(L, T1, n, C, T1, n, C).transpose(0, 1, 4, 2, 3, 5, 6))
+    res = dict(out)
+    res["g"], res["g_se"] = g2(out["g"]), g2(out["g_se"])
+    if not multi:
+        for k in ("g", "g_se"):
+            res[k] = np.ascontiguousarray(res[k][..., 0, :, 0])
+        for k in ("f", "f_se"):
+            res[k] = np.ascontiguousarray(out[k][..., 0])
+        for k in ("ntk", "ntk_se"):
+            res[k] = np.ascontiguousarray(out[k][:, :, 0, :, 0])
+    else:
+        res["A"] = res["B"] = None
+    phi = _two_time(out["phi"], T1, n)
+    phi_se = _two_time(out["phi_se"], T1, n)
+    A = None if res["A"] is None else _two_time(res["A"], T1, n)
+    B = None if res["B"] is None else _two_time(res["B"], T1, n)
+    return res, phi, res["g"], phi_se, res["g_se"], A, B
+
+
 def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions,
            method: str, responses: bool) -> Solution:
     """The body of ``method="mc"`` / ``"gia"``: defaults, the solver for the depth, result."""
@@ -323,6 +396,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     if given:
         raise ValueError(f"option(s) {given} do not apply to {opts.REGIMES[regime]}; its "
                          f"options are {list(opts.for_regime(regime))}; drop them")
+    if L >= 2:
+        _check_deep_objective(data, train, scheme, method, responses)
     samples, replicates = sz.samples, sz.replicates
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
@@ -357,13 +432,23 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                "seed_entropy": str(ss.entropy), "seed_spawn_key": list(ss.spawn_key)}
     try:
         if L == 1:
+            # docs/theory.rst §7: C outputs, any loss, weight decay and batches by the same
+            # population march (solvers.mc.two_layer.solve_two_layer_objective); the plain
+            # problem keeps its original engine (bit-for-bit)
+            objective = _Objective.from_specs(data, train)
             bar = ctx.bar(T, f"dmft {method} (two-layer march)", unit="step")
             try:
-                out = _engine.solve_two_layer(kx, y, net.activation, train.gamma0, train.lr, T,
-                                              samples=samples, seed=ss,
-                                              kernel_samples=kernel_samples,
-                                              blocks=blocks if blocks >= 2 else 0,
-                                              sampler=sampler, bar=bar)
+                if objective.plain:
+                    out = _engine.solve_two_layer(kx, y, net.activation, train.gamma0,
+                                                  train.lr, T, samples=samples, seed=ss,
+                                                  kernel_samples=kernel_samples,
+                                                  blocks=blocks if blocks >= 2 else 0,
+                                                  sampler=sampler, bar=bar)
+                else:
+                    out = _two_layer.solve_two_layer_objective(
+                        kx, objective, net.activation, train.gamma0, train.lr, T,
+                        samples=samples, seed=ss, kernel_samples=kernel_samples,
+                        blocks=blocks if blocks >= 2 else 0, sampler=sampler, bar=bar)
             finally:
                 bar.close()
             logger.info("%s two-layer march: %d samples, %d steps", method, out["samples"], T)
@@ -371,14 +456,42 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             options.update(samples=int(out["samples"]), kernel_samples=int(out["kernel_samples"]),
                            blocks=int(blocks), sampler=sampler)
             A = B = None
-            phi = _two_time(out["phi"], T1, n)[None]
-            g = _two_time(out["g"], T1, n)[None]
-            phi_se = _two_time(out["phi_se"], T1, n)[None]
-            g_se = _two_time(out["g_se"], T1, n)[None]
+            if objective.plain:
+                phi = _two_time(out["phi"], T1, n)[None]
+                g = _two_time(out["g"], T1, n)[None]
+                phi_se = _two_time(out["phi_se"], T1, n)[None]
+                g_se = _two_time(out["g_se"], T1, n)[None]
+            else:
+                C = objective.C
+                phi = _two_time(out["phi"], T1, n)[None]
+                phi_se = _two_time(out["phi_se"], T1, n)[None]
+                # flat index (t n + mu) C + c -> (t, s, mu, c, nu, c')
+                g, g_se = (np.ascontiguousarray(
+                    out[k].reshape(T1, n, C, T1, n, C).transpose(0, 3, 1, 2, 4, 5))[None]
+                    for k in ("g", "g_se"))
+                if not data.multi_output:
+                    # one output (logistic, hinge, or mse with decay / batches): the
+                    # single-output shapes (dmft/results.py)
+                    g, g_se = g[..., 0, :, 0], g_se[..., 0, :, 0]
+                    out = dict(out, f=out["f"][..., 0], f_se=out["f_se"][..., 0],
+                               ntk=out["ntk"][:, :, 0, :, 0],
+                               ntk_se=out["ntk_se"][:, :, 0, :, 0])
             extras = {}
+            if "margin_z" in out:
+                extras["hinge_margin_z"] = np.float64(out["margin_z"])
+                if out["margin_z"] < 3.0:
+                    logger.warning(
+                        "%s (hinge loss): the margin of training point %d at step %d is "
+                        "%.2g standard errors from 1; the error signal y 1[y f < 1] switches "
+                        "there, so later predictions may be off by more than their standard "
+                        "errors; increase samples", method, out["margin_point"],
+                        out["margin_step"], out["margin_z"])
         elif onepass:
             # per replicate; default: the run's memory_limit (set by the skeleton's preflight)
             limit = max_memory_gb * 1e9 if max_memory_gb is not None else ctx.memory_limit
+            # docs/theory.rst §7: C outputs, any loss, weight decay and batches; the plain
+            # problem keeps its original march (bit-for-bit)
+            deep_obj = _Objective.from_specs(data, train)
             ckpt = state = None
             if opts.checkpoint is not None:
                 ckpt = _checkpoint.Checkpoint(
@@ -388,7 +501,10 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     responses=responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_control=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                    sampler=sampler, seed=ss)
+                    sampler=sampler, seed=ss, loss=train.loss,
+                    weight_decay=float(train.weight_decay), decay_to=train.decay_to,
+                    batch_size=train.batch_size, batch_seed=int(train.batch_seed),
+                    schedule=train.schedule)
                 state = ckpt.load()
                 if state is not None:
                     state = {"next": state[1]["next"],
@@ -410,7 +526,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     b_estimator=b_estimator, response_cv=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, max_memory=limit, logger=logger, bar=bar, state=state,
-                    on_population=on_population if ckpt is not None else None)
+                    on_population=on_population if ckpt is not None else None,
+                    objective=deep_obj)
             finally:
                 bar.close()
             if ckpt is not None:
@@ -427,8 +544,27 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                 options["resumed_units"] = int(state["next"]) if state is not None else 0
             for key in ("damping", "anderson", "tol", "noise_factor", "max_iter"):
                 options.pop(key, None)
-            phi, g, phi_se, g_se, A, B = _deep_fields(out, T1, n)
+            if deep_obj.plain:
+                phi, g, phi_se, g_se, A, B = _deep_fields(out, T1, n)
+            else:
+                out, phi, g, phi_se, g_se, A, B = _deep_objective_fields(
+                    out, T1, n, deep_obj.C, data.multi_output)
             extras = {"memory_estimate_bytes": np.int64(out["memory_bytes"])}
+            if train.loss == "hinge" and T:
+                # the error signal y 1[y f < 1] switches where a margin crosses 1: a margin
+                # within a few standard errors of 1 makes later steps sensitive to the noise
+                # (each replicate switches on its own, so the spread still shows it)
+                yv = np.asarray(data.y_train, dtype=np.float64).reshape(P)
+                zm = (np.abs(yv[None, :] * out["f"][:T, :P] - 1.0)
+                      / np.maximum(out["f_se"][:T, :P], 1e-300))
+                step, point = np.unravel_index(int(np.argmin(zm)), zm.shape)
+                extras["hinge_margin_z"] = np.float64(zm[step, point])
+                if zm[step, point] < 3.0:
+                    logger.warning(
+                        "%s (hinge loss): the margin of training point %d at step %d is %.2g "
+                        "standard errors from 1; the error signal y 1[y f < 1] switches there, "
+                        "so later predictions may be off by more than their standard errors; "
+                        "increase samples", method, point, step, zm[step, point])
         else:
             st = _static.static_kernels(net.activation, kx, L)
             f0 = _static.frozen_dynamics(st["ntk"], y, train.lr, T)
@@ -475,11 +611,14 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     except (FloatingPointError, np.linalg.LinAlgError) as exc:
         # no trajectory survives an overflow inside the engine: the partial result is NaN
         # (status "diverged"; the skeleton raises it on exc.result or returns it, throw=)
-        nan = np.full((T1, n), np.nan)
+        # with C >= 2 outputs the prediction, NTK and G fields carry output axes
+        oc = (data.C,) if data.multi_output else ()
+        nan = np.full((T1, n) + oc, np.nan)
         nan_k = np.full((L, T1, T1, n, n), np.nan)
         sol = Solution(net=net, data=data, train=train, method=method, t=train.times,
                        train_predictions=nan[:, :P].copy(), test_predictions=nan[:, P:].copy(),
-                       ntk=np.full((T1, n, n), np.nan), phi=nan_k, g=nan_k.copy(),
+                       ntk=np.full((T1, n) + oc + (n,) + oc, np.nan), phi=nan_k,
+                       g=np.full((L, T1, T1, n) + oc + (n,) + oc, np.nan),
                        converged=False, iterations=0, seed=seed_int, options=options)
         return sol.fail("diverged", (
             f"method={method!r} diverged: {exc}. The fields blow up when gamma0 or lr is too "

@@ -19,31 +19,38 @@ def estimate_mc(net, data, train, opts, method: str, responses: bool):
     the accumulators and the replicate solutions. Time: modelled flops (one-pass:
     :func:`solvers.mc.cost.estimate_flops`).
     """
-    from solvers.mc.cost import estimate_flops, estimate_memory
+    from solvers.mc.causal import estimate_flops_outputs, estimate_memory_outputs
+    from solvers.mc.cost import estimate_flops
     from ._resources import estimate, kernel_bytes
     if train.gamma0 <= 0:
         return None
     L, P, n, T1 = net.depth, data.P, data.P + data.Q, train.steps + 1
     m = T1 * n
     K1 = kernel_bytes(1, T1, n)
+    # C outputs (docs/theory.rst §7): G and the NTK over (point, output) pairs, C^2 times the
+    # one-output size; the fields and tangents as in solvers.mc.causal.estimate_memory_outputs
+    C = int(getattr(data, "C", 1)) if getattr(data, "multi_output", False) else 1
 
     def value(name, default_key=None):
         return _value(opts, name, default_key)
 
     sz = _sizes(net, opts)
     onepass, samples = sz.onepass, sz.samples
-    small = 8 * T1 * n * n * 4 + 8 * T1 * n * 8
+    small = 8 * T1 * n * n * 4 * C * C + 8 * T1 * n * 8 * C
     knobs = "steps / points / depth / samples"
     if L == 1:
         blocks, ks = value("blocks"), min(samples, value("kernel_samples"))
-        result = 4 * K1 + small
-        kern = max(6 * K1 + 3 * 2048 * m * 8, 8 * K1)
+        result = (2 + 2 * C * C) * K1 + small
+        kern = max(6 * K1 + 3 * 2048 * m * 8, 8 * K1) * C * C
         march = 8 * samples * (8 * n + 4) + 2 * 8 * max(blocks, 1) * T1 * n * n
         units = samples * T1 * n * (2 * P + 20) + 2 * ks * m * m
         knobs = "steps / points / kernel_samples"
         return estimate(method, result, kern + march, units,
                         f"two-layer march: {samples} samples, kernels from {ks}", knobs)
-    nres = (6 * L - 2) if responses else 4 * L
+    # phi (+ se), g (+ se) C^2, A and B C each (A, B are not returned for C >= 2 but are
+    # accumulated by the solver)
+    nres = ((2 * L + 2 * L * C * C + 2 * (L - 1) * C) if responses
+            else (2 * L + 2 * L * C * C))
     result = nres * K1 + small
     if onepass:
         replicates, per_rep = sz.replicates, sz.per_rep
@@ -53,9 +60,11 @@ def estimate_mc(net, data, train, opts, method: str, responses: bool):
         b_est = value("b_estimator")
         stein = responses and (b_est == "stein" or (b_est == "auto" and net.activation == "relu"))
         tbytes = 4 if (responses and value("response_control")) else 8
-        pop = estimate_memory(T1, n, P, L, per_rep, tang_rep, responses, stein, tbytes)
-        peak = max(pop, 2 * nres * K1 + L * K1) + small
-        units = replicates * estimate_flops(T1, n, P, L, per_rep, tang_rep, responses)
+        pop = estimate_memory_outputs(T1, n, P, L, per_rep, tang_rep, responses, stein,
+                                      tbytes, C)
+        peak = max(pop, 2 * nres * K1 + L * K1 * C * C) + small
+        units = replicates * estimate_flops_outputs(T1, n, P, L, per_rep, tang_rep, responses,
+                                                    C)
         knobs = ("steps / points / depth / samples / response_samples (or raise replicates: "
                  "memory ~ samples / replicates)")
         return estimate(method, result, peak, units,

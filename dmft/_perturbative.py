@@ -20,6 +20,21 @@ pointing to ``method="gia"`` / ``"mc"`` or ``"static"``: phi'' is a Dirac delta,
 coefficients contain E[phi''(u)^2] (divergent), and relu's two-time kernels move at
 ``O(|gamma0|)``, not O(gamma0^2) (module docstring of :mod:`solvers.perturbative`).
 
+Problems beyond one squared-error output (docs/theory.rst §7): for deep linear networks and
+for two-layer networks with a smooth activation the expansion carries an output index, any
+smooth loss (mse with C outputs, cross-entropy, logistic: the second order sees the loss only
+through its Jacobian d Delta / d f at the lazy dynamics), mini-batch and online schedules, and
+weight decay toward the initialisation (memory weights a^(t-1-s)):
+:func:`solvers.perturbative.objective_linear_expansion` (exact) and
+:func:`solvers.perturbative.objective_two_layer_expansion` (Monte Carlo and Richardson, as
+for one output), checked against ``method="linear"``, the exact expansion and ``method="mc"``
+in tests/test_io_objectives.py. Refused, with a ValueError naming the fix: these features for
+deep (L >= 2) nonlinear networks (the jet route is written for one mse output; use
+``method="mc"``), the hinge loss (its error signal jumps where y f crosses 1, so the dynamics
+have no gamma0^2 expansion; use ``"mc"``, or ``"linear"`` / ``"static"``), and weight decay
+toward zero (the initial-weight sources shrink like a^t; use ``"linear"`` for linear networks
+or ``"mc"``).
+
 Range: the expansion reports when it is out of its depth. The ratio
 ``correction/lazy = max_t |gamma0^2 K2(t)|_F / |K0|_F`` (the NTK's relative movement, i.e.
 the size of the last order kept relative to the one before it, which estimates the neglected
@@ -44,8 +59,9 @@ import numpy as np
 
 from solvers import perturbative as _engine
 from solvers import static as _static
+from solvers.objective import Objective
 
-from ._method import Method, Options, int_at_least, option
+from ._method import Method, Options, features, int_at_least, option
 from ._progress import logger
 from .results import Solution
 
@@ -111,14 +127,28 @@ class Perturbative(Method, name="perturbative", options=PerturbativeOptions):
         above 0.5 a warning is logged.
         ``stderr`` (nonlinear networks): ``train_predictions``, ``test_predictions``; for
         L >= 2 also ``ntk``, ``phi``, ``g`` (Monte Carlo standard errors at this gamma0).
+        With C >= 2 outputs (linear networks, docs/theory.rst §7) the output axes of
+        :mod:`dmft.results`: predictions (T+1, P, C), ``ntk`` (T+1, n, C, n, C), ``g``
+        (L, T+1, T+1, n, C, n, C), extras ``f0``, ``f2``, ``delta0`` (T+1, n, C), ``ntk2``
+        (T+1, n, C, n, C).
 
     Raises
     ------
     ValueError
-        ReLU networks, bad ``samples`` / ``blocks``, or unknown options.
+        ReLU networks, bad ``samples`` / ``blocks``, unknown options, and the problems of
+        docs/theory.rst §7 it does not expand (module docstring: the hinge loss, weight decay
+        toward zero, and any §7 feature with a nonlinear activation).
     """
 
     description = "leading order in gamma0^2 around the lazy dynamics"
+    #: docs/theory.rst §7 for linear networks and two-layer smooth ones (deep nonlinear ones
+    #: refuse them in :func:`check_regime`); not the hinge loss, not weight decay toward zero
+    supports = frozenset({"outputs", "losses", "weight_decay", "batches"})
+
+    def __call__(self, *args, **kwargs):
+        if len(args) >= 3:
+            check_regime(*args[:3])
+        return super().__call__(*args, **kwargs)
 
     def estimate(self, net, data, train, *, opts):
         """Linear: the expansion's dense (n T1)^2 operators (about 10 L + 11 of them at the
@@ -133,6 +163,15 @@ class Perturbative(Method, name="perturbative", options=PerturbativeOptions):
         m = n * T1
         K1 = kernel_bytes(1, T1, n)
         result = 2 * L * K1 + 8 * 6 * T1 * n * n
+        C = getattr(data, "C", 1)
+        if net.linear and C > 1:
+            # the (N C)^2 backward operators of objective_linear_expansion (N = n T1)
+            KC = K1 * C * C
+            result = L * K1 + L * KC + 8 * 6 * T1 * n * n * C * C
+            peak, units = (6 * L + 8) * KC + 4 * L * K1, 8 * L * (m * C) ** 3
+            return estimate("perturbative", result, peak, units,
+                            f"{6 * L + 8} dense ({n} x {C} x {T1})^2 float64 operators",
+                            knobs="steps / points / outputs / depth")
         if net.linear:
             peak, units = (10 * L + 11) * K1, 8 * L * m ** 3
             detail = f"{10 * L + 11} dense ({n} x {T1})^2 float64 operators"
@@ -147,9 +186,10 @@ class Perturbative(Method, name="perturbative", options=PerturbativeOptions):
             detail = f"{B} blocks x {2 * (L + 1)} flat kernels of ({n} x {T1})^2"
         else:
             S = 2 * int(opts.samples)
-            peak = 6 * 8 * T1 * S * (n + 1) + 10 * K1
-            units = 8 * S * T1 ** 2 * n ** 2
-            detail = f"two marches of {S} samples"
+            # with C outputs (objective_two_layer_expansion) the fields g carry C columns
+            peak = 6 * 8 * T1 * S * (n + 1) * C + 10 * K1 * C * C
+            units = 8 * S * T1 ** 2 * n ** 2 * C * C
+            detail = f"two marches of {S} samples" + (f" x {C} outputs" if C > 1 else "")
         return estimate("perturbative", result, peak, units, detail,
                         knobs="steps / points / depth / samples / blocks")
 
@@ -168,6 +208,33 @@ class Perturbative(Method, name="perturbative", options=PerturbativeOptions):
 PERTURBATIVE = Perturbative()
 
 
+def check_regime(net, data, train) -> None:
+    """ValueError (naming the fix) for the docs/theory.rst §7 problems this method does not
+    expand (module docstring); the rest of the refusals is :func:`dmft._method.check_features`.
+    """
+    if not hasattr(train, "loss") or not hasattr(data, "multi_output"):
+        return
+    if train.loss == "hinge":
+        raise ValueError(
+            "method='perturbative' does not expand the hinge loss: its error signal "
+            "y 1[y f < 1] jumps where a prediction crosses the margin, so the dynamics have no "
+            "gamma0^2 expansion; use method='mc' (or method='linear' for a linear network, "
+            "method='static' for the gamma0 -> 0 limit)")
+    if train.weight_decay > 0 and train.decay_to == "zero":
+        raise ValueError(
+            "method='perturbative' does not expand weight decay toward zero (the initial-weight "
+            "sources shrink like a^t, docs/theory.rst §7); use method='linear' for a linear "
+            "network or method='mc', or decay_to='init'")
+    need = features(data, train)
+    if need and not net.linear and net.depth >= 2:
+        raise ValueError(
+            f"method='perturbative' expands {', '.join(sorted(need))} (docs/theory.rst §7) for "
+            f"linear networks and two-layer networks (depth=1) only, got depth={net.depth} "
+            f"with activation={net.activation!r}: the deep nonlinear (jet) route is written for "
+            f"one squared-error output; use method='mc' (full dynamics) or method='static' "
+            f"(the gamma0 -> 0 limit)")
+
+
 #: ``solve_perturbative(net, data, train, *, seed=None, throw=True, progress=None, **options)``
 solve_perturbative = PERTURBATIVE
 
@@ -178,9 +245,33 @@ def _expand(net, data, train, seed, samples, blocks) -> Solution:
     n = data.P + data.Q
     kx = data.kx
     stderr, opts = {}, {"order": 2}
+    general = bool(features(data, train))       # docs/theory.rst §7 (check_regime: linear)
+    multi = data.multi_output
     with np.errstate(over="raise", invalid="raise"):
         try:
-            if net.linear:
+            if general:
+                objective = Objective.from_specs(data, train)
+                C = objective.C
+                if net.linear:
+                    ex = _engine.objective_linear_expansion(kx, L, train.lr, T, objective)
+                else:                   # two-layer smooth (check_regime)
+                    kern = _static.static_kernels(net.activation, kx, 1)
+                    ss = seed if isinstance(seed, np.random.SeedSequence) else \
+                        np.random.SeedSequence(seed)
+                    xi = np.random.default_rng(ss).standard_normal((int(samples), n + C))
+                    ex = _engine.objective_two_layer_expansion(
+                        kx, kern["ntk"], net.activation, train.lr, T, xi, objective)
+                    se = train.gamma0 ** 2 * ex["source2_se"]
+                    stderr = {"train_predictions": se[:, :P], "test_predictions": se[:, P:]}
+                    ex["phi0"] = kern["phi"]
+                    ex["g0"] = np.einsum("lmn,cd->lmcnd", kern["g"], np.eye(C))
+                    opts.update(samples=int(samples))
+                if not multi:           # one output: the shapes of the plain problem
+                    ex = _squeeze_outputs(ex)
+                    stderr = {k: v[..., 0] for k, v in stderr.items()}
+                else:
+                    opts.update(outputs=int(C))
+            elif net.linear:
                 ex = _engine.linear_expansion(kx, data.y_train, L, train.lr, T)
             elif L >= 2:
                 ex = _engine.deep_expansion(kx, data.y_train, L, net.activation, train.lr, T,
@@ -210,12 +301,14 @@ def _expand(net, data, train, seed, samples, blocks) -> Solution:
         except FloatingPointError as exc:
             # no expansion survives the overflow: a NaN partial result, status "diverged"
             T1 = T + 1
+            oc = (data.C,) if multi else ()
             nan_k = np.full((L, T1, T1, n, n), np.nan)
             sol = Solution(
                 net=net, data=data, train=train, method="perturbative", t=train.times,
-                train_predictions=np.full((T1, P), np.nan),
-                test_predictions=np.full((T1, n - P), np.nan),
-                ntk=np.full((T1, n, n), np.nan), phi=nan_k, g=nan_k.copy(), iterations=0,
+                train_predictions=np.full((T1, P) + oc, np.nan),
+                test_predictions=np.full((T1, n - P) + oc, np.nan),
+                ntk=np.full((T1, n) + oc + (n,) + oc, np.nan), phi=nan_k,
+                g=np.full((L, T1, T1, n) + oc + (n,) + oc, np.nan), iterations=0,
                 seed=int(seed) if isinstance(seed, numbers.Integral) else None, options=opts)
             return sol.fail("diverged", (
                 f"method='perturbative' overflowed: {exc}; the lazy dynamics diverge at lr = "
@@ -251,6 +344,19 @@ def _expand(net, data, train, seed, samples, blocks) -> Solution:
             f"method='mc' (or 'linear' for a linear network), or a gamma0 below about "
             f"{train.gamma0 * np.sqrt(CORRECTION_BOUND / ratio):.3g}"))
     return sol
+
+
+def _squeeze_outputs(ex: dict) -> dict:
+    """One output (y of shape (P,)): drop the C = 1 axes of an objective expansion."""
+    out = dict(ex)
+    for k in ("f0", "f2", "delta0", "delta2", "source2", "source2_se", "a1"):
+        if k in ex:
+            out[k] = ex[k][..., 0]
+    out["ntk0"], out["ntk2"] = ex["ntk0"][..., 0, :, 0], ex["ntk2"][..., 0, :, 0]
+    out["g2"] = ex["g2"][..., 0, :, 0]
+    if "g0" in ex:                              # (L or 1, n, 1, n, 1) -> (L or 1, n, n)
+        out["g0"] = ex["g0"][..., 0, :, 0]
+    return out
 
 
 #: the largest correction/lazy ratio (:func:`correction_ratio`) accepted as converged: above

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers import network
+from solvers.objective import Objective
 
 from . import _checkpoint
-from ._method import Method, Options, Run, boolean, option, positive_int
+from ._method import FEATURES, Method, Options, Run, boolean, option, positive_int
 from .results import Ensemble
 from .specs import MLP, Dataset, GradientDescent
 
@@ -68,6 +69,8 @@ class Simulate(Method):
     description = "finite-width networks trained in the package's convention, one per seed"
     Options = SimulateOptions
     label = "simulate"
+    #: every loss, C outputs, weight decay (toward the initialisation or zero) and batches
+    supports = frozenset(FEATURES)
 
     def unknown_error(self, unknown):
         extra = ""
@@ -90,21 +93,27 @@ class Simulate(Method):
         """Result: predictions (S, T1, n), NTKs (S, T1, n, n), with ``record_kernels`` phi, g
         (S, L, T1, T1, n, n). Work: one network in flight, (L-1) N^2 + N D weights, the
         pending low-rank factors, the activations and, with ``record_kernels``, its field
-        histories 2 L T1 n N and kernels. Time: 6 n N (N (L-1) + D) flops per step."""
+        histories 2 L T1 n N and kernels (with C outputs the backward fields and G carry the
+        output axis; decay toward the initialisation keeps a second copy of the weights).
+        Time: 6 n N (N (L-1) (1 + C) / 2 + D) flops per step."""
         from solvers.network import FOLD_BLOCK, default_fold_every
         from ._resources import estimate, kernel_bytes
         if train.gamma0 <= 0:
             return None
         N, S, L, D = int(opts.width), int(opts.seeds.size), net.depth, data.D
         n, P, T1 = data.P + data.Q, data.P, train.steps + 1
+        C = data.C
         rk = bool(opts.record_kernels)
-        result = 8 * S * T1 * n * (2 + n) + 8 * S * n + (2 * kernel_bytes(S * L, T1, n) if rk
-                                                         else 0)
+        result = 8 * S * T1 * n * C * (2 + n * C) + 8 * S * n * C + \
+            ((kernel_bytes(S * L, T1, n) + kernel_bytes(S * L, T1, n * C)) if rk else 0)
         r = min(N, default_fold_every(N, N, P) * P + P)
-        weights = 8 * ((L - 1) * N * N + N * D + N + 2 * 2 * r * N * L + FOLD_BLOCK * N)
-        acts = 8 * 8 * L * n * N + (8 * 2 * L * T1 * n * N + 2 * kernel_bytes(L, T1, n)
-                                    if rk else 0)
-        units = S * T1 * 6 * n * N * (N * (L - 1) + D)
+        copies = 2 if (train.weight_decay > 0 and train.decay_to == "init") else 1
+        weights = 8 * (copies * ((L - 1) * N * N + N * D + N * C) + 2 * 2 * r * N * L
+                       + FOLD_BLOCK * N)
+        acts = 8 * 8 * L * n * C * N + (8 * L * T1 * n * (C + 1) * N + kernel_bytes(L, T1, n)
+                                        + kernel_bytes(L, T1, n * C) if rk else 0)
+        # the backward pass runs over n C rows (point, output)
+        units = S * T1 * 6 * n * N * ((N * (L - 1) * (1 + C)) // 2 + D)
         return estimate("simulate", result, result + weights + acts, units,
                         f"{S} networks of width {N}: {(L - 1)} x N^2 weights each",
                         knobs="width / steps / points / seeds (or record_kernels=False)")
@@ -123,11 +132,15 @@ class Simulate(Method):
         P, Q, L, T = data.P, data.Q, net.depth, train.steps
         n = P + Q
         S = seeds.size
-        preds = np.empty((S, T + 1, n))
-        ntk = np.empty((S, T + 1, n, n))
-        f0 = np.empty((S, n))
+        obj = Objective.from_specs(data, train)
+        multi = bool(data.multi_output)
+        C = data.C
+        oc = (C,) if multi else ()                 # the output axis (C >= 2 only)
+        preds = np.empty((S, T + 1, n) + oc)
+        ntk = np.empty((S, T + 1, n) + oc + (n,) + oc)
+        f0 = np.empty((S, n) + oc)
         phi = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
-        g = np.empty((S, L, T + 1, T + 1, n, n)) if record_kernels else None
+        g = np.empty((S, L, T + 1, T + 1, n) + oc + (n,) + oc) if record_kernels else None
 
         diverged, reasons = [], {}
         rows = {"predictions": preds, "ntk": ntk, "f0": f0, "phi": phi, "g": g}
@@ -137,7 +150,10 @@ class Simulate(Method):
             ckpt = _checkpoint.Checkpoint(
                 opts.checkpoint, "simulate", X=X, y=y, P=P, activation=net.activation,
                 depth=L, gamma0=train.gamma0, lr=train.lr, steps=T, width=width, seeds=seeds,
-                record_kernels=record_kernels, center=center)
+                record_kernels=record_kernels, center=center, loss=train.loss,
+                weight_decay=train.weight_decay, decay_to=train.decay_to,
+                batch_size=train.batch_size, batch_seed=train.batch_seed,
+                schedule=train.schedule)
             state = ckpt.load()
             if state is not None:
                 done = int(state[1]["done"])
@@ -161,12 +177,12 @@ class Simulate(Method):
                 if i < done:
                     continue
                 rng = np.random.default_rng(int(seed))
-                weights = network.Weights.draw(rng, data.D, width, L)
+                weights = network.Weights.draw(rng, data.D, width, L, C if multi else None)
                 try:
                     res = network.train(X, y, weights, activation=net.activation,
                                         gamma0=train.gamma0, lr=train.lr, steps=T,
                                         record_kernels=bool(record_kernels), center=bool(center),
-                                        fold_at_end=False)
+                                        fold_at_end=False, objective=obj)
                 except FloatingPointError as exc:
                     # a NaN row; the skeleton raises (throw=True, the Ensemble on exc.result)
                     # or returns the Ensemble with status "diverged"
@@ -215,9 +231,15 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
     """Train finite-width networks, one per seed, exactly in the convention of docs/theory.rst §1.
 
     Each network has all weights i.i.d. N(0, 1) drawn from ``numpy.random.default_rng(seed)``
-    (order W^0, W^1 .. W^{L-1}, w), mean-field output f = w . phi(h^L) / (gamma0 N), and is
-    trained by full-batch gradient descent ``theta <- theta - lr gamma0^2 N dLoss/dtheta`` on the
-    summed MSE loss, for ``train.steps`` steps. Test points are passive.
+    (order W^0, W^1 .. W^{L-1}, w; with C >= 2 outputs the readout w is drawn as
+    ``rng.standard_normal((N, C))`` at the same place), mean-field output
+    f_c = w_c . phi(h^L) / (gamma0 N), and is trained by gradient descent
+    ``theta <- theta - lr (gamma0^2 N dLoss/dtheta + weight_decay (theta - theta_bar))`` on
+    ``train.loss`` summed over the step's batch, for ``train.steps`` steps (docs/theory.rst
+    §7): every matrix and the readout decay toward their initial values
+    (``decay_to="init"``) or toward zero; ``batch_size`` / ``schedule`` pick the points of each
+    step (:func:`solvers.objective.batch_schedule`, the same batches in every method and
+    network). Test points are passive.
 
     Parameters
     ----------
@@ -257,7 +279,10 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
     Ensemble
         ``train_predictions`` (S, T+1, P), ``test_predictions`` (S, T+1, Q),
         ``ntk`` (S, T+1, P+Q, P+Q) (each network's own NTK), and with ``record_kernels``
-        ``phi``, ``g`` (S, L, T+1, T+1, P+Q, P+Q).
+        ``phi``, ``g`` (S, L, T+1, T+1, P+Q, P+Q). With C >= 2 outputs (dmft/results.py):
+        ``train_predictions`` (S, T+1, P, C), ``test_predictions`` (S, T+1, Q, C), ``ntk``
+        (S, T+1, n, C, n, C) = K_{mu c, nu c'}, ``g`` (S, L, T+1, T+1, n, C, n, C); ``phi``
+        unchanged; with ``center`` ``extras["f0"]`` (S, n, C).
 
     Notes
     -----

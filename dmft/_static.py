@@ -4,6 +4,13 @@ The lazy / static-NTK baseline: the NNGP recursion gives Phi^l and G^l at t = 0,
 K = sum_l G^{l+1} * Phi^l, and the predictions follow f(t+1) = f(t) + lr K Delta(t) exactly
 in discrete time, starting from f(0) = 0. The result does not depend on gamma0 (gamma0 = 0,
 the lazy limit itself, is allowed) and is deterministic (``seed`` is only recorded).
+
+Beyond one squared-error output (docs/theory.rst §7): any loss through Delta(t), C outputs
+sharing the kernel (K_{mu c, nu c'} = delta_cc' K_{mu nu}, G^l likewise), batches (Delta
+masked) and weight decay toward the initialisation, f(t+1) = a f(t) + lr K Delta(t) with
+a = 1 - lr lambda (a kernel machine: ridge regression for mse, the soft-margin SVM for hinge).
+Weight decay toward zero is refused: the initial weights shrink, so the kernel is not static
+even as gamma0 -> 0 (use method="mc" or dmft.simulate).
 """
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers import static as _engine
+from solvers.objective import Objective
 
-from ._method import Method, Options, option
+from ._method import Method, Options, check_features, option
 from .results import ConvergenceError, Solution
 
 
@@ -51,10 +59,11 @@ class Static(Method, name="static", options=StaticOptions):
     seed : optional
         Recorded for provenance only: the method draws no random numbers.
     throw : bool
-        If True, an unstable learning rate (lr > 2 / lambda_max(K_train), so that
-        ``|1 - lr lambda_max| > 1`` and the error grows geometrically) raises
-        :class:`~dmft.results.ConvergenceError`; if False the (diverging) trajectory is
-        returned with ``converged=False`` and ``status="diverged"``.
+        If True, an unstable learning rate for the squared error (lr > (1 + a) /
+        lambda_max(K_train), a = 1 - lr weight_decay, so that ``|a - lr lambda_max| > 1``
+        and the error grows geometrically) raises :class:`~dmft.results.ConvergenceError`;
+        if False the (diverging) trajectory is returned with ``converged=False`` and
+        ``status="diverged"``.
     quad_order : int, optional
         Quadrature nodes per axis for activations without closed-form Gaussian
         expectations (tanh); default: chosen from the largest variance so that the error
@@ -65,7 +74,9 @@ class Static(Method, name="static", options=StaticOptions):
     Returns
     -------
     Solution
-        ``ntk`` (T+1, n, n), ``phi`` / ``g`` (L, T+1, T+1, n, n), all constant in time;
+        ``ntk`` (T+1, n, n), ``phi`` / ``g`` (L, T+1, T+1, n, n), all constant in time (with
+        C >= 2 outputs ``train_predictions`` (T+1, P, C), ``ntk`` (T+1, n, C, n, C) =
+        delta_cc' K and ``g`` (L, T+1, T+1, n, C, n, C) = delta_cc' G^l);
         ``A = B = None``; ``iterations = 0``; ``stderr = {}``. ``extras``: ``kx`` (n, n) the
         input kernel Phi^0, ``gdot`` (L, n, n) the derivative kernels E[phi' phi'^T],
         ``ntk_eigvals`` (P,) the eigenvalues of K on the training points (the largest stable
@@ -73,6 +84,20 @@ class Static(Method, name="static", options=StaticOptions):
     """
 
     description = "frozen kernels at their t = 0 infinite-width values (static NTK / NNGP)"
+    #: weight decay toward zero is not a frozen-kernel problem (module docstring)
+    supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "batches"})
+
+    def __call__(self, *args, **kwargs):
+        if len(args) >= 3:
+            train = args[2]
+            if getattr(train, "weight_decay", 0) > 0 and getattr(train, "decay_to", "") == "zero":
+                raise ValueError(
+                    "method='static' does not solve weight decay toward zero: the initial "
+                    "weights shrink by a^t, so the kernel moves even at gamma0 -> 0 (not a "
+                    "static-kernel problem); use method='mc' or dmft.simulate, or "
+                    "decay_to='init' (the kernel-machine limit)")
+            check_features(self.label, self.supports, *args[:3])
+        return super().__call__(*args, **kwargs)
 
     def estimate(self, net, data, train, *, opts):
         """phi, g (L, T+1, T+1, n, n) dominate; time: the elements written plus the kernel
@@ -88,6 +113,7 @@ class Static(Method, name="static", options=StaticOptions):
 
     def run(self, ctx, net, data, train, *, opts) -> Solution:
         L, P, n, T = net.depth, data.P, data.P + data.Q, train.steps
+        multi, C = bool(data.multi_output), data.C
         quad = {"tol": opts.quad_tol}
         if opts.quad_order is not None:
             quad["order"] = opts.quad_order
@@ -101,16 +127,34 @@ class Static(Method, name="static", options=StaticOptions):
                                    "recursion); rescale the inputs X")
 
         eig = np.linalg.eigvalsh(K[:P, :P])
-        lr_max = 2.0 / eig.max() if eig.max() > 0 else np.inf
-        f = _engine.frozen_dynamics(K, data.y_train, train.lr, T)
+        obj = Objective.from_specs(data, train)
+        a = obj.a
+        # mse: f <- (a - lr K) f + ..., stable iff lr lambda_max < 1 + a (2 without decay);
+        # the other losses have smaller curvature (softmax <= 1/2, logistic 1/4, hinge 0), so
+        # the same bound is sufficient for them and only the squared error is judged by it
+        lr_max = (1.0 + a) / eig.max() if eig.max() > 0 else np.inf
+        if obj.plain:
+            f = _engine.frozen_dynamics(K, data.y_train, train.lr, T)
+        else:
+            f = _engine.frozen_dynamics_objective(K, obj)
+            if not multi:
+                f = f[..., 0]
 
         # real arrays, constant in (t, s): later code may write into them
         phi = np.empty((L, T + 1, T + 1, n, n))
         phi[...] = kern["phi"][:, None, None]
-        g = np.empty_like(phi)
-        g[...] = kern["g"][:, None, None]
-        ntk = np.empty((T + 1, n, n))
-        ntk[...] = K
+        if multi:
+            # outputs decouple at t = 0: G^l_{mu c, nu c'} = delta_cc' G^l_{mu nu}
+            eye = np.eye(C)
+            g = np.empty((L, T + 1, T + 1, n, C, n, C))
+            g[...] = (kern["g"][:, :, None, :, None] * eye[:, None, :])[:, None, None]
+            ntk = np.empty((T + 1, n, C, n, C))
+            ntk[...] = K[:, None, :, None] * eye[:, None, :]
+        else:
+            g = np.empty_like(phi)
+            g[...] = kern["g"][:, None, None]
+            ntk = np.empty((T + 1, n, n))
+            ntk[...] = K
 
         sol = Solution(
             net=net, data=data, train=train, method="static", t=train.times,
@@ -118,13 +162,15 @@ class Static(Method, name="static", options=StaticOptions):
             ntk=ntk, phi=phi, g=g, iterations=0, seed=ctx.seed_int,
             options={"quad_order": opts.quad_order, "quad_tol": opts.quad_tol},
             extras={"kx": kern["kx"], "gdot": kern["gdot"], "ntk_eigvals": eig})
-        if train.lr > lr_max:
+        # full batch only: with batches each step sees a sub-kernel (smaller lambda_max) and
+        # the generic divergence rule judges the trajectory
+        if train.lr > lr_max and train.loss == "mse" and obj.mask is None:
             return sol.fail("diverged", (
                 f"lr = {train.lr:g} is unstable for the frozen NTK: lambda_max(K_train) = "
-                f"{eig.max():.6g} gives |1 - lr lambda_max| = "
-                f"{abs(1 - train.lr * eig.max()):.4g} > 1, so the training error grows "
-                f"geometrically; the largest stable learning rate is 2 / lambda_max = "
-                f"{lr_max:.6g}"))
+                f"{eig.max():.6g} gives |{a:g} - lr lambda_max| = "
+                f"{abs(a - train.lr * eig.max()):.4g} > 1, so the training error grows "
+                f"geometrically; the largest stable learning rate is "
+                f"{'2' if a == 1.0 else '(1 + a)'} / lambda_max = {lr_max:.6g}"))
         if not np.all(np.isfinite(f)):
             return sol.fail("diverged", "non-finite predictions in the frozen-kernel dynamics")
         return sol

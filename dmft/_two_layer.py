@@ -15,7 +15,9 @@ from solvers import fluct as _engine
 from solvers.activations import apply
 from solvers.layout import two_time
 
-from ._method import Method, Options, option, positive_int
+from solvers.objective import Objective
+
+from ._method import FEATURES, Method, Options, option, positive_int
 from .results import ConvergenceError, Solution
 
 __all__ = ["solve_two_layer", "TwoLayerMarch", "TwoLayerMarchOptions"]
@@ -53,6 +55,8 @@ class TwoLayerMarch(Method, name="two-layer-march", options=TwoLayerMarchOptions
     """
 
     description = "two-layer networks: self-consistent population march (reference solver)"
+    #: every objective of docs/theory.rst §7 (the march is the finite network's own update)
+    supports = frozenset(FEATURES)
 
     def estimate(self, net, data, train, *, opts):
         """The population (samples x n fields), the kernel samples' histories and features
@@ -77,6 +81,9 @@ class TwoLayerMarch(Method, name="two-layer-march", options=TwoLayerMarchOptions
         half = max(1, samples // 2)
         rng = ctx.rng()
         kx = data.kx
+        obj = Objective.from_specs(data, train) if hasattr(train, "loss") else None
+        if obj is not None and not obj.plain:
+            return self._run_objective(ctx, net, data, train, obj, half, kernel_samples, rng)
         u, w0 = _engine.draw_units(kx, half, rng)
         u2 = np.concatenate([u, u])
         w2 = np.concatenate([w0, -w0])
@@ -101,6 +108,44 @@ class TwoLayerMarch(Method, name="two-layer-march", options=TwoLayerMarchOptions
                         converged=True, iterations=0, stderr={
                             "train_predictions": pop["f_stderr"][:, :P].copy(),
                             "test_predictions": pop["f_stderr"][:, P:].copy()},
+                        seed=ctx.seed_int,
+                        options={"samples": 2 * half, "kernel_samples": int(idx.size),
+                                 "antithetic": True})
+
+
+    def _run_objective(self, ctx, net, data, train, obj, half, kernel_samples, rng):
+        """C outputs, any loss, weight decay, batches (docs/theory.rst §7): the same march
+        with w of shape (samples, C); antithetic pairs negate every output's weight."""
+        kx = data.kx
+        T, P, n, C = train.steps, data.P, data.P + data.Q, obj.C
+        u, w0 = _engine.draw_units_multi(kx, half, C, rng)
+        u2 = np.concatenate([u, u])
+        w2 = np.concatenate([w0, -w0])
+        try:
+            pop = _engine.population_march_objective(net.activation, u2, w2, kx, obj,
+                                                     train.gamma0, antithetic=True)
+        except FloatingPointError as exc:
+            raise ConvergenceError(f"solve_two_layer: {exc}; reduce lr or gamma0") from exc
+        ks = min(kernel_samples, 2 * half)
+        idx = np.r_[0:(ks + 1) // 2, half:half + ks // 2]
+        h, w = _engine.march_multi(net.activation, u2[idx], w2[idx], kx, pop["delta"],
+                                   train.lr * train.gamma0, obj.a, obj.decay_to)
+        ph = apply(net.activation, h, 0).reshape(idx.size, (T + 1) * n)
+        g = (apply(net.activation, h, 1)[:, :, :, None] * w[:, :, None, :]).reshape(
+            idx.size, (T + 1) * n * C)
+        phi = two_time(ph.T @ ph / idx.size, T + 1, n)[None]
+        gg = two_time(g.T @ g / idx.size, T + 1, n * C)[None]
+        f, fse, ntk = pop["f"], pop["f_stderr"], pop["ntk"]
+        if data.multi_output:
+            gg = gg.reshape(1, T + 1, T + 1, n, C, n, C)
+        else:
+            f, fse, ntk = f[..., 0], fse[..., 0], ntk[:, :, 0, :, 0]
+        return Solution(net=net, data=data, train=train, method="two-layer-march",
+                        t=train.times, train_predictions=f[:, :P].copy(),
+                        test_predictions=f[:, P:].copy(), ntk=np.ascontiguousarray(ntk),
+                        phi=phi, g=gg, converged=True, iterations=0, stderr={
+                            "train_predictions": fse[:, :P].copy(),
+                            "test_predictions": fse[:, P:].copy()},
                         seed=ctx.seed_int,
                         options={"samples": 2 * half, "kernel_samples": int(idx.size),
                                  "antithetic": True})

@@ -214,16 +214,28 @@ def _parser():
     progress_flags(d)
     d.set_defaults(func=_cmd_demo)
 
-    r = sub.add_parser("run", help="run a configured solve or simulation (TOML) into an HDF5 "
-                                   "file", description="Run CONFIG.toml (see examples/ and "
-                                   "dmft.config) and save the result.")
+    r = sub.add_parser(
+        "run", help="run a configured solve or simulation (TOML) into an HDF5 file",
+        description="Run CONFIG.toml (see examples/ and dmft.config) and save the result. "
+                    "[train] takes gamma0, lr, steps and (docs/theory.rst §7) loss = mse | "
+                    "cross_entropy | logistic | hinge, weight_decay, decay_to = init | zero, "
+                    "batch_size (omit: full batch), batch_seed, schedule = epochs | online. "
+                    "[data] takes a generator (P, Q, D, seed, outputs = C, classes = C, "
+                    "labels = true for +-1 labels) or files X_train, y_train ((P,) or (P, C)), "
+                    "X_test, y_test, with labels = true (and classes = C) when the y files "
+                    "hold integer class labels. The file records the losses (and accuracies "
+                    "for classification) per split.")
     r.add_argument("config", help="TOML configuration file")
     r.add_argument("-o", "--output", help="result file (default: CONFIG's name with .h5)")
     r.add_argument("--plot", metavar="FIG", help="also draw the result into FIG (e.g. fig.png)")
     progress_flags(r)
     r.set_defaults(func=_cmd_run)
 
-    q = sub.add_parser("plot", help="draw a saved result (Solution, Ensemble or Fluctuations)")
+    q = sub.add_parser("plot", help="draw a saved result (Solution, Ensemble or Fluctuations)",
+                       description="Draw a saved result: the loss named by train.loss per "
+                                   "split, predictions (with C outputs one line per point and "
+                                   "output, at most --points points and 3 outputs), the NTK, "
+                                   "and the accuracy per split for classification.")
     q.add_argument("result", help="HDF5 file written by dmft")
     q.add_argument("-o", "--output", help="figure file (default: RESULT's name with .png)")
     q.add_argument("--points", type=int, default=4,

@@ -12,16 +12,27 @@ The library itself takes no free-form dicts; ``dmft run CONFIG.toml`` reads a fi
     Q = 8                     # test points
     D = 10                    # input dimension
     seed = 0
+    # outputs = 3             # C teacher outputs: targets of shape (P, C)
+    # classes = 3             # C-class labels (argmax of C teacher outputs), one-hot (P, C)
+    # labels = true           # with one output: +-1 labels (sign of the teacher)
     # ... or files (.npy, .csv, .txt; paths relative to the config file):
     # X_train = "X.npy"
-    # y_train = "y.csv"
+    # y_train = "y.csv"       # (P,) or (P, C) targets (one row per point)
     # X_test = "Xt.npy"       # optional
     # y_test = "yt.npy"       # optional
+    # labels = true           # y files hold integer class labels 0 .. C-1 (one-hot targets)
+    # classes = 10            # number of classes (default: 1 + the largest label)
 
     [train]
     gamma0 = 1.0
     lr = 0.1
     steps = 50
+    # loss = "mse"            # mse | cross_entropy | logistic | hinge (docs/theory.rst §7)
+    # weight_decay = 0.0      # lambda (lr * weight_decay < 1)
+    # decay_to = "init"       # init | zero
+    # batch_size = 4          # omit for full batch
+    # batch_seed = 0
+    # schedule = "epochs"     # epochs | online
 
     [solve]                   # an infinite-width solve ...
     method = "mc"             # any name in dmft.METHODS, or "auto"
@@ -38,7 +49,10 @@ The library itself takes no free-form dicts; ``dmft run CONFIG.toml`` reads a fi
     # method = "propagator"   # options of dmft.fluctuations; the file then holds a
                               # Fluctuations (with the solution nested)
 
-Unknown sections or keys raise ``ValueError`` naming them. The keys of [solve], [simulate] and
+Unknown sections or keys raise ``ValueError`` naming them; so do targets that do not suit
+``train.loss`` (e.g. cross-entropy on one output, logistic labels other than +-1) and a
+``batch_size`` larger than the training set, checked when the file is read
+(:meth:`dmft.GradientDescent.check`). The keys of [solve], [simulate] and
 [fluctuations] are the fields of the method's options dataclass (``dmft.METHODS[method].Options``,
 :class:`dmft._simulate.SimulateOptions`, :class:`dmft._fluctuations.FluctuationOptions`), plus
 ``seed`` / ``throw`` (and ``method``); their values are validated by that dataclass when the
@@ -63,45 +77,79 @@ __all__ = ["RunConfig", "load_config", "parse_config", "teacher_student", "run"]
 
 _SECTIONS = ("net", "data", "train", "solve", "simulate", "fluctuations")
 _NET_KEYS = ("depth", "activation")
-_TRAIN_KEYS = ("gamma0", "lr", "steps", "loss")
-_GENERATOR_KEYS = ("generator", "P", "Q", "D", "seed", "teacher_width", "noise")
+_TRAIN_KEYS = ("gamma0", "lr", "steps", "loss", "weight_decay", "decay_to", "batch_size",
+               "batch_seed", "schedule")
+_GENERATOR_KEYS = ("generator", "P", "Q", "D", "seed", "teacher_width", "noise", "outputs",
+                   "classes", "labels")
 _FILE_KEYS = ("X_train", "y_train", "X_test", "y_test")
+#: keys of a [data] table that reads files, besides the file paths
+_FILE_LABEL_KEYS = ("labels", "classes")
 #: keys every method takes besides its options (the adapter skeleton's keywords)
 _COMMON_KEYS = ("seed", "throw", "progress", "memory_limit")
 _GENERATORS = ("teacher_student",)
 
 
 def teacher_student(P: int = 8, Q: int = 8, D: int = 10, seed: int = 0, *,
-                    teacher_width: int = 32, noise: float = 0.0) -> Dataset:
-    """A small regression task: targets from a random two-layer tanh teacher.
+                    teacher_width: int = 32, noise: float = 0.0, outputs: int = 1,
+                    classes: int | None = None, labels: bool = False) -> Dataset:
+    """A small regression or classification task from a random two-layer tanh teacher.
 
     Inputs x ~ N(0, I_D) (so Phi^0 has unit diagonal on average). The teacher is
-    ``f*(x) = sum_k a_k tanh(v_k . x / sqrt(D)) / sqrt(K)`` with K = ``teacher_width`` and
-    a_k, v_k i.i.d. N(0, 1); all P + Q targets are divided by their root mean square, so that
-    the targets have unit scale, then optional label noise ``noise * N(0, 1)`` is added to the
-    training targets. Everything is drawn from ``numpy.random.default_rng(seed)``.
+    ``f*_c(x) = sum_k a_kc tanh(v_k . x / sqrt(D)) / sqrt(K)`` with K = ``teacher_width``,
+    c = 1 .. C (C = ``outputs``) and a_kc, v_k i.i.d. N(0, 1); each output's P + Q targets
+    are divided by their root mean square, so that the targets have unit scale, then optional
+    label noise ``noise * N(0, 1)`` is added to the training targets. Everything is drawn from
+    ``numpy.random.default_rng(seed)`` (one output: the same numbers as before ``outputs``
+    existed).
+
+    Classification (docs/theory.rst §7): ``classes = C`` draws C teacher outputs and labels
+    each point by the largest (one-hot targets (P, C), :meth:`Dataset.from_labels`; for
+    ``loss="cross_entropy"``); ``labels=True`` with one output gives the labels
+    ``sign(f*)`` = +-1 (for ``loss="logistic"`` or ``"hinge"``). ``noise`` must be 0 then.
 
     Returns
     -------
     Dataset
-        ``X_train`` (P, D), ``y_train`` (P,), ``X_test`` (Q, D), ``y_test`` (Q,) (or no test
-        set when Q = 0).
+        ``X_train`` (P, D), ``y_train`` (P,) or (P, C), ``X_test`` (Q, D), ``y_test`` (Q,) or
+        (Q, C) (or no test set when Q = 0).
     """
+    if classes is not None:
+        if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) \
+                or classes < 2:
+            raise ValueError(f"data.classes must be an integer >= 2 (the number of classes), "
+                             f"got {classes!r}")
+        if outputs not in (1, classes):
+            raise ValueError(f"data.classes = {classes} labels by the largest of {classes} "
+                             f"teacher outputs, but data.outputs = {outputs!r}; drop outputs")
+        outputs, labels = int(classes), True
+    if not isinstance(labels, (bool, np.bool_)):
+        raise ValueError(f"data.labels must be true or false, got {labels!r}")
     for name, val, low in (("P", P, 1), ("Q", Q, 0), ("D", D, 1),
-                           ("teacher_width", teacher_width, 1)):
+                           ("teacher_width", teacher_width, 1), ("outputs", outputs, 1)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
             raise ValueError(f"data.{name} must be an integer >= {low}, got {val!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"data.seed must be a non-negative integer, got {seed!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise ValueError(f"data.noise must be a number >= 0, got {noise!r}")
+    if labels and noise:
+        raise ValueError(f"data.noise = {noise!r} adds Gaussian noise to regression targets, "
+                         f"but the targets are class labels (data.labels / data.classes); "
+                         f"set noise = 0")
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((P + Q, D))
     V = rng.standard_normal((teacher_width, D))
-    a = rng.standard_normal(teacher_width)
+    C = int(outputs)
+    a = rng.standard_normal(teacher_width if C == 1 else (teacher_width, C))
     y = np.tanh(X @ V.T / np.sqrt(D)) @ a / np.sqrt(teacher_width)
-    y /= np.sqrt(np.mean(y ** 2))
-    y_train = y[:P] + noise * rng.standard_normal(P)
+    y /= np.sqrt(np.mean(y ** 2, axis=0))
+    if labels and C >= 2:
+        cls = np.argmax(y, axis=1)
+        return Dataset.from_labels(X[:P], cls[:P], X[P:] if Q else None,
+                                   cls[P:] if Q else None, classes=C)
+    if labels:
+        y = np.where(y >= 0, 1.0, -1.0)
+    y_train = y[:P] + noise * rng.standard_normal(y[:P].shape)
     if Q == 0:
         return Dataset(X[:P], y_train)
     return Dataset(X[:P], y_train, X[P:], y[P:])
@@ -165,7 +213,7 @@ def _parse_data(table, base_dir) -> Dataset:
     if files and "generator" in table:
         raise ValueError("[data] gives both a generator and files; use one of the two")
     if files:
-        _unknown("data", table, _FILE_KEYS)
+        _unknown("data", table, _FILE_KEYS + _FILE_LABEL_KEYS)
         for req in ("X_train", "y_train"):
             if req not in table:
                 raise ValueError(f"[data] reads files but {req!r} is missing; give paths for "
@@ -175,6 +223,14 @@ def _parse_data(table, base_dir) -> Dataset:
             if not isinstance(table[k], str):
                 raise ValueError(f"data.{k} must be a file path string, got {table[k]!r}")
             arrays[k] = _load_array(table[k], k, base_dir)
+        labels = table.get("labels", "classes" in table)
+        if not isinstance(labels, bool):
+            raise ValueError(f"data.labels must be true (the y files hold integer class "
+                             f"labels 0 .. C-1) or false, got {labels!r}")
+        if labels:
+            return _from_label_files(arrays, table.get("classes"))
+        if "classes" in table:
+            raise ValueError("data.classes needs data.labels = true (or no labels key)")
         return Dataset(arrays["X_train"], arrays["y_train"], arrays.get("X_test"),
                        arrays.get("y_test"))
     _unknown("data", table, _GENERATOR_KEYS)
@@ -184,6 +240,43 @@ def _parse_data(table, base_dir) -> Dataset:
                          f"or give X_train / y_train files")
     kw = {k: table[k] for k in _GENERATOR_KEYS[1:] if k in table}
     return teacher_student(**kw)
+
+
+def _from_label_files(arrays, classes):
+    """A classification Dataset (one-hot targets) from files of integer labels 0 .. C-1."""
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                or classes < 2):
+        raise ValueError(f"data.classes must be an integer >= 2 (the number of classes), "
+                         f"got {classes!r}")
+    for k in ("y_train", "y_test"):
+        y = arrays.get(k)
+        if y is None:
+            continue
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or not np.all(np.isfinite(y)) or np.any(y != np.round(y)) \
+                or np.any(y < 0):
+            raise ValueError(f"data.{k}: with labels = true the file must hold one integer "
+                             f"class label 0 .. C-1 per point (a column), got shape "
+                             f"{np.shape(arrays[k])}" + ("" if y.ndim != 1 else
+                                                          " with non-integer or negative "
+                                                          "values"))
+        arrays[k] = y.astype(np.int64)
+    try:
+        return Dataset.from_labels(arrays["X_train"], arrays["y_train"], arrays.get("X_test"),
+                                   arrays.get("y_test"), classes=classes)
+    except ValueError as exc:
+        raise ValueError(f"[data] with labels = true: {exc}") from None
+
+
+def _parse_train(table) -> GradientDescent:
+    """The [train] table; TOML has no null, so full batch is written by omitting batch_size."""
+    bs = table.get("batch_size")
+    if "batch_size" in table and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+        raise ValueError(f"train.batch_size must be an integer >= 1 (points per step), got "
+                         f"{bs!r}; omit the key for full-batch training")
+    return GradientDescent(**table)
 
 
 def _parse_seeds(value):
@@ -210,7 +303,11 @@ def parse_config(cfg: dict, base_dir: str = ".", source: str = "") -> RunConfig:
     _unknown("train", train_t, _TRAIN_KEYS)
     data = _parse_data(_table(cfg, "data"), base_dir)
     net = MLP(**net_t)
-    train = GradientDescent(**train_t)
+    train = _parse_train(train_t)
+    try:
+        train.check(data)
+    except ValueError as exc:
+        raise ValueError(f"[train] does not suit [data]: {exc}") from None
     solve_t = _table(cfg, "solve", required=False)
     sim_t = _table(cfg, "simulate", required=False)
     fl_t = _table(cfg, "fluctuations", required=False)

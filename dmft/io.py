@@ -12,7 +12,12 @@ Root attributes
     "Fluctuations"), ``method``, ``created`` (ISO 8601, UTC), ``seed`` (when an int), and the
     full specification: ``spec`` / ``net`` / ``train`` / ``options`` / ``meta`` as JSON strings,
     plus flat copies for quick inspection (``net_depth``, ``net_activation``, ``train_gamma0``,
-    ``train_lr``, ``train_steps``, ``train_loss``, ``width``, ``status`` ...). Flat copies are
+    ``train_lr``, ``train_steps``, ``train_loss``, ``train_weight_decay``, ``train_decay_to``,
+    ``train_batch_size`` (absent for full batch), ``train_schedule``, ``data_outputs`` (C),
+    ``width``, ``status`` ...). ``train`` holds every field of
+    :class:`~dmft.specs.GradientDescent` (``loss``, ``weight_decay``, ``decay_to``,
+    ``batch_size`` (null for full batch), ``batch_seed``, ``schedule``); files written before
+    these fields existed load with their defaults (mse, no decay, full batch). Flat copies are
     informative only; ``load`` reads the JSON. ``meta`` holds ``converged``, ``status`` and
     ``message`` of every kind of result; files written before ``status`` / ``message``
     existed load with ``status`` derived from ``converged`` and the status's default
@@ -25,9 +30,19 @@ Dimension scales (netCDF4-compatible: a coordinate dataset per dimension name)
     ``t`` and ``s`` (the times k * lr), ``layer`` (1 .. L), ``response_layer`` (1 .. L-1),
     ``point`` and ``point_`` (kernel index 0 .. P+Q-1, train first), ``train_point``
     (0 .. P-1), ``test_point`` (P .. P+Q-1, i.e. their kernel index), ``iteration``,
-    ``input_dim`` and, for ensembles, ``seed`` (the seeds). Names follow
-    :data:`dmft.results.DIMS`, so ``xarray.open_dataset(path, engine="h5netcdf")`` gives
+    ``input_dim`` and, for ensembles, ``seed`` (the seeds); with C >= 2 outputs (targets of
+    shape (P, C), docs/theory.rst §7) also ``output`` and ``output_`` (0 .. C-1). Names follow
+    :data:`dmft.results.DIMS` and, for C >= 2 outputs, :data:`dmft.results.DIMS_OUTPUTS`
+    (:func:`dmft.results.dims`), so ``xarray.open_dataset(path, engine="h5netcdf")`` gives
     labelled arrays, and plain ``h5py`` shows ``ds.dims[i].label``.
+Recorded losses and accuracies (read-only derived copies)
+    ``train_loss``, ``test_loss`` (the loss named by ``train.loss``, summed over the split's
+    points and outputs) and, for classification (``result.classifies``), ``train_accuracy``,
+    ``test_accuracy``, shape (T+1,) or (S, T+1) for an Ensemble; a field that is ``None`` (no
+    ``y_test``, or a one-output mse problem for the accuracies) is absent. They carry the
+    attribute ``derived = 1``: :func:`load` recomputes them from the predictions and the spec
+    (they are properties of the result) and logs a warning if a stored copy disagrees. Files
+    written before they were recorded load as before.
 Groups
     ``data`` (``X_train``, ``y_train``, ``X_test``, ``y_test`` when present), ``stderr``,
     ``extras`` (arrays as datasets, nested dicts as sub-groups, other plain values as JSON in
@@ -63,7 +78,7 @@ from ._integrity import (_HASH_ATTR, CorruptFileError, _attr_value, _checksum_kw
                          _damaged, _open, _read_tree, verify_checksum)
 from ._json import get_json as _get_json, put_json as _put_json
 from ._version import __version__
-from .results import DIMS, Ensemble, Fluctuations, Solution
+from .results import DIMS, Ensemble, Fluctuations, Solution, dims
 from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["save", "load", "read_attrs", "SCHEMA_VERSION", "MIGRATIONS", "register_migration",
@@ -102,6 +117,17 @@ _EXTRA_DIMS = {
     "f_std": ("t", "point"),
     "predictions": ("t", "point"),
 }
+#: ... and with C >= 2 outputs (an output axis after the point axis)
+_EXTRA_DIMS_OUTPUTS = {
+    "y_train": ("train_point", "output"),
+    "y_test": ("test_point", "output"),
+    "f0": ("point", "output"),
+    "f_std": ("t", "point", "output"),
+    "predictions": ("t", "point", "output"),
+}
+
+#: the losses and accuracies recorded as read-only derived copies (properties of results)
+_DERIVED = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
 
 _DESCRIPTIONS = {
     "t": "time k * lr",
@@ -115,6 +141,13 @@ _DESCRIPTIONS = {
     "iteration": "solver iteration",
     "seed": "random seed of each network",
     "input_dim": "input coordinate",
+    "output": "network output c = 0 .. C-1",
+    "output_": "second network output index c' = 0 .. C-1",
+    "train_loss": "training loss (train.loss) summed over training points and outputs "
+                  "(derived copy; dmft.load recomputes it)",
+    "test_loss": "test loss (train.loss) summed over test points and outputs (derived copy)",
+    "train_accuracy": "fraction of training points classified right (derived copy)",
+    "test_accuracy": "fraction of test points classified right (derived copy)",
     "train_predictions": "network output f on training points",
     "test_predictions": "network output f on test points",
     "ntk": "equal-time neural tangent kernel K(t)",
@@ -150,6 +183,7 @@ class _Scales:
     def __init__(self, group, coords: dict):
         self.group = group
         self.coords = coords  # dim name -> 1-D coordinate values
+        self.multi_output = "output" in coords
 
     def get(self, name):
         if name in self.group:
@@ -203,19 +237,29 @@ def _has_array(value) -> bool:
     return False
 
 
-def _dims_for(key, arr, lead=()):
-    """Named dimensions for an array stored under ``key`` (None when unknown).
+def _dims_for(key, arr, lead=(), multi_output=False):
+    """Named dimensions for an array stored under ``key`` (None when unknown); with
+    ``multi_output`` (C >= 2 outputs) those of :data:`dmft.results.DIMS_OUTPUTS`.
 
     :meth:`_Scales.attach` leaves the array without scales when they do not fit its shape.
     """
-    dims = DIMS.get(key) or _EXTRA_DIMS.get(key)
-    if dims is None:
+    if key in DIMS:
+        names = dims(key, multi_output)
+    elif multi_output and key in _EXTRA_DIMS_OUTPUTS:
+        names = _EXTRA_DIMS_OUTPUTS[key]
+    else:
+        names = _EXTRA_DIMS.get(key)
+    if names is None:
         return None
-    return tuple(lead) + tuple(dims)
+    return tuple(lead) + tuple(names)
 
 
 def _write_mapping(group, mapping, where, scales, compression, lead=()):
-    """Arrays -> datasets, dicts holding arrays -> sub-groups, the rest -> JSON attribute."""
+    """Arrays -> datasets, dicts holding arrays -> sub-groups, the rest -> JSON attribute.
+
+    An array whose shape does not fit the one-output dims of its key gets the C-output dims
+    (:meth:`_Scales.attach` checks every axis length; the output dims exist only for C >= 2).
+    """
     if not isinstance(mapping, dict):
         raise ValueError(f"{where} must be a dict, got {type(mapping).__name__}")
     plain = {}
@@ -223,7 +267,7 @@ def _write_mapping(group, mapping, where, scales, compression, lead=()):
         _check_key(key, where)
         if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
             ds = _create_array(group, key, value, compression)
-            scales.attach(ds, _dims_for(key, value, lead))
+            scales.attach(ds, _dims_for(key, value, lead, scales.multi_output))
         elif isinstance(value, dict) and _has_array(value):
             _write_mapping(group.create_group(key), value, f"{where}[{key!r}]", scales,
                            compression, lead)
@@ -240,9 +284,16 @@ def _coords(result, times, lead_seeds=None):
               "response_layer": np.arange(1, L), "point": np.arange(n),
               "point_": np.arange(n), "train_point": np.arange(P),
               "test_point": np.arange(P, P + Q), "input_dim": np.arange(data.D)}
+    if _multi(data):
+        coords["output"] = coords["output_"] = np.arange(data.C)
     if lead_seeds is not None:
         coords["seed"] = lead_seeds
     return coords
+
+
+def _multi(data) -> bool:
+    """Whether results of ``data`` carry output axes (C >= 2 outputs, docs/theory.rst §7)."""
+    return bool(getattr(data, "multi_output", False))
 
 
 def _write_data(group, data: Dataset, scales, compression):
@@ -252,7 +303,7 @@ def _write_data(group, data: Dataset, scales, compression):
         arr = getattr(data, name)
         if arr is not None:
             scales.attach(_create_array(g, name, np.asarray(arr), compression),
-                          _EXTRA_DIMS[name])
+                          _dims_for(name, arr, multi_output=_multi(data)))
 
 
 def _write_spec_attrs(group, result, kind):
@@ -270,6 +321,12 @@ def _write_spec_attrs(group, result, kind):
     a["train_lr"] = train.lr
     a["train_steps"] = train.steps
     a["train_loss"] = train.loss
+    a["train_weight_decay"] = train.weight_decay
+    a["train_decay_to"] = train.decay_to
+    if train.batch_size is not None:
+        a["train_batch_size"] = int(train.batch_size)
+    a["train_schedule"] = train.schedule
+    a["data_outputs"] = int(getattr(result.data, "C", 1))
     a["elapsed"] = float(result.elapsed)
     a["status"] = str(result.status)
 
@@ -303,7 +360,8 @@ def _write_solution(group, sol: Solution, compression):
         if arr is None:
             continue
         ds = _create_array(group, name, np.asarray(arr), compression)
-        scales.attach(ds, _dims_for(name, np.asarray(arr)))
+        scales.attach(ds, _dims_for(name, np.asarray(arr), multi_output=scales.multi_output))
+    _write_derived(group, sol, scales, compression)
     _write_mapping(group.create_group("stderr"), sol.stderr, "stderr", scales, compression)
     _write_mapping(group.create_group("extras"), sol.extras, "extras", scales, compression)
 
@@ -325,7 +383,9 @@ def _write_ensemble(group, ens: Ensemble, compression):
         if arr is None:
             continue
         ds = _create_array(group, name, np.asarray(arr), compression)
-        scales.attach(ds, _dims_for(name, np.asarray(arr), lead=("seed",)))
+        scales.attach(ds, _dims_for(name, np.asarray(arr), lead=("seed",),
+                                    multi_output=scales.multi_output))
+    _write_derived(group, ens, scales, compression, lead=("seed",))
     _write_mapping(group.create_group("extras"), ens.extras, "extras",
                    _EnsembleExtraScales(scales), compression)
 
@@ -335,6 +395,7 @@ class _EnsembleExtraScales:
 
     def __init__(self, scales):
         self.scales = scales
+        self.multi_output = scales.multi_output
 
     def attach(self, ds, dims):
         if dims is not None and len(dims) == ds.ndim - 1:
@@ -351,10 +412,50 @@ def _write_fluctuations(group, fl: Fluctuations, compression):
     scales.get("t")
     for name in ("prediction_cov", "ntk_var"):
         arr = np.asarray(getattr(fl, name))
-        scales.attach(_create_array(group, name, arr, compression), _dims_for(name, arr))
+        scales.attach(_create_array(group, name, arr, compression),
+                      _dims_for(name, arr, multi_output=scales.multi_output))
     _write_mapping(group.create_group("stderr"), fl.stderr, "stderr", scales, compression)
     _write_mapping(group.create_group("extras"), fl.extras, "extras", scales, compression)
     _write_solution(group.create_group("solution"), fl.solution, compression)
+
+
+def _derived_values(result) -> dict:
+    """The recorded losses and accuracies of a Solution or Ensemble (None fields left out)."""
+    out = {}
+    with np.errstate(all="ignore"):     # a diverged run's NaN / inf predictions stay NaN
+        for name in _DERIVED:
+            value = getattr(result, name, None)
+            if value is not None:
+                out[name] = np.asarray(value, dtype=np.float64)
+    return out
+
+
+def _write_derived(group, result, scales, compression, lead=()):
+    """``train_loss``, ``test_loss``, ``train_accuracy``, ``test_accuracy`` as datasets with
+    the attribute ``derived = 1`` (copies for readers of the file; :func:`load` recomputes
+    them)."""
+    for name, arr in _derived_values(result).items():
+        ds = _create_array(group, name, arr, compression)
+        ds.attrs["derived"] = np.int8(1)
+        ds.attrs["loss"] = str(result.train.loss)
+        scales.attach(ds, _dims_for(name, arr, lead))
+
+
+def _check_derived(tree, result, where):
+    """Warn (never fail) where a recorded loss / accuracy differs from the one recomputed
+    from the stored predictions (e.g. a file written by a dmft whose loss differed)."""
+    stored = {k: tree["datasets"][k] for k in _DERIVED if k in tree["datasets"]}
+    if not stored:
+        return
+    now = _derived_values(result)
+    for name, value in stored.items():
+        new = now.get(name)
+        same = new is not None and new.shape == np.shape(value) and np.allclose(
+            new, value, rtol=1e-10, atol=1e-12, equal_nan=True)
+        if not same:
+            logger.warning("%s: the recorded %s differs from the one recomputed from the "
+                           "predictions and train.loss (the file's copy is ignored)",
+                           where, name)
 
 
 def _write(f, result, compression):
@@ -465,27 +566,31 @@ def _build_solution(tree) -> Solution:
     d = tree["datasets"]
     net, train, data = _read_specs(tree)
     meta = _get_json(tree, "meta")
-    return Solution(net=net, data=data, train=train, method=meta["method"], t=d["t"],
-                    train_predictions=d["train_predictions"],
-                    test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d["phi"],
-                    g=d["g"], A=d.get("A"), B=d.get("B"), **_read_status(meta),
-                    iterations=meta["iterations"], residuals=d["residuals"],
-                    stderr=_read_mapping(tree["groups"]["stderr"]), seed=meta["seed"],
-                    elapsed=meta["elapsed"], options=_get_json(tree, "options"),
-                    extras=_read_mapping(tree["groups"]["extras"]))
+    sol = Solution(net=net, data=data, train=train, method=meta["method"], t=d["t"],
+                   train_predictions=d["train_predictions"],
+                   test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d["phi"],
+                   g=d["g"], A=d.get("A"), B=d.get("B"), **_read_status(meta),
+                   iterations=meta["iterations"], residuals=d["residuals"],
+                   stderr=_read_mapping(tree["groups"]["stderr"]), seed=meta["seed"],
+                   elapsed=meta["elapsed"], options=_get_json(tree, "options"),
+                   extras=_read_mapping(tree["groups"]["extras"]))
+    _check_derived(tree, sol, "Solution")
+    return sol
 
 
 def _build_ensemble(tree) -> Ensemble:
     d = tree["datasets"]
     net, train, data = _read_specs(tree)
     meta = _get_json(tree, "meta")
-    return Ensemble(net=net, data=data, train=train, width=meta["width"], seeds=d["seed"],
-                    t=d["t"], train_predictions=d["train_predictions"],
-                    test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d.get("phi"),
-                    g=d.get("g"), center=meta["center"], elapsed=meta["elapsed"],
-                    **_read_status(meta),
-                    options=_get_json(tree, "options"),
-                    extras=_read_mapping(tree["groups"]["extras"]))
+    ens = Ensemble(net=net, data=data, train=train, width=meta["width"], seeds=d["seed"],
+                   t=d["t"], train_predictions=d["train_predictions"],
+                   test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d.get("phi"),
+                   g=d.get("g"), center=meta["center"], elapsed=meta["elapsed"],
+                   **_read_status(meta),
+                   options=_get_json(tree, "options"),
+                   extras=_read_mapping(tree["groups"]["extras"]))
+    _check_derived(tree, ens, "Ensemble")
+    return ens
 
 
 def _build_fluctuations(tree) -> Fluctuations:

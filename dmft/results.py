@@ -301,11 +301,14 @@ class Ensemble(_Predictions):
                       if getattr(self, k) is not None}
         L, T1, n = self.net.depth, self.t.size, self.data.P + self.data.Q
         nan_k = np.full((L, T1, T1, n, n), np.nan)
+        # G runs over (point, output) pairs with C >= 2 outputs (module docstring)
+        oc = (self.data.C,) if self.data.multi_output else ()
+        nan_g = np.full((L, T1, T1, n) + oc + (n,) + oc, np.nan)
         return Solution(net=self.net, data=self.data, train=self.train, method="simulate",
                         t=self.t, train_predictions=reduce(self.train_predictions),
                         test_predictions=reduce(self.test_predictions), ntk=reduce(self.ntk),
                         phi=reduce(self.phi) if self.phi is not None else nan_k,
-                        g=reduce(self.g) if self.g is not None else nan_k.copy(),
+                        g=reduce(self.g) if self.g is not None else nan_g,
                         converged=self.converged, status=self.status, message=self.message,
                         stderr=stderr, elapsed=self.elapsed,
                         options=dict(self.options, width=int(self.width),

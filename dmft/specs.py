@@ -289,7 +289,7 @@ class GradientDescent:
     steps : int
         T >= 1, number of gradient steps; results live on T + 1 times.
     loss : str
-        ``"mse"`` (|f - y|^2 / 2 per point, any number of outputs), ``"cross_entropy"``
+        ``"mse"`` (``|f - y|^2 / 2`` per point, any number of outputs), ``"cross_entropy"``
         (softmax over C >= 2 outputs, one-hot or probability targets), ``"logistic"``
         (log(1 + exp(-y f)), one output, labels +-1) or ``"hinge"`` (max(0, 1 - y f), one
         output, labels +-1).

@@ -36,6 +36,19 @@ it). The cap balances the pending products (~ r / N of a pass each step) against
 pass every ``cap / P`` steps): ``fold_every ~ sqrt(0.6 min(rows, cols) / P)`` steps minimises
 the sum.
 
+Beyond one squared-error output (docs/theory.rst §7; ``train(..., objective=)``): with C
+outputs the readout is w (N, C), f_{mu c} = w_c . phi(h^L_mu) / (gamma0 N), the backward
+fields g^l_{mu c} (arrays (n, C, N)) start from g^L_{mu c} = phi'(h^L_mu) w_c and the NTK runs
+over (point, output) pairs, K_{mu c, nu c'} = delta_cc' Phi^L + sum_l Phi^l G^{l+1}_{mu c, nu c'}.
+Any loss enters only through Delta(t) = ``objective.delta(t, f(t))`` (masked to the step's batch),
+and the matrix updates stay rank B (batch size) with u_mu = sum_c Delta_{mu c} g_{mu c}. Weight
+decay ``theta <- a theta + (1 - a) theta_bar + (update)``, a = 1 - lr lambda: toward zero it is
+a scalar factor on the dense part (``W = s Wd + Ut^T Vt``, the pending factors rescaled, s
+applied at the next fold); toward the initialisation the shrinkage is full rank, so each matrix
+keeps a copy of its initial value and the pending part is folded together with the decay in
+one blocked pass every step (:meth:`LowRank.decay`). One-output squared error, full batch,
+without decay takes the original code path (bit-for-bit as before).
+
 Everything is float64 and every large product is a NumPy matmul (one BLAS library: mixing
 SciPy's separately bundled OpenBLAS with NumPy's made their thread pools fight for the cores
 and doubled the time). Random numbers (the initial weights) are drawn from a
@@ -52,7 +65,8 @@ from .activations import ACTIVATIONS, apply
 from .layout import two_time
 
 __all__ = ["LowRank", "Weights", "forward", "backward", "output", "equal_time_ntk",
-           "gd_update", "train", "two_time_kernels", "default_fold_every"]
+           "gd_update", "train", "two_time_kernels", "default_fold_every", "backward_outputs",
+           "equal_time_ntk_outputs", "gd_update_objective"]
 
 #: rows of W updated per block when folding (block temporary: FOLD_BLOCK x cols floats)
 FOLD_BLOCK = 256
@@ -78,6 +92,10 @@ class LowRank:
         Factor buffers; only the first ``r`` rows are pending.
     r : int
         Pending rank.
+    s : float
+        Scale of the dense part, W = s Wd + Ut^T Vt (1 except under weight decay toward zero,
+        which multiplies it by a = 1 - lr lambda each step instead of rewriting Wd; a fold
+        applies it).
     """
 
     def __init__(self, Wd: np.ndarray):
@@ -85,6 +103,7 @@ class LowRank:
         self.Ut = np.empty((0, Wd.shape[0]))
         self.Vt = np.empty((0, Wd.shape[1]))
         self.r = 0
+        self.s = 1.0
 
     @property
     def shape(self):
@@ -100,6 +119,8 @@ class LowRank:
     def matmul_t(self, A: np.ndarray) -> np.ndarray:
         """A @ W^T for A (n, cols) -> (n, rows)."""
         out = A @ self.Wd.T
+        if self.s != 1.0:
+            out *= self.s
         if self.r:
             out += (A @ self.Vt[:self.r].T) @ self.Ut[:self.r]
         return out
@@ -107,6 +128,8 @@ class LowRank:
     def matmul(self, B: np.ndarray) -> np.ndarray:
         """B @ W for B (n, rows) -> (n, cols)."""
         out = B @ self.Wd
+        if self.s != 1.0:
+            out *= self.s
         if self.r:
             out += (B @ self.Ut[:self.r].T) @ self.Vt[:self.r]
         return out
@@ -124,18 +147,53 @@ class LowRank:
         self.r += k
 
     def fold(self) -> None:
-        """Wd += Ut^T Vt in row blocks (bounded temporary), then r = 0."""
-        r = self.r
-        if not r:
+        """Wd <- s Wd + Ut^T Vt in row blocks (bounded temporary), then r = 0, s = 1."""
+        r, s = self.r, self.s
+        if not r and s == 1.0:
             return
         rows = self.Wd.shape[0]
         U, V = self.Ut[:r], self.Vt[:r]
         tmp = np.empty((min(FOLD_BLOCK, rows), self.Wd.shape[1]))
         for i in range(0, rows, FOLD_BLOCK):
             j = min(i + FOLD_BLOCK, rows)
-            np.matmul(U[:, i:j].T, V, out=tmp[:j - i])
-            self.Wd[i:j] += tmp[:j - i]
-        self.r = 0
+            if s != 1.0:
+                self.Wd[i:j] *= s
+            if r:
+                np.matmul(U[:, i:j].T, V, out=tmp[:j - i])
+                self.Wd[i:j] += tmp[:j - i]
+        self.r, self.s = 0, 1.0
+
+    def decay(self, a: float, toward: np.ndarray | None = None) -> None:
+        """W <- a W + (1 - a) toward: weight decay (docs/theory.rst §7).
+
+        Toward zero (``toward=None``) it only rescales: s <- a s and the pending factors
+        Ut <- a Ut (O(r rows) work, no pass over Wd). Toward a fixed matrix (the
+        initialisation) the shrinkage is not low-rank, so the pending part is folded and the
+        decay applied in the same blocked pass, Wd <- a (s Wd + Ut^T Vt) + (1 - a) toward
+        (one read of ``toward`` and one read-write of Wd per step).
+        """
+        if toward is None:
+            self.s *= a
+            if self.r:
+                self.Ut[:self.r] *= a
+            return
+        r, s = self.r, self.s
+        rows = self.Wd.shape[0]
+        U, V = self.Ut[:r], self.Vt[:r]
+        tmp = np.empty((min(FOLD_BLOCK, rows), self.Wd.shape[1]))
+        b = 1.0 - a
+        for i in range(0, rows, FOLD_BLOCK):
+            j = min(i + FOLD_BLOCK, rows)
+            blk = self.Wd[i:j]
+            if s != 1.0:
+                blk *= s
+            if r:
+                np.matmul(U[:, i:j].T, V, out=tmp[:j - i])
+                blk += tmp[:j - i]
+            blk *= a
+            np.multiply(toward[i:j], b, out=tmp[:j - i])
+            blk += tmp[:j - i]
+        self.r, self.s = 0, 1.0
 
     def dense(self) -> np.ndarray:
         """W as one dense array (folds the pending part)."""
@@ -152,8 +210,9 @@ class Weights:
         First-layer weights W^0.
     W : list of L - 1 arrays (N, N)
         Hidden weights W^1 .. W^{L-1} (empty for a two-layer network).
-    w : array (N,)
-        Readout weights.
+    w : array (N,) or (N, C)
+        Readout weights: one output, or C >= 2 outputs f_c = w[:, c] . phi(h^L) / (gamma0 N)
+        (docs/theory.rst §7).
 
     ``W0`` and ``W`` read the dense matrices (folding any pending low-rank update first);
     ``layers`` gives the :class:`LowRank` objects [W^0, W^1, ..., W^{L-1}] used by the passes.
@@ -180,12 +239,22 @@ class Weights:
     def depth(self) -> int:
         return len(self.layers)
 
+    @property
+    def outputs(self) -> int:
+        """C, the number of outputs (1 for a readout of shape (N,))."""
+        return 1 if self.w.ndim == 1 else self.w.shape[1]
+
     @classmethod
-    def draw(cls, rng: np.random.Generator, D: int, width: int, depth: int) -> "Weights":
-        """Draw i.i.d. N(0, 1) weights, in the order W^0, W^1, ..., W^{L-1}, w."""
+    def draw(cls, rng: np.random.Generator, D: int, width: int, depth: int,
+             outputs: int | None = None) -> "Weights":
+        """Draw i.i.d. N(0, 1) weights, in the order W^0, W^1, ..., W^{L-1}, w.
+
+        ``outputs=None`` draws the readout w of shape (N,) (one output); an integer C draws
+        it as ``rng.standard_normal((N, C))`` at the same place in the order.
+        """
         W0 = rng.standard_normal((width, D))
         W = [rng.standard_normal((width, width)) for _ in range(depth - 1)]
-        w = rng.standard_normal(width)
+        w = rng.standard_normal(width if outputs is None else (width, int(outputs)))
         return cls(W0, W, w)
 
     def fold(self) -> None:
@@ -309,6 +378,124 @@ def gd_update(weights: Weights, X_train: np.ndarray, delta: np.ndarray, phi: lis
     weights.layers[0].add((c / math.sqrt(D)) * g[0][:P], delta[:, None] * X_train)
 
 
+def backward_outputs(weights: Weights, h: list, activation: str) -> list:
+    """Backward fields of every output, g^l_{mu c} = gamma0 N df_c/dh^l_mu (docs/theory.rst §7).
+
+    g^L_{mu c} = phi'(h^L_mu) * w_c and g^l_{mu c} = phi'(h^l_mu) * (W^l)^T g^{l+1}_{mu c}
+    / sqrt(N).
+
+    Parameters
+    ----------
+    weights : Weights
+        Readout of shape (N,) (C = 1) or (N, C).
+    h : list of L arrays (n, N)
+
+    Returns
+    -------
+    list of L arrays (n, C, N): g^l, l = 1 .. L (list index l - 1).
+    """
+    L = len(h)
+    n, N = h[0].shape
+    w = weights.w.reshape(N, -1)
+    C = w.shape[1]
+    scale = 1.0 / math.sqrt(N)
+    g = [None] * L
+    g[L - 1] = apply(activation, h[L - 1], 1)[:, None, :] * w.T[None, :, :]
+    for l in range(L - 2, -1, -1):
+        z = weights.layers[l + 1].matmul(g[l + 1].reshape(n * C, N))
+        z *= scale
+        z = z.reshape(n, C, N)
+        z *= apply(activation, h[l], 1)[:, None, :]
+        g[l] = z
+    return g
+
+
+def equal_time_ntk_outputs(kx: np.ndarray, phi: list, g: list) -> np.ndarray:
+    """NTK over (point, output) pairs, K_{mu c, nu c'} = delta_cc' Phi^L_{mu nu}
+    + sum_{l=0}^{L-1} Phi^l_{mu nu} G^{l+1}_{mu c, nu c'} (docs/theory.rst §7).
+
+    Parameters
+    ----------
+    kx : array (n, n)
+        Phi^0.
+    phi : list of L arrays (n, N)
+    g : list of L arrays (n, C, N)
+
+    Returns
+    -------
+    array (n, C, n, C)
+    """
+    n, C, N = g[0].shape
+    L = len(phi)
+    inv = 1.0 / N
+    K = np.zeros((n, C, n, C))
+    PhiL = (phi[L - 1] @ phi[L - 1].T) * inv
+    for c in range(C):
+        K[:, c, :, c] = PhiL
+    for l in range(L):
+        below = kx if l == 0 else (phi[l - 1] @ phi[l - 1].T) * inv
+        gl = g[l].reshape(n * C, N)
+        G = ((gl @ gl.T) * inv).reshape(n, C, n, C)
+        K += below[:, None, :, None] * G
+    return K
+
+
+def gd_update_objective(weights: Weights, X_train: np.ndarray, delta: np.ndarray, phi: list,
+                        g: list, lr: float, gamma0: float, rows=None, decay: float = 1.0,
+                        toward=None) -> None:
+    """One gradient step with any error signal, C outputs and weight decay, in place.
+
+    ``theta <- a theta + (1 - a) theta_bar + lr gamma0^2 N (-dLoss/dtheta)`` with
+    a = ``decay`` = 1 - lr lambda and theta_bar = ``toward`` (the initial weights; None: zero),
+    the gradient taken at the current weights (docs/theory.rst §7). With
+    u^{l+1}_mu = sum_c Delta_{mu c} g^{l+1}_{mu c} the updates stay rank P (module docstring):
+
+        w_c += lr gamma0 sum_mu Delta_{mu c} phi(h^L_mu)
+        W^l += lr gamma0 / sqrt(N) sum_mu u^{l+1}_mu phi(h^l_mu)^T,  W^0 likewise with x_mu
+
+    Parameters
+    ----------
+    weights : Weights
+    X_train : array (P, D)
+    delta : array (P, C)
+        Delta_{mu c} = -dl/df_{mu c} on the training points (zero off-batch).
+    phi : list of L arrays (n, N)
+    g : list of L arrays (n, C, N)
+    lr, gamma0 : float
+    rows : int array, optional
+        The training points of the step's batch (the others have Delta = 0 and are skipped,
+        so the pending rank grows by the batch size). Default: all P.
+    decay : float
+        a = 1 - lr lambda (1: no weight decay).
+    toward : tuple (mats, w0) or None
+        theta_bar for decay toward the initialisation: ``mats`` the list of initial dense
+        matrices [W^0, .., W^{L-1}], ``w0`` the initial readout; None with ``decay < 1`` is
+        decay toward zero.
+    """
+    P, D = X_train.shape
+    L = len(phi)
+    N = weights.width
+    c = lr * gamma0
+    if rows is None:
+        rows = slice(0, P)
+    d = delta[rows]                                        # (B, C)
+    upd_w = c * (phi[L - 1][:P][rows].T @ d)               # (N, C)
+    w = weights.w.reshape(N, -1)
+    if decay != 1.0:
+        w *= decay
+        if toward is not None:
+            w += (1.0 - decay) * toward[1].reshape(N, -1)
+        for l, m in enumerate(weights.layers):
+            m.decay(decay, None if toward is None else toward[0][l])
+    w += upd_w
+    alpha = c / math.sqrt(N)
+    for l in range(1, L):
+        u = np.einsum("pc,pcn->pn", d, g[l][:P][rows])
+        weights.layers[l].add(alpha * u, phi[l - 1][:P][rows])
+    u = np.einsum("pc,pcn->pn", d, g[0][:P][rows])
+    weights.layers[0].add((c / math.sqrt(D)) * u, X_train[rows])
+
+
 def two_time_kernels(features: np.ndarray) -> np.ndarray:
     """Two-time kernel from stacked per-time fields, with one BLAS product.
 
@@ -330,7 +517,7 @@ def two_time_kernels(features: np.ndarray) -> np.ndarray:
 
 def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, gamma0: float,
           lr: float, steps: int, record_kernels: bool = False, center: bool = False,
-          fold_every: int | None = None, fold_at_end: bool = True) -> dict:
+          fold_every: int | None = None, fold_at_end: bool = True, objective=None) -> dict:
     """Train one network by full-batch gradient descent and record its trajectory.
 
     At each of the T + 1 times k = 0 .. T (before the update of step k) the forward and
@@ -366,12 +553,20 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
         Fold the pending updates before returning, so that ``weights.layers[l].Wd`` are the
         final dense matrices (``weights.W0`` / ``weights.W`` fold on access anyway). False saves
         the last fold when the weights are discarded.
+    objective : solvers.objective.Objective, optional
+        The loss, targets (P, C), batch schedule and weight decay (docs/theory.rst §7):
+        Delta(t) = ``objective.delta(t, f(t))`` and the step of :func:`gd_update_objective`.
+        None (or a plain objective with a readout of shape (N,)): squared error on ``y``, full
+        batch, no decay, by the original code path (bit-for-bit as before). The readout must
+        have C = ``objective.C`` outputs (shape (N,) for C = 1, else (N, C)).
 
     Returns
     -------
     dict with
         ``predictions`` (T+1, n), ``ntk`` (T+1, n, n), ``f0`` (n,) the raw initial output, and
         with ``record_kernels``: ``phi``, ``g`` (L, T+1, T+1, n, n), index l - 1 for layer l.
+        With a readout of shape (N, C): ``predictions`` (T+1, n, C), ``f0`` (n, C), ``ntk``
+        (T+1, n, C, n, C) and ``g`` (L, T+1, T+1, n, C, n, C).
 
     Raises
     ------
@@ -395,6 +590,22 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
         raise ValueError(f"fold_every must be a positive integer or None, got {fold_every!r}")
     L, N = weights.depth, weights.width
     T = int(steps)
+    if objective is not None:
+        if objective.P != P or objective.n != n or objective.steps < T:
+            raise ValueError(f"objective is for P={objective.P}, n={objective.n}, "
+                             f"steps={objective.steps}, but y has {P} targets, X {n} rows and "
+                             f"steps={T}; build it from the same problem")
+        if objective.C != weights.outputs or (objective.C >= 2) != (weights.w.ndim == 2):
+            raise ValueError(f"the readout has shape {weights.w.shape} but the objective has "
+                             f"C = {objective.C} outputs; draw the weights with "
+                             f"Weights.draw(..., outputs=C) for C >= 2 (None for C = 1)")
+        if not (objective.plain and weights.w.ndim == 1):
+            return _train_objective(X, weights, objective, activation=activation,
+                                    gamma0=gamma0, lr=lr, steps=T,
+                                    record_kernels=record_kernels, center=center,
+                                    fold_every=fold_every, fold_at_end=fold_at_end)
+    elif weights.w.ndim != 1:
+        raise ValueError("a readout of shape (N, C) needs objective= (targets of shape (P, C))")
     for m in weights.layers:
         k = fold_every if fold_every is not None else default_fold_every(*m.shape, P)
         # no buffer beyond what the run can fill
@@ -438,4 +649,78 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
     if record_kernels:
         out["phi"] = np.stack([two_time_kernels(phi_t[l]) for l in range(L)])
         out["g"] = np.stack([two_time_kernels(g_t[l]) for l in range(L)])
+    return out
+
+
+def _train_objective(X, weights: Weights, obj, *, activation, gamma0, lr, steps, record_kernels,
+                     center, fold_every, fold_at_end) -> dict:
+    """:func:`train` for any loss, C outputs, batches and weight decay (docs/theory.rst §7).
+
+    The same loop as the plain path with Delta(t) = ``obj.delta(t, f(t))`` and the step of
+    :func:`gd_update_objective`. Decay toward the initialisation keeps a copy of the initial
+    weights (theta_bar) and folds every step (:meth:`LowRank.decay`); decay toward zero only
+    rescales (the pending machinery is unchanged).
+    """
+    n, D = X.shape
+    P, C, T = obj.P, obj.C, steps
+    L, N = weights.depth, weights.width
+    multi = weights.w.ndim == 2
+    mask = obj.mask
+    # pending rank per step: the batch size (the rows with a possible Delta)
+    B = P if mask is None else max(1, int(mask[:T].sum(axis=1).max(initial=1)))
+    toward = None
+    decay = obj.a if obj.decays else 1.0
+    if obj.decays and obj.decay_to == "init":
+        weights.fold()
+        toward = ([m.Wd.copy() for m in weights.layers], weights.w.copy())
+    for m in weights.layers:
+        k = fold_every if fold_every is not None else default_fold_every(*m.shape, B)
+        if toward is not None:
+            k = 1                  # decay toward the initialisation folds every step
+        m.reserve(B * max(1, min(int(k), T)))
+    kx = X @ X.T / D
+    X_train = X[:P]
+
+    preds = np.empty((T + 1, n, C))
+    ntk = np.empty((T + 1, n, C, n, C))
+    if record_kernels:
+        phi_t = np.empty((L, T + 1, n, N))
+        g_t = np.empty((L, T + 1, n, C, N))
+    f0 = None
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(T + 1):
+            h, phi = forward(weights, X, activation)
+            f = output(weights, phi[L - 1], gamma0).reshape(n, C)
+            if k == 0:
+                f0 = f.copy()
+            if center:
+                f = f - f0
+            g = backward_outputs(weights, h, activation)
+            K = equal_time_ntk_outputs(kx, phi, g)
+            if not (np.all(np.isfinite(f)) and np.all(np.isfinite(K))):
+                raise FloatingPointError(
+                    f"network training diverged: non-finite output or NTK at step {k} of {T} "
+                    f"(width {N}, lr={lr}, gamma0={gamma0}); use a smaller lr or gamma0")
+            preds[k] = f
+            ntk[k] = K
+            if record_kernels:
+                for l in range(L):
+                    phi_t[l, k] = phi[l]
+                    g_t[l, k] = g[l]
+            if k < T:
+                delta = obj.delta(k, f)[:P]
+                rows = None if mask is None else np.flatnonzero(mask[k])
+                gd_update_objective(weights, X_train, delta, phi, g, lr, gamma0, rows=rows,
+                                    decay=decay, toward=toward)
+        if fold_at_end:
+            weights.fold()
+    if multi:
+        out = {"predictions": preds, "ntk": ntk, "f0": f0}
+    else:
+        out = {"predictions": preds[..., 0], "ntk": ntk[:, :, 0, :, 0], "f0": f0[:, 0]}
+    if record_kernels:
+        out["phi"] = np.stack([two_time_kernels(phi_t[l]) for l in range(L)])
+        gk = np.stack([two_time_kernels(g_t[l].reshape(T + 1, n * C, N)) for l in range(L)])
+        gk = gk.reshape(L, T + 1, T + 1, n, C, n, C)
+        out["g"] = gk if multi else gk[:, :, :, :, 0, :, 0]
     return out

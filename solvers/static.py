@@ -13,6 +13,17 @@ and, with the kernel frozen at K, gradient descent on the MSE loss in exact disc
 
 for every point (test points follow passively). On the training points this is
 f(t) = (I - (I - lr K_train)^t) y, stable iff lr < 2 / lambda_max(K_train).
+
+Beyond one squared-error output (docs/theory.rst §7, :func:`frozen_dynamics_objective`): the
+lazy NTK over (point, output) pairs is K_{mu c, nu c'} = delta_cc' K_{mu nu}, so C outputs
+decouple in the kernel and couple only through the loss, and with weight decay toward the
+initialisation (a = 1 - lr lambda), f - f(0) = K alpha with alpha(t+1) = a alpha(t) +
+lr Delta(t), i.e.
+
+    f(0) = 0,   f(t+1) = a f(t) + lr K[:, train] Delta(t),   Delta(t) = objective.delta(t, f(t))
+
+(a kernel machine trained by (sub)gradient descent: kernel ridge regression for the squared
+error, the soft-margin SVM for the hinge loss). Batches only mask Delta.
 """
 from __future__ import annotations
 
@@ -21,7 +32,7 @@ import numpy as np
 from . import gaussian
 
 __all__ = ["static_kernels", "frozen_dynamics", "frozen_dynamics_closed_form",
-           "stable_lr"]
+           "stable_lr", "frozen_dynamics_objective"]
 
 
 def static_kernels(activation: str, kx, depth: int, **quad) -> dict:
@@ -113,6 +124,51 @@ def frozen_dynamics(K, y, lr: float, steps: int, out=None) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         for t in range(steps):
             f[t + 1] = f[t] + drive @ (y - f[t, :P])
+    return f
+
+
+def frozen_dynamics_objective(K, objective, out=None) -> np.ndarray:
+    """Frozen-kernel dynamics for any loss, C outputs, batches and weight decay toward the
+    initialisation, in exact discrete time (module docstring; docs/theory.rst §7).
+
+    Parameters
+    ----------
+    K : array (n, n)
+        NTK over all points (the P training points first); the outputs share it
+        (K_{mu c, nu c'} = delta_cc' K_{mu nu}).
+    objective : solvers.objective.Objective
+        Loss, targets (P, C), batch schedule, lr and a = 1 - lr lambda. Weight decay toward
+        zero is not a frozen-kernel problem (the initial weights shrink, so the kernel moves
+        even as gamma0 -> 0) and raises ValueError.
+    out : array (T+1, n, C), optional
+
+    Returns
+    -------
+    f : array (T+1, n, C)
+        f(0) = 0, f(t+1) = a f(t) + lr K[:, :P] Delta(t). Unstable steps may overflow to inf
+        (the caller decides).
+    """
+    obj = objective
+    if obj.decays and obj.decay_to == "zero":
+        raise ValueError("weight decay toward zero shrinks the initial weights, so the kernel "
+                         "moves even as gamma0 -> 0: not a frozen-kernel problem; use "
+                         "method='mc' or dmft.simulate, or decay_to='init'")
+    K = np.asarray(K, dtype=np.float64)
+    n, P, T = K.shape[0], obj.P, obj.steps
+    if obj.n != n:
+        raise ValueError(f"objective is for n = {obj.n} points but K is {n} x {n}")
+    f = np.empty((T + 1, n, obj.C)) if out is None else out
+    f[0] = 0.0
+    drive = obj.lr * K[:, :P]
+    a = obj.a
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(T):
+            d = obj.delta(t, f[t])[:P]
+            f[t + 1] = drive @ d
+            if a != 1.0:
+                f[t + 1] += a * f[t]
+            else:
+                f[t + 1] += f[t]
     return f
 
 

@@ -14,14 +14,20 @@ t = 0 .. T-1 that drive the updates. One module per route:
 - :mod:`solvers.fluct.deep_linear`: deep linear networks, exact (PyTorch);
 - :mod:`solvers.fluct.deep_mc`: deep nonlinear networks, sampled (PyTorch).
 """
-from .lazy import lazy_delta, lazy_propagator, linear_lazy_moments, sampled_lazy_moments
+from .lazy import (lazy_delta, lazy_propagator, lazy_propagator_objective, lazy_trajectory,
+                   linear_lazy_moments, linear_lazy_moments_multi, sampled_lazy_moments,
+                   sampled_lazy_moments_multi)
 from .linear_exact import linear_exact_fluctuations, linear_moments_march
 from .propagator import (accumulate_response, accumulate_response_jit, default_chunk,
-                         influence_moments, two_layer_propagator)
-from .two_layer import draw_units, march, population_march, triu_index, unit_observables
+                         influence_moments, objective_propagator, two_layer_propagator)
+from .two_layer import (draw_units, draw_units_multi, march, march_multi, population_march,
+                        population_march_objective, triu_index, unit_observables,
+                        unit_observables_multi)
 
 __all__ = ["draw_units", "march", "population_march", "unit_observables", "accumulate_response",
            "accumulate_response_jit", "influence_moments", "two_layer_propagator",
            "lazy_propagator", "linear_lazy_moments", "sampled_lazy_moments",
            "linear_moments_march", "linear_exact_fluctuations", "triu_index", "default_chunk",
-           "lazy_delta"]
+           "lazy_delta", "draw_units_multi", "march_multi", "population_march_objective",
+           "unit_observables_multi", "objective_propagator", "lazy_propagator_objective",
+           "lazy_trajectory", "linear_lazy_moments_multi", "sampled_lazy_moments_multi"]

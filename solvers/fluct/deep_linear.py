@@ -154,8 +154,122 @@ def _march(torch, kx_flat, y, L, g0, lr, n, P, T1, E, center, iters, responses=T
             "delta": delta}
 
 
+def _error_signal(torch, loss, F, Y):
+    """Delta = -d loss / d F (solvers.objective.error_signal) in PyTorch, differentiable."""
+    if loss == "mse":
+        return Y - F
+    if loss == "cross_entropy":
+        return Y - torch.softmax(F, dim=-1)
+    if loss == "logistic":
+        return Y * torch.sigmoid(-Y * F)
+    raise ValueError(f"loss={loss!r} is not differentiable here; the deep-linear propagator "
+                     f"handles 'mse', 'cross_entropy' and 'logistic'")
+
+
+def _march_objective(torch, kx_flat, Y, L, g0, lr, n, P, T1, E, center, iters, responses,
+                     loss, mask, a, decay_to):
+    """:func:`_march` for any objective (docs/theory.rst §7): C outputs (the backward index
+    is the flattened (t, c), t-major, of size T1 C), the loss through its error signal,
+    batches (``mask`` (T, P) or None), weight decay (a = 1 - lr lambda; memory terms
+    lr Delta(s) -> lr a^(t-1-s) Delta(s); toward zero also the initial-weight channel
+    scaled by a^t: sources and the responses to them, h = a^t [u + g0 a^{l-1} z] + memory,
+    z = a^t [r + g0 b^l h] + memory, with a^l, b^l the responses to the raw sources).
+
+    Noise blocks: "hh" (m, m), "zz" (T1 C, T1 C), "hz" (m, T1 C), "a" (m, T1 C),
+    "b" (T1 C, m). Returns as :func:`_march` with f (T1, n, C), ntk (T1, n, C, n, C).
+    """
+    C = Y.shape[1]
+    m, Tc = n * T1, T1 * C
+    dt = torch.float64
+    eyeTc = torch.eye(Tc, dtype=dt)
+    eyem = torch.eye(m, dtype=dt)
+    tt = np.arange(T1)
+    dec = np.where(tt[:, None] > tt[None, :],
+                   float(a) ** np.maximum(tt[:, None] - 1 - tt[None, :], 0), 0.0)
+    strict = torch.tensor((tt[:, None] > tt[None, :]).astype(np.float64))
+    lower = torch.tensor((tt[:, None] >= tt[None, :]).astype(np.float64))
+    dec = torch.tensor(dec)
+    # masks in the (t, mu) x (s, c) and (t, c) x (s, alpha) layouts
+    lower_m_T = lower.repeat_interleave(n, 0).repeat_interleave(C, 1)
+    dec_m_T = dec.repeat_interleave(n, 0).repeat_interleave(C, 1)
+    strict_T_m = strict.repeat_interleave(C, 0).repeat_interleave(n, 1)
+    dec_T_m = dec.repeat_interleave(C, 0).repeat_interleave(n, 1)
+    lam = float(a) ** tt if (decay_to == "zero" and a != 1.0) else np.ones(T1)
+    lam_m = torch.tensor(np.repeat(lam, n))
+    lam_T = torch.tensor(np.repeat(lam, C))
+    Phi0 = torch.tensor(np.array(kx_flat, dtype=np.float64))
+    Yv = torch.tensor(np.array(Y, dtype=np.float64))
+    bmask = torch.ones(T1, P, 1, dtype=dt)
+    if mask is not None:
+        bmask[:T1 - 1] = torch.tensor(np.asarray(mask, dtype=np.float64))[:, :, None]
+    Phi = [Phi0.clone() for _ in range(L)]
+    eyeC = torch.eye(C, dtype=dt)
+    G_top = torch.ones(T1, T1, dtype=dt).repeat_interleave(C, 0).repeat_interleave(C, 1) \
+        * eyeC.repeat(T1, T1)                                           # delta_cc'
+    G = [G_top.clone() for _ in range(L + 1)]
+    a_r = [torch.zeros(m, Tc, dtype=dt) for _ in range(L + 1)]
+    b_r = [torch.zeros(Tc, m, dtype=dt) for _ in range(L + 1)]
+    X = [torch.zeros(m, Tc, dtype=dt) for _ in range(L + 1)]
+    delta = (Yv[None] * bmask).expand(T1, P, C).clone()
+    f = torch.zeros(T1, n, C, dtype=dt)
+    idx_t = torch.arange(T1)
+    R = [None] * L
+    for it in range(iters):
+        delta = delta * (idx_t[:, None, None] <= it).to(dt)
+        dfull = torch.zeros(T1, n, C, dtype=dt)
+        dfull[:, :P] = delta
+        for l in range(1, L + 1):
+            Pm = Phi0 if l == 1 else Phi[l - 2]
+            Gp = G[l]
+            # c[(t,mu),(s,c)] = a^t a^{l-1} + lr a^(t-1-s) sum_al Phi^{l-1}[(t,mu),(s,al)] D_al,c(s)
+            cterm = torch.einsum("isa,sac->isc", Pm.reshape(m, T1, n), dfull).reshape(m, Tc)
+            c = lam_m[:, None] * (a_r[l - 1] * lower_m_T) + lr * cterm * dec_m_T
+            # d[(t,c),(s,al)] = a^t b^l + lr a^(t-1-s) sum_c' G^{l+1}[(t,c),(s,c')] D_al,c'(s)
+            dterm = torch.einsum("isd,sad->isa", Gp.reshape(Tc, T1, C), dfull).reshape(Tc, m)
+            d = (lam_T[:, None] * b_r[l] + lr * dterm * dec_T_m) * strict_T_m
+            mt = torch.linalg.inv(eyeTc - g0 * g0 * (d @ c))
+            M = eyem + g0 * g0 * (c @ mt @ d)
+            Hu, Hr = M * lam_m[None, :], g0 * (M @ c) * lam_T[None, :]
+            Zu, Zr = g0 * (mt @ d) * lam_m[None, :], mt * lam_T[None, :]
+            El = E[l - 1]
+            Phi[l - 1] = Hu @ Pm @ Hu.T + Hr @ Gp @ Hr.T + El["hh"]
+            G[l - 1] = Zu @ Pm @ Zu.T + Zr @ Gp @ Zr.T + El["zz"]
+            X[l] = Hu @ Pm @ Zu.T + Hr @ Gp @ Zr.T + El["hz"]
+            a_r[l] = Hr / g0
+            b_r[l - 1] = Zu / g0
+            if responses:
+                a_r[l] = a_r[l] + El["a"] / g0
+                b_r[l - 1] = b_r[l - 1] + El["b"] / g0
+            R[l - 1] = torch.cat([torch.cat([Hu, Hr], 1), torch.cat([Zu, Zr], 1)], 0)
+        XL = X[L].reshape(T1, n, T1, C)
+        f = XL[idx_t, :, idx_t, :] / g0
+        fc = f - f[:1] if center else f
+        delta = _error_signal(torch, loss, fc[:, :P], Yv[None]) * bmask
+    fc = f - f[:1] if center else f
+    # equal-time NTK: K_{mu c, nu c'} = sum_{l=0}^{L} G^{l+1}_{cc'}(t,t) Phi^l_{mu nu}(t,t)
+    kxt = equal_time(Phi0, T1, n)
+
+    def gtt(Gl):
+        return Gl.reshape(T1, C, T1, C)[idx_t, :, idx_t, :]
+
+    ntk = gtt(G[0])[:, None, :, None, :] * kxt[:, :, None, :, None]
+    for l in range(1, L + 1):
+        Gl1 = gtt(G[l]) if l < L else eyeC.expand(T1, C, C)
+        Pl = equal_time(Phi[l - 1], T1, n)
+        ntk = ntk + Gl1[:, None, :, None, :] * Pl[:, :, None, :, None]
+    S = []
+    for l in range(1, L + 1):
+        top = torch.cat([Phi[l - 1], X[l]], 1)
+        bot = torch.cat([X[l].T, G[l - 1]], 1)
+        Sv = torch.cat([top, bot], 0)
+        Rl = R[l - 1]
+        Z = torch.zeros_like(Sv)
+        S.append(torch.cat([torch.cat([Sv, Rl], 1), torch.cat([Rl.T, Z], 1)], 0))
+    return {"f": fc, "f_raw": f, "ntk": ntk, "Phi": Phi, "G": G[:L], "S": S, "delta": delta}
+
+
 def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk=True,
-                           iters=None, responses=True):
+                           iters=None, responses=True, objective=None):
     """Exact O(1/N) covariances of a deep linear network (module docstring).
 
     Parameters
@@ -172,13 +286,24 @@ def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk
     responses : bool
         Include the noise of the response order parameters (default; set False only to see
         what it contributes: without it the result is wrong, see the module docstring).
+    objective : solvers.objective.Objective, optional
+        Any objective of docs/theory.rst §7 (C outputs; mse, cross-entropy or logistic loss;
+        weight decay toward the initialisation or zero; batches): :func:`_march_objective`.
+        ``y`` is then ignored (the objective's targets are used). None or a plain objective:
+        the original march (numbers unchanged).
 
     Returns
     -------
     dict with ``f`` (T+1, n) and ``ntk_mean`` (T+1, n, n) at infinite width, ``cov``
     (T+1, T+1, n, n) two-time N Cov(f), ``pred_cov`` (T+1, n, n), ``ntk_var`` (T+1, n, n) or
-    None, ``residual`` (the fixed point's last change, a convergence check).
+    None, ``residual`` (the fixed point's last change, a convergence check). With a
+    non-plain ``objective`` every point index is the flattened (point, output) pair
+    I = mu C + c: ``f`` (T+1, n C), ``ntk_mean`` and ``ntk_var`` (T+1, n C, n C), ``cov``
+    (T+1, T+1, n C, n C).
     """
+    if objective is not None and not objective.plain:
+        return _deep_linear_objective(kx, objective, depth, gamma0, lr, steps, center=center,
+                                      ntk=ntk, iters=iters, responses=responses)
     torch = _torch()
     kx = np.asarray(kx, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -225,6 +350,54 @@ def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk
     return res
 
 
+def _deep_linear_objective(kx, obj, depth, gamma0, lr, steps, *, center, ntk, iters,
+                           responses):
+    """:func:`deep_linear_propagator` for a non-plain objective (:func:`_march_objective`)."""
+    torch = _torch()
+    kx = np.asarray(kx, dtype=np.float64)
+    Y = np.asarray(obj.Y, dtype=np.float64)
+    n, P, C, L, T1 = kx.shape[0], obj.P, obj.C, int(depth), int(steps) + 1
+    m, Tc, nC = n * T1, T1 * C, n * C
+    if iters is None:
+        iters = T1 + L + 2
+    kx_flat = _expand_kx(kx, T1)
+    args = (obj.loss, obj.mask, obj.a, obj.decay_to)
+    nthreads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        E = [_noise_leaves(torch, m, Tc) for _ in range(L)]
+        out = _march_objective(torch, kx_flat, Y, L, gamma0, lr, n, P, T1, E, center, iters,
+                               responses, *args)
+        with torch.no_grad():
+            Ez = [{k: torch.zeros_like(e) for k, e in El.items()} for El in E]
+            ref = _march_objective(torch, kx_flat, Y, L, gamma0, lr, n, P, T1, Ez, center,
+                                   iters + 2, responses, *args)
+            residual = max(float((ref["f"] - out["f"]).abs().max()),
+                           float((ref["ntk"] - out["ntk"]).abs().max()))
+        iu = np.triu_indices(nC)
+        S = [s.detach().numpy() for s in out["S"]]
+        cov, _ = _contract(torch, out["f"].reshape(-1), E, S, full=True, fast_trace=True)
+        ntk_flat = out["ntk"].reshape(T1, nC, nC)
+        if ntk:
+            _, ntk_v = _contract(torch, ntk_flat[:, iu[0], iu[1]].reshape(-1), E, S,
+                                 full=False, fast_trace=True)
+        f_inf = out["f"].detach().numpy().reshape(T1, nC)
+        ntk_inf = ntk_flat.detach().numpy()
+    finally:
+        torch.set_num_threads(nthreads)
+    cf = two_time(cov, T1, nC)
+    res = {"f": f_inf, "ntk_mean": ntk_inf, "cov": cf,
+           "pred_cov": np.ascontiguousarray(cf[np.arange(T1), np.arange(T1)]),
+           "residual": residual, "ntk_var": None}
+    if ntk:
+        v = ntk_v.reshape(T1, iu[0].size)
+        var = np.empty((T1, nC, nC))
+        var[:, iu[0], iu[1]] = v
+        var[:, iu[1], iu[0]] = v
+        res["ntk_var"] = var
+    return res
+
+
 def _noise_leaves(torch, m, T1):
     shapes = {"hh": (m, m), "zz": (T1, T1), "hz": (m, T1), "a": (m, T1), "b": (T1, m)}
     return {k: torch.zeros(*sh, dtype=torch.float64, requires_grad=True)
@@ -245,7 +418,7 @@ def _assemble(grads, B, m, T1):
     return 0.5 * (J + J.transpose(0, 2, 1))
 
 
-def _contract(torch, obs, E, S, full, batch=32):
+def _contract(torch, obs, E, S, full, batch=32, fast_trace=False):
     """N Cov of the observables ``obs`` (a 1-d tensor built from the noises E):
     sum_l 2 tr(J_i S_l J_j S_l) with J = d obs / d E^l symmetrised (Isserlis / Wick).
 
@@ -268,7 +441,11 @@ def _contract(torch, obs, E, S, full, batch=32):
                 continue
             J = _assemble(gl, hi - lo, m, T1)
             Y = J @ S[l]
-            var[lo:hi] += 2.0 * np.einsum("iab,iba->i", Y, Y, optimize=True)
+            if fast_trace:
+                # tr(Y_i Y_i) elementwise: d^2 per observable, not a batched d^3 product
+                var[lo:hi] += 2.0 * np.sum(Y * Y.transpose(0, 2, 1), axis=(1, 2))
+            else:   # the original problem: the original arithmetic (bit-identical numbers)
+                var[lo:hi] += 2.0 * np.einsum("iab,iba->i", Y, Y, optimize=True)
             if full:
                 Ys[l].append(Y)
     cov = None

@@ -125,3 +125,140 @@ def lazy_delta(K, y, lr, steps):
         delta[t] = d
         d = d - lr * KPP @ d
     return delta
+
+
+# --------------------------------------------------------------------------------------------
+# beyond one squared-error output (docs/theory.rst §7): C outputs, any smooth loss, weight
+# decay toward the initialisation, batches. Every point index is the flattened (point,
+# output) pair I = mu C + c (training pairs first).
+# --------------------------------------------------------------------------------------------
+def linear_lazy_moments_multi(kx, C, gamma0=None):
+    """:func:`linear_lazy_moments` with C outputs: k_{mu c, nu c'} = kx_{mu nu} w_c w_c'
+    + delta_{cc'} u_mu u_nu, so (Isserlis)
+
+        N Cov(k_{IJ}, k_{KL}) = kx_{mn} kx_{ab} (d_cd d_c'd' + d_cd' d_c'd)
+                                + d_cc' d_dd' (kx_ma kx_nb + kx_mb kx_na)
+
+    for I = (m, c), J = (n, c'), K = (a, d), L = (b, d'); N Cov f(0) = d_cd kx / gamma0^2.
+    Returns (kappa_f0 (nC, nC) or None, kappa_K (nC, nC, nC, nC))."""
+    n = kx.shape[0]
+    e = np.eye(C)
+    ww = np.einsum("cd,ef->cedf", e, e) + np.einsum("cf,ed->cedf", e, e)     # (c,c',d,d')
+    kk = np.einsum("mn,ab->mnab", kx, kx)
+    part1 = np.einsum("mnab,cedf->mcneadbf", kk, ww)
+    uu = np.einsum("ma,nb->mnab", kx, kx) + np.einsum("mb,na->mnab", kx, kx)
+    part2 = np.einsum("mnab,ce,df->mcneadbf", uu, e, e)
+    kK = (part1 + part2).reshape(n * C, n * C, n * C, n * C)
+    kf = None if gamma0 is None else np.kron(kx, e) / gamma0 ** 2
+    return kf, kK
+
+
+def sampled_lazy_moments_multi(activation, u, w0, kx, gamma0=None, blocks=10):
+    """:func:`sampled_lazy_moments` with C outputs (w0 of shape (S, C)): per-unit
+    k_{mu c, nu c'} = kx_{mu nu} g_{mu c} g_{nu c'} + delta_{cc'} phi_mu phi_nu."""
+    S, n = u.shape
+    C = w0.shape[1]
+    nC = n * C
+    eye = np.eye(C)
+    kxx = np.kron(kx, np.ones((C, C)))
+
+    def moments(uu, ww):
+        m = uu.shape[0]
+        ph = apply(activation, uu, 0)
+        g = (apply(activation, uu, 1)[:, :, None] * ww[:, None, :]).reshape(m, nC)
+        pp = (ph[:, :, None, None, None] * ph[:, None, None, :, None]
+              * eye[None, None, :, None, :]).reshape(m, nC, nC)
+        k = (kxx * g[:, :, None] * g[:, None, :] + pp).reshape(m, nC * nC)
+        kc = k - k.mean(0)
+        out = {"mean_K": k.mean(0).reshape(nC, nC),
+               "kappa_K": (kc.T @ kc / (m - 1)).reshape(nC, nC, nC, nC), "kappa_f0": None}
+        if gamma0 is not None:
+            O = (ph[:, :, None] * ww[:, None, :]).reshape(m, nC) / gamma0
+            out["kappa_f0"] = np.cov(O, rowvar=False).reshape(nC, nC)
+        return out
+
+    res = moments(u, w0)
+    bounds = np.linspace(0, S, blocks + 1).astype(int)
+    res["blocks"] = [moments(u[a:b], w0[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return res
+
+
+def lazy_trajectory(K, objective):
+    """Frozen-kernel dynamics for any objective (docs/theory.rst §7): f(t) = K[:, train]
+    alpha(t) (f(0) = 0 at infinite width), alpha(t+1) = a alpha(t) + lr Delta(t).
+
+    Parameters
+    ----------
+    K : (n C, n C) static NTK over (point, output) pairs; objective : solvers.objective.Objective
+        (decay toward the initialisation only).
+
+    Returns
+    -------
+    dict with ``alpha`` (T+1, P C), ``delta`` (T, P, C), ``jac`` (T, P, C, C) (the loss
+    Jacobian at f(t), zero off-batch), ``f`` (T+1, n C).
+    """
+    obj = objective
+    T, P, C = obj.steps, obj.P, obj.C
+    KP = K[:, :P * C]
+    alpha = np.zeros((T + 1, P * C))
+    f = np.zeros((T + 1, K.shape[0]))
+    delta = np.empty((T, P, C))
+    jac = np.empty((T, P, C, C))
+    for t in range(T):
+        Ft = f[t, :P * C].reshape(P, C)
+        delta[t] = obj.delta(t, Ft)[:P]
+        jac[t] = obj.jacobian(t, Ft)
+        alpha[t + 1] = obj.a * alpha[t] + obj.lr * delta[t].reshape(-1)
+        f[t + 1] = KP @ alpha[t + 1]
+    return {"alpha": alpha, "delta": delta, "jac": jac, "f": f}
+
+
+def lazy_propagator_objective(K, alpha, jac, a, lr, kappa_K, kappa_f0=None):
+    """O(1/N) fluctuations of the frozen-kernel dynamics for any objective (docs/theory.rst
+    §5, §7): with f(t) = f(0) + K[:, train] alpha(t), alpha(t+1) = a alpha(t) + lr Delta(t),
+
+        delta f(t) = delta f(0) + delta K[:, train] alpha(t) + K[:, train] delta alpha(t)
+        delta alpha(t+1) = a delta alpha(t) + lr D(t) delta f_train(t),   D = jac,
+
+    with delta f(0) (kappa_f0) independent of delta K (kappa_K). For mse, C = 1, a = 1 this
+    is :func:`lazy_propagator`.
+
+    Parameters
+    ----------
+    K : (nC, nC); alpha : (T+1, PC); jac : (T, P, C, C); a, lr : float;
+    kappa_K : (nC, nC, nC, nC); kappa_f0 : (nC, nC) or None.
+
+    Returns
+    -------
+    dict with ``cov`` (T+1, T+1, nC, nC), ``pred_cov`` (T+1, nC, nC), ``ntk_var``
+    (T+1, nC, nC) (constant).
+    """
+    T, P, C, _ = jac.shape
+    nC = K.shape[0]
+    p = P * C
+    KP = K[:, :p]
+    D = np.zeros((T, p, p))
+    for al in range(P):
+        D[:, al * C:(al + 1) * C, al * C:(al + 1) * C] = jac[:, al]
+    Ra0 = np.zeros((p, nC))            # d alpha(t) / d f(0)
+    RaK = np.zeros((p, nC, p))         # d alpha(t) / d K_{J, B}, B over training pairs
+    Rf0 = np.empty((T + 1, nC, nC))
+    RfK = np.empty((T + 1, nC, nC, p))
+    eye = np.eye(nC)
+    for t in range(T + 1):
+        Rf0[t] = eye + KP @ Ra0
+        RfK[t] = eye[:, :, None] * alpha[t][None, None, :] + np.einsum("ib,bjc->ijc", KP, RaK)
+        if t == T:
+            break
+        Ra0 = a * Ra0 + lr * D[t] @ Rf0[t, :p]
+        RaK = a * RaK + lr * np.einsum("ab,bjc->ajc", D[t], RfK[t, :p])
+    R = RfK.reshape(T + 1, nC, nC * p)
+    kK = kappa_K[:, :p, :, :p].reshape(nC * p, nC * p)
+    cov = np.einsum("tia,ab,sjb->tsij", R, kK, R, optimize=True)
+    if kappa_f0 is not None:
+        cov += np.einsum("tia,ab,sjb->tsij", Rf0, kappa_f0, Rf0, optimize=True)
+    T1 = T + 1
+    ntk_var = np.empty((T1, nC, nC))
+    ntk_var[:] = np.einsum("ijij->ij", kappa_K)
+    return {"cov": cov, "pred_cov": np.ascontiguousarray(cov[np.arange(T1), np.arange(T1)]),
+            "ntk_var": ntk_var}

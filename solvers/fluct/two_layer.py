@@ -168,3 +168,169 @@ def population_march(activation, u, w0, kx, y, gamma0, lr, steps, center=False,
     if center:
         f = f - f00
     return {"f": f, "f_stderr": f_se, "delta": delta, "ntk": ntk}
+
+
+# --------------------------------------------------------------------------------------------
+# beyond one squared-error output (docs/theory.rst §7): C outputs, weight decay, any Delta
+# --------------------------------------------------------------------------------------------
+def draw_units_multi(kx: np.ndarray, samples: int, outputs: int, rng: np.random.Generator):
+    """Like :func:`draw_units` with C = ``outputs`` readout weights per unit: u (S, n),
+    w0 (S, C) i.i.d. N(0, 1) (the same draw order: first u's normals, then w0's)."""
+    xi = rng.standard_normal((samples, kx.shape[0]))
+    w0 = rng.standard_normal((samples, int(outputs)))
+    return xi @ eig_factor(kx).T, w0
+
+
+def decay_step(x, x0, a: float, decay_to: str):
+    """The weight-decay part of one step of a field linear in the weights (in place):
+    x <- a x + (1 - a) x0 toward the initialisation, x <- a x toward zero
+    (docs/theory.rst §7; a = 1 - lr lambda)."""
+    if a == 1.0:
+        return x
+    x *= a
+    if decay_to == "init":
+        x += (1.0 - a) * x0
+    return x
+
+
+def march_multi(activation: str, u, w0, kx, delta, c, a: float = 1.0, decay_to: str = "init"):
+    """March S single-site samples of a two-layer network with C outputs under a given Delta.
+
+    docs/theory.rst §7 with L = 1 (the finite network's per-unit update): with
+    q_al = sum_c Delta_{al c}(t) w_c(t),
+
+        h_mu(t+1) = D[h_mu](t) + c sum_al kx_{mu al} phi'(h_al(t)) q_al
+        w_c(t+1)  = D[w_c](t)  + c sum_al Delta_{al c}(t) phi(h_al(t))
+
+    where D is the weight decay (:func:`decay_step`; the identity without it).
+
+    Parameters
+    ----------
+    u : (S, n); w0 : (S, C); kx : (n, n); delta : (T, P, C); c : lr * gamma0;
+    a : float
+        1 - lr lambda.
+    decay_to : {"init", "zero"}
+
+    Returns
+    -------
+    h : (S, T+1, n), w : (S, T+1, C)
+    """
+    u = np.asarray(u, dtype=np.float64)
+    w0 = np.asarray(w0, dtype=np.float64)
+    S, n = u.shape
+    T, P, C = delta.shape
+    kxP = np.asarray(kx)[:, :P]
+    H = np.empty((S, T + 1, n))
+    W = np.empty((S, T + 1, C))
+    H[:, 0] = u
+    W[:, 0] = w0
+    for t in range(T):
+        h, w = H[:, t], W[:, t]
+        hP = h[:, :P]
+        q = w @ delta[t].T                                    # (S, P)
+        hn = h.copy()
+        wn = w.copy()
+        decay_step(hn, u, a, decay_to)
+        decay_step(wn, w0, a, decay_to)
+        hn += c * (apply(activation, hP, 1) * q) @ kxP.T
+        wn += c * apply(activation, hP, 0) @ delta[t]
+        H[:, t + 1] = hn
+        W[:, t + 1] = wn
+    return H, W
+
+
+def ntk_multi_index(n: int, C: int):
+    """Upper-triangle indices (I <= J) of the (n C, n C) NTK over (point, output) pairs,
+    I = mu C + c."""
+    return np.triu_indices(n * C)
+
+
+def unit_observables_multi(activation, h, w, kx, gamma0, center=False, iu=None):
+    """Per-unit prediction and NTK with C outputs (docs/theory.rst §7).
+
+    Parameters
+    ----------
+    h : (S, T+1, n); w : (S, T+1, C)
+    iu : index arrays into the (n C, n C) NTK, default :func:`ntk_multi_index`.
+
+    Returns
+    -------
+    O : (S, T+1, n C)
+        w_c phi(h_mu) / gamma0 at I = mu C + c (minus its t = 0 value when ``center``).
+    k : (S, T+1, m)
+        kx_{mu nu} g_{mu c} g_{nu c'} + delta_{c c'} phi_mu phi_nu, g_{mu c} = phi'(h_mu) w_c.
+    """
+    S, T1, n = h.shape
+    C = w.shape[2]
+    if iu is None:
+        iu = ntk_multi_index(n, C)
+    ph = apply(activation, h, 0)
+    g = (apply(activation, h, 1)[:, :, :, None] * w[:, :, None, :]).reshape(S, T1, n * C)
+    O = (ph[:, :, :, None] * w[:, :, None, :]).reshape(S, T1, n * C) / gamma0
+    if center:
+        O = O - O[:, :1]
+    i, j = iu
+    mi, ci = np.divmod(i, C)
+    mj, cj = np.divmod(j, C)
+    same = (ci == cj).astype(np.float64)
+    k = kx[mi, mj] * g[:, :, i] * g[:, :, j] + same * ph[:, :, mi] * ph[:, :, mj]
+    return O, k
+
+
+def population_march_objective(activation, u, w0, kx, objective, gamma0, center=False,
+                               antithetic=False):
+    """:func:`population_march` for any objective (docs/theory.rst §7): C outputs, any loss,
+    weight decay, batches. ``objective`` is a :class:`solvers.objective.Objective`; Delta(t)
+    = objective.delta(t, f_train(t)) (centred: f - f(0)).
+
+    Returns
+    -------
+    dict with ``f`` (T+1, n, C), ``f_stderr`` (T+1, n, C), ``delta`` (T, P, C), ``ntk``
+    (T+1, n, C, n, C) (population mean of the per-unit NTK).
+    """
+    u = np.asarray(u, dtype=np.float64)
+    w0 = np.asarray(w0, dtype=np.float64)
+    S, n = u.shape
+    obj = objective
+    T, P, C = obj.steps, obj.P, obj.C
+    c = obj.lr * gamma0
+    a = obj.a
+    kx = np.asarray(kx, dtype=np.float64)
+    kxP = kx[:, :P]
+    h, w = u.copy(), w0.copy()
+    f = np.empty((T + 1, n, C))
+    f_se = np.empty((T + 1, n, C))
+    ntk = np.empty((T + 1, n, C, n, C))
+    delta = np.empty((T, P, C))
+    half = S // 2
+    eyeC = np.eye(C)
+
+    def reduce(x):
+        if antithetic:
+            x = 0.5 * (x[:half] + x[half:])
+        return x.mean(axis=0), x.std(axis=0, ddof=1) / np.sqrt(x.shape[0])
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(T + 1):
+            ph = apply(activation, h, 0)
+            dph = apply(activation, h, 1)
+            O = ph[:, :, None] * w[:, None, :] / gamma0
+            f[t], f_se[t] = reduce(O)
+            g = (dph[:, :, None] * w[:, None, :]).reshape(S, n * C)
+            ntk[t] = (np.repeat(np.repeat(kx, C, 0), C, 1) * (g.T @ g) / S).reshape(
+                n, C, n, C) + (ph.T @ ph / S)[:, None, :, None] * eyeC[None, :, None, :]
+            if not (np.all(np.isfinite(f[t])) and np.all(np.isfinite(ntk[t]))):
+                raise FloatingPointError(f"the single-site fields diverged at step {t}")
+            if t == T:
+                break
+            ft = f[t] - (f[0] if center else 0.0)
+            delta[t] = obj.delta(t, ft)[:P]
+            q = w @ delta[t].T
+            hn = decay_step(h.copy(), u, a, obj.decay_to)
+            wn = decay_step(w.copy(), w0, a, obj.decay_to)
+            hn += c * (dph[:, :P] * q) @ kxP.T
+            wn += c * ph[:, :P] @ delta[t]
+            h, w = hn, wn
+    if center:
+        f = f - f[:1]
+    return {"f": f, "f_stderr": f_se, "delta": delta, "ntk": ntk}

@@ -1,6 +1,9 @@
 """Leading-order perturbation theory in gamma0^2 around the lazy dynamics (docs/theory.rst §4).
 
-Deep linear networks (:func:`linear_expansion`, exact and deterministic), two-layer networks
+Deep linear networks (:func:`linear_expansion`, exact and deterministic; with C outputs,
+smooth losses, mini-batches and weight decay toward the initialisation
+:func:`objective_linear_expansion`, docs/theory.rst §7; for two-layer networks
+:func:`objective_two_layer_expansion`), two-layer networks
 with a smooth activation (:func:`two_layer_expansion`, Gaussian expectations at t = 0 by Monte
 Carlo and Richardson extrapolation; derivation in its module) and deep networks
 with a smooth activation (:func:`deep_expansion`, order-by-order Taylor jets of the single-site
@@ -20,8 +23,9 @@ for deep nonlinear networks, its checks), and the shared pieces in
 from ..layout import two_time as flat_to_two_time
 from .core import evaluate, lazy_dynamics
 from .deep import deep_expansion, gaussian_moments
-from .deep_linear import linear_expansion
-from .two_layer import two_layer_expansion
+from .deep_linear import linear_expansion, objective_linear_expansion
+from .two_layer import objective_two_layer_expansion, two_layer_expansion
 
-__all__ = ["lazy_dynamics", "linear_expansion", "evaluate", "flat_to_two_time",
-           "two_layer_expansion", "deep_expansion", "gaussian_moments"]
+__all__ = ["lazy_dynamics", "linear_expansion", "objective_linear_expansion", "evaluate",
+           "flat_to_two_time", "two_layer_expansion", "objective_two_layer_expansion",
+           "deep_expansion", "gaussian_moments"]

@@ -7,7 +7,8 @@ import numpy as np
 
 from ..layout import causal_mask
 
-__all__ = ["lazy_dynamics", "causal_drive", "second_order_predictions", "evaluate"]
+__all__ = ["lazy_dynamics", "causal_drive", "second_order_predictions", "evaluate",
+           "decay_factor", "objective_lazy_dynamics", "objective_second_order"]
 
 
 def lazy_dynamics(K0: np.ndarray, y: np.ndarray, lr: float, T: int):
@@ -79,3 +80,55 @@ def evaluate(expansion: dict, kx: np.ndarray, gamma0: float) -> dict:
     g = g0[:, None, None] + e2 * expansion["g2"]
     return {"f": expansion["f0"] + e2 * expansion["f2"],
             "ntk": expansion["ntk0"] + e2 * expansion["ntk2"], "phi": phi, "g": g}
+
+
+# ------------------------------------------------------------------------------------------
+# docs/theory.rst §7: the same two pieces for C outputs, any loss, batches, decay to the init
+# ------------------------------------------------------------------------------------------
+def decay_factor(objective) -> float:
+    """a = 1 - lr lambda of weight decay toward the initialisation (1 without decay);
+    ValueError for decay toward zero, which these expansions do not cover."""
+    if not objective.decays:
+        return 1.0
+    if objective.decay_to != "init":
+        raise ValueError("the perturbative expansions cover weight decay toward the "
+                         "initialisation only (decay_to='init')")
+    return float(objective.a)
+
+
+def objective_lazy_dynamics(K0: np.ndarray, lr: float, T: int, objective):
+    """Lazy dynamics f(t+1) = a f(t) + lr K0 Delta(t), f(0) = 0, with the objective's error
+    signal (``solvers.objective.Objective``: loss, targets (P, C), batches, a).
+
+    Returns ``f`` (T+1, n, C) and ``delta`` (T+1, n, C); ``delta[T]`` is the full-batch error
+    signal at the last step (it drives nothing).
+    """
+    from ..objective import error_signal
+    n, C, P = K0.shape[0], objective.C, objective.P
+    a = decay_factor(objective)
+    f = np.zeros((T + 1, n, C))
+    delta = np.zeros((T + 1, n, C))
+    for t in range(T):
+        delta[t] = objective.delta(t, f[t])
+        f[t + 1] = a * f[t] + lr * K0 @ delta[t]
+    delta[T, :P] = error_signal(objective.loss, f[T, :P], objective.Y)
+    return f, delta
+
+
+def objective_second_order(source2: np.ndarray, K0: np.ndarray, lr: float, objective, f0):
+    """f2(t) = S2(t) + lr sum_{s<t} a^(t-1-s) K0 Delta2(s), Delta2(s) = J(s) f2(s) on the
+    training points with J = d Delta / d f at f0 (``objective.jacobian``, zero off the batch);
+    S2, f0 (T+1, n, C). Returns (f2, delta2), each (T+1, n, C)."""
+    T1, n, C = source2.shape
+    P, a = objective.P, decay_factor(objective)
+    f2 = np.zeros((T1, n, C))
+    delta2 = np.zeros((T1, n, C))
+    acc = np.zeros((n, C))                       # sum_{s<t} a^(t-1-s) K0 Delta2(s)
+    for t in range(T1):
+        if t > 0:
+            acc = a * acc + lr * K0 @ delta2[t - 1]
+            f2[t] = source2[t] + acc
+        if t < T1 - 1:
+            J = objective.jacobian(t, f0[t])
+            delta2[t, :P] = np.einsum("pcd,pd->pc", J, f2[t, :P])
+    return f2, delta2

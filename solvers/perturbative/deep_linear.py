@@ -62,8 +62,9 @@ import numpy as np
 
 from ..layout import two_time
 from .core import causal_drive as _causal, lazy_dynamics, second_order_predictions
+from .core import decay_factor, objective_lazy_dynamics, objective_second_order
 
-__all__ = ["linear_expansion"]
+__all__ = ["linear_expansion", "objective_linear_expansion"]
 
 
 def linear_expansion(kx: np.ndarray, y: np.ndarray, L: int, lr: float, T: int) -> dict:
@@ -148,3 +149,132 @@ def linear_expansion(kx: np.ndarray, y: np.ndarray, L: int, lr: float, T: int) -
     ntk0 = np.broadcast_to(K0, (T1, n, n)).copy()
     return {"f0": f0, "f2": f2, "delta0": delta0, "delta2": delta2, "ntk0": ntk0,
             "ntk2": ntk2, "phi2": phi2, "g2": g2, "source2": source2}
+
+
+# ------------------------------------------------------------------------------------------
+# docs/theory.rst §7: C outputs, any smooth loss, mini-batches, weight decay toward the init
+# ------------------------------------------------------------------------------------------
+def objective_linear_expansion(kx: np.ndarray, L: int, lr: float, T: int, objective) -> dict:
+    """The expansion of :func:`linear_expansion` for the problems of docs/theory.rst §7.
+
+    Derivation. The module docstring's argument holds with an output index on every backward
+    quantity: flatten the forward index I = (t, mu) (N = n (T+1)) and the backward index
+    J = (t, mu, c) (N C entries, output fastest). G^{L+1}_{mu c, nu c'} = delta_{cc'}, so the
+    order-0 backward kernel is G0 = 1 (x) I_C; the memory drives become rectangular,
+
+        C^l  = A^{l-1} + lr tril[Phi^{l-1} . Delta]   (N x NC): [(t mu), (s a c)] entry
+               lr w(t,s) Phi^{l-1}_{mu a}(t,s) Delta_{a c}(s),
+        D^l  = B^l + lr tril[G^{l+1} . Delta]         (NC x N): [(t mu c), (s a)] entry
+               lr w(t,s) sum_{c'} G^{l+1}_{mu c, a c'}(t,s) Delta_{a c'}(s),
+
+    with w(t,s) = a^(t-1-s) for s < t (weight decay toward the initialisation, a = 1 - lr
+    lambda; 1 without decay) and Delta the error signal of any loss, zero off the batch
+    (``objective.delta``). The order-0 and order-gamma0^2 recursions of the module docstring
+    then hold verbatim with 1 -> G0 (C0^l = l E, D0^l = (L+1-l) F, E = drive(K^x),
+    F = drive(G0)), and f_{mu c}(t) = X[(t mu c), (t mu)]. The lazy dynamics are
+    f0(t+1) = a f0(t) + lr K0 Delta0(t) with K0 = (L+1) K^x per output. The loss enters the
+    second order only through its Jacobian J = d Delta / d f at f0 (``objective.jacobian``):
+    Delta(f0 + gamma0^2 f2) = Delta0 + gamma0^2 J f2 + O(gamma0^4), so
+
+        f2(t) = S2(t) + lr sum_{s<t} a^(t-1-s) K0 Delta2(s),   Delta2(s) = J(s) f2(s) (train).
+
+    For one squared-error output, full batch, no decay this is :func:`linear_expansion`
+    (tested to 1e-12). The hinge loss has no Jacobian where y f0 crosses 1 (the map f -> Delta
+    jumps), and decay toward zero rescales the sources (docs/theory.rst §7): neither is
+    expanded here.
+
+    Parameters
+    ----------
+    kx : array (n, n)
+    L, lr, T : int, float, int
+    objective : solvers.objective.Objective
+        Loss, targets (P, C), batch mask and the decay factor ``a`` (``decay_to="init"``).
+
+    Returns
+    -------
+    dict
+        ``f0``, ``f2``, ``delta0``, ``delta2`` (T+1, n, C); ``ntk0``, ``ntk2``
+        (T+1, n, C, n, C); ``phi2`` (L, T+1, T+1, n, n); ``g2`` (L, T+1, T+1, n, C, n, C);
+        ``g0`` (1, n, C, n, C) the order-0 backward kernel; ``source2`` (T+1, n, C).
+        ``delta0[T]`` is the full-batch error signal at the last step (it drives nothing).
+    """
+    kx = np.asarray(kx, dtype=float)
+    n, T1, C = kx.shape[0], T + 1, objective.C
+    N = n * T1
+    a = decay_factor(objective)
+    K0 = (L + 1) * kx
+    f0, delta0 = objective_lazy_dynamics(K0, lr, T, objective)
+
+    s = np.arange(T1)
+    W = np.where(s[:, None] > s[None, :],
+                 a ** np.maximum(s[:, None] - 1 - s[None, :], 0).astype(float), 0.0)
+    D = delta0.copy()
+    D[T] = 0.0                                   # never enters (s < t <= T)
+
+    def drive_c(K):                              # (N, N) -> (N, N C)
+        K4 = K.reshape(T1, n, T1, n)
+        out = lr * np.einsum("ts,tmsa,sac->tmsac", W, K4, D)
+        return out.reshape(N, N * C)
+
+    def drive_d(K):                              # (N C, N C) -> (N C, N)
+        K6 = K.reshape(T1, n, C, T1, n, C)
+        out = lr * np.einsum("ts,tmcsad,sad->tmcsa", W, K6, D)
+        return out.reshape(N * C, N)
+
+    KX = np.tile(kx, (T1, T1))
+    G0 = np.kron(np.ones((N, N)), np.eye(C))
+    E, F = drive_c(KX), drive_d(G0)
+    C0 = [None] + [l * E for l in range(1, L + 1)]
+    D0 = [None] + [(L + 1 - l) * F for l in range(1, L + 1)]
+    CD = [None] + [C0[l] @ D0[l] for l in range(1, L + 1)]          # (N, N)
+    DC = [None] + [D0[l] @ C0[l] for l in range(1, L + 1)]          # (NC, NC)
+
+    Phi2 = [np.zeros((N, N))]
+    for l in range(1, L + 1):
+        x = CD[l] @ KX
+        Phi2.append(Phi2[l - 1] + x + x.T + C0[l] @ G0 @ C0[l].T)
+    G2 = {L + 1: np.zeros((N * C, N * C))}
+    for l in range(L, 0, -1):
+        x = DC[l] @ G0
+        G2[l] = G2[l + 1] + x + x.T + D0[l] @ KX @ D0[l].T
+
+    A2 = np.zeros((N, N * C))
+    C2 = [None] * (L + 1)
+    for l in range(1, L + 1):
+        C2[l] = A2 + drive_c(Phi2[l - 1])
+        A2 = C2[l] + CD[l] @ C0[l]
+    B2 = np.zeros((N * C, N))
+    D2 = [None] * (L + 2)
+    for l in range(L, 0, -1):
+        D2[l] = B2 + drive_d(G2[l + 1])
+        B2 = D2[l] + DC[l] @ D0[l]
+
+    X0 = D0[L] @ KX + G0 @ C0[L].T                                  # (NC, N)
+    X2 = (D2[L] @ KX + D0[L] @ Phi2[L - 1] + G0 @ C2[L].T
+          + DC[L] @ X0 + X0 @ CD[L].T)
+    ti, mi = np.meshgrid(np.arange(T1), np.arange(n), indexing="ij")
+
+    def diag(X):                                 # (NC, N) -> (T+1, n, C)
+        return X.reshape(T1, n, C, T1, n)[ti, mi, :, ti, mi]
+
+    source2 = diag(X2).copy()
+    if not np.allclose(diag(X0), f0, rtol=1e-10, atol=1e-10 * (1 + np.abs(f0).max())):
+        raise RuntimeError("internal check failed: the order-0 matrix form disagrees with the "
+                           "lazy dynamics")
+
+    f2, delta2 = objective_second_order(source2, K0, lr, objective, f0)
+
+    phi2 = np.stack([two_time(Phi2[l], T1, n) for l in range(1, L + 1)])
+    g2 = np.stack([G2[l].reshape(T1, n, C, T1, n, C).transpose(0, 3, 1, 2, 4, 5)
+                   for l in range(1, L + 1)])
+    g0 = np.einsum("mn,cd->mcnd", np.ones((n, n)), np.eye(C))[None]
+    ntk2 = np.zeros((T1, n, C, n, C))
+    eye = np.eye(C)
+    for l in range(0, L + 1):
+        ntk2 += np.einsum("tmn,cd->tmcnd", two_time(Phi2[l], T1, n)[s, s], eye)
+        if l + 1 <= L:
+            gl = G2[l + 1].reshape(T1, n, C, T1, n, C)[s, :, :, s]   # (T1, n, C, n, C)
+            ntk2 += gl * kx[None, :, None, :, None]
+    ntk0 = np.broadcast_to(np.einsum("mn,cd->mcnd", K0, eye), (T1, n, C, n, C)).copy()
+    return {"f0": f0, "f2": f2, "delta0": delta0, "delta2": delta2, "ntk0": ntk0,
+            "ntk2": ntk2, "phi2": phi2, "g2": g2, "g0": g0, "source2": source2}

@@ -23,9 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..activations import apply
-from .core import lazy_dynamics, second_order_predictions
+from .core import (decay_factor, lazy_dynamics, objective_lazy_dynamics,
+                   objective_second_order, second_order_predictions)
 
-__all__ = ["two_layer_expansion"]
+__all__ = ["two_layer_expansion", "objective_two_layer_expansion"]
 
 
 def _two_layer_march(u, r, kx, delta0, gamma0, lr, act):
@@ -132,3 +133,118 @@ def _block_means(x, blocks):
     return np.stack([np.concatenate([x[:, a:b], x[:, half + a:half + b]], axis=1).mean(axis=1)
                      for a, b in zip(edges[:-1], edges[1:])])
 
+
+
+# ------------------------------------------------------------------------------------------
+# docs/theory.rst §7: C outputs, any smooth loss, mini-batches, weight decay toward the init
+# ------------------------------------------------------------------------------------------
+def _objective_march(u, r, kx, delta0, gamma0, lr, act, a):
+    """The march of :func:`_two_layer_march` with C readouts and weight decay toward the
+    initialisation: u (S, n), r (S, C), delta0 (T+1, n, C).
+
+        h(t+1) = u + a (h(t) - u) + gamma0 lr K^x [sum_c Delta0_c(t) . phi'(h(t)) w_c(t)]
+        w(t+1) = r + a (w(t) - r) + gamma0 lr Delta0(t)^T phi(h(t))
+
+    (W(t+1) - W(0) = a (W(t) - W(0)) - lr gradient, exact for the two-layer single site).
+    Returns ``ph`` (T+1, S, n), ``g`` (T+1, S, n, C) = phi'(h) w_c and ``w`` (T+1, S, C).
+    """
+    T1 = delta0.shape[0]
+    S, n = u.shape
+    C = r.shape[1]
+    h, w = u.copy(), r.copy()
+    ph = np.empty((T1, S, n))
+    g = np.empty((T1, S, n, C))
+    ws = np.empty((T1, S, C))
+    for t in range(T1):
+        ph[t] = apply(act, h)
+        g[t] = apply(act, h, 1)[:, :, None] * w[:, None, :]
+        ws[t] = w
+        if t + 1 < T1:
+            dh = gamma0 * lr * np.einsum("snc,nc->sn", g[t], delta0[t]) @ kx
+            dw = gamma0 * lr * ph[t] @ delta0[t]
+            if a == 1.0:
+                h, w = h + dh, w + dw
+            else:
+                h, w = u + a * (h - u) + dh, r + a * (w - r) + dw
+    return ph, g, ws
+
+
+def objective_two_layer_expansion(kx, K0, act: str, lr: float, T: int, xi, objective,
+                                  eps: float = 0.02, blocks: int = 8) -> dict:
+    """:func:`two_layer_expansion` for the problems of docs/theory.rst §7.
+
+    The argument of the module docstring holds with C readouts w_c (sources r ~ N(0, I_C)):
+    the pairing (u, r) <-> (u, -r) keeps <w_c phi(h)> odd and <phi phi^T>, <g_c g_c'^T> even in
+    gamma0; the memory terms carry a^(t-1-s) (weight decay toward the initialisation, in the
+    march as W(t+1) - W(0) = a (W(t) - W(0)) - lr gradient); the error signal Delta0 is the
+    lazy one of the objective (any loss, zero off the batch); the second order sees the loss
+    through its Jacobian (:func:`solvers.perturbative.core.objective_second_order`). The NTK
+    over (point, output) pairs is K_{mu c, nu c'} = G_{mu c, nu c'} K^x_{mu nu} +
+    delta_{cc'} Phi_{mu nu}.
+
+    Parameters
+    ----------
+    kx, K0 : arrays (n, n)
+        Input kernel and static NTK over train + test points.
+    act : str
+        Smooth activation ("tanh", "erf", "linear").
+    lr, T : float, int
+    xi : array (S, n + C)
+        Standard normal draws: u = chol(kx) xi[:, :n], r = xi[:, n:], each with (u, -r).
+    objective : solvers.objective.Objective
+    eps, blocks : as in :func:`two_layer_expansion`.
+
+    Returns
+    -------
+    dict
+        ``f0``, ``f2``, ``delta0``, ``delta2``, ``source2``, ``source2_se``, ``a1``
+        (T+1, n, C); ``ntk0``, ``ntk2`` (T+1, n, C, n, C); ``phi2`` (1, T+1, T+1, n, n);
+        ``g2`` (1, T+1, T+1, n, C, n, C).
+    """
+    kx = np.asarray(kx, float)
+    n, T1, C = kx.shape[0], T + 1, objective.C
+    a = decay_factor(objective)
+    f0, delta0 = objective_lazy_dynamics(K0, lr, T, objective)
+    chol = np.linalg.cholesky(kx + 1e-12 * np.trace(kx) / n * np.eye(n))
+    u1 = xi[:, :n] @ chol.T
+    u = np.concatenate([u1, u1])
+    r = np.concatenate([xi[:, n:n + C], -xi[:, n:n + C]])
+    S = len(r)
+
+    def gram(x):
+        """(T+1, S, m) -> (T+1, T+1, m, m): sum_s x[t, s, a] x[u, s, b] / S (one GEMM)."""
+        m = x.shape[2]
+        X = x.transpose(0, 2, 1).reshape(T1 * m, S)
+        return (X @ X.T / S).reshape(T1, m, T1, m).transpose(0, 2, 1, 3)
+
+    def gg(g):                                   # (T+1, S, n, C) -> (T+1, T+1, n, C, n, C)
+        return gram(g.reshape(T1, S, n * C)).reshape(T1, T1, n, C, n, C)
+
+    odd, even_phi, even_g = [], [], []
+    for k in (1, 2, 3):
+        ph, g, ws = _objective_march(u, r, kx, delta0, k * eps, lr, act, a)
+        prod = (ws[:, :, None, :] * ph[:, :, :, None]).reshape(T1, S, n * C)
+        odd.append(_block_means(prod, blocks).reshape(blocks, T1, n, C))
+        even_phi.append(gram(ph))
+        even_g.append(gg(g))
+    ph0, g0, _ = _objective_march(u, r, kx, delta0, 0.0, lr, act, a)
+    phi_0 = gram(ph0)
+    g_0 = gg(g0)
+
+    V = np.array([[k * eps, (k * eps) ** 3, (k * eps) ** 5] for k in (1, 2, 3)])
+    coef = np.einsum("ik,kbtnc->ibtnc", np.linalg.inv(V), np.stack(odd))
+    a1, a3 = coef[0].mean(0), coef[1].mean(0)
+    a3_se = coef[1].std(0, ddof=1) / np.sqrt(blocks)
+    Wi = np.linalg.inv(np.array([[(k * eps) ** 2, (k * eps) ** 4] for k in (1, 2)]))
+    phi2 = Wi[0, 0] * (even_phi[0] - phi_0) + Wi[0, 1] * (even_phi[1] - phi_0)
+    g2 = Wi[0, 0] * (even_g[0] - g_0) + Wi[0, 1] * (even_g[1] - g_0)
+
+    f2, delta2 = objective_second_order(a3, K0, lr, objective, f0)
+    idx = np.arange(T1)
+    eye = np.eye(C)
+    ntk2 = (np.einsum("tmn,cd->tmcnd", phi2[idx, idx], eye)
+            + g2[idx, idx] * kx[None, :, None, :, None])
+    ntk0 = np.broadcast_to(np.einsum("mn,cd->mcnd", K0, eye), (T1, n, C, n, C)).copy()
+    return {"f0": f0, "f2": f2, "delta0": delta0, "delta2": delta2, "source2": a3,
+            "source2_se": a3_se, "ntk0": ntk0, "ntk2": ntk2, "phi2": phi2[None],
+            "g2": g2[None], "a1": a1}
