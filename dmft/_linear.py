@@ -43,6 +43,24 @@ def _positive(hint):
     return check
 
 
+def _nan_after(t0: int, *responses) -> None:
+    """NaN every entry of the two-time responses (L-1, T1, T1, ...) at times >= t0 (the
+    march diverged there)."""
+    for X in responses:
+        X[:, t0:] = np.nan
+        X[:, :, t0:] = np.nan
+
+
+def _phi_two_time(res: dict, L: int, T1: int, n: int) -> np.ndarray:
+    """Phi^l(t, s) as (L, T1, T1, n, n) from the march's flat kernels (each freed after
+    use: the flat and two-time forms are not held together)."""
+    phi = np.empty((L, T1, T1, n, n))
+    for l in range(L):
+        phi[l] = _engine.two_time(res["Phi"][l], T1, n)
+        res["Phi"][l] = None
+    return phi
+
+
 @dataclass(frozen=True)
 class LinearOptions(Options):
     """Options of ``method="linear"`` (see :func:`solve_linear`)."""
@@ -216,14 +234,8 @@ class Linear(Method, name="linear", options=LinearOptions):
             B = np.empty((L - 1, T1, T1, n, n))
             B[...] = b[:, :, :, None, :]
             if diverged:
-                t0 = res["diverged_at"]
-                for X in (A, B):
-                    X[:, t0:] = np.nan
-                    X[:, :, t0:] = np.nan
-        phi = np.empty((L, T1, T1, n, n))
-        for l in range(L):
-            phi[l] = _engine.two_time(res["Phi"][l], T1, n)
-            res["Phi"][l] = None
+                _nan_after(res["diverged_at"], A, B)
+        phi = _phi_two_time(res, L, T1, n)
         g = np.empty((L, T1, T1, n, n))
         g[...] = res["G"][:, :, :, None, None]
         f = res["f"]
@@ -302,14 +314,8 @@ class Linear(Method, name="linear", options=LinearOptions):
             B = _engine.two_time(Bflat, T1, n)
             del Aflat, Bflat
             if diverged:
-                t0 = res["diverged_at"]
-                for X in (A, B):
-                    X[:, t0:] = np.nan
-                    X[:, :, t0:] = np.nan
-        phi = np.empty((L, T1, T1, n, n))
-        for l in range(L):
-            phi[l] = _engine.two_time(res["Phi"][l], T1, n)
-            res["Phi"][l] = None
+                _nan_after(res["diverged_at"], A, B)
+        phi = _phi_two_time(res, L, T1, n)
         Gr = res["G"].reshape(L, T1, C, T1, C).transpose(0, 1, 3, 2, 4)   # (L, t, s, c, c')
         f = res["f"]
         if multi:

@@ -515,6 +515,14 @@ def two_time_kernels(features: np.ndarray) -> np.ndarray:
     return two_time(K, T1, n)
 
 
+
+def _check_step(f, K, k, T, N, lr, gamma0) -> None:
+    """FloatingPointError naming the step where the output or the NTK stopped being finite."""
+    if not (np.all(np.isfinite(f)) and np.all(np.isfinite(K))):
+        raise FloatingPointError(
+            f"network training diverged: non-finite output or NTK at step {k} of {T} "
+            f"(width {N}, lr={lr}, gamma0={gamma0}); use a smaller lr or gamma0")
+
 def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, gamma0: float,
           lr: float, steps: int, record_kernels: bool = False, center: bool = False,
           fold_every: int | None = None, fold_at_end: bool = True, objective=None) -> dict:
@@ -631,10 +639,7 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
                 f = f - f0
             g = backward(weights, h, activation)
             K = equal_time_ntk(kx, phi, g)
-            if not (np.all(np.isfinite(f)) and np.all(np.isfinite(K))):
-                raise FloatingPointError(
-                    f"network training diverged: non-finite output or NTK at step {k} of {T} "
-                    f"(width {N}, lr={lr}, gamma0={gamma0}); use a smaller lr or gamma0")
+            _check_step(f, K, k, T, N, lr, gamma0)
             preds[k] = f
             ntk[k] = K
             if record_kernels:
@@ -697,10 +702,7 @@ def _train_objective(X, weights: Weights, obj, *, activation, gamma0, lr, steps,
                 f = f - f0
             g = backward_outputs(weights, h, activation)
             K = equal_time_ntk_outputs(kx, phi, g)
-            if not (np.all(np.isfinite(f)) and np.all(np.isfinite(K))):
-                raise FloatingPointError(
-                    f"network training diverged: non-finite output or NTK at step {k} of {T} "
-                    f"(width {N}, lr={lr}, gamma0={gamma0}); use a smaller lr or gamma0")
+            _check_step(f, K, k, T, N, lr, gamma0)
             preds[k] = f
             ntk[k] = K
             if record_kernels:

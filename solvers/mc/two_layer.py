@@ -358,6 +358,19 @@ def two_layer_sources(kx, samples: int, seed, replicates: int = 1, sampler: str 
     return u, w0
 
 
+def _kernel_subset(S: int, B: int, kernel_samples):
+    """The samples the two-time kernels are estimated from: ``(idx, ks, kblocks)``. With
+    ``B >= 2`` replicates the same number of antithetic pairs from every replicate (kernel
+    blocks = replicates), else the first ``ks`` samples in up to 8 blocks."""
+    ks = S if kernel_samples is None else min(S, 2 * (int(kernel_samples) // 2))
+    if B >= 2 and ks >= 2 * B:
+        kb = 2 * ((ks // 2) // B)
+        Sr = S // B
+        idx = (np.arange(B)[:, None] * Sr + np.arange(kb)[None, :]).reshape(-1)
+        return idx, kb * B, B
+    return np.arange(ks), ks, max(2, min(8, ks // 2))
+
+
 def solve_two_layer(kx, y, activation: str, gamma0: float, lr: float, steps: int, *,
                     samples: int, seed, kernel_samples: int | None = None, blocks: int = 8,
                     chunk: int = 2048, sampler: str = "sobol", bar=None) -> dict:
@@ -398,16 +411,7 @@ def solve_two_layer(kx, y, activation: str, gamma0: float, lr: float, steps: int
         K = full["phi_tt"][0] + full["g_tt"][0] * kx[None]
         res = {"f": f, "delta": full["delta"][0], "ntk": K, "samples": S,
                "f_se": np.zeros_like(f), "ntk_se": np.zeros_like(K)}
-    ks = S if kernel_samples is None else min(S, 2 * (int(kernel_samples) // 2))
-    if B >= 2 and ks >= 2 * B:
-        # the same number of pairs from every replicate: kernel blocks = replicates
-        kb = 2 * ((ks // 2) // B)
-        Sr = S // B
-        idx = (np.arange(B)[:, None] * Sr + np.arange(kb)[None, :]).reshape(-1)
-        ks, kblocks = kb * B, B
-    else:
-        idx = np.arange(ks)
-        kblocks = max(2, min(8, ks // 2))
+    idx, ks, kblocks = _kernel_subset(S, B, kernel_samples)
     ker = two_layer_kernels(kx, res["delta"], u[idx], w0[idx], gamma0, lr, activation,
                             chunk=chunk, blocks=kblocks)
     res.update(phi=ker["phi"], g=ker["g"], phi_se=ker["phi_se"], g_se=ker["g_se"],
@@ -734,15 +738,7 @@ def solve_two_layer_objective(kx, objective, activation: str, gamma0: float, lr:
     P = objective.P
     if objective.loss == "hinge":
         res.update(_margin_distance(objective, f, res["f_se"], steps))
-    ks = S if kernel_samples is None else min(S, 2 * (int(kernel_samples) // 2))
-    if B >= 2 and ks >= 2 * B:
-        kb = 2 * ((ks // 2) // B)
-        Sr = S // B
-        idx = (np.arange(B)[:, None] * Sr + np.arange(kb)[None, :]).reshape(-1)
-        ks, kblocks = kb * B, B
-    else:
-        idx = np.arange(ks)
-        kblocks = max(2, min(8, ks // 2))
+    idx, ks, kblocks = _kernel_subset(S, B, kernel_samples)
     ker = objective_kernels(kx, delta[:, :P], u[idx], w0[idx], gamma0, lr, activation,
                             objective.a, objective.decay_to, chunk=chunk, blocks=kblocks)
     res.update(phi=ker["phi"], g=ker["g"], phi_se=ker["phi_se"], g_se=ker["g_se"],
