@@ -10,6 +10,8 @@ Specifying a problem
 MLP               network: depth L (hidden layers) and activation ("linear", "tanh", "relu", "erf")
 Dataset           training points (X_train, y_train) and passive test points (X_test, y_test)
 GradientDescent   gamma0 (feature-learning strength), lr (step = time step), steps, loss="mse"
+                  (or cross_entropy, logistic, hinge, barlow_twins), weight decay, batches
+augment           augmentations for self-supervised views (Dataset.views / Dataset.augmented)
 
 Solving at infinite width
 -------------------------
@@ -38,6 +40,10 @@ Files and figures
 save, load        HDF5 round trip of Solution / Ensemble / Fluctuations (``sol.save(path)``)
 plot              quick-look figure of a result
 
+Representations (self-supervised training, docs/theory.rst §7)
+---------------------------------------------------------------
+cross_correlation, ntk_change, linear_probe   read-outs over time of any result
+
 Glossary (names follow the equations, docs/theory.rst)
 ------------------------------------------------
 L = depth, N = width, P / Q = number of train / test points, n = P + Q, T = steps,
@@ -57,6 +63,8 @@ from ._method import Method, Options, option
 from .api import METHODS, fluctuations, simulate, solve
 from .results import ConvergenceError, Ensemble, Fluctuations, Solution
 from .specs import MLP, Dataset, GradientDescent
+from . import augment
+from .representation import cross_correlation, linear_probe, ntk_change
 
 
 def __getattr__(name):
@@ -88,4 +96,4 @@ def plot(result, path=None, **kwargs):
 __all__ = ["MLP", "Dataset", "GradientDescent", "solve", "simulate", "fluctuations",
            "Solution", "Ensemble", "Fluctuations", "ConvergenceError", "METHODS",
            "save", "load", "plot", "enable_logging", "__version__", "Method", "Options",
-           "option"]
+           "option", "augment", "cross_correlation", "linear_probe", "ntk_change"]

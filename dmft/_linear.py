@@ -138,7 +138,7 @@ class Linear(Method, name="linear", options=LinearOptions):
 
     description = "deep linear networks: exact algebraic DMFT matrix equations (no sampling)"
     supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "decay_to_zero",
-                          "batches"})
+                          "batches", "barlow_twins", "output_offset"})
 
     def estimate(self, net, data, train, *, opts):
         """Memory: the march's flat kernels Phi^l (n T1)^2 (L of them), the global check
@@ -188,7 +188,7 @@ class Linear(Method, name="linear", options=LinearOptions):
         n, T1 = P + Q, T + 1
         kx = data.kx
         gamma0, lr = train.gamma0, train.lr
-        obj = Objective.from_specs(data, train)
+        obj = Objective.from_specs(data, train, net)
         if not obj.plain:
             return self._run_general(ctx, net, data, train, obj, opts)
 

@@ -435,7 +435,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             # docs/theory.rst §7: C outputs, any loss, weight decay and batches by the same
             # population march (solvers.mc.two_layer.solve_two_layer_objective); the plain
             # problem keeps its original engine (bit-for-bit)
-            objective = _Objective.from_specs(data, train)
+            objective = _Objective.from_specs(data, train, net)
             bar = ctx.bar(T, f"dmft {method} (two-layer march)", unit="step")
             try:
                 if objective.plain:
@@ -491,7 +491,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             limit = max_memory_gb * 1e9 if max_memory_gb is not None else ctx.memory_limit
             # docs/theory.rst §7: C outputs, any loss, weight decay and batches; the plain
             # problem keeps its original march (bit-for-bit)
-            deep_obj = _Objective.from_specs(data, train)
+            deep_obj = _Objective.from_specs(data, train, net)
             ckpt = state = None
             if opts.checkpoint is not None:
                 ckpt = _checkpoint.Checkpoint(

@@ -80,7 +80,8 @@ from .specs import check_positive_int
 
 __all__ = ["Options", "Method", "Run", "option", "parse_seed", "STATUSES",
            "positive_int", "int_at_least", "real_in", "boolean", "one_of", "is_callable",
-           "check_divergence", "DIVERGENCE_LOSS_FACTOR", "DIVERGENCE_NTK_FACTOR"]
+           "check_divergence", "apply_offset", "DIVERGENCE_LOSS_FACTOR",
+           "DIVERGENCE_NTK_FACTOR"]
 
 #: the training loss may grow to this multiple of its initial value before a result counts
 #: as diverged (a catapult at the edge of stability rises by ~10-100; see the module docstring)
@@ -324,6 +325,7 @@ class Method:
                  **options):
         if len(args) >= 3:
             check_features(self.label, self.supports, args[0], args[1], args[2])
+            check_start(self.label, args[2])
         opts = self.parse_options(options)
         ctx = Run(self.label, seed, progress)
         self.preflight(ctx, args, opts, memory_limit)
@@ -331,9 +333,10 @@ class Method:
         return self.finish(ctx, result, throw)
 
     def finish(self, ctx: Run, result, throw: bool):
-        """Apply the divergence rule (:func:`check_divergence`, to every result not already
-        "diverged"), set ``elapsed``, log, and raise or return a result that did not
-        converge."""
+        """Add the output offset (:func:`apply_offset`), apply the divergence rule
+        (:func:`check_divergence`, to every result not already "diverged"), set ``elapsed``,
+        log, and raise or return a result that did not converge."""
+        apply_offset(result)
         if result.status != "diverged":
             check_divergence(result, self.label)
         result.elapsed = ctx.elapsed
@@ -357,6 +360,8 @@ FEATURES = {
     "weight_decay": "weight decay toward the initialisation",
     "decay_to_zero": "weight decay toward zero",
     "batches": "mini-batches and online schedules (batch_size)",
+    "barlow_twins": "the Barlow Twins loss (couples all points and outputs)",
+    "output_offset": "an output offset (output_offset='nngp')",
 }
 
 
@@ -373,6 +378,10 @@ def features(data, train) -> set:
         need.add("decay_to_zero" if train.decay_to == "zero" else "weight_decay")
     if train.batch_size is not None:
         need.add("batches")
+    if train.loss == "barlow_twins":
+        need.add("barlow_twins")
+    if getattr(train, "output_offset", "none") != "none":
+        need.add("output_offset")
     return need
 
 
@@ -380,12 +389,54 @@ def check_features(label, supports, net, data, train) -> None:
     """ValueError naming what a method does not solve (and which methods do)."""
     if not hasattr(train, "loss") or not hasattr(data, "multi_output"):
         return
-    missing = sorted(features(data, train) - set(supports))
+    need = features(data, train)
+    missing = sorted(need - set(supports))
     if missing:
         what = "; ".join(FEATURES[m] for m in missing)
+        from .api import METHODS
+        able = [f"method={k!r}" for k, m in METHODS.items()
+                if k != "auto" and need <= set(getattr(m, "supports", ()))]
+        able.append("dmft.simulate")
         raise ValueError(
-            f"{label} does not solve {what}; use method='mc' or dmft.simulate (see "
-            f"docs/methods.rst for which method solves what), or change train / data")
+            f"{label} does not solve {what}; use {' or '.join(able)} (see docs/methods.rst "
+            f"for which method solves what), or change train / data")
+
+
+def apply_offset(result):
+    """Add the output offset f0 of ``train.output_offset`` (docs/theory.rst §7) to the
+    predictions of a Solution or Ensemble, once, in this one place: every method (and
+    simulate) marches its own output f, with f(0) = 0 at infinite width, and its objective adds
+    f0 inside the loss (:class:`solvers.objective.Objective`); the reported predictions are
+    f + f0, and ``extras["output_offset"]`` (n, C) keeps f0. Returns ``result``."""
+    train, data, net = (getattr(result, k, None) for k in ("train", "data", "net"))
+    if getattr(train, "output_offset", "none") == "none" \
+            or getattr(result, "train_predictions", None) is None \
+            or "output_offset" in getattr(result, "extras", {}):
+        return result
+    from solvers.objective import Objective
+    f0 = Objective.from_specs(data, train, net).offset
+    P = data.P
+    if data.multi_output:
+        tr, te = f0[:P], f0[P:]
+    else:
+        tr, te = f0[:P, 0], f0[P:, 0]
+    result.train_predictions = np.asarray(result.train_predictions) + tr
+    result.test_predictions = np.asarray(result.test_predictions) + te
+    result.extras["output_offset"] = np.array(f0)
+    return result
+
+
+def check_start(label, train) -> None:
+    """ValueError for Barlow Twins at infinite width without an output offset: f(0) = 0 there,
+    a stationary point of the loss (docs/theory.rst §7), so nothing would move."""
+    if getattr(train, "loss", None) == "barlow_twins" \
+            and getattr(train, "output_offset", "none") == "none":
+        raise ValueError(
+            f"{label}: Barlow Twins at infinite width starts at f(0) = 0, a stationary point of "
+            f"the loss (every gradient vanishes, and standardisation is undefined there); give "
+            f"the output an O(1) start with GradientDescent(..., output_offset='nngp') (a fixed "
+            f"draw of the NNGP added to the output, docs/theory.rst §7), or simulate networks "
+            f"in the NTK parameterisation (dmft.simulate(..., parameterization='ntk'))")
 
 
 def _stable_lr(ntk0, P):
@@ -420,7 +471,13 @@ def check_divergence(result, label="result"):
         with np.errstate(all="ignore"):
             f = np.concatenate([np.asarray(preds).reshape(-1),
                                 np.asarray(result.test_predictions).reshape(-1)])
-            loss = np.atleast_2d(_loss(np.asarray(preds), data.y_train, train.loss))
+            try:
+                loss = np.atleast_2d(_loss(np.asarray(preds), data.y_train, train.loss,
+                                           getattr(train, "loss_params", None)))
+            except FloatingPointError:      # Barlow Twins standardisation of a collapse
+                loss = np.full(np.asarray(preds).shape[:-2 if data.multi_output else -1],
+                               np.nan)
+                loss = np.atleast_2d(loss)
             S, T1 = loss.shape
             # the NTK as (S, T+1, n C, n C) over point-major (point, output) pairs
             K = np.asarray(ntk, dtype=np.float64).reshape(S, T1, -1)

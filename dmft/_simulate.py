@@ -132,7 +132,7 @@ class Simulate(Method):
         P, Q, L, T = data.P, data.Q, net.depth, train.steps
         n = P + Q
         S = seeds.size
-        obj = Objective.from_specs(data, train)
+        obj = Objective.from_specs(data, train, net)
         multi = bool(data.multi_output)
         C = data.C
         oc = (C,) if multi else ()                 # the output axis (C >= 2 only)

@@ -85,7 +85,8 @@ class Static(Method, name="static", options=StaticOptions):
 
     description = "frozen kernels at their t = 0 infinite-width values (static NTK / NNGP)"
     #: weight decay toward zero is not a frozen-kernel problem (module docstring)
-    supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "batches"})
+    supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "batches",
+                          "barlow_twins", "output_offset"})
 
     def __call__(self, *args, **kwargs):
         if len(args) >= 3:
@@ -127,7 +128,7 @@ class Static(Method, name="static", options=StaticOptions):
                                    "recursion); rescale the inputs X")
 
         eig = np.linalg.eigvalsh(K[:P, :P])
-        obj = Objective.from_specs(data, train)
+        obj = Objective.from_specs(data, train, net)
         a = obj.a
         # mse: f <- (a - lr K) f + ..., stable iff lr lambda_max < 1 + a (2 without decay);
         # the other losses have smaller curvature (softmax <= 1/2, logistic 1/4, hinge 0), so

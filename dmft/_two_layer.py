@@ -81,7 +81,7 @@ class TwoLayerMarch(Method, name="two-layer-march", options=TwoLayerMarchOptions
         half = max(1, samples // 2)
         rng = ctx.rng()
         kx = data.kx
-        obj = Objective.from_specs(data, train) if hasattr(train, "loss") else None
+        obj = Objective.from_specs(data, train, net) if hasattr(train, "loss") else None
         if obj is not None and not obj.plain:
             return self._run_objective(ctx, net, data, train, obj, half, kernel_samples, rng)
         u, w0 = _engine.draw_units(kx, half, rng)

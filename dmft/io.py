@@ -113,6 +113,8 @@ _EXTRA_DIMS = {
     "y_train": ("train_point",),
     "X_test": ("test_point", "input_dim"),
     "y_test": ("test_point",),
+    "labels_test": ("test_point",),
+    "output_offset": ("point", "output"),
     "f0": ("point",),
     "f_std": ("t", "point"),
     "predictions": ("t", "point"),
@@ -121,6 +123,8 @@ _EXTRA_DIMS = {
 _EXTRA_DIMS_OUTPUTS = {
     "y_train": ("train_point", "output"),
     "y_test": ("test_point", "output"),
+    "labels_test": ("test_point",),
+    "output_offset": ("point", "output"),
     "f0": ("point", "output"),
     "f_std": ("t", "point", "output"),
     "predictions": ("t", "point", "output"),
@@ -299,7 +303,9 @@ def _multi(data) -> bool:
 def _write_data(group, data: Dataset, scales, compression):
     g = group.create_group("data")
     g.attrs["P"], g.attrs["Q"], g.attrs["D"] = data.P, data.Q, data.D
-    for name in ("X_train", "y_train", "X_test", "y_test"):
+    if getattr(data, "paired", False):
+        g.attrs["paired"] = True
+    for name in ("X_train", "y_train", "X_test", "y_test", "labels_test"):
         arr = getattr(data, name)
         if arr is not None:
             scales.attach(_create_array(g, name, np.asarray(arr), compression),
@@ -545,8 +551,11 @@ def _read_mapping(tree) -> dict:
 
 
 def _read_data(tree) -> Dataset:
-    d = tree["groups"]["data"]["datasets"]
-    return Dataset(d["X_train"], d["y_train"], d["X_test"], d.get("y_test"))
+    g = tree["groups"]["data"]
+    d = g["datasets"]
+    paired = bool(g.get("attrs", {}).get("paired", False))
+    return Dataset(d["X_train"], d["y_train"], d["X_test"], d.get("y_test"),
+                   d.get("labels_test"), paired)
 
 
 def _read_specs(tree):

@@ -119,7 +119,8 @@ def _loss_se(sol, split):
     f = sol.train_predictions if split == "train" else sol.test_predictions
     C = sol.data.C
     f, se = np.asarray(f).reshape(f.shape[0], -1, C), np.asarray(se).reshape(f.shape[0], -1, C)
-    return np.sqrt(np.sum((error_signal(sol.train.loss, f, Y) * se) ** 2, axis=(-2, -1)))
+    return np.sqrt(np.sum((error_signal(sol.train.loss, f, Y, **sol.train.loss_params) * se) ** 2,
+                          axis=(-2, -1)))
 
 
 def _title(result):

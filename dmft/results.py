@@ -96,14 +96,14 @@ def dims(name: str, multi_output: bool = False) -> tuple:
     return DIMS[name]
 
 
-def _loss(f, y, loss: str = "mse"):
+def _loss(f, y, loss: str = "mse", params=None):
     """The loss of predictions f (..., P) or (..., P, C) against targets y (P,) or (P, C),
-    summed over points and outputs."""
+    summed over points and outputs (``params``: the loss's options, ``train.loss_params``)."""
     y = np.asarray(y, dtype=np.float64)
     f = np.asarray(f, dtype=np.float64)
     if y.ndim == 1:
         y, f = y[:, None], f[..., None]
-    return loss_value(loss, f, y)
+    return loss_value(loss, f, y, **(params or {}))
 
 
 def _accuracy(f, y):
@@ -153,18 +153,21 @@ class _Predictions(_Status):
     def train_loss(self) -> np.ndarray:
         """Training loss (``train.loss``, summed over all P training points and the outputs;
         e.g. sum_mu (f_mu - y_mu)^2 / 2), shape (T+1,), or (S, T+1) for an Ensemble."""
-        return _loss(self.train_predictions, self.data.y_train, self.train.loss)
+        return _loss(self.train_predictions, self.data.y_train, self.train.loss,
+                     getattr(self.train, "loss_params", None))
 
     @property
     def test_loss(self) -> np.ndarray | None:
         """Test loss like ``train_loss``, or None without ``y_test``."""
-        if self.data.y_test is None:
+        if self.data.y_test is None or self.train.loss == "barlow_twins":
             return None
         return _loss(self.test_predictions, self.data.y_test, self.train.loss)
 
     @property
     def classifies(self) -> bool:
         """Whether accuracies are defined: a classification loss, or mse with C >= 2."""
+        if self.train.loss == "barlow_twins":
+            return False
         return self.train.loss != "mse" or self.data.multi_output
 
     @property

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.activations import ACTIVATIONS
-from solvers.objective import DECAY_TO, LOSSES, SCHEDULES, batch_schedule, check_targets
+from solvers.objective import (DECAY_TO, LOSSES, OFFSETS, SCHEDULES, batch_schedule,
+                               check_targets)
 
 __all__ = ["MLP", "Dataset", "GradientDescent", "LOSSES"]
 
@@ -156,12 +157,22 @@ class Dataset:
         Test points: extra kernel indices with error signal zero (they never drive training).
     y_test : array (Q,) or (Q, C), optional
         Test targets; only used for ``test_loss`` and ``test_accuracy``.
+    labels_test : int array (Q,), optional
+        Class labels of the test points for a linear probe of the learned representation
+        (:func:`dmft.linear_probe`); self-supervised data (:meth:`views`) use them.
+    paired : bool
+        True for Barlow Twins data: the P training points are 2 M views, views A of M samples
+        first, then their views B in the same order (build with :meth:`views` or
+        :meth:`augmented`); ``y_train`` is then zeros (P, C) and only fixes C, the embedding
+        dimension.
     """
 
     X_train: np.ndarray
     y_train: np.ndarray
     X_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    labels_test: np.ndarray | None = None
+    paired: bool = False
 
     def __post_init__(self):
         X = _as_matrix("X_train", self.X_train)
@@ -186,6 +197,23 @@ class Dataset:
             if self.y_test is not None:
                 object.__setattr__(self, "y_test",
                                    _as_targets("y_test", self.y_test, Xt.shape[0], self.C))
+        if self.labels_test is not None:
+            lab = np.asarray(self.labels_test)
+            if lab.ndim != 1 or lab.shape[0] != self.Q or not (
+                    np.issubdtype(lab.dtype, np.integer)
+                    or (np.issubdtype(lab.dtype, np.floating) and np.all(lab == np.round(lab)))):
+                raise ValueError(f"labels_test must be {self.Q} integer class labels (one per "
+                                 f"test point), got dtype {lab.dtype} and shape {lab.shape}")
+            lab = lab.astype(np.int64)
+            lab.setflags(write=False)
+            object.__setattr__(self, "labels_test", lab)
+        if not isinstance(self.paired, (bool, np.bool_)):
+            raise ValueError(f"paired must be True or False, got {self.paired!r}")
+        object.__setattr__(self, "paired", bool(self.paired))
+        if self.paired and self.P % 2:
+            raise ValueError(f"paired=True needs an even number of training points (M samples "
+                             f"x 2 views), got P = {self.P}; build the data with "
+                             f"dmft.Dataset.views(X_a, X_b)")
 
     @classmethod
     def from_labels(cls, X_train, labels_train, X_test=None, labels_test=None,
@@ -207,7 +235,50 @@ class Dataset:
         Yt = None if labels_test is None else _one_hot("labels_test", labels_test, int(classes))
         return cls(X_train, Y, X_test, Yt)
 
+    @classmethod
+    def views(cls, X_a, X_b, dim: int = 2, X_test=None, labels_test=None) -> "Dataset":
+        """Self-supervised data: two views X_a, X_b (M, D) of the same M samples, row by row.
+
+        The training points are the 2 M views, A first (docs/theory.rst §7); ``dim`` is C, the
+        embedding dimension (outputs); ``X_test`` (Q, D) with ``labels_test`` (Q,) are passive
+        labelled points for the linear probe of the representation (:func:`dmft.linear_probe`).
+        Train with ``GradientDescent(loss="barlow_twins", ...)``.
+        """
+        A = _as_matrix("X_a", X_a)
+        B = _as_matrix("X_b", X_b)
+        if A.shape != B.shape:
+            raise ValueError(f"X_a and X_b must have the same shape (one row per sample, the "
+                             f"two views of a sample in the same row), got {A.shape} and "
+                             f"{B.shape}")
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1 (embedding dimension C), got "
+                             f"{dim!r}")
+        P = 2 * A.shape[0]
+        y = np.zeros(P) if dim == 1 else np.zeros((P, int(dim)))
+        return cls(np.concatenate([A, B]), y, X_test, None, labels_test, True)
+
+    @classmethod
+    def augmented(cls, X, augment, dim: int = 2, seed: int = 0, X_test=None,
+                  labels_test=None) -> "Dataset":
+        """Self-supervised data from samples X (M, D) and an augmentation: two views drawn
+        with ``numpy.random.default_rng(seed)`` (:mod:`dmft.augment`: ``gaussian_noise``,
+        ``random_mask``, ``shift``; any callable ``augment(X, rng) -> X'``), then
+        :meth:`views`."""
+        if not callable(augment):
+            raise ValueError(f"augment must be a callable augment(X, rng) -> X' (e.g. "
+                             f"dmft.augment.gaussian_noise(0.1)), got {augment!r}")
+        X = _as_matrix("X", X)
+        rng = np.random.default_rng(seed)
+        X_a = augment(X.copy(), rng)
+        X_b = augment(X.copy(), rng)
+        return cls.views(X_a, X_b, dim, X_test, labels_test)
+
     # sizes -------------------------------------------------------------------------------
+    @property
+    def M(self) -> int:
+        """Number of samples of self-supervised data (P / 2 views), else P."""
+        return self.P // 2 if self.paired else self.P
+
     @property
     def P(self) -> int:
         """Number of training points."""
@@ -262,13 +333,16 @@ class Dataset:
             if a is None or b is None:
                 return a is None and b is None
             return a.shape == b.shape and np.array_equal(a, b)
-        return all(same(getattr(self, f), getattr(other, f))
-                   for f in ("X_train", "y_train", "X_test", "y_test"))
+        return self.paired == other.paired and all(
+            same(getattr(self, f), getattr(other, f))
+            for f in ("X_train", "y_train", "X_test", "y_test", "labels_test"))
 
     __hash__ = None
 
     def __repr__(self):
         c = f", C={self.C}" if self.multi_output else ""
+        if self.paired:
+            c += f", views of M={self.M} samples"
         return (f"Dataset(P={self.P}, Q={self.Q}, D={self.D}{c}, "
                 f"y_test={'yes' if self.y_test is not None else 'no'})")
 
@@ -307,6 +381,22 @@ class GradientDescent:
     schedule : str
         ``"epochs"``: a fresh permutation each epoch cut into batches of B. ``"online"``:
         step t uses training points t B .. (t + 1) B - 1, each seen once (P >= steps * B).
+    off_diagonal : float
+        ``loss="barlow_twins"``: the weight lambda_off >= 0 of the off-diagonal
+        cross-correlation terms (default 1: L = ||C - I||_F^2).
+    standardize : bool
+        ``loss="barlow_twins"``: batch-standardise each view's embeddings over the samples,
+        per output, before the cross-correlation (default True, as in Barlow Twins).
+    output_offset : str
+        ``"none"`` (default) or ``"nngp"``: add a fixed function f0 to the output, a draw of
+        the network's NNGP kernel Phi^L over all points (independent over outputs; seed
+        ``offset_seed``, times ``offset_scale``), the same array in every method and network.
+        The O(1) initial output of the Barlow Twins rich regime: in this package's convention
+        f(0) -> 0 as N -> infinity, a stationary point of that loss (docs/theory.rst §7).
+    offset_scale : float
+        Multiplies the offset (> 0).
+    offset_seed : int
+        Seed of the offset draw.
     """
 
     gamma0: float = 1.0
@@ -318,6 +408,11 @@ class GradientDescent:
     batch_size: int | None = None
     batch_seed: int = 0
     schedule: str = "epochs"
+    off_diagonal: float = 1.0
+    standardize: bool = True
+    output_offset: str = "none"
+    offset_scale: float = 1.0
+    offset_seed: int = 0
 
     def __post_init__(self):
         if not _is_real(self.gamma0) or not np.isfinite(self.gamma0) or self.gamma0 < 0:
@@ -357,6 +452,27 @@ class GradientDescent:
         if self.schedule == "online" and self.batch_size is None:
             raise ValueError("schedule='online' draws fresh points each step: give batch_size "
                              "(points per step)")
+        od = self.off_diagonal
+        if not _is_real(od) or not np.isfinite(od) or od < 0:
+            raise ValueError(f"off_diagonal must be a finite number >= 0 (Barlow Twins weight "
+                             f"of the off-diagonal cross-correlations), got {od!r}")
+        object.__setattr__(self, "off_diagonal", float(od))
+        if not isinstance(self.standardize, (bool, np.bool_)):
+            raise ValueError(f"standardize must be True or False, got {self.standardize!r}")
+        object.__setattr__(self, "standardize", bool(self.standardize))
+        if self.output_offset not in OFFSETS:
+            raise ValueError(f"output_offset must be one of {OFFSETS} (a fixed NNGP draw added "
+                             f"to the output, or none), got {self.output_offset!r}")
+        sc = self.offset_scale
+        if not _is_real(sc) or not np.isfinite(sc) or sc <= 0:
+            raise ValueError(f"offset_scale must be a finite number > 0, got {sc!r}")
+        object.__setattr__(self, "offset_scale", float(sc))
+        if not _is_int(self.offset_seed) or self.offset_seed < 0:
+            raise ValueError(f"offset_seed must be an integer >= 0, got {self.offset_seed!r}")
+        object.__setattr__(self, "offset_seed", int(self.offset_seed))
+        if self.loss == "barlow_twins" and self.batch_size is not None:
+            raise ValueError("loss='barlow_twins' takes the cross-correlation over all the "
+                             "samples: mini-batches are not supported; pass batch_size=None")
 
     @property
     def times(self) -> np.ndarray:
@@ -365,8 +481,16 @@ class GradientDescent:
 
     @property
     def plain(self) -> bool:
-        """Squared error, full batch, no weight decay (the original problem)."""
-        return self.loss == "mse" and self.weight_decay == 0.0 and self.batch_size is None
+        """Squared error, full batch, no weight decay, no offset (the original problem)."""
+        return (self.loss == "mse" and self.weight_decay == 0.0 and self.batch_size is None
+                and self.output_offset == "none")
+
+    @property
+    def loss_params(self) -> dict:
+        """Options of the loss beyond its name (Barlow Twins: off_diagonal, standardize)."""
+        if self.loss == "barlow_twins":
+            return {"off_diagonal": self.off_diagonal, "standardize": self.standardize}
+        return {}
 
     def batch_mask(self, P: int) -> np.ndarray | None:
         """Which of the P training points each step uses, (steps, P) bool; None: full batch
@@ -378,8 +502,16 @@ class GradientDescent:
 
     def check(self, data) -> None:
         """ValueError (naming the fix) where ``data`` does not suit this training."""
+        paired = getattr(data, "paired", False)
+        if self.loss == "barlow_twins" and not paired:
+            raise ValueError("loss='barlow_twins' needs two views of each sample: build the data "
+                             "with dmft.Dataset.views(X_a, X_b, dim=C) or "
+                             "dmft.Dataset.augmented(X, augment, dim=C)")
+        if paired and self.loss != "barlow_twins":
+            raise ValueError(f"the data are paired views without targets (Dataset.views): "
+                             f"train them with loss='barlow_twins', not {self.loss!r}")
         check_targets(self.loss, data.Y_train, "y_train")
-        if data.y_test is not None and self.loss != "mse":
+        if data.y_test is not None and self.loss not in ("mse", "barlow_twins"):
             check_targets(self.loss, data.Y_test, "y_test")
         self.batch_mask(data.P)
 

@@ -686,7 +686,7 @@ def march_general(kx, obj, depth: int, gamma0: float, lr: float, steps: int, *,
 def _full_error(obj, F):
     """Delta on the training rows without the batch mask."""
     from .objective import error_signal
-    return error_signal(obj.loss, np.asarray(F)[:obj.P], obj.Y)
+    return error_signal(obj.loss, obj._shift(np.asarray(F)[:obj.P]), obj.Y, **obj.params)
 
 
 def _memory_matrix(obj, T1):

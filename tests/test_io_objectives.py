@@ -644,7 +644,8 @@ def test_two_layer_tanh_vs_full_dmft(loss, data_kw, samples):
 # ------------------------------------------------------------------------------------------
 # docs: the "which method solves what" table is the code's `supports`
 # ------------------------------------------------------------------------------------------
-_COLUMNS = ("outputs", "losses", "hinge", "weight_decay", "decay_to_zero", "batches")
+_COLUMNS = ("outputs", "losses", "hinge", "weight_decay", "decay_to_zero", "batches",
+            "barlow_twins", "output_offset")
 
 
 def _supports_in_code() -> dict:
@@ -662,7 +663,7 @@ def _supports_in_code() -> dict:
 def _supports_in_docs() -> dict:
     text = open(os.path.join(ROOT, "docs", "methods.rst")).read()
     section = text.split(".. _methods-support:")[1].split("\nWhere a method")[0]
-    rows = re.findall(r"\* - ``([^`]+)``\n((?:\s+- (?:yes|no)\n){6})", section)
+    rows = re.findall(r"\* - ``([^`]+)``\n((?:\s+- (?:yes|no)\n){8})", section)
     return {name: {f for f, cell in zip(_COLUMNS, re.findall(r"yes|no", cells))
                    if cell == "yes"} for name, cells in rows}
 

@@ -244,7 +244,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="max_stable_gamma0 is defined for one mse output"):
         _linear.max_stable_gamma0(dmft.MLP(2, "linear"), data, train)
     assert _linear.LINEAR.supports == frozenset(
-        {"outputs", "losses", "hinge", "weight_decay", "decay_to_zero", "batches"})
+        {"outputs", "losses", "hinge", "weight_decay", "decay_to_zero", "batches",
+         "barlow_twins", "output_offset"})
     obj = Objective("mse", np.zeros(3), 4, 6, 0.1)
     with pytest.raises(ValueError, match="obj: the objective is for n = 4 points"):
         lin.march_general(np.eye(5), obj, 2, 1.0, 0.1, 6)

@@ -164,7 +164,8 @@ def test_bad_steps(steps):
 
 def test_bad_loss():
     with pytest.raises(ValueError, match=r"loss 'l1' is not supported; use one of "
-                                         r"\('mse', 'cross_entropy', 'logistic', 'hinge'\)"):
+                                         r"\('mse', 'cross_entropy', 'logistic', 'hinge', "
+                                         r"'barlow_twins'\)"):
         GradientDescent(loss="l1")
 
 
