@@ -22,6 +22,9 @@ The library itself takes no free-form dicts; ``dmft run CONFIG.toml`` reads a fi
     # y_test = "yt.npy"       # optional
     # labels = true           # y files hold integer class labels 0 .. C-1 (one-hot targets)
     # classes = 10            # number of classes (default: 1 + the largest label)
+    # ... or self-supervised views (Barlow Twins, docs/theory.rst §7):
+    # generator = "views"     # M samples x 2 augmented views + Q labelled probe points
+    # M = 8, Q = 16, D = 10, classes = 2, dim = 2 (embedding C), noise = 0.5, mask = 0.0
 
     [train]
     gamma0 = 1.0
@@ -33,6 +36,9 @@ The library itself takes no free-form dicts; ``dmft run CONFIG.toml`` reads a fi
     # batch_size = 4          # omit for full batch
     # batch_seed = 0
     # schedule = "epochs"     # epochs | online
+    # loss = "barlow_twins"   # with [data] generator = "views" ...
+    # output_offset = "nngp"  # ... and an O(1) initial output (a fixed NNGP draw)
+    # off_diagonal = 1.0      # lambda_off;  standardize = true;  offset_seed = 0
 
     [solve]                   # an infinite-width solve ...
     method = "mc"             # any name in dmft.METHODS, or "auto"
@@ -73,12 +79,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["RunConfig", "load_config", "parse_config", "teacher_student", "run"]
+__all__ = ["RunConfig", "load_config", "parse_config", "teacher_student", "clustered_views",
+           "run"]
 
 _SECTIONS = ("net", "data", "train", "solve", "simulate", "fluctuations")
 _NET_KEYS = ("depth", "activation")
 _TRAIN_KEYS = ("gamma0", "lr", "steps", "loss", "weight_decay", "decay_to", "batch_size",
-               "batch_seed", "schedule")
+               "batch_seed", "schedule", "off_diagonal", "standardize", "output_offset",
+               "offset_scale", "offset_seed")
 _GENERATOR_KEYS = ("generator", "P", "Q", "D", "seed", "teacher_width", "noise", "outputs",
                    "classes", "labels")
 _FILE_KEYS = ("X_train", "y_train", "X_test", "y_test")
@@ -86,7 +94,10 @@ _FILE_KEYS = ("X_train", "y_train", "X_test", "y_test")
 _FILE_LABEL_KEYS = ("labels", "classes")
 #: keys every method takes besides its options (the adapter skeleton's keywords)
 _COMMON_KEYS = ("seed", "throw", "progress", "memory_limit")
-_GENERATORS = ("teacher_student",)
+_GENERATORS = ("teacher_student", "views")
+#: keys of the "views" generator (:func:`clustered_views`)
+_VIEWS_KEYS = ("generator", "M", "Q", "D", "seed", "classes", "dim", "noise", "mask",
+               "separation")
 
 
 def teacher_student(P: int = 8, Q: int = 8, D: int = 10, seed: int = 0, *,
@@ -153,6 +164,40 @@ def teacher_student(P: int = 8, Q: int = 8, D: int = 10, seed: int = 0, *,
     if Q == 0:
         return Dataset(X[:P], y_train)
     return Dataset(X[:P], y_train, X[P:], y[P:])
+
+
+def clustered_views(M: int = 8, Q: int = 16, D: int = 10, seed: int = 0, *, classes: int = 2,
+                    dim: int = 2, noise: float = 0.5, mask: float = 0.0,
+                    separation: float = 2.0) -> Dataset:
+    """Self-supervised data (docs/theory.rst §7): M samples from ``classes`` Gaussian
+    clusters, two augmented views each, and Q labelled probe points from the same clusters.
+
+    Cluster centres ``separation * N(0, I_D) / sqrt(2)``, points centre + N(0, I_D) (labels
+    k = i mod classes); views by :func:`dmft.augment.gaussian_noise` (``noise``) then, when
+    ``mask`` > 0, :func:`dmft.augment.random_mask`. Everything from
+    ``numpy.random.default_rng(seed)``. ``dim`` is the embedding dimension C. Train with
+    ``GradientDescent(loss="barlow_twins", output_offset="nngp", ...)``; the probe points'
+    labels feed :func:`dmft.linear_probe`.
+    """
+    from . import augment
+    for name, val, low in (("M", M, 2), ("Q", Q, 0), ("D", D, 1), ("classes", classes, 2),
+                           ("dim", dim, 1)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
+            raise ValueError(f"data.{name} must be an integer >= {low}, got {val!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"data.seed must be a non-negative integer, got {seed!r}")
+    for name, val in (("noise", noise), ("mask", mask), ("separation", separation)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
+            raise ValueError(f"data.{name} must be a number >= 0, got {val!r}")
+    rng = np.random.default_rng(seed)
+    centres = separation * rng.standard_normal((classes, D)) / np.sqrt(2.0)
+    lab = np.arange(M + Q) % classes
+    X = centres[lab] + rng.standard_normal((M + Q, D))
+    aug = augment.gaussian_noise(float(noise))
+    if mask > 0:
+        aug = augment.compose(aug, augment.random_mask(float(mask)))
+    return Dataset.augmented(X[:M], aug, dim=int(dim), seed=int(rng.integers(2 ** 31)),
+                             X_test=X[M:] if Q else None, labels_test=lab[M:] if Q else None)
 
 
 @dataclass
@@ -233,11 +278,14 @@ def _parse_data(table, base_dir) -> Dataset:
             raise ValueError("data.classes needs data.labels = true (or no labels key)")
         return Dataset(arrays["X_train"], arrays["y_train"], arrays.get("X_test"),
                        arrays.get("y_test"))
-    _unknown("data", table, _GENERATOR_KEYS)
     generator = table.get("generator", "teacher_student")
     if generator not in _GENERATORS:
         raise ValueError(f"data.generator {generator!r} is unknown; use one of {_GENERATORS} "
                          f"or give X_train / y_train files")
+    if generator == "views":
+        _unknown("data", table, _VIEWS_KEYS)
+        return clustered_views(**{k: table[k] for k in _VIEWS_KEYS[1:] if k in table})
+    _unknown("data", table, _GENERATOR_KEYS)
     kw = {k: table[k] for k in _GENERATOR_KEYS[1:] if k in table}
     return teacher_student(**kw)
 

@@ -123,6 +123,41 @@ def _loss_se(sol, split):
                           axis=(-2, -1)))
 
 
+def _cross_correlation_panel(ax, sol, t, ens):
+    from .representation import cross_correlation
+    try:
+        cc = cross_correlation(sol)
+    except FloatingPointError:
+        ax.text(0.5, 0.5, "cross-correlation undefined (collapsed embedding)",
+                ha="center", va="center", transform=ax.transAxes)
+        return
+    C = cc.shape[-1]
+    for i in range(min(C, MAX_OUTPUTS)):
+        for j in range(min(C, MAX_OUTPUTS)):
+            y = cc[..., i, j]
+            lab = f"C[{i},{j}]"
+            ls = "-" if i == j else ":"
+            if ens:
+                _band(ax, t, y, lab, ls=ls)
+            else:
+                ax.plot(t, y, ls=ls, label=lab)
+    ax.set_xlabel("t")
+    ax.set_ylabel("cross-correlation C_ij of the views")
+    ax.legend(fontsize="small")
+
+
+def _probe_panel(ax, sol, t, ens):
+    from .representation import linear_probe
+    acc = linear_probe(sol)
+    if ens:
+        _band(ax, t, acc, "linear probe")
+    else:
+        ax.plot(t, acc, label="linear probe")
+    ax.set_xlabel("t")
+    ax.set_ylabel("linear-probe accuracy (held-out test points)")
+    ax.legend(fontsize="small")
+
+
 def _title(result):
     net, train = result.net, result.train
     kind = type(result).__name__
@@ -160,7 +195,9 @@ def plot(result_or_path, path=None, *, points: int = 4, title: str | None = None
         draw one line per (point, output) pair, c < :data:`MAX_OUTPUTS`, and the NTK entries
         K_{mu c, mu c}. Classification (``result.classifies``: a classification loss, or C >= 2
         outputs) adds a last row: the accuracy per split and, for C >= 2, the output coupling
-        (:func:`output_coupling`).
+        (:func:`output_coupling`). Barlow Twins: the second panel draws the views'
+        cross-correlation C_ij(t) (:func:`dmft.cross_correlation`) and the third, with labelled
+        test points, the linear-probe accuracy (:func:`dmft.linear_probe`).
     """
     result = _as_result(result_or_path)
     sol = result.solution if isinstance(result, Fluctuations) else result
@@ -195,8 +232,16 @@ def plot(result_or_path, path=None, *, points: int = 4, title: str | None = None
     ax.set_ylabel(f"{named} (sum over points" + (" and outputs)" if multi else ")"))
     ax.legend()
 
-    for ax, split, n_pts, targets in ((axes[0, 1], "train", P, sol.data.y_train),
-                                      (axes[0, 2], "test", Q, sol.data.y_test)):
+    panels = [(axes[0, 1], "train", P, sol.data.y_train),
+              (axes[0, 2], "test", Q, sol.data.y_test)]
+    if loss_name == "barlow_twins":
+        # docs/theory.rst §7: the views' cross-correlation, and the linear probe if labelled
+        _cross_correlation_panel(axes[0, 1], sol, t, ens)
+        panels = panels[1:]
+        if getattr(sol.data, "labels_test", None) is not None and Q >= 4:
+            _probe_panel(axes[0, 2], sol, t, ens)
+            panels = []
+    for ax, split, n_pts, targets in panels:
         f = getattr(sol, f"{split}_predictions")
         se = None if ens else sol.stderr.get(f"{split}_predictions")
         for i in _select(n_pts, points):
