@@ -70,9 +70,9 @@ def linear_probe(result, train_fraction: float = 0.5, ridge: float = 1e-3) -> np
     """Linear-probe accuracy of the embeddings of the labelled test points over time.
 
     The first ``ceil(train_fraction * Q)`` test points (in dataset order) fit a ridge
-    regression (penalty ``ridge`` times the mean squared feature, with a bias) of one-hot
-    labels on the C embeddings, standardised by the fitting points' mean and spread; the
-    other points are classified by argmax. Returns (..., T+1). Needs ``data.labels_test``.
+    regression of one-hot labels on the C embeddings (standardised by the fitting points' mean
+    and spread; penalty ``ridge * n_fit`` on the weights, none on the bias); the other points
+    are classified by argmax. Returns (..., T+1). Needs ``data.labels_test``.
     """
     labels = getattr(result.data, "labels_test", None)
     if labels is None:
