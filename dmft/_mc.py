@@ -44,6 +44,17 @@ feature (ValueError naming ``scheme="onepass"``); ``"gia"`` at depth >= 2 refuse
 (its prediction update has no decay term). Checked against simulated networks extrapolated
 in width: tests/test_mc_deep_objectives.py.
 
+Barlow Twins with the NNGP output offset (issue 17, docs/theory.rst §7) by the same two
+solvers, unchanged: its error signal couples all points and outputs (batch standardisation,
+cross-correlation), and both solvers form Delta(t) = Objective.delta(t, f(t)) from the whole
+(n, C) population estimate of f(t) -- each replicate population of the two-layer march and each
+population of the one-pass solver from its own estimate -- with no per-point step on
+f -> Delta -> f anywhere. The offset f0 is added inside the Objective; the solvers march the
+network's own output (f(0) = 0) and ``Method.finish`` adds f0 to the reported predictions
+(their standard errors are unchanged: f0 is a constant). BT without an offset is refused
+(``check_start``: f = 0 is stationary). Checked against the exact deep-linear method, the
+static limit and width-extrapolated networks: tests/test_mc_barlow.py.
+
 Standard errors (``Solution.stderr``): L = 1: the ``blocks`` replicates solved as separate
 populations (includes the feedback of noise through Delta). L >= 2, one pass: the spread of
 ``replicates`` (default 16) independent one-pass populations sharing the ``samples``,
@@ -235,10 +246,11 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         ``stderr`` for ``train_predictions``, ``test_predictions``, ``ntk``, ``phi``, ``g``
         (with C >= 2 outputs the prediction, NTK and G fields carry output axes,
         dmft/results.py). Every training objective of docs/theory.rst §7 (outputs, losses,
-        weight decay, batches) is solved by the two-layer march and the one-pass deep
-        solver; ``scheme="iterative"`` refuses them. With the hinge loss
-        ``extras["hinge_margin_z"]`` is the smallest distance of a training margin y f(t)
-        from 1 in standard errors (a warning below 3).
+        Barlow Twins with ``output_offset="nngp"``, weight decay, batches) is solved by the
+        two-layer march and the one-pass deep solver; ``scheme="iterative"`` refuses them.
+        With an output offset the predictions include f0 (``extras["output_offset"]``).
+        With the hinge loss ``extras["hinge_margin_z"]`` is the smallest distance of a
+        training margin y f(t) from 1 in standard errors (a warning below 3).
     """
 
     description = ("nonlinear DMFT by Monte Carlo sampling of the single-site fields (one causal "
@@ -246,11 +258,12 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
 
     responses = True
 
-    #: docs/theory.rst §7, every feature: the two-layer march and the one-pass deep solver
-    #: solve them all; ``scheme="iterative"`` refuses them (and ``"gia"`` at depth >= 2
-    #: refuses weight decay) with a ValueError naming the fix
+    #: docs/theory.rst §7, every feature (Barlow Twins and the output offset included): the
+    #: two-layer march and the one-pass deep solver solve them all; ``scheme="iterative"``
+    #: refuses them (and ``"gia"`` at depth >= 2 refuses weight decay) with a ValueError
+    #: naming the fix
     supports = frozenset({"outputs", "losses", "hinge", "weight_decay", "decay_to_zero",
-                          "batches"})
+                          "batches", "barlow_twins", "output_offset"})
 
     def estimate(self, net, data, train, *, opts):
         from ._mc_estimate import estimate_mc
@@ -338,6 +351,20 @@ def _check_deep_objective(data, train, scheme, method, responses):
             f"method={method!r} (the gradient-independence ansatz) reads the predictions from "
             f"f(t+1) = f(t) + lr K(t) Delta(t), which has no weight-decay term, at depth >= 2; "
             f"use method='mc' for weight_decay > 0")
+
+
+def _objective_fingerprint(train) -> dict:
+    """The checkpoint items of the Barlow Twins options and the output offset (only where they
+    matter, so that the fingerprints of the other problems are unchanged)."""
+    items = {}
+    if train.loss == "barlow_twins":
+        items.update(off_diagonal=float(train.off_diagonal),
+                     standardize=bool(train.standardize))
+    if getattr(train, "output_offset", "none") != "none":
+        items.update(output_offset=train.output_offset,
+                     offset_scale=float(train.offset_scale),
+                     offset_seed=int(train.offset_seed))
+    return items
 
 
 def _deep_objective_fields(out, T1, n, C, multi):
@@ -504,7 +531,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     sampler=sampler, seed=ss, loss=train.loss,
                     weight_decay=float(train.weight_decay), decay_to=train.decay_to,
                     batch_size=train.batch_size, batch_seed=int(train.batch_seed),
-                    schedule=train.schedule)
+                    schedule=train.schedule, **_objective_fingerprint(train))
                 state = ckpt.load()
                 if state is not None:
                     state = {"next": state[1]["next"],
