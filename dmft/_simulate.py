@@ -18,7 +18,7 @@ from solvers import network
 from solvers.objective import Objective
 
 from . import _checkpoint
-from ._method import FEATURES, Method, Options, Run, boolean, option, positive_int
+from ._method import FEATURES, Method, Options, Run, boolean, one_of, option, positive_int
 from .results import Ensemble
 from .specs import MLP, Dataset, GradientDescent
 
@@ -48,6 +48,16 @@ def _check_seeds(name, seeds) -> np.ndarray:
     return arr
 
 
+#: the parameterisations :func:`simulate` trains (docs: :func:`simulate`)
+PARAMETERIZATIONS = ("mup", "ntk")
+
+
+def effective_gamma0(parameterization: str, gamma0: float, width: int) -> float:
+    """The gamma0 a network is trained with: ``gamma0`` (muP, the package's convention) or
+    1/sqrt(N) (the NTK parameterisation, where the given gamma0 is ignored)."""
+    return 1.0 / np.sqrt(float(width)) if parameterization == "ntk" else float(gamma0)
+
+
 @dataclass(frozen=True)
 class SimulateOptions(Options):
     """Options of :func:`simulate`."""
@@ -60,6 +70,12 @@ class SimulateOptions(Options):
     checkpoint: object = option(
         None, _checkpoint.check_path,
         "checkpoint file, written after each seed; a rerun resumes from it")
+    parameterization: str = option(
+        "mup", one_of(PARAMETERIZATIONS,
+                      "{name} must be 'mup' (the package's mean-field convention with the given "
+                      "gamma0) or 'ntk' (the NTK parameterisation, gamma0 = 1/sqrt(N)), got "
+                      "{value!r}"),
+        "'mup' (gamma0 as given) or 'ntk' (gamma0 = 1/sqrt(N), train.gamma0 ignored)")
 
 
 class Simulate(Method):
@@ -98,7 +114,7 @@ class Simulate(Method):
         Time: 6 n N (N (L-1) (1 + C) / 2 + D) flops per step."""
         from solvers.network import FOLD_BLOCK, default_fold_every
         from ._resources import estimate, kernel_bytes
-        if train.gamma0 <= 0:
+        if train.gamma0 <= 0 and opts.parameterization != "ntk":
             return None
         N, S, L, D = int(opts.width), int(opts.seeds.size), net.depth, data.D
         n, P, T1 = data.P + data.Q, data.P, train.steps + 1
@@ -120,12 +136,26 @@ class Simulate(Method):
 
     def run(self, ctx, net: MLP, data: Dataset, train: GradientDescent, *,
             opts: SimulateOptions, throw: bool = True) -> Ensemble:
-        if train.gamma0 <= 0:
+        ntk_param = opts.parameterization == "ntk"
+        if train.gamma0 <= 0 and not ntk_param:
             raise ValueError(
                 "gamma0 must be > 0 to simulate a network: the mean-field output scale "
                 "1/(gamma0 N) is undefined at gamma0 = 0; use a small gamma0 (e.g. 1e-3) for "
-                "the lazy regime, or method='static' in dmft.solve for the gamma0 -> 0 limit")
+                "the lazy regime, parameterization='ntk' (gamma0 = 1/sqrt(N)), or "
+                "method='static' in dmft.solve for the gamma0 -> 0 limit")
+        if train.loss == "barlow_twins" and opts.center and train.output_offset == "none":
+            raise ValueError(
+                "simulate: center=True with loss='barlow_twins' starts every network at "
+                "f(0) = 0, the loss's stationary point (every gradient vanishes, and "
+                "standardisation is undefined there); add an O(1) start with "
+                "GradientDescent(..., output_offset='nngp'), or pass center=False")
         width, seeds = opts.width, opts.seeds
+        # the NTK parameterisation is the package's convention at gamma0 = 1/sqrt(N): the
+        # network is trained, and the Ensemble reports its train, with that gamma0
+        gamma0 = effective_gamma0(opts.parameterization, train.gamma0, width)
+        given = train
+        if ntk_param:
+            train = dataclasses.replace(train, gamma0=gamma0)
         record_kernels, center = opts.record_kernels, opts.center
         X = np.ascontiguousarray(data.X)
         y = np.array(data.y_train)
@@ -149,11 +179,14 @@ class Simulate(Method):
         if opts.checkpoint is not None:
             ckpt = _checkpoint.Checkpoint(
                 opts.checkpoint, "simulate", X=X, y=y, P=P, activation=net.activation,
-                depth=L, gamma0=train.gamma0, lr=train.lr, steps=T, width=width, seeds=seeds,
+                depth=L, gamma0=gamma0, lr=train.lr, steps=T, width=width, seeds=seeds,
                 record_kernels=record_kernels, center=center, loss=train.loss,
                 weight_decay=train.weight_decay, decay_to=train.decay_to,
                 batch_size=train.batch_size, batch_seed=train.batch_seed,
-                schedule=train.schedule)
+                schedule=train.schedule, off_diagonal=train.off_diagonal,
+                standardize=train.standardize, output_offset=train.output_offset,
+                offset_scale=train.offset_scale, offset_seed=train.offset_seed,
+                parameterization=opts.parameterization)
             state = ckpt.load()
             if state is not None:
                 done = int(state[1]["done"])
@@ -180,7 +213,7 @@ class Simulate(Method):
                 weights = network.Weights.draw(rng, data.D, width, L, C if multi else None)
                 try:
                     res = network.train(X, y, weights, activation=net.activation,
-                                        gamma0=train.gamma0, lr=train.lr, steps=T,
+                                        gamma0=gamma0, lr=train.lr, steps=T,
                                         record_kernels=bool(record_kernels), center=bool(center),
                                         fold_at_end=False, objective=obj)
                 except FloatingPointError as exc:
@@ -208,7 +241,10 @@ class Simulate(Method):
             ckpt.remove()
 
         options = {"record_kernels": bool(record_kernels), "center": bool(center),
-                   "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64"}
+                   "init": "iid N(0,1), draw order W0, W1..W(L-1), w", "dtype": "float64",
+                   "parameterization": opts.parameterization}
+        if ntk_param:
+            options["gamma0_given"] = float(given.gamma0)    # ignored; train.gamma0 = 1/sqrt(N)
         if ckpt is not None:
             options["resumed_units"] = int(done)      # networks read back from the checkpoint
         extras = {"f0": f0} if center else {}
@@ -218,8 +254,8 @@ class Simulate(Method):
                        center=bool(center), options=options, extras=extras)
         if diverged:
             ens.fail("diverged", f"simulate: the networks with seeds {diverged} diverged (their "
-                                 f"rows are NaN){reasons.get('first', '')}; reduce lr or "
-                                 f"gamma0")
+                                 f"rows are NaN){reasons.get('first', '')}; reduce lr"
+                                 f"{'' if ntk_param else ' or gamma0'}")
         return ens
 
 
@@ -241,10 +277,22 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
     step (:func:`solvers.objective.batch_schedule`, the same batches in every method and
     network). Test points are passive.
 
+    ``parameterization="ntk"`` trains the same networks in the NTK parameterisation, which is
+    this convention at gamma0 = 1/sqrt(N): f_c = w_c . phi(h^L) / sqrt(N) (hidden layers
+    unchanged) and plain gradient descent ``theta <- theta - lr (dLoss/dtheta + weight_decay
+    (theta - theta_bar))`` (lr gamma0^2 N = lr). Its initial output is O(1) (a draw that
+    tends to the NNGP as N -> infinity) and its NTK hardly moves (lazy training; the kernels
+    move by O(gamma0^2) = O(1/N) for a smooth activation, within the O(N^(-1/2)) bound proved
+    for Barlow Twins by the seed of issue 17; tests/test_simulate_barlow.py measures it): with
+    ``center=True`` and ``train.output_offset="nngp"`` the networks converge, as N -> infinity,
+    to ``dmft.solve(..., method="static")`` with the same ``train``, with differences
+    O(N^(-1/2)).
+
     Parameters
     ----------
     net, data, train : MLP, Dataset, GradientDescent
-        The specification. ``train.gamma0`` must be > 0.
+        The specification. ``train.gamma0`` must be > 0 (muP); with
+        ``parameterization="ntk"`` it is ignored (any value >= 0).
     width : int
         N, the width of every hidden layer.
     seeds : iterable of int
@@ -256,7 +304,10 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
     center : bool
         Train the centred model f(theta) - f(theta_0): the initial output is subtracted, so the
         recorded predictions start at 0 (the raw initial outputs go to ``extras["f0"]``,
-        shape (S, P+Q)). Gradients are unchanged.
+        shape (S, P+Q)). Gradients are unchanged. With ``train.output_offset="nngp"`` the
+        offset is added after centring (the predictions start at the offset); with
+        ``loss="barlow_twins"`` centring needs that offset (f = 0 is the loss's stationary
+        point; ValueError otherwise).
     checkpoint : str or os.PathLike
         A file (e.g. ``"simulate.ckpt.npz"``) written atomically after each seed with the
         trajectories of the networks trained so far (its size grows to that of the result).
@@ -264,6 +315,16 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
         bit-identical to an uninterrupted run; an interruption loses at most the network in
         flight. A file of another problem, other seeds or options is refused (ValueError).
         Removed when the run finishes (dmft/_checkpoint.py).
+    parameterization : str
+        ``"mup"`` (default): the package's mean-field convention with ``train.gamma0``.
+        ``"ntk"``: the NTK parameterisation, gamma0 = 1/sqrt(N) whatever ``train.gamma0`` says.
+        The returned Ensemble then describes what was trained: its ``train`` is the given one
+        with ``gamma0 = 1/sqrt(N)``, ``options["parameterization"] = "ntk"`` and
+        ``options["gamma0_given"]`` keeps the ignored value (both saved by :func:`dmft.save`).
+        Every loss, ``center`` and ``train.output_offset`` combine with it: without either the
+        loss sees the network's own O(1) output (the NTK-parameterised network as usually
+        defined); ``center=True`` with ``output_offset="nngp"`` starts the centred network at
+        the NNGP draw f0 shared with the infinite-width methods.
     progress : bool or None
         Progress bar over seeds (None: only on a terminal).
     throw : bool
@@ -297,7 +358,7 @@ def simulate(net: MLP, data: Dataset, train: GradientDescent, *, width, seeds,
     Raises
     ------
     ValueError
-        Bad width, seeds, gamma0 = 0 or unknown options.
+        Bad width, seeds, gamma0 = 0 (muP), an unknown parameterization or unknown options.
     ConvergenceError
         A network diverged (non-finite output; ``throw=True``); reduce ``lr`` or ``gamma0``.
     """

@@ -20,6 +20,10 @@ finite-difference gradients of the loss):
     W^l += lr gamma0 / sqrt(N)   sum_mu Delta_mu g^{l+1}_mu phi(h^l_mu)^T       (rank P)
     W^0 += lr gamma0 / sqrt(D)   sum_mu Delta_mu g^1_mu x_mu^T
 
+The NTK parameterisation (``dmft.simulate(..., parameterization="ntk")``) is this model at
+gamma0 = 1/sqrt(N): f = w . phi(h^L) / sqrt(N) and ``theta <- theta - lr dLoss/dtheta``
+(lr gamma0^2 N = lr); the engine needs nothing else, the caller passes that gamma0.
+
 Array layout: fields are stored points-major, ``h[l-1]`` has shape (n, N) (row mu is the
 layer-l pre-activation of point mu), so that the features of all times can be stacked into one
 (T+1) n x N matrix per layer and the two-time kernels formed by a single BLAS product.
