@@ -63,3 +63,38 @@ def test_fit_inverse_width_matches_the_normal_equations():
         np.testing.assert_allclose([se0[j], se1[j]], np.sqrt(np.diag(cov)), rtol=1e-10)
     with pytest.raises(ValueError, match="widths"):
         fit_inverse_width(widths[:1], means[:1], ses[:1])
+
+
+def test_barlow_twins_slope_and_extrapolation_helpers():
+    """barlow_twins.py's tables: the log-log slope recovers a planted power law N^-0.5 (and
+    N^-1) within 3 of its own standard errors, and the 1/N extrapolation keeps entries
+    without spread (the t = 0 cross-correlation every centred network shares) exact instead
+    of dividing by a zero standard error."""
+    bt = _load("barlow_twins")
+    rng = np.random.default_rng(7)
+    widths = np.array([128, 256, 512, 1024, 2048, 4096])
+    for p in (-0.5, -1.0):
+        means = 0.3 * widths ** p * (1 + 0.02 * rng.standard_normal(widths.size))
+        slope, se = bt.loglog_slope(widths, means, 0.02 * means)
+        assert abs(slope - p) < 3 * se and se < 0.02, (p, slope, se)
+    means = np.stack([np.array([0.5, 1.0 + 2.0 / n]) for n in widths[:3]])
+    ses = np.array([[0.0, 1e-3]] * 3)
+    b0, se0 = bt.extrapolate(widths[:3], means, ses)
+    assert b0[0] == 0.5 and se0[0] == 0.0
+    np.testing.assert_allclose(b0[1], 1.0, rtol=1e-12)
+    assert se0[1] > 0
+
+
+@pytest.mark.slow
+def test_barlow_twins_quick_run():
+    """benchmarks/barlow_twins.py --quick runs end to end (about 40 s) and prints its three
+    tables."""
+    import contextlib
+    import io
+    bt = _load("barlow_twins")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bt.main(["--quick"])
+    out = buf.getvalue()
+    for head in ("(a) NTK parameterisation", "(b) rich regime", "(c) linear probe"):
+        assert head in out, out
