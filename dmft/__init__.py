@@ -35,6 +35,12 @@ simulate          train finite-width networks (one per seed) -> Ensemble
 fluctuations      O(1/N) propagators: N * Cov of predictions and kernels -> Fluctuations
 FLUCTUATION_METHODS  its table: "auto", "propagator", "lazy", "linear-exact", "deep-linear", ...
 
+Sweeps
+------
+sweep             a grid of configurations (the ``dmft run`` format) on dask -> xarray.Dataset,
+                  persisted per point and resumable (``dmft sweep SWEEP.toml -o sweep.h5``)
+load_sweep        the sweep file as an xarray.Dataset; ``load_point`` one point's full result
+
 Files and figures
 -----------------
 save, load        HDF5 round trip of Solution / Ensemble / Fluctuations (``sol.save(path)``)
@@ -63,6 +69,8 @@ from ._method import Method, Options, option
 from .api import METHODS, fluctuations, simulate, solve
 from .results import ConvergenceError, Ensemble, Fluctuations, Solution
 from .specs import MLP, Dataset, GradientDescent
+# the function shadows its module's name on the package (dask and xarray load lazily inside)
+from .sweep import load_point, load_sweep, sweep
 from . import augment
 from .representation import cross_correlation, linear_probe, ntk_change
 
@@ -96,4 +104,5 @@ def plot(result, path=None, **kwargs):
 __all__ = ["MLP", "Dataset", "GradientDescent", "solve", "simulate", "fluctuations",
            "Solution", "Ensemble", "Fluctuations", "ConvergenceError", "METHODS",
            "save", "load", "plot", "enable_logging", "__version__", "Method", "Options",
-           "option", "augment", "cross_correlation", "linear_probe", "ntk_change"]
+           "option", "augment", "cross_correlation", "linear_probe", "ntk_change",
+           "sweep", "load_sweep", "load_point"]

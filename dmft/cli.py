@@ -1,4 +1,4 @@
-"""The ``dmft`` command line: ``demo``, ``run``, ``plot``, ``methods``.
+"""The ``dmft`` command line: ``demo``, ``run``, ``sweep``, ``plot``, ``methods``.
 
 ``main(argv=None)`` returns the exit code: 0 on success, 2 for bad input (a one-line message
 on standard error, no traceback), 1 when a solver failed (:class:`~dmft.results.ConvergenceError`),
@@ -165,6 +165,26 @@ def _cmd_run(args):
     return 0
 
 
+# --- dmft sweep (dmft/sweep.py) ------------------------------------------------------------
+def _cmd_sweep(args):
+    from .sweep import sweep
+    out = args.output or os.path.splitext(os.path.basename(args.config))[0] + ".h5"
+    _check_output_file(out, "output")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (processes of the local cluster), got "
+                         f"{args.workers}")
+    try:
+        ds = sweep(args.config, out=out, scheduler=args.scheduler, workers=args.workers,
+                   serial=args.serial, progress=args.progress,
+                   retry_failed=args.retry_failed, keep_arrays=args.keep_arrays, log=_say)
+    except ImportError as exc:   # no dask: a one-line message naming the extra (exit 2)
+        raise ValueError(str(exc)) from None
+    if ds.attrs["failed"]:
+        print(f"{ds.attrs['failed']} of {ds.attrs['points']} points failed (see the status "
+              f"and message variables of {out})", file=sys.stderr)
+    return 0
+
+
 def _cmd_plot(args):
     from .plotting import plot
     if args.points < 1:
@@ -230,6 +250,31 @@ def _parser():
     r.add_argument("--plot", metavar="FIG", help="also draw the result into FIG (e.g. fig.png)")
     progress_flags(r)
     r.set_defaults(func=_cmd_run)
+
+    w = sub.add_parser(
+        "sweep", help="run a grid of solves / simulations (TOML with a [sweep] table) on "
+                      "dask into one netCDF-compatible HDF5 file",
+        description="Run SWEEP.toml: the sections of `dmft run` plus a [sweep] table of "
+                    "'section.key' = [values] axes (product), [[sweep.zip]] groups (keys "
+                    "varying together) and [[sweep.variant]] tables (docs/sweeps.rst). Points "
+                    "run on an embedded dask LocalCluster (one process per core) unless "
+                    "--scheduler or --serial; each finished point is saved at once into "
+                    "OUTPUT.points/, and rerunning the command computes only the missing "
+                    "points. Failed points are recorded (status, message), not fatal.")
+    w.add_argument("config", help="TOML sweep file")
+    w.add_argument("-o", "--output", help="sweep file (default: CONFIG's name with .h5)")
+    w.add_argument("--scheduler", metavar="ADDRESS",
+                   help="address of a running dask scheduler (e.g. tcp://host:8786)")
+    w.add_argument("--workers", type=int, metavar="N",
+                   help="processes of the embedded LocalCluster (default: the cores)")
+    w.add_argument("--serial", action="store_true",
+                   help="run the points one by one in this process, without dask")
+    w.add_argument("--retry-failed", action="store_true",
+                   help="recompute points an earlier run recorded as failed")
+    w.add_argument("--keep-arrays", action="store_true",
+                   help="also store the equal-time NTK per point in the sweep file")
+    progress_flags(w)
+    w.set_defaults(func=_cmd_sweep)
 
     q = sub.add_parser("plot", help="draw a saved result (Solution, Ensemble or Fluctuations)",
                        description="Draw a saved result: the loss named by train.loss per "

@@ -19,7 +19,8 @@ def test_notebooks_exist_and_have_no_outputs():
     names = [os.path.basename(p) for p in NOTEBOOKS]
     assert names == ["01_quickstart.ipynb", "02_deep_linear.ipynb",
                      "03_nonlinear_vs_networks.ipynb", "04_fluctuations.ipynb",
-                     "05_losses_and_classification.ipynb"]
+                     "05_losses_and_classification.ipynb", "06_barlow_twins.ipynb",
+                     "07_sweeps.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
