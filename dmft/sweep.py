@@ -93,6 +93,14 @@ _SECTIONS = ("net", "data", "train") + _TASK_SECTIONS
 #: environment of the embedded cluster's workers: one thread for every numerical library
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMBA_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
+#: dask configuration of the embedded cluster's workers: one thread per library and glibc's
+#: own malloc thresholds (no MALLOC_TRIM_THRESHOLD_), no statistical profiler, slow ticks
+WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV),
+                 "distributed.worker.profile.enabled": False,
+                 "distributed.admin.tick.interval": "500ms",
+                 "distributed.admin.system-monitor.interval": "2s",
+                 "distributed.admin.system-monitor.gil.enabled": False,
+                 "distributed.worker.memory.monitor-interval": "1s"}
 _DASK_MISSING = ('dmft.sweep runs on dask.distributed, which is not installed: '
                  'pip install "dmft[sweeps]" (or pass serial=True / --serial to run the '
                  'points one after another in this process)')
@@ -609,9 +617,17 @@ def _client(client, scheduler, workers):
                              "cluster's own workers run the points (drop workers)")
         c = distributed.Client(scheduler)
         return c, [c]
+    import dask
     n = workers if workers is not None else (os.cpu_count() or 1)
-    cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, env=dict(WORKER_ENV))
+    # WORKER_CONFIG (handed on by the nannies): dask's nannies set MALLOC_TRIM_THRESHOLD_ in
+    # the workers' environment, which switches off glibc's dynamic mmap threshold, so every
+    # large numpy temporary of the solvers becomes an mmap + page faults: the same points ran
+    # 35 % slower in a one-worker cluster than in this process (benchmarks/sweep.py; with the
+    # defaults restored, the 2-worker cluster takes 0.52 x the serial wall time). The
+    # statistical profiler and the frequent ticks are off too (they only add GIL traffic).
+    with dask.config.set(WORKER_CONFIG):
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, env=dict(WORKER_ENV))
     c = distributed.Client(cluster)
     return c, [c, cluster]
 
