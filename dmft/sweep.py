@@ -486,13 +486,38 @@ def _summarize(result, keep_arrays):
         out["ntk_alignment"] = (("step",),
                                 _alignment(K, np.asarray(sol.data.y_train, float).ravel()))
         Kmean = K
+    if getattr(sol.data, "paired", False):
+        _representation(out, sol if ens is None else ens, ens is not None)
     for name in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "ntk_change",
-                 "ntk_alignment"):
+                 "ntk_alignment", "linear_probe", "off_diagonal_mass"):
         if name in out:
             out[f"final_{name}"] = ((), np.asarray(out[name][1][-1]))
     if keep_arrays:
         out["ntk"] = (("step", "point", "point_"), Kmean)
     return {k: (dims, np.asarray(v)) for k, (dims, v) in out.items()}
+
+
+def _representation(out, result, ens):
+    """Self-supervised read-outs (docs/theory.rst §7; means over the networks of an
+    Ensemble): the views' cross-correlation C_ij(t) (dims step, embed, embed_), its
+    off-diagonal mass sum_{i != j} C_ij^2 and, with labelled test points, the linear-probe
+    accuracy. The kernel-target alignment has no targets here and is left out."""
+    from .representation import cross_correlation, linear_probe
+    out.pop("ntk_alignment", None)
+    try:
+        cc = cross_correlation(result)
+    except FloatingPointError:          # a collapsed embedding: standardisation undefined
+        cc = None
+    if cc is not None:
+        off = cc * (1.0 - np.eye(cc.shape[-1]))
+        mass = np.sum(off * off, axis=(-2, -1))
+        out["cross_correlation"] = (("step", "embed", "embed_"),
+                                    np.mean(cc, axis=0) if ens else cc)
+        out["off_diagonal_mass"] = (("step",), np.mean(mass, axis=0) if ens else mass)
+    data = result.data
+    if getattr(data, "labels_test", None) is not None and data.Q >= 4:
+        acc = linear_probe(result)
+        out["linear_probe"] = (("step",), np.mean(acc, axis=0) if ens else acc)
 
 
 # ------------------------------------------------------------------------------------------

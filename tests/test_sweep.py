@@ -377,3 +377,32 @@ def test_benchmark_identity_check_sees_differences(runs):
     planted.status.values[0, 0, 0] = "error"
     diffs, differ = bench.max_diffs(serial, planted)
     assert differ == [0] and diffs["test_predictions"] == 0
+
+
+def test_barlow_twins_sweep_records_the_representation_read_outs(tmp_path):
+    """Self-supervised points (docs/theory.rst §7): the sweep file carries the views'
+    cross-correlation, its off-diagonal mass and the linear probe, equal to the read-outs of
+    the per-point results; no kernel-target alignment (there are no targets)."""
+    base = {"net": {"depth": 1, "activation": "tanh"},
+            "data": {"generator": "views", "M": 5, "Q": 6, "D": 4, "dim": 2},
+            "train": {"gamma0": 0.0, "lr": 0.3, "steps": 5, "loss": "barlow_twins",
+                      "output_offset": "nngp"}}
+    grid = {"variant": [{"name": "static", "solve": {"method": "static"}},
+                        {"name": "N=32", "simulate": {"width": 32, "seeds": 2,
+                                                      "center": True,
+                                                      "parameterization": "ntk"}}]}
+    ds = dmft.sweep(base, grid, out=str(tmp_path / "bt.h5"), serial=True, progress=False)
+    assert list(ds.status.values) == ["converged", "converged"]
+    assert "ntk_alignment" not in ds and ds.cross_correlation.dims[-2:] == ("embed", "embed_")
+    for i in range(2):
+        res = dmft.load_point(str(tmp_path / "bt.h5"), i)
+        cc = dmft.cross_correlation(res)
+        probe = dmft.linear_probe(res)
+        off = cc[..., -1, :, :] * (1 - np.eye(2))
+        mass = np.sum(off ** 2, axis=(-2, -1))
+        if cc.ndim == 4:                     # an Ensemble: means over the networks
+            cc, probe, mass = cc.mean(0), probe.mean(0), mass.mean(0)
+        np.testing.assert_allclose(ds.cross_correlation.values[i], cc, rtol=1e-12)
+        np.testing.assert_allclose(ds.linear_probe.values[i], probe, rtol=1e-12)
+        assert float(ds.final_off_diagonal_mass.values[i]) == pytest.approx(float(mass),
+                                                                            rel=1e-12)
