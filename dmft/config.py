@@ -407,16 +407,23 @@ def _check_options(adapter, table):
                            if k not in ("method", *_COMMON_KEYS)})
 
 
+def read_toml(path, what: str = "config file") -> dict:
+    """The table of a TOML file; ValueError (naming ``what`` and the path) when it is missing
+    or not valid TOML."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+
+
 def load_config(path) -> RunConfig:
     """Read and validate a TOML run configuration (see the module docstring)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"config file {path} does not exist")
-    try:
-        with open(path, "rb") as fh:
-            cfg = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    cfg = read_toml(path)
     try:
         return parse_config(cfg, os.path.dirname(os.path.abspath(path)), source=path)
     except ValueError as exc:

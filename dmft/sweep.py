@@ -591,15 +591,9 @@ def _persist(res, indices, points_dir, specs):
 def _read_spec(spec):
     """(base config dict, grid from its [sweep] table or None, base_dir)."""
     if isinstance(spec, (str, os.PathLike)):
-        from .config import tomllib
+        from .config import read_toml
         path = os.fspath(spec)
-        if not os.path.exists(path):
-            raise ValueError(f"sweep file {path} does not exist")
-        try:
-            with open(path, "rb") as fh:
-                cfg = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        cfg = read_toml(path, "sweep file")
         base_dir = os.path.dirname(os.path.abspath(path))
     elif isinstance(spec, dict):
         cfg, base_dir = copy.deepcopy(spec), os.getcwd()

@@ -42,6 +42,17 @@ def _bt(**kw):
     return dmft.GradientDescent(**base)
 
 
+def _torch_bt(z, M, lam, standardize):
+    """The Barlow Twins loss of torch embeddings z (2M, C), written out independently."""
+    A, B = z[:M], z[M:]
+    if standardize:
+        A = (A - A.mean(0)) / A.std(0, unbiased=False)
+        B = (B - B.mean(0)) / B.std(0, unbiased=False)
+    Cc = A.T @ B / M
+    on = Cc.diagonal()
+    return ((1 - on) ** 2).sum() + lam * ((Cc ** 2).sum() - (on ** 2).sum())
+
+
 # --- the loss and its gradient ------------------------------------------------------------
 @pytest.mark.parametrize("standardize", [True, False])
 @pytest.mark.parametrize("lam,C", [(1.0, 1), (1.0, 3), (0.05, 2), (0.0, 3)])
@@ -82,13 +93,7 @@ def test_error_signal_against_autograd(standardize):
     M, C, lam = 6, 3, 0.3
     F = rng.standard_normal((2 * M, C))
     f = torch.tensor(F, requires_grad=True)
-    A, B = f[:M], f[M:]
-    if standardize:
-        A = (A - A.mean(0)) / A.std(0, unbiased=False)
-        B = (B - B.mean(0)) / B.std(0, unbiased=False)
-    Cc = A.T @ B / M
-    on = torch.diagonal(Cc)
-    loss = ((1 - on) ** 2).sum() + lam * ((Cc ** 2).sum() - (on ** 2).sum())
+    loss = _torch_bt(f, M, lam, standardize)
     loss.backward()
     value, delta = barlow_twins(F, lam, standardize)
     assert value == pytest.approx(loss.item(), rel=1e-13)
@@ -135,14 +140,7 @@ def test_static_is_kernelized_barlow_twins(standardize):
     f = np.zeros((train.steps + 1, data.P + data.Q, 2))
     for t in range(train.steps):
         z = torch.tensor(f[t, :P] + f0[:P], requires_grad=True)
-        A, B = z[:M], z[M:]
-        if standardize:
-            A = (A - A.mean(0)) / A.std(0, unbiased=False)
-            B = (B - B.mean(0)) / B.std(0, unbiased=False)
-        Cc = A.T @ B / M
-        on = torch.diagonal(Cc)
-        loss = ((1 - on) ** 2).sum() + 0.7 * ((Cc ** 2).sum() - (on ** 2).sum())
-        loss.backward()
+        _torch_bt(z, M, 0.7, standardize).backward()
         f[t + 1] = f[t] - train.lr * K[:, :P] @ z.grad.numpy()
     f += f0
     np.testing.assert_allclose(sol.train_predictions, f[:, :P], rtol=1e-10, atol=1e-12)
