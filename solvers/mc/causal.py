@@ -63,6 +63,7 @@ columns only, are single GEMMs. Kernels are flat (T1 n, T1 n) with index t n + m
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from scipy.linalg import solve_triangular
 
 from ..activations import apply
@@ -111,6 +112,17 @@ def estimate_flops_outputs(T1, n, P, depth, samples, tangent_samples, responses,
     return float(march + tang)
 
 
+@njit(cache=True)
+def _add_with_square(acc, acc2, x):
+    """acc += x and acc2 += x * x in one pass over flat arrays (the same float64 operations
+    as numpy's, without the temporaries: the per-population sums of the two-time kernels
+    are the largest arrays of the solve)."""
+    for i in range(x.size):
+        v = x[i]
+        acc[i] += v
+        acc2[i] += v * v
+
+
 def _check_finite(name, a, t, layer):
     if not np.all(np.isfinite(a)):
         raise FloatingPointError(f"non-finite {name} in layer {layer} at step {t}; the fields "
@@ -121,7 +133,7 @@ class _Layer:
     """State of one layer of one population (see the module docstring for the layout)."""
 
     def __init__(self, T1, n, P, S, Sr, *, r_sys, u_sys, stein, resp, cv, tdtype, src_rtol,
-                 stein_rtol, C=1):
+                 stein_rtol, C=1, phi=None, g=None):
         # C outputs (docs/theory.rst §7): backward fields and G over rows (mu, c), point-major
         Q = n - P
         m = T1 * n
@@ -130,8 +142,9 @@ class _Layer:
         self.Gtr = np.zeros((T1, P * C, S))           # train rows of g, for the memory GEMMs
         self.PHtr = np.zeros((T1, P, S))
         self.PHte = np.zeros((T1, Q, S)) if Q else None
-        self.phi = np.zeros((m, m))
-        self.g = np.zeros((m * C, m * C))
+        # the flat kernels may be views into the population's stacked (L, ...) results
+        self.phi = np.zeros((m, m)) if phi is None else phi
+        self.g = np.zeros((m * C, m * C)) if g is None else g
         # <Lam1 Lam1^T> over all samples and over the tangent samples (responses' control
         # variate and the closed-form test-test blocks of B)
         # (only its train columns and the test-test diagonal blocks are ever used)
@@ -265,14 +278,17 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
     m = T1 * n
     half = S // 2
     rng = np.random.default_rng(seed)
+    # the results are written in place into stacked arrays (no copy at the end)
+    phi_all, g_all = np.zeros((L, m, m)), np.zeros((L, m, m))
     layers = [_Layer(T1, n, P, S, Sr, r_sys=responses and l <= L - 2,
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
-                     tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol)
+                     tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol,
+                     phi=phi_all[l], g=g_all[l])
               for l in range(L)]
     # responses, flat (T1 n, T1 n): A[l] = A^{l+1}, B[l] = B^{l+1} (1-based layers)
-    A = [np.zeros((m, m)) for _ in range(L - 1)]
-    B = [np.zeros((m, m)) for _ in range(L - 1)]
+    A_all, B_all = np.zeros((L - 1, m, m)), np.zeros((L - 1, m, m))
+    A, B = list(A_all), list(B_all)
     # layer 1: u^1 constant in time, u = Fx xi with Fx the low-rank factor of Kx; with w(0)
     # these are rank(Kx) + 1 numbers per pair, drawn by randomised QMC (``sampler="sobol"``)
     Fx = low_rank_factor(kx)
@@ -461,10 +477,9 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                 dw[:cz1] += (gamma0 * lr) * (delta[t].astype(tdtype) @ top.udphi[t, :, :cz1])
         if bar is not None:
             bar.update(1)
-    out = {"f": f, "ntk": ntk, "phi": np.stack([ly.phi for ly in layers]),
-           "g": np.stack([ly.g for ly in layers]),
-           "A": np.stack(A) if (responses and L >= 2) else None,
-           "B": np.stack(B) if (responses and L >= 2) else None}
+    out = {"f": f, "ntk": ntk, "phi": phi_all, "g": g_all,
+           "A": A_all if (responses and L >= 2) else None,
+           "B": B_all if (responses and L >= 2) else None}
     if rec is not None:
         out["sources"] = rec
     return out
@@ -529,13 +544,15 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
     half = S // 2
     rng = np.random.default_rng(seed)
     iota = np.array([obj.init_scale(t) for t in range(T1)])
+    phi_all, g_all = np.zeros((L, m, m)), np.zeros((L, mC, mC))
     layers = [_Layer(T1, n, P, S, Sr, r_sys=responses and l <= L - 2,
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
-                     tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol, C=Cout)
+                     tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol, C=Cout,
+                     phi=phi_all[l], g=g_all[l])
               for l in range(L)]
-    A = [np.zeros((m, mC)) for _ in range(L - 1)]
-    B = [np.zeros((mC, m)) for _ in range(L - 1)]
+    A_all, B_all = np.zeros((L - 1, m, mC)), np.zeros((L - 1, mC, m))
+    A, B = list(A_all), list(B_all)
     Fx = low_rank_factor(kx)
     r1 = Fx.shape[1]
     if sampler == "sobol":
@@ -753,10 +770,9 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                     delta[t].T.astype(tdtype) @ top.udphi[t, :, :cu1])
         if bar is not None:
             bar.update(1)
-    return {"f": f, "ntk": ntk, "phi": np.stack([ly.phi for ly in layers]),
-            "g": np.stack([ly.g for ly in layers]),
-            "A": np.stack(A) if (responses and L >= 2) else None,
-            "B": np.stack(B) if (responses and L >= 2) else None}
+    return {"f": f, "ntk": ntk, "phi": phi_all, "g": g_all,
+            "A": A_all if (responses and L >= 2) else None,
+            "B": B_all if (responses and L >= 2) else None}
 
 
 def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, steps: int, *,
@@ -894,10 +910,11 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                     acc[key] = o[key].copy()
                     if key in ("f", "ntk", "phi", "g"):
                         acc2[key] = o[key] * o[key]
+                elif key in acc2:
+                    _add_with_square(acc[key].reshape(-1), acc2[key].reshape(-1),
+                                     o[key].reshape(-1))
                 else:
                     acc[key] += o[key]
-                    if key in acc2:
-                        acc2[key] += o[key] * o[key]
             if record_sources:
                 pops.append(o)
             if logger is not None:
