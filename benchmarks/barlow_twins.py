@@ -10,7 +10,7 @@ at the same O(1) output (the package's convention for the O(1) initial output).
 
 Three parts, one table each:
 
-(a) ``seed's theorem``: two-layer tanh and relu networks in the NTK parameterisation
+(a) ``the NTK-constancy theorem`` (arXiv 2411.11176): two-layer tanh and relu networks in the NTK parameterisation
     (``dmft.simulate(..., parameterization="ntk")``, gamma0 = 1/sqrt(N)) of widths
     128 ... 8192, several seeds. Per width: sup_t ||K(t) - K(0)||_F / ||K(0)||_F over the
     training views (:func:`dmft.ntk_change`), sup_t ||K(t) - K_static||_F / ||K_static||_F
@@ -146,7 +146,7 @@ def log(msg):
     print(msg, flush=True)
 
 
-# --- (a) the seed's theorem ------------------------------------------------------------------
+# --- (a) the NTK-constancy theorem (arXiv 2411.11176) ------------------------------------------------------------------
 def part_a(args):
     widths = args.widths_a
     data = digits_views(args.per_class_a, 0, args.C)

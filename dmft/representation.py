@@ -7,7 +7,8 @@ over time (with a leading seed axis for an Ensemble):
     The Barlow Twins cross-correlation C(t) of the two views' embeddings (T+1, C, C).
 :func:`ntk_change`
     ||K(t) - K(0)||_F / ||K(0)||_F of the NTK over the training points (T+1,): the quantity
-    whose supremum over t falls as N^(-1/2) in the NTK parameterisation (seed 000's theorem).
+    whose supremum over t tends to 0 in the NTK parameterisation (the theorem of
+    arXiv 2411.11176; at least as fast as N^(-1/2), measured 1/N for tanh).
 :func:`linear_probe`
     Accuracy of a ridge-regression linear classifier fitted on the embeddings of part of the
     labelled test points and evaluated on the rest (T+1,).

@@ -235,7 +235,7 @@ NOTEBOOKS = {
                "shifted views of scikit-learn digits. Every run adds the same fixed NNGP draw "
                "f0 to the output (`output_offset='nngp'`; networks are centred), the package's "
                "convention for the O(1) initial output (f = 0 is a stationary point of the loss). "
-               "First the seed's claim (Fleissner, Anil & Ghoshdastidar): in the NTK "
+               "First the claim of Fleissner, Anil & Ghoshdastidar (arXiv 2411.11176): in the NTK "
                "parameterisation the NTK freezes as the width grows and the networks approach "
                "kernelized Barlow Twins (`method='static'`). Then beyond it: the rich regime "
                "(gamma0 = 1) from the DMFT (`method='mc'`) beside muP networks, and the "
@@ -267,7 +267,7 @@ NOTEBOOKS = {
                  "    return dmft.GradientDescent(gamma0=gamma0, lr=lr, steps=steps, "
                  "loss='barlow_twins',\n"
                  "                                output_offset='nngp', offset_seed=0)"),
-        ("md", "## 1. The seed's claim: NTK parameterisation -> kernelized Barlow Twins\n\n"
+        ("md", "## 1. The NTK-constancy claim (arXiv 2411.11176): NTK parameterisation -> kernelized Barlow Twins\n\n"
                "`dmft.simulate(..., parameterization='ntk')` trains with gamma0 = 1/sqrt(N). "
                "Three distances per width (mean over networks): the NTK's own change "
                "sup_t |K(t) - K(0)| / |K(0)|, the NTK's distance from the static NTK "

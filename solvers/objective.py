@@ -19,7 +19,7 @@ hinge           max(0, 1 - y f)                 y 1[y f < 1] (a subgradient)    
 barlow_twins    not per point (below)           -dL/dF through the cross-correlation   none
 ==============  ==============================  =====================================  ========
 
-Barlow Twins (docs/theory.rst §7, seed 000): the P training points are 2 M views, the first M
+Barlow Twins (docs/theory.rst §7; Fleissner, Anil & Ghoshdastidar, arXiv 2411.11176): the P training points are 2 M views, the first M
 the views A of M samples and the last M their views B, in the same order. With the (optionally
 batch-standardised, per view and output) embeddings Z^A = F[:M], Z^B = F[M:], the
 cross-correlation C = Z^A^T Z^B / M (C x C) and

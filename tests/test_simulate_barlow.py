@@ -16,9 +16,9 @@ What they prove:
   options["parameterization"], options["gamma0_given"]) and round-trips through HDF5 and a
   config file; bad values are refused; a checkpoint of one parameterisation does not resume
   the other;
-- (slow) the seed's theorem: two-layer tanh and relu networks in the NTK parameterisation
+- (slow) the NTK-constancy theorem (arXiv 2411.11176): two-layer tanh and relu networks in the NTK parameterisation
   trained on the Barlow Twins loss have sup_t ||K(t) - K(0)||_F / ||K(0)||_F falling with
-  width at least as fast as N^(-1/2) (the seed's bound; the rate measured is faster, see
+  width at least as fast as N^(-1/2) (the theorem's bound; the rate measured is faster, see
   :func:`test_ntk_change_falls_with_width`), and the centred networks started at the NNGP
   offset converge to method="static" with the same train, max |f_N - f_static| ~ N^(-1/2).
 """
@@ -42,7 +42,7 @@ TOL = {
     # central differences with step h: truncation O(h^2 L''') ~ 1e-10 and rounding
     # O(eps L / h) ~ 1e-11 at h = 1e-5, relative to the O(1) gradient entries
     "fd": dict(rtol=1e-7, atol=1e-9),
-    # the seed's bound: sup_t ||K(t) - K(0)|| / ||K(0)|| falls at least as fast as N^(-1/2);
+    # the theorem's bound: sup_t ||K(t) - K(0)|| / ||K(0)|| falls at least as fast as N^(-1/2);
     # the issue's tolerance on the fitted slope is 0.1
     "slope": 0.1,
 }
@@ -342,7 +342,7 @@ def test_checkpoint_keeps_the_parameterization_apart(tmp_path, monkeypatch):
     assert np.array_equal(res.train_predictions, ref.train_predictions)
 
 
-# --- the seed's theorem (slow) ---------------------------------------------------------------
+# --- the NTK-constancy theorem (arXiv 2411.11176) (slow) ---------------------------------------------------------------
 WIDTHS = (128, 512, 2048, 8192)
 
 
@@ -392,7 +392,7 @@ _ids = [f"{a}-C{c}" for a, c, _, _ in THEOREM_CASES]
 @pytest.mark.slow
 @pytest.mark.parametrize("activation, C, lr, steps", THEOREM_CASES, ids=_ids)
 def test_ntk_change_falls_with_width(activation, C, lr, steps):
-    """The seed's theorem: sup_t ||K(t) - K(0)||_F / ||K(0)||_F -> 0 as N -> infinity for
+    """The NTK-constancy theorem (arXiv 2411.11176): sup_t ||K(t) - K(0)||_F / ||K(0)||_F -> 0 as N -> infinity for
     two-layer networks in the NTK parameterisation trained on the Barlow Twins loss, its bound
     falling as N^(-1/2). Measured on the networks as the seed defines them (the loss sees each
     network's own O(1) output; no offset, no centring).
