@@ -13,10 +13,14 @@ __all__ = ["estimate_fluct"]
 def estimate_fluct(method, sol, opts):
     """Result: the two-time covariance (T1, T1, n, n) and (T1, n, n) arrays. Work, by
     method: "propagator" the chunked tangents (~32 MB), the NTK tangents 2 T1 n(n+1)/2 P T
-    and the flat (n T1)^2 accumulator; "lazy" the sampled per-unit kernels and n^4
+    and the flat (n T1)^2 accumulator (with ``times`` / ``response_samples`` / ``sampler``:
+    the adjoint engine, its cost below); "lazy" the sampled per-unit kernels and n^4
     moments; "linear-exact" (n+1)^2 perturbed trajectories; "deep-linear" the adjoint
     rows n T1 (2 (n T1 + T1))^2 per layer and the march's graph; "deep-propagator" the
-    solution's flat kernels, the masks and the adjoint rows J (~4 L (n T1)^3)."""
+    value buffers and graph of the causal recursion (~23 L T1 n S floats), the batched
+    backward's adjoint fields (<= 1.5 GB), the adjoint rows J (4 L K (n T1)^2 for K
+    observables at the chosen ``times``) and the forward-mode kappa chunk; time calibrated on
+    tanh depth 2 / 3, 8 + 4 points, 40 steps (2 shared cores, Dec 2026)."""
     if not isinstance(sol, Solution):
         return None
     L, P, n, T = sol.net.depth, sol.data.P, sol.data.P + sol.data.Q, sol.train.steps
@@ -32,7 +36,30 @@ def estimate_fluct(method, sol, opts):
     result = K1 + 8 * 6 * T1 * n * n
     name = method.name
     torch_bytes, startup = 500_000_000, 0.0     # importing PyTorch (the deep methods)
-    if name == "propagator":
+    fast = name == "propagator" and C == 1 and (
+        getattr(opts, "times", None) is not None or getattr(opts, "response_samples", None)
+        is not None or getattr(opts, "sampler", None) == "sobol")
+    if fast:
+        # the adjoint engine (solvers.fluct.propagator.two_layer_propagator_times): tangents
+        # of R samples on the training points (~T^2 P^3 / 2 each) plus the selected rows;
+        # three plain marches of every sample; one triangular solve per estimate (blocks + 1)
+        # for the k (n + m) adjoint rows; J sums 2 k P T (n + m) + 2 T P T P; chunk buffers
+        # ~32 MB x 4; block estimates 2 blocks T1 n^2; the response (T1, n, P T) and a copy
+        # of the two-time result. Measured peak at 16 + 16 points, T = 100, one time: 0.6 GB
+        # above the interpreter's 0.45 GB (estimate 0.47 GiB). Units calibrated to 5e-9 s (2 cores:
+        # 5-7 ms per tangent sample at P = 16, T = 100, n = 32, one time).
+        times = getattr(opts, "times", None)
+        k = T1 if times is None else len(set(t % T1 for t in times if -T1 <= t <= T))
+        mm = n * (n + 1) // 2 if opts.ntk else 0
+        p = T * P
+        R = min(samples, getattr(opts, "response_samples", None) or -(-samples // 8))
+        result += 8 * 2 * blocks * T1 * n * n
+        work = K1 + 8 * (16_000_000 + 2 * p * n * n + 4 * k * p * (n + mm) + 2 * T * p * P
+                         + 2 * p * p + samples * (n + 1) + T1 * n * p)
+        units = (R * (T * T * P * P * (P + 2) / 28 + k * T * P * n * (n + P) / 4)
+                 + samples * (0.3 * T * n * P + 0.03 * p * k * (n + mm))
+                 + (blocks + 1) * 0.005 * p * p * k * (n + mm))
+    elif name == "propagator":
         work = (3 * K1 + 2 * 32_000_000 + 8 * samples * (n + 1) + 8 * T1 * n * T * P
                 + (8 * 2 * T1 * n * (n + 1) // 2 * P * T if opts.ntk else 0))
         units = 10 * samples * T1 * T * P * n
@@ -49,11 +76,20 @@ def estimate_fluct(method, sol, opts):
         startup = 5.0
         units = L * T1 * m ** 3 + L * m * (2 * (m + T1)) ** 2
     elif name == "deep-propagator":
+        # solvers.fluct.deep_causal (one backward pass per batch of observables) and
+        # solvers.fluct.kappa_stein (forward-mode kappa); K observables at the chosen times
         ks = min(samples, getattr(opts, "kappa_samples", None) or DEFAULT_KAPPA_SAMPLES)
-        work = ((4 * L - 2 + 4 + 2 * blocks) * K1 + 8 * 4 * L * m ** 3
-                + 8 * 4 * L * samples * m + 5 * m * m + torch_bytes)
+        times = getattr(opts, "times", None)
+        nt = T1 if times is None else len(set(int(t) % T1 for t in times))
+        K = nt * (n + (n * (n + 1) // 2 if opts.ntk else 0))
+        fields = 8 * 23 * L * T1 * n * samples                # value buffers + graph
+        transient = min(64 * L * T1 * n * samples * 32, 1_500_000_000)
+        J = 8 * L * (4 * K * m * m + K * m)
+        kappa = 600 * 32 * K * m
+        work = fields + transient + J + kappa + 8 * 8 * L * m * m + torch_bytes
         startup = 5.0
-        units = (samples + 4 * ks) * L * m ** 2 + 4 * L * m ** 3
+        units = 0.2 * K * L * T1 ** 2 * n ** 2 * samples + \
+            0.7 * K * L * T1 ** 2 * n ** 2 * ks
     else:
         return None
     return estimate("fluctuations", result, result + work, units,

@@ -13,7 +13,11 @@ Methods (``method=``):
     marched under the solution's Delta(t); N Cov(f) = (I + J E)^{-1} kappa (I + J E)^{-T} with
     J = d<O>/dDelta from forward-mode tangents and kappa the single-site covariance (it contains
     the initial-output variance Phi^1 / gamma0^2 unless ``center=True``). Monte Carlo standard
-    errors by batch means.
+    errors by batch means. With ``times`` (or ``response_samples`` / ``sampler``) the adjoint
+    engine (:func:`solvers.fluct.propagator.two_layer_propagator_times`): only the selected
+    rows of J, each observable's influence psi_o = o - <o> - w_o . (E e) with the adjoint row
+    w_o = (I + E J)^-T J_o^T, J from a subsample (``response_samples``, default 1 in 8),
+    scrambled-Sobol samples by default; the same estimand, at a fraction of the cost.
 ``"lazy"``
     The gamma0 -> 0 universal form: frozen random kernel, linear dynamics; exact moments for
     linear networks, sampled otherwise (any activation, ReLU included). Uses only the t = 0 NTK
@@ -73,11 +77,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numbers
+
 import numpy as np
 
 from solvers import fluct as _engine
 from solvers.fluct import deep_linear as _deep
 from solvers.fluct import deep_mc as _deep_mc
+from solvers.fluct import propagator as _prop
 
 from solvers.objective import Objective
 
@@ -94,6 +101,67 @@ _MOMENTS = ("auto", "exact", "sampled")
 DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000, "deep-propagator": 16384}
 #: single-site samples for kappa (per-sample Jacobians and Hessians) in "deep-propagator"
 DEFAULT_KAPPA_SAMPLES = 8192
+#: "propagator" with ``times``: by default 1 sample in 8 also carries tangents for the
+#: response J (the rest feed kappa and the influence vectors only; a tangent march costs
+#: ~50 x a plain one at P = 16, T = 100); measured in benchmarks/README.md (fluctuations.py,
+#: part ``speed``)
+DEFAULT_RESPONSE_FRACTION = 8
+_SAMPLERS = ("random", "sobol")
+
+
+def _times(name, value):
+    """``times``: a non-empty sequence of integer steps (range checked against the solution
+    by :func:`_resolve_times`); normalised to a tuple of ints."""
+    fix = "; pass a list of steps, e.g. times=[-1] for the last step or times=[0, 10, 20]"
+    if isinstance(value, (str, bytes, dict, set)) or np.ndim(value) != 1:
+        raise ValueError(f"{name} must be None or a sequence of integer steps, got "
+                         f"{value!r}{fix}")
+    out = []
+    for v in np.asarray(value, dtype=object).tolist():
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{name} must contain integer steps, got {v!r} in {value!r}{fix}")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name} is empty{fix} (or times=None for every step)")
+    return tuple(out)
+
+
+def _resolve_times(times, T):
+    """Sorted distinct steps in 0 .. T (negative: from the end, -1 = T), or None."""
+    if times is None:
+        return None
+    bad = [t for t in times if not -(T + 1) <= t <= T]
+    if bad:
+        raise ValueError(f"times={list(times)} has step(s) {bad} outside 0 .. {T} (or "
+                         f"-{T + 1} .. -1 counted from the end) of the solution's {T} "
+                         f"training steps; use steps in that range, e.g. times=[{T}]")
+    return sorted({t % (T + 1) for t in times})
+
+
+def _selected(cov, times):
+    """The times x times blocks of a two-time (T1, T1, ...) covariance (all when None)."""
+    cov = np.asarray(cov)
+    return cov if times is None else cov[np.ix_(times, times)]
+
+
+def _mask_times(res, times, T1, keys=("pred_cov", "ntk_var", "pred_cov_stderr",
+                                      "ntk_var_stderr", "pred_cov_se", "ntk_var_se")):
+    """NaN outside the selected ``times`` (equal-time arrays) and outside the times x times
+    blocks (``cov``), in place."""
+    if times is None:
+        return res
+    off = np.ones(T1, dtype=bool)
+    off[times] = False
+    for key in keys:
+        if res.get(key) is not None:
+            res[key] = np.array(res[key], dtype=np.float64)
+            res[key][off] = np.nan
+    if res.get("cov") is not None:
+        cov = np.array(res["cov"], dtype=np.float64)
+        cov[off] = np.nan
+        cov[:, off] = np.nan
+        res["cov"] = cov
+    return res
 
 
 def _blocks(name, value):
@@ -128,6 +196,15 @@ class PropagatorOptions(SampledOptions):
 
     chunk: int | None = option(None, positive_int(" (samples per batch, e.g. chunk=256) or None"),
                                "samples processed together")
+    times: tuple | None = option(None, _times, "steps at which to compute the covariances "
+                                               "(None: every step)")
+    response_samples: int | None = option(
+        None, positive_int(" (samples whose tangents form the response J, e.g. 4096) or None"),
+        "samples for the response J (default samples / 8)")
+    sampler: str | None = option(None, one_of(_SAMPLERS, "sampler {value!r} is unknown; use "
+                                                 "one of " + str(list(_SAMPLERS))),
+                                 "i.i.d. ('random') or scrambled Sobol ('sobol'); default "
+                                 "'sobol' with times, else 'random'")
 
 
 @dataclass(frozen=True)
@@ -144,6 +221,8 @@ class DeepPropagatorOptions(SampledOptions):
 
     kappa_samples: int | None = option(None, positive_int(" (samples for kappa, e.g. 8192)"),
                                        "samples for kappa")
+    times: tuple | None = option(None, _times, "steps at which to compute the covariances "
+                                               "(None: every step)")
 
 
 @dataclass(frozen=True)
@@ -261,6 +340,20 @@ class FluctuationMethod(Method):
     def compute(self, state: _State) -> dict:
         raise NotImplementedError
 
+    def finish(self, ctx, result, throw):
+        """As :meth:`Method.finish`; with ``times`` the standard errors are NaN outside the
+        selected times by design, so the finiteness rule is applied to those times only."""
+        times = result.options.get("times") if isinstance(result.options, dict) else None
+        if times is None or result.status != "converged":
+            return super().finish(ctx, result, throw)
+        full = result.stderr
+        result.stderr = {k: (None if v is None else np.asarray(v)[times])
+                         for k, v in full.items()}
+        try:
+            return super().finish(ctx, result, throw)
+        finally:
+            result.stderr = full
+
     def estimate(self, sol, *, opts):
         """Memory and time before the work (:func:`dmft._fluct_estimate.estimate_fluct`)."""
         from ._fluct_estimate import estimate_fluct
@@ -288,10 +381,13 @@ class FluctuationMethod(Method):
             raise ValueError("sol has non-finite predictions or NTK; fluctuations need a "
                              "finite infinite-width solution (reduce lr or gamma0 in the solve)")
         state.rng = ctx.rng()
+        state.times = _resolve_times(getattr(opts, "times", None), sol.train.steps)
         state.options.update(method=self.name, center=opts.center, ntk=opts.ntk,
                              seed=ctx.seed_int,
                              **{k: getattr(opts, k) for k in ("blocks", "chunk")
                                 if hasattr(opts, k)})
+        if hasattr(opts, "times"):
+            state.options["times"] = state.times
         try:
             res = self.compute(state)
         except FloatingPointError as exc:
@@ -315,7 +411,7 @@ class FluctuationMethod(Method):
                           options=state.options, extras=state.extras)
         if state.failure is not None:
             fl.fail(*state.failure)
-        elif not np.all(np.isfinite(res["cov"])):
+        elif not np.all(np.isfinite(_selected(res["cov"], state.times))):
             fl.fail("diverged", f"fluctuations ({self.name}): non-finite covariance (the "
                                 f"linearised dynamics diverged); reduce lr or gamma0")
         return fl
@@ -367,14 +463,35 @@ class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
         kx = sol.data.kx
         delta, jac, obj = _delta_jacobian(sol, opts.center)
         plain = obj.plain
-        if plain:
+        T = train.steps
+        # selected times, a response subsample or QMC: the adjoint engine (original problem)
+        fast = plain and (state.times is not None or opts.response_samples is not None
+                          or opts.sampler == "sobol")
+        sampler = opts.sampler or ("sobol" if fast else "random")
+        if not plain and (opts.response_samples is not None or sampler != "random"):
+            raise ValueError("response_samples and sampler apply to the original problem (mse, "
+                             "one output, full batch, no weight decay) only; drop them")
+        if fast:
+            times = list(range(T + 1)) if state.times is None else state.times
+            R = -(-state.samples // DEFAULT_RESPONSE_FRACTION) \
+                if opts.response_samples is None else opts.response_samples
+            if sampler == "sobol":
+                u, w0 = _prop.draw_units_sobol(kx, state.samples, opts.blocks, state.rng)
+            else:
+                u, w0 = _engine.draw_units(kx, state.samples, state.rng)
+        elif plain:
             # the original problem: the original (Numba) path, numbers unchanged
             u, w0 = _engine.draw_units(kx, state.samples, state.rng)
         else:
             u, w0 = _engine.draw_units_multi(kx, state.samples, obj.C, state.rng)
         bar = state.ctx.bar(state.samples, "fluctuations", unit="sample")
         try:
-            if plain:
+            if fast:
+                res = _prop.two_layer_propagator_times(
+                    net.activation, u, w0, kx, _delta(sol, opts.center), train.gamma0,
+                    train.lr, times, center=opts.center, blocks=opts.blocks,
+                    chunk=opts.chunk, ntk=opts.ntk, response_samples=R, progress=bar.update)
+            elif plain:
                 res = _engine.two_layer_propagator(
                     net.activation, u, w0, kx, _delta(sol, opts.center), train.gamma0,
                     train.lr, center=opts.center, blocks=opts.blocks, chunk=opts.chunk,
@@ -395,12 +512,20 @@ class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
             T = train.steps
             res["response"] = res["response"].reshape(
                 (T + 1, n, C, T, sol.data.P, C) if multi else (T + 1, n, T, sol.data.P))
+        if not fast:
+            _mask_times(res, state.times, T + 1, keys=("pred_cov", "ntk_var", "pred_cov_stderr",
+                                                       "ntk_var_stderr", "kappa"))
         state.stderr["prediction_cov"] = res["pred_cov_stderr"]
         if opts.ntk:
             state.stderr["ntk_var"] = res["ntk_var_stderr"]
         state.extras["response"] = res["response"]
         state.extras["kappa"] = res["kappa"]
         state.options["samples"] = state.samples
+        if fast:
+            state.options.update(response_samples=res["response_samples"], sampler=sampler)
+            state.extras["block_prediction_cov"] = res["block_pred_cov"]
+            if opts.ntk:
+                state.extras["block_ntk_var"] = res["block_ntk_var"]
         return res
 
 
@@ -550,27 +675,46 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
                 _state[0] = pct
                 bar.set_postfix_str(what)
 
+        extra = {} if state.times is None else {"times": state.times}
         try:
             res = _deep_mc.deep_propagator(
                 data.kx, np.asarray(data.y_train), net.activation, net.depth, train.gamma0,
                 train.lr, T, f=state.f_all, phi=flat(sol.phi), g=flat(sol.g), A=flat(sol.A),
                 B=flat(sol.B), center=opts.center, ntk=opts.ntk, samples=samples,
-                kappa_samples=ks, seed=ss, blocks=opts.blocks, progress=_tick, logger=logger)
+                kappa_samples=ks, seed=ss, blocks=opts.blocks, progress=_tick, logger=logger,
+                **extra)
         finally:
             bar.close()
-        if not (np.all(np.isfinite(res["cov"])) and res["residual"] < 1e-6):
-            state.failure = ("not_converged", (
-                f"fluctuations (deep-propagator): the adjoint iteration of the linearised "
-                f"single-site map did not converge (relative change {res['residual']:.3g} "
-                f"after the last iteration): the sampled map's Jacobian has an eigenvalue "
-                f"of modulus >= 1, from unstable dynamics or from sampling noise amplified "
-                f"by near-degenerate two-time kernels; use more samples, fewer steps, or "
-                f"a smaller lr or gamma0"))
+        # NaN outside the selected times (whether or not the engine already restricted them)
+        _mask_times(res, state.times, T + 1)
+        if not (np.all(np.isfinite(_selected(res["cov"], state.times)))
+                and res["residual"] < 1e-6):
+            gaps = res.get("fixed_point_gap")
+            if gaps is not None and not np.isfinite(res["residual"]):
+                state.failure = ("not_converged", (
+                    f"fluctuations (deep-propagator): the solution is not a fixed point of "
+                    f"the single-site map at these parameters (largest relative gap between "
+                    f"the samples' estimates and the solution's kernels and predictions: "
+                    f"{ {k: round(v, 3) for k, v in gaps.items()} }, Monte Carlo noise makes "
+                    f"them a few per cent): the solution comes from another lr / gamma0 / "
+                    f"problem, or the dynamics diverge at them; solve again with the "
+                    f"training you pass, or reduce lr or gamma0"))
+            else:
+                state.failure = ("not_converged", (
+                    f"fluctuations (deep-propagator): the linearised single-site map did not "
+                    f"give finite adjoint rows (relative change {res['residual']:.3g} after "
+                    f"the last iteration): the sampled map's Jacobian has an eigenvalue of "
+                    f"modulus >= 1, from unstable dynamics or from sampling noise amplified "
+                    f"by near-degenerate two-time kernels; use more samples, fewer steps, "
+                    f"or a smaller lr or gamma0"))
         state.stderr["prediction_cov"] = res["pred_cov_se"]
         if opts.ntk:
             state.stderr["ntk_var"] = res["ntk_var_se"]
         state.options.update(samples=int(samples), kappa_samples=int(ks),
                              residual=float(res["residual"]))
+        if res.get("fixed_point_gap") is not None:
+            state.options["fixed_point_gap"] = {k: float(v) for k, v in
+                                                res["fixed_point_gap"].items()}
         return res
 
 
@@ -654,8 +798,9 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         A key of :data:`FLUCTUATION_METHODS`: ``"auto"``, ``"propagator"``, ``"lazy"``,
         ``"linear-exact"``, ``"deep-linear"`` or ``"deep-propagator"`` (module docstring).
         Each method takes the options of its dataclass (``center`` and ``ntk`` always;
-        ``samples`` and ``blocks`` for the sampled methods; ``chunk`` for ``"propagator"``,
-        ``moments`` for ``"lazy"``, ``kappa_samples`` for ``"deep-propagator"``); an option
+        ``samples`` and ``blocks`` for the sampled methods; ``chunk``, ``response_samples``
+        and ``sampler`` for ``"propagator"``, ``times`` for both propagators, ``moments``
+        for ``"lazy"``, ``kappa_samples`` for ``"deep-propagator"``); an option
         that does not apply to the method (for ``"auto"``: to the method it chooses for
         ``sol``) raises ValueError.
     samples : int, optional
@@ -678,6 +823,30 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         Samples processed together (memory ~ chunk P T (P + 1 + 3 (P+Q)) floats; default
         about 32 MB, :func:`solvers.fluct.default_chunk`). Does not change the result
         beyond rounding.
+    times : sequence of int, optional
+        ``"propagator"`` and ``"deep-propagator"``: the steps (0 .. T; negative counts from
+        the end, -1 = T; duplicates dropped, sorted; recorded in ``options["times"]``) at
+        which ``prediction_cov``, ``ntk_var`` and their ``stderr`` are computed; every other
+        step is NaN (shapes unchanged), and ``extras["prediction_cov_two_time"]`` is filled on
+        the times x times blocks only. None (default): every step. ``"propagator"`` then
+        forms the response only for those rows (issue 21: 16 + 16 points, 100 steps at
+        ``times=[-1]`` in seconds to a minute instead of about an hour), with
+        ``response_samples`` of the samples carrying tangents.
+    response_samples : int, optional
+        ``"propagator"``: samples (of ``samples``, spread over the batch-means blocks) whose
+        forward-mode tangents form the response J; the others feed kappa and the influence
+        vectors only (a plain march costs ~1/50 of a tangent march). Default
+        ceil(samples / 8) with ``times``; given without ``times``, every step with the
+        adjoint engine. Each block uses its own J, so ``stderr`` includes J's noise;
+        ``options["response_samples"]`` records the count used, ``extras`` the per-block
+        estimates ``block_prediction_cov`` and ``block_ntk_var``.
+    sampler : str, optional
+        ``"propagator"``: ``"random"`` (i.i.d. normals) or ``"sobol"`` (each batch-means
+        block an independently scrambled Sobol set over the rank of Phi^0 plus one
+        dimension: independent replicates, honest error bars; uses the adjoint engine).
+        Default: ``"sobol"`` with ``times`` or ``response_samples`` (measured: half the
+        spread of ``"random"`` over seeds at equal cost, benchmarks/README.md), else
+        ``"random"`` (the original engine, numbers unchanged).
     ntk : bool
         Also compute ``ntk_var`` (``"propagator"``: memory 2 (T+1) n(n+1)/2 P T floats).
     moments : str
@@ -699,7 +868,7 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         docs/theory.rst §7; see the module docstring for which method handles which loss,
         weight decay and batches.)
         ``prediction_cov`` (T+1, n, n): N Cov[f_mu(t), f_nu(t)]; ``ntk_var`` (T+1, n, n):
-        N Var[K_mu,nu(t)] (NaN when ``ntk=False``); ``stderr`` with the same keys (Monte Carlo
+        N Var[K_mu,nu(t)] (NaN when ``ntk=False``, and both NaN outside ``times``); ``stderr`` with the same keys (Monte Carlo
         batch means; absent for deterministic methods); ``extras["prediction_cov_two_time"]``
         (T+1, T+1, n, n) N Cov[f_mu(t), f_nu(s)]; ``"propagator"`` adds ``extras["response"]``
         (T+1, n, T, P) J = d<O_mu(t)>/dDelta_a(s) and ``extras["kappa"]`` (T+1, n, n), the

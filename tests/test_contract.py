@@ -287,9 +287,11 @@ def test_fluctuation_table():
     # each method takes its own options, generated from its dataclass
     names = {name: set(a.Options.names()) for name, a in FLUCTUATION_METHODS.items()}
     assert names["linear-exact"] == names["deep-linear"] == {"center", "ntk"}
-    assert names["propagator"] == {"center", "ntk", "samples", "blocks", "chunk"}
+    assert names["propagator"] == {"center", "ntk", "samples", "blocks", "chunk", "times",
+                                  "response_samples", "sampler"}
     assert names["lazy"] == {"center", "ntk", "samples", "blocks", "moments"}
-    assert names["deep-propagator"] == {"center", "ntk", "samples", "blocks", "kappa_samples"}
+    assert names["deep-propagator"] == {"center", "ntk", "samples", "blocks", "kappa_samples",
+                                       "times"}
     assert names["auto"] == set().union(*names.values())
     data = _data()
     train = dmft.GradientDescent(1.0, 0.1, 3)

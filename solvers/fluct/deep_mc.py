@@ -30,6 +30,10 @@ polynomial xi xi^T - I. For each layer and observable i the per-sample scalar
     alpha_i = L_G^{-1} (J_i^a)^T phi,   beta_i = L_Phi^{-1} (J_i^b)^T g,
 
 gives N Cov(obs_i, obs_j) = sum_l [ Cov_s(X_i, X_j) - <alpha_i . alpha_j + beta_i . beta_j> ].
+That Stein form (``kappa="stein"``) is noise-dominated when innovations are small and misses
+the derivatives along degenerate source directions; the default ``kappa="jvp"`` evaluates the
+same formal moments with exact forward-mode directional derivatives of the march and
+Hutchinson traces, no Hessians (:mod:`solvers.fluct.kappa_stein`, with the measurements).
 
 Responses inside the map are estimated by Stein's lemma in causally whitened sources (as
 :func:`solvers.mc.stein_finish`), which is differentiable in q. Smooth activations only: the
@@ -42,9 +46,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layout import causal_cholesky, causal_mask, equal_time, two_time
+from ..layout import causal_cholesky, causal_mask, equal_time
 from ..mc.responses import stein_groups
 from .deep_linear import _torch
+from .deep_causal import causal_adjoint
+from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
 
 __all__ = ["deep_propagator"]
 
@@ -72,6 +78,7 @@ def _keep(K, rtol):
 def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A, B,
                     center=False, ntk=True, samples=16384, seed=0, rtol=1e-3, blocks=8,
                     batch=32, iters=None, chunk=32, kappa_samples=None, tol=1e-12,
+                    kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
                     progress=None, logger=None):
     """Leading-order N Cov of the predictions (and N Var of NTK entries) of a deep network.
 
@@ -103,6 +110,15 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
         Most adjoint iterations (default 2 (T1 + L) + 3; the causal map needs about T1 + L);
         they stop early when the relative change of the adjoint rows falls below ``tol``. The
         last change is returned as ``residual``.
+    kappa : {"jvp", "stein", "hessian"}
+        How the noise covariance is sampled (all three estimate the same formal MSR moments):
+        "jvp" (default) from forward-mode directional derivatives of the march along K
+        directions per sample plus Hutchinson probes for the traces, O(K m^2) per sample,
+        memory O(K m^2 + chunk K m) (:mod:`solvers.fluct.kappa_stein`); "stein" by Gaussian
+        integration by parts in the whitened sources, no derivatives at all, but its noise
+        grows as 1/(smallest kept innovation) and is useless for near-degenerate kernels
+        (measured there); "hessian" from per-sample Jacobians and Hessians of the march
+        (``_kappa_layer``: (chunk, m, m, m) per layer, small m only).
     progress : callable, optional
         Called with ``(done, total, what)`` after each adjoint iteration and kappa chunk.
     logger : logging.Logger, optional
@@ -120,6 +136,12 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     kx = np.asarray(kx, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n, P, L, T1 = kx.shape[0], y.size, int(depth), int(steps) + 1
+    if adjoint not in ("causal", "iterate"):
+        raise ValueError(f"adjoint={adjoint!r}: use 'causal' (default) or 'iterate'")
+    times = list(range(int(steps) + 1)) if times is None else sorted(int(t) for t in times)
+    tsel = np.asarray(times, dtype=np.int64)
+    if kappa not in ("jvp", "stein", "hessian"):
+        raise ValueError(f"kappa={kappa!r}: use 'jvp' (default), 'stein' or 'hessian'")
     if L < 2:
         raise ValueError("deep_propagator handles depth >= 2 (two-layer networks: "
                          "solvers.fluct.two_layer_propagator)")
@@ -270,21 +292,22 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
             if keep_fields:
                 fields.append({"phi": PH.detach(), "g": G.detach(), "z": Z.detach(),
                                "u": u.detach(), "r": r.detach(), "C": C.detach(),
-                               "D": D.detach()})
+                               "D": D.detach(), "xi_u": xi_u[l], "xi_r": xi_r[l],
+                               "Ku": phi_prev.detach(), "Kr": g_next.detach()})
             phi_prev = Phi_l
         return out, fields
 
     def observables(q):
         fq = q["f"]
         fc = fq - fq[:1] if center else fq
-        obs = [fc.reshape(-1)]
+        obs = [fc[tsel].reshape(-1)]
         if ntk:
             K = equal_time(kx_t, T1, n) * equal_time(q["g"][0], T1, n)
             for l in range(L):
                 Gl1 = equal_time(q["g"][l + 1], T1, n) if l < L - 1 else 1.0
                 K = K + Gl1 * equal_time(q["phi"][l], T1, n)
             iu = np.triu_indices(n)
-            obs.append(K[:, iu[0], iu[1]].reshape(-1))
+            obs.append(K[tsel][:, iu[0], iu[1]].reshape(-1))
         return torch.cat(obs)
 
     def zero_noise():
@@ -300,82 +323,117 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
     nthreads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        qin = {"f": q0["f"].clone().requires_grad_(True),
-               "phi": [x.clone().requires_grad_(True) for x in q0["phi"]],
-               "g": [x.clone().requires_grad_(True) for x in q0["g"]],
-               "A": [x.clone().requires_grad_(True) for x in q0["A"]],
-               "B": [x.clone().requires_grad_(True) for x in q0["B"]]}
-        E = zero_noise()
-        qout, fields = sweep(qin, E, keep_fields=True)
-        leaves_q = flat(qin)
-        leaves_E = [El[k] for El in E for k in ("pp", "gg", "f", "a", "b")]
-        outs = flat(qout)
-        # d obs / dq at the fixed point (obs depend on q directly)
-        qobs = {"f": qin["f"], "phi": qin["phi"], "g": qin["g"]}
-        obs = observables(qobs)
-        K = obs.numel()
-        eye = torch.eye(K, dtype=dt)
-        nbatch = -(-K // batch)
-        Jall = {k: [] for k in ("pp", "gg", "f", "a", "b")}
-        residual = 0.0
-        for lo in range(0, K, batch):
-            hi = min(K, lo + batch)
-            nb = hi - lo
-            g0 = torch.autograd.grad(obs, [qin["f"]] + qin["phi"] + qin["g"],
-                                     grad_outputs=eye[lo:hi], retain_graph=True,
-                                     allow_unused=True, is_grads_batched=True)
-            base = [x if x is not None else torch.zeros((nb,) + tuple(lf.shape), dtype=dt)
-                    for x, lf in zip(g0, [qin["f"]] + qin["phi"] + qin["g"])]
-            base += [torch.zeros((nb,) + tuple(lf.shape), dtype=dt)
-                     for lf in qin["A"] + qin["B"]]
-            w = base
-            for k in range(iters):
-                gr = torch.autograd.grad(outs, leaves_q, grad_outputs=w, retain_graph=True,
-                                         allow_unused=True, is_grads_batched=True)
-                new = [b + (x if x is not None else 0.0) for b, x in zip(base, gr)]
-                num = sum(float(((a - b) ** 2).sum()) for a, b in zip(new, w))
-                den = sum(float((a ** 2).sum()) for a in new) + 1e-300
-                change = (num / den) ** 0.5
-                w = new
-                if not np.isfinite(change):
-                    break
-                if progress is not None:
-                    progress(lo // batch * iters + k + 1, nbatch * iters, "adjoint")
-                if change < tol:
-                    break
-            if not (change < 1e-3):
-                # the linearised dynamics blew up or the adjoint iteration does not converge:
-                # report it (the caller raises) without spending the kappa step
+        if adjoint == "causal":
+            # one backward pass through the causal recursion (solvers.fluct.deep_causal)
+            J, fields, K, gaps = causal_adjoint(
+                torch, act=act, kx=kx, y=y, L=L, gamma0=gamma0, lr=lr, T1=T1, n=n,
+                center=center, q0=q0, keep_u=keep_u, keep_r=keep_r, keep_rtr=keep_rtr,
+                groups=groups, xi_u=xi_u, xi_r=xi_r, times=times, ntk=ntk, batch=batch,
+                logger=logger, progress=progress)
+            for l in range(L):
+                fields[l].update({"xi_u": xi_u[l], "xi_r": xi_r[l],
+                                  "Ku": T(Ku[l]), "Kr": T(Kr[l])})
+            # the causal recursion needs no iteration; its check is the fixed-point gap
+            gap = max(gaps.values())
+            residual = 0.0
+            if logger is not None:
+                logger.info("deep propagator: fixed-point gaps of the solution under the "
+                            "sampled map %s", {k: round(v, 4) for k, v in gaps.items()})
+            if not (gap < fixed_point_tol):
+                # the solution is not a fixed point of the sampled map at these parameters
                 nan = np.full((T1, n, n), np.nan)
                 return {"cov": np.full((T1, T1, n, n), np.nan), "pred_cov": nan,
                         "pred_cov_se": nan, "ntk_var": nan if ntk else None,
-                        "ntk_var_se": nan if ntk else None, "residual": float(change)}
-            residual = max(residual, change)
-            if logger is not None:
-                logger.info("deep propagator: observables %d-%d of %d, %d adjoint iterations, "
-                            "change %.2e (%.1f s)", lo, hi - 1, K, k + 1, change,
-                            clock() - t_start)
-            gE = torch.autograd.grad(outs, leaves_E, grad_outputs=w, retain_graph=True,
-                                     allow_unused=True, is_grads_batched=True)
-            for l in range(L):
-                for j, key in enumerate(("pp", "gg", "f", "a", "b")):
-                    x = gE[5 * l + j]
-                    shape = (nb,) + tuple(E[l][key].shape)
-                    Jall[key].append((l, lo, x.detach() if x is not None else
-                                      torch.zeros(shape, dtype=dt)))
-        # assemble J per layer: (K, ...) arrays
-        J = [{key: torch.cat([x for (ll, lo, x) in Jall[key] if ll == l], 0)
-              for key in Jall} for l in range(L)]
+                        "ntk_var_se": nan if ntk else None, "residual": float("inf"),
+                        "fixed_point_gap": gaps}
+        else:
+            qin = {"f": q0["f"].clone().requires_grad_(True),
+                   "phi": [x.clone().requires_grad_(True) for x in q0["phi"]],
+                   "g": [x.clone().requires_grad_(True) for x in q0["g"]],
+                   "A": [x.clone().requires_grad_(True) for x in q0["A"]],
+                   "B": [x.clone().requires_grad_(True) for x in q0["B"]]}
+            E = zero_noise()
+            qout, fields = sweep(qin, E, keep_fields=True)
+            leaves_q = flat(qin)
+            leaves_E = [El[k] for El in E for k in ("pp", "gg", "f", "a", "b")]
+            outs = flat(qout)
+            # d obs / dq at the fixed point (obs depend on q directly)
+            qobs = {"f": qin["f"], "phi": qin["phi"], "g": qin["g"]}
+            obs = observables(qobs)
+            K = obs.numel()
+            eye = torch.eye(K, dtype=dt)
+            nbatch = -(-K // batch)
+            Jall = {k: [] for k in ("pp", "gg", "f", "a", "b")}
+            residual = 0.0
+            for lo in range(0, K, batch):
+                hi = min(K, lo + batch)
+                nb = hi - lo
+                g0 = torch.autograd.grad(obs, [qin["f"]] + qin["phi"] + qin["g"],
+                                         grad_outputs=eye[lo:hi], retain_graph=True,
+                                         allow_unused=True, is_grads_batched=True)
+                base = [x if x is not None else torch.zeros((nb,) + tuple(lf.shape), dtype=dt)
+                        for x, lf in zip(g0, [qin["f"]] + qin["phi"] + qin["g"])]
+                base += [torch.zeros((nb,) + tuple(lf.shape), dtype=dt)
+                         for lf in qin["A"] + qin["B"]]
+                w = base
+                for k in range(iters):
+                    gr = torch.autograd.grad(outs, leaves_q, grad_outputs=w, retain_graph=True,
+                                             allow_unused=True, is_grads_batched=True)
+                    new = [b + (x if x is not None else 0.0) for b, x in zip(base, gr)]
+                    num = sum(float(((a - b) ** 2).sum()) for a, b in zip(new, w))
+                    den = sum(float((a ** 2).sum()) for a in new) + 1e-300
+                    change = (num / den) ** 0.5
+                    w = new
+                    if not np.isfinite(change):
+                        break
+                    if progress is not None:
+                        progress(lo // batch * iters + k + 1, nbatch * iters, "adjoint")
+                    if change < tol:
+                        break
+                if not (change < 1e-3):
+                    # the linearised dynamics blew up or the adjoint iteration does not converge:
+                    # report it (the caller raises) without spending the kappa step
+                    nan = np.full((T1, n, n), np.nan)
+                    return {"cov": np.full((T1, T1, n, n), np.nan), "pred_cov": nan,
+                            "pred_cov_se": nan, "ntk_var": nan if ntk else None,
+                            "ntk_var_se": nan if ntk else None, "residual": float(change)}
+                residual = max(residual, change)
+                if logger is not None:
+                    logger.info("deep propagator: observables %d-%d of %d, %d adjoint iterations, "
+                                "change %.2e (%.1f s)", lo, hi - 1, K, k + 1, change,
+                                clock() - t_start)
+                gE = torch.autograd.grad(outs, leaves_E, grad_outputs=w, retain_graph=True,
+                                         allow_unused=True, is_grads_batched=True)
+                for l in range(L):
+                    for j, key in enumerate(("pp", "gg", "f", "a", "b")):
+                        x = gE[5 * l + j]
+                        shape = (nb,) + tuple(E[l][key].shape)
+                        Jall[key].append((l, lo, x.detach() if x is not None else
+                                          torch.zeros(shape, dtype=dt)))
+            # assemble J per layer: (K, ...) arrays
+            J = [{key: torch.cat([x for (ll, lo, x) in Jall[key] if ll == l], 0)
+                  for key in Jall} for l in range(L)]
         # kappa contracted with the J's, from per-sample derivatives (module docstring)
         Sk = S if kappa_samples is None else min(S, int(kappa_samples))
         edges = np.linspace(0, Sk, blocks + 1).astype(int)
         cov = np.zeros((K, K))
         bc = np.zeros((blocks, K, K))
+        kseeds = ss.spawn(L)          # Hutchinson probes of kappa='jvp'
         for l in range(L):
+            tick = None if progress is None else \
+                (lambda d, l=l: progress(l * Sk + d, L * Sk, "kappa"))
             with torch.no_grad():
-                mom = _kappa_layer(torch, fields[l], J[l], l == 0, l == L - 1, edges, chunk,
-                                   gamma0, act, T1, n, None if progress is None else
-                                   (lambda d, l=l: progress(l * Sk + d, L * Sk, "kappa")))
+                if kappa == "jvp":
+                    mom = jvp_kappa_layer(torch, fields[l], J[l], l == 0, l == L - 1, edges,
+                                          chunk, gamma0=gamma0, act=act, T1=T1, n=n,
+                                          seed=kseeds[l], progress=tick)
+                elif kappa == "stein":
+                    mom = stein_kappa_layer(
+                        torch, fields[l], J[l], l == 0, l == L - 1, edges, chunk,
+                        keep_u=keep_u[l], keep_r=keep_r[l], progress=tick)
+                else:
+                    mom = _kappa_layer(torch, fields[l], J[l], l == 0, l == L - 1, edges,
+                                       chunk, gamma0, act, T1, n, tick)
             if logger is not None:
                 logger.info("deep propagator: kappa of layer %d/%d from %d samples (%.1f s)",
                             l + 1, L, Sk, clock() - t_start)
@@ -389,22 +447,28 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
         cov_se = bc.std(axis=0, ddof=1) / np.sqrt(blocks)
     finally:
         torch.set_num_threads(nthreads)
-    nf = T1 * n
-    cf = two_time(cov[:nf, :nf], T1, n)
-    cf_se = two_time(cov_se[:nf, :nf], T1, n)
+    # observables: f at ``times`` (n each), then the NTK's upper triangle at ``times``
+    nt = len(times)
+    nf = nt * n
+    cf = np.full((T1, T1, n, n), np.nan)
+    cf_se = np.full((T1, T1, n, n), np.nan)
+    cf[np.ix_(tsel, tsel)] = cov[:nf, :nf].reshape(nt, n, nt, n).transpose(0, 2, 1, 3)
+    cf_se[np.ix_(tsel, tsel)] = cov_se[:nf, :nf].reshape(nt, n, nt, n).transpose(0, 2, 1, 3)
     res = {"cov": cf, "pred_cov": np.ascontiguousarray(cf[idx_t, idx_t]),
            "pred_cov_se": np.ascontiguousarray(cf_se[idx_t, idx_t]),
-           "residual": residual, "ntk_var": None, "ntk_var_se": None}
+           "residual": residual, "ntk_var": None, "ntk_var_se": None,
+           "fixed_point_gap": gaps if adjoint == "causal" else None}
     if ntk:
         iu = np.triu_indices(n)
-        v = np.diag(cov)[nf:].reshape(T1, iu[0].size)
-        vs = np.diag(cov_se)[nf:].reshape(T1, iu[0].size)
-        var = np.empty((T1, n, n))
-        vse = np.empty((T1, n, n))
-        var[:, iu[0], iu[1]] = v
-        var[:, iu[1], iu[0]] = v
-        vse[:, iu[0], iu[1]] = vs
-        vse[:, iu[1], iu[0]] = vs
+        v = np.diag(cov)[nf:].reshape(nt, iu[0].size)
+        vs = np.diag(cov_se)[nf:].reshape(nt, iu[0].size)
+        var = np.full((T1, n, n), np.nan)
+        vse = np.full((T1, n, n), np.nan)
+        for j, t in enumerate(times):
+            var[t][iu[0], iu[1]] = v[j]
+            var[t][iu[1], iu[0]] = v[j]
+            vse[t][iu[0], iu[1]] = vs[j]
+            vse[t][iu[1], iu[0]] = vs[j]
         res["ntk_var"], res["ntk_var_se"] = var, vse
     return res
 

@@ -1,0 +1,496 @@
+"""Adjoint rows of the deep propagator in one backward pass, through the causal single-site map.
+
+docs/theory.rst §5 on top of §2 (the causal structure of the discrete-time DMFT,
+:mod:`solvers.mc.causal`). The deep propagator (:mod:`solvers.fluct.deep_mc`) needs, for every
+observable o (predictions, NTK entries at chosen times), the adjoint rows
+
+    J_o = d o / d E = grad o (I - M_q)^{-1} M_E
+
+of the linearised fixed point q = M(q, E) of the sampled single-site map, E the finite-width
+noise of every order parameter (Phi^l, G^l, A^l, B^l, f; their conventions are those of
+:mod:`solvers.fluct.deep_mc`). Iterating w <- grad o + w M_q with the non-causal sweep of that
+module costs T + L full backward passes per batch of observables. This module uses causality
+instead.
+
+Causal recursion
+----------------
+Every row of the order parameters at time t is a function of the rows at times <= t only:
+bottom-up at step t, layer l needs its sources u^l(t) (the causal Cholesky factor of
+Phi^{l-1}(<= t, <= t)), the memory C^l(t, < t) (Phi^{l-1}(t, < t), A^{l-1}(t, < t), Delta(< t))
+and the past of its own fields; it gives Phi^l(t, <= t) and A^l(t, < t). Top-down it needs
+r^l(t) (the factor of G^{l+1}(<= t, <= t)) and D^l(t, <= t) (G^{l+1}, B^l(t, <= t), Delta(< t));
+it gives G^l(t, <= t), B^{l-1}(t, <= t) and, at the top, f(t). So the recursion
+
+    q_t = M_t(q_{<=t}, E)       t = 0, 1, ..., T (layers in the order above)
+
+defines q(E) with q = M(q, E) for every E near 0, and the chain rule through it gives
+dq/dE = (I - M_q)^{-1} M_E exactly: ONE reverse-mode pass per batch of observables, no
+iteration (the Neumann series of the causal M_q is summed by the order of the recursion).
+
+Pinning. The recursion is evaluated with
+
+    row_t = q0_t + (est_t - stop_gradient(est_t)) + E_t
+
+(est_t the Monte Carlo estimate of the row from the samples marched with the rows before it):
+its value is the solution q0 being linearised (so the samples are marched exactly as by the
+non-causal sweep at q0), and its derivative is the derivative of the estimator. The one
+remaining within-step coupling, the equal-time response noise E_a(t, t) in C^l(t, t) (zero at
+the linearisation point), enters at first order as gamma0 E_a(t, t) g(t) with g(t) at E = 0,
+taken from a value pass.
+
+Differences from the non-causal sweep: sources of variables without an innovation (dropped
+below ``rtol``) are their regression on the kept innovations *up to their own time* (the
+non-causal factor K[:, keep] L^{-T} also loads, by O(rtol), on later ones); everything else,
+Stein responses included (A in the kept training innovations of G^{l+1}, B in the row groups of
+:func:`solvers.mc.responses.stein_groups`), is the same estimator, row by row.
+
+Memory: the graph keeps the fields (n, S) per time and layer and small (n, n) blocks; products
+with histories are taken block by block in time, so no (t n, S) history is copied per step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["causal_adjoint"]
+
+
+class _IncChol:
+    """Causal Cholesky factor of a kernel revealed one time block at a time, at a fixed set of
+    kept innovations (global flat indices, increasing, time-major).
+
+    ``extend(t, row)`` with the row block K(t, <= t) as an (n, (t+1) n) tensor (columns: flat
+    indices 0 .. (t+1) n - 1) appends the innovations of time t. Differentiable in the rows.
+    """
+
+    def __init__(self, torch, keep, n):
+        self.torch = torch
+        self.keep = np.asarray(keep, dtype=np.int64)
+        self.n = n
+        self.kt = self.keep // n
+        self.L = None                       # (k_<=t, k_<=t) lower triangular
+        self.k = 0                          # kept innovations so far
+        self.cur = 0                        # the current time block
+
+    def count(self, t):
+        """Number of kept innovations with time <= t."""
+        return int(np.searchsorted(self.kt, t, side="right"))
+
+    def extend(self, t, row):
+        torch = self.torch
+        k0, k1 = self.k, self.count(t)
+        if k1 == k0:
+            return None
+        new = self.keep[k0:k1]
+        loc = torch.as_tensor(new - t * self.n)
+        Knn = row[loc][:, torch.as_tensor(new)]
+        Knn = 0.5 * (Knn + Knn.T)
+        if k0:
+            Kno = row[loc][:, torch.as_tensor(self.keep[:k0])]
+            L21 = torch.linalg.solve_triangular(self.L, Kno.T, upper=False).T
+            L22 = torch.linalg.cholesky(Knn - L21 @ L21.T)
+            top = torch.cat([self.L, torch.zeros(k0, k1 - k0, dtype=row.dtype)], 1)
+            self.L = torch.cat([top, torch.cat([L21, L22], 1)], 0)
+        else:
+            L21 = None
+            L22 = torch.linalg.cholesky(Knn)
+            self.L = L22
+        self.k = k1
+        return L21, L22
+
+    def rows(self, row):
+        """F(t, kept <= t) (n, k) with u(t) = F xi: the regression of every variable of the
+        block on the kept innovations so far (= the factor's rows for kept variables)."""
+        torch = self.torch
+        Kc = row[:, torch.as_tensor(self.keep[:self.k])]
+        return torch.linalg.solve_triangular(self.L, Kc.T, upper=False).T
+
+    def solve_right(self, J):
+        """J L^{-1} for J (r, k) over the first k kept innovations."""
+        k = J.shape[1]
+        return self.torch.linalg.solve_triangular(self.L[:k, :k], J, upper=False, left=False)
+
+
+def _split_cols(X, kt, t_max):
+    """Columns of X (r, k) grouped by time: list over s <= t_max of (r, k_s) views."""
+    out = []
+    lo = 0
+    for s in range(t_max + 1):
+        hi = int(np.searchsorted(kt, s, side="right"))
+        out.append(X[:, lo:hi])
+        lo = hi
+    return out
+
+
+def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_u, keep_r,
+                   keep_rtr, groups, xi_u, xi_r, times, ntk=True, batch=32, logger=None,
+                   progress=None, transient_bytes=1_500_000_000):
+    """Adjoint rows J (module docstring) of the observables at ``times``.
+
+    Parameters
+    ----------
+    torch : module; act : callable act(x, order) (order 0: phi, 1: phi').
+    kx : (n, n) numpy input kernel; y : (P,) numpy targets.
+    q0 : dict of float64 torch tensors, the linearisation point: ``f`` (T1, n), ``phi``,
+        ``g`` lists of L flat (m, m), ``A``, ``B`` lists of L - 1 flat (m, m).
+    keep_u, keep_r : per layer kept innovations of the source kernels (flat indices);
+    keep_rtr : per layer < L - 1 kept training innovations of G^{l+1};
+    groups : per layer (None for layer 0) the Stein groups of B (``stein_groups``);
+    xi_u, xi_r : per layer (S, k) standard normals of the kept innovations (torch).
+    times : sorted steps of the observables.
+    batch : int
+        Most observables per batched backward pass; fewer when one pass would hold more than
+        ``transient_bytes`` of adjoint fields (about 64 L T1 n S bytes per observable).
+
+    Returns
+    -------
+    J : list over layers of dicts ``pp``, ``gg``, ``a``, ``b`` (K, m, m), ``f`` (K, m), in
+        the conventions of :func:`solvers.fluct.deep_mc.deep_propagator`;
+    fields : list over layers of dicts ``phi``, ``g``, ``z`` (m, S) and ``u``, ``r`` (S, m)
+        at the linearisation point, and ``C``, ``D`` (m, m) values of the memory kernels.
+    K : number of observables (n per time for f, then n (n + 1) / 2 per time for the NTK).
+    gaps : dict
+        Fixed-point check: the largest |sample estimate - solution| of the rows of Phi, G
+        (relative to the kernel's largest entry) and of gamma0 f (relative to its largest
+        value), the samples marched with the solution's order parameters. Monte Carlo noise
+        makes them a few per cent; a solution that is not a fixed point of the single-site
+        map (another lr or gamma0, a diverging linearisation) makes them O(1).
+    """
+    dt = torch.float64
+    P = int(np.asarray(y).size)
+    m = T1 * n
+    S = xi_u[0].shape[0]
+    T = lambda a: torch.tensor(np.array(a, dtype=np.float64))               # noqa: E731
+    kx_t = T(kx)
+    yv = T(y)
+    train = np.arange(n) < P
+    trainf = T(train.astype(float))
+    pb = np.tile(np.arange(n), T1)
+    # masks on a row block (t, <= t): A (train columns, s <= t) and B (struct, s < t noise)
+    maskA_cols = T(np.tile(train, T1).astype(float))                    # (m,)
+    maskB_struct = np.zeros((m, m), bool)
+    tr_flat = pb < P
+    maskB_struct[np.ix_(tr_flat, tr_flat)] = True
+    for q in range(P, n):
+        rows = pb == q
+        maskB_struct[np.ix_(rows, tr_flat | rows)] = True
+    maskB_struct_t = T(maskB_struct.astype(float))
+
+    # constant sources: layer 0 (kx, time-constant) and r of the top layer (w(0))
+    u0 = _const_sources(kx, keep_u[0], xi_u[0].numpy(), T1, n)            # (T1, n, S)
+    u0 = [T(u0[t]) for t in range(T1)]
+    rtop = xi_r[L - 1][:, 0].reshape(1, S).expand(n, S)
+
+    kx_flat_t = T(np.tile(kx, (T1, T1)))
+    ones_t = torch.ones(m, m, dtype=dt)
+    yfull = torch.zeros(n, dtype=dt)
+    yfull[:P] = yv
+    xiu_T = [x.T.contiguous() for x in xi_u]                              # (k, S)
+    xir_T = [x.T.contiguous() for x in xi_r]
+
+    def run(E, V):
+        """One causal pass. ``E`` None: the value pass (no noise, no graph), returns the value
+        buffers ``V``; else the graph pass with the noise leaves E, every field written as a
+        zero-valued perturbation around ``V`` where products with histories are linearised
+        (A dB + dA B at the values: no graph history is saved)."""
+        grad = E is not None
+        fu = [None] + [_IncChol(torch, keep_u[l], n) for l in range(1, L)]
+        fr = [_IncChol(torch, keep_r[l], n) for l in range(L - 1)] + [None]
+        ftr = [_IncChol(torch, keep_rtr[l], n) for l in range(L - 1)]
+        fg = [None] + [[_IncChol(torch, grp["cols"], n) for grp in groups[l]]
+                       for l in range(1, L)]
+        # graph blocks per time (graph pass) / value buffers (value pass)
+        ph = [[] for _ in range(L)]
+        gg = [[] for _ in range(L)]
+        hh = [[] for _ in range(L)]
+        uu = [[] for _ in range(L)]
+        dP = [None] * L                       # graph-minus-value histories (graph pass)
+        dG = [None] * L
+        xtr = [[] for _ in range(L - 1)]
+        xg = [None] + [[[] for _ in groups[l]] for l in range(1, L)]
+        PhiR = [[] for _ in range(L)]          # rows (n, (t+1) n)
+        GR = [[] for _ in range(L)]
+        AR = [[] for _ in range(L - 1)]
+        BR = [[] for _ in range(L - 1)]
+        fr_rows = []
+        dcol = []
+        if not grad:
+            gaps = {}
+            V = {"ph": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
+                 "g": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
+                 "z": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
+                 "h": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
+                 "u": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
+                 "r": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
+                 "xtr": [torch.empty(len(keep_rtr[l]), S, dtype=dt) for l in range(L - 1)],
+                 "xg": [None] + [[torch.empty(len(grp["cols"]), S, dtype=dt)
+                                  for grp in groups[l]] for l in range(1, L)],
+                 "C": [torch.zeros(m, m, dtype=dt) for _ in range(L)],
+                 "D": [torch.zeros(m, m, dtype=dt) for _ in range(L)]}
+
+        def gap_of(key, diff, ref):
+            """Largest |estimate - solution| of a row, relative to the solution's scale."""
+            scale = float(torch.max(torch.abs(ref))) + 1e-300
+            gaps[key] = max(gaps.get(key, 0.0), float(torch.max(torch.abs(diff))) / scale)
+
+        def hist(blocks, vbuf, upto):
+            """(graph history - its value): a zero-valued (upto n, S) perturbation."""
+            return torch.cat(blocks[:upto], 0) - vbuf[:upto].reshape(upto * n, S)
+
+        def lin_mm(A, Aval, Bblocks, Bval):
+            """A @ B linearised at the values: A Bval + Aval (B - Bval); Bval (k, S)."""
+            out = A @ Bval
+            if len(Bblocks):
+                out = out + Aval @ (torch.cat(Bblocks, 0) - Bval)
+            return out
+
+        def whiten(fac, ext, src_rows, blocks, vbuf):
+            """Innovations of the kept variables new at this step: L22^{-1} (x - L21 xi_old)."""
+            L21, L22 = ext
+            k0, k1 = fac.k - L22.shape[0], fac.k
+            new = torch.as_tensor(fac.keep[k0:k1] - fac.cur * n)
+            rhs = src_rows[new]
+            if k0:
+                xold_val = vbuf[:k0]
+                if grad:
+                    rhs = rhs - lin_mm(L21, L21.detach(), [b for b in blocks if b is not None],
+                                       xold_val)
+                else:
+                    rhs = rhs - L21 @ xold_val
+            x = torch.linalg.solve_triangular(L22, rhs, upper=False)
+            if not grad:
+                vbuf[k0:k1] = x
+            return x
+
+        for t in range(T1):
+            a, e = t * n, (t + 1) * n
+            for fac in [f for f in fu + fr + ftr if f is not None] + \
+                    [f for grp in fg[1:] for f in grp]:
+                fac.cur = t
+            # ------------------------------ bottom-up: h^l(t), Phi^l(t, <=t), A^l(t, <t)
+            for l in range(L):
+                if l == 0:
+                    u = u0[t]
+                else:
+                    Krow = PhiR[l - 1][t]
+                    fu[l].extend(t, Krow)
+                    F = fu[l].rows(Krow)
+                    u = F @ xiu_T[l][:F.shape[1]]
+                # memory row C^l(t, < t): lr Phi^{l-1}(t, s) Delta(s) + A^{l-1}(t, s)
+                if t:
+                    Kp = kx_flat_t[a:e, :a] if l == 0 else PhiR[l - 1][t][:, :a]
+                    Crow = lr * Kp * torch.cat(dcol[:t])[None, :]
+                    if l >= 1:
+                        Crow = Crow + AR[l - 1][t][:, :a] * maskA_cols[:a][None, :]
+                if not grad:
+                    V["u"][l][t] = u
+                    h = u
+                    if t:
+                        V["C"][l][a:e, :a] = Crow
+                        h = h + gamma0 * (Crow @ V["g"][l][:t].reshape(a, S))
+                    V["h"][l][t] = h
+                    p = act(h, 0)
+                    V["ph"][l][t] = p
+                else:
+                    h = u
+                    if t:
+                        # C g(< t) at the values: C g_val + C_val dg (dg: the g history
+                        # perturbation of the previous step's G row, shared with it)
+                        h = h + gamma0 * (Crow @ V["g"][l][:t].reshape(a, S)
+                                          + V["C"][l][a:e, :a] @ dG[l])
+                    if l >= 1:
+                        # the equal-time response noise, first order: gamma0 E_a(t, t) g(t)
+                        Ctt = E[l - 1]["a"][t][:, a:e] * maskA_cols[a:e][None, :] / gamma0
+                        h = h + gamma0 * (Ctt @ V["g"][l][t])
+                    p = act(h, 0)
+                    ph[l].append(p)
+                    hh[l].append(h)
+                    uu[l].append(u)
+                # Phi^l(t, <= t)
+                row = q0["phi"][l][a:e, :e]
+                if not grad:
+                    gap_of("phi", p @ V["ph"][l][:t + 1].reshape(e, S).T / S - row,
+                           q0["phi"][l])
+                if grad:
+                    pv = V["ph"][l][:t + 1].reshape(e, S)
+                    dP[l] = hist(ph[l], V["ph"][l], t + 1)    # shared with z^l(t) below
+                    est = (p @ pv.T + V["ph"][l][t] @ dP[l].T) / S
+                    row = row + (est - est.detach()) + E[l]["pp"][t]
+                PhiR[l].append(row)
+                # A^l(t, < t): Stein in the whitened training sources of r^l (times < t)
+                if l <= L - 2:
+                    Arow = q0["A"][l][a:e, :e] * maskA_cols[:e][None, :]
+                    if grad:
+                        kA = ftr[l].count(t - 1) if t else 0
+                        est = torch.zeros(n, e, dtype=dt)
+                        if kA:
+                            xv = V["xtr"][l][:kA]
+                            Jst = (p @ xv.T + V["ph"][l][t] @ (
+                                torch.cat([b for b in xtr[l] if b is not None], 0) - xv).T) / S
+                            X = ftr[l].solve_right(Jst)
+                            est = est.index_copy(1, torch.as_tensor(keep_rtr[l][:kA]), X)
+                        noise = E[l]["a"][t] * maskA_cols[:e][None, :]
+                        Arow = Arow + (est - est.detach()) / gamma0 + noise / gamma0
+                    AR[l].append(Arow)
+            # ------------------------------ top-down: z^l(t), G^l(t, <=t), B^{l-1}(t, <=t), f
+            for l in range(L - 1, -1, -1):
+                if l == L - 1:
+                    r = rtop
+                else:
+                    Krow = GR[l + 1][t]
+                    fr[l].extend(t, Krow)
+                    F = fr[l].rows(Krow)
+                    r = F @ xir_T[l][:F.shape[1]]
+                    ext = ftr[l].extend(t, Krow)
+                    x = None if ext is None else whiten(ftr[l], ext, r, xtr[l], V["xtr"][l])
+                    if grad:
+                        xtr[l].append(x)
+                # memory row D^l(t, <= t): lr G^{l+1}(t, s) Delta(s) (s < t) + B^l(t, s)
+                Drow = torch.zeros(n, e, dtype=dt)
+                if t:
+                    Gp = ones_t[a:e, :a] if l == L - 1 else GR[l + 1][t][:, :a]
+                    Drow = torch.cat([lr * Gp * torch.cat(dcol[:t])[None, :],
+                                      torch.zeros(n, n, dtype=dt)], 1)
+                if l <= L - 2:
+                    Drow = Drow + BR[l][t] * maskB_struct_t[a:e, :e]
+                pv = V["ph"][l][:t + 1].reshape(e, S)
+                if not grad:
+                    V["r"][l][t] = r
+                    V["D"][l][a:e, :e] = Drow
+                    z = r + gamma0 * (Drow @ pv)
+                    V["z"][l][t] = z
+                    g = act(V["h"][l][t], 1) * z
+                    V["g"][l][t] = g
+                else:
+                    z = r + gamma0 * (Drow @ pv + V["D"][l][a:e, :e] @ dP[l])
+                    g = act(hh[l][t], 1) * z
+                    gg[l].append(g)
+                row = q0["g"][l][a:e, :e]
+                if not grad:
+                    gap_of("g", g @ V["g"][l][:t + 1].reshape(e, S).T / S - row, q0["g"][l])
+                if grad:
+                    gv = V["g"][l][:t + 1].reshape(e, S)
+                    dG[l] = hist(gg[l], V["g"][l], t + 1)     # shared with h^l(t + 1)
+                    est = (g @ gv.T + V["g"][l][t] @ dG[l].T) / S
+                    row = row + (est - est.detach()) + E[l]["gg"][t]
+                GR[l].append(row)
+                # B^{l-1}(t, <= t): Stein in the row groups of u^l
+                if l >= 1:
+                    Krow = PhiR[l - 1][t]
+                    u_t = uu[l][t] if grad else V["u"][l][t]
+                    est = torch.zeros(n, e, dtype=dt)
+                    for gi, grp in enumerate(groups[l]):
+                        fgi = fg[l][gi]
+                        ext = fgi.extend(t, Krow)
+                        x = None if ext is None else whiten(fgi, ext, u_t, xg[l][gi],
+                                                            V["xg"][l][gi])
+                        if not grad:
+                            continue
+                        xg[l][gi].append(x)
+                        rows = grp["rows"][grp["row_t"] == t] - a
+                        if not rows.size or not fgi.k:
+                            continue
+                        ridx = torch.as_tensor(rows)
+                        xv = V["xg"][l][gi][:fgi.k]
+                        Jst = (g[ridx] @ xv.T + V["g"][l][t][ridx] @ (
+                            torch.cat([b for b in xg[l][gi] if b is not None], 0) - xv).T) / S
+                        X = fgi.solve_right(Jst)
+                        cols = torch.as_tensor(fgi.keep[:fgi.k])
+                        est = est.index_put((ridx[:, None], cols[None, :]), X)
+                    Brow = q0["B"][l - 1][a:e, :e] * maskB_struct_t[a:e, :e]
+                    if grad:
+                        strict = torch.zeros(n, e, dtype=dt)
+                        strict[:, :a] = 1.0
+                        Brow = Brow + (est - est.detach()) / gamma0 + \
+                            E[l]["b"][t] * maskB_struct_t[a:e, :e] * strict / gamma0
+                    BR[l - 1].append(Brow)
+                if l == L - 1:
+                    frow = q0["f"][t]
+                    if not grad:
+                        gap_of("f", gamma0 * ((z * V["ph"][l][t]).mean(1) / gamma0 - frow),
+                               gamma0 * q0["f"])
+                    if grad:
+                        est = (z * V["ph"][l][t] + V["z"][l][t] * (ph[l][t] - V["ph"][l][t])
+                               ).mean(1)
+                        frow = frow + (est - est.detach()) / gamma0 + E[l]["f"][t] / gamma0
+                    fr_rows.append(frow)
+            fc = fr_rows[t] - (fr_rows[0] if center else 0.0)
+            dcol.append((yfull - fc) * trainf)
+        if not grad:
+            V["gaps"] = gaps
+            return V
+        return {"PhiR": PhiR, "GR": GR, "f": fr_rows}
+
+    with torch.no_grad():
+        V = run(None, None)
+    fields = []
+    for l in range(L):
+        fields.append({"phi": V["ph"][l].reshape(m, S), "g": V["g"][l].reshape(m, S),
+                       "z": V["z"][l].reshape(m, S), "u": V["u"][l].reshape(m, S).T.contiguous(),
+                       "r": V["r"][l].reshape(m, S).T.contiguous(), "C": V["C"][l],
+                       "D": V["D"][l]})
+
+    # the noise leaves, one per row block (t, <= t): the gradient of a slice of an (m, m)
+    # leaf would materialise an (m, m) array per use
+    kinds = ("pp", "gg", "a", "b")
+    E = [{**{k: [torch.zeros(n, (t + 1) * n, dtype=dt, requires_grad=True) for t in range(T1)]
+             for k in kinds},
+          "f": [torch.zeros(n, dtype=dt, requires_grad=True) for t in range(T1)]}
+         for _ in range(L)]
+    out = run(E, V)
+    obs = []
+    iu = np.triu_indices(n)
+    for t in times:
+        fc = out["f"][t] - (out["f"][0] if center else 0.0)
+        obs.append(fc)
+    if ntk:
+        for t in times:
+            K = kx_t * out["GR"][0][t][:, t * n:(t + 1) * n]
+            for l in range(L):
+                Gl1 = out["GR"][l + 1][t][:, t * n:(t + 1) * n] if l < L - 1 else 1.0
+                K = K + Gl1 * out["PhiR"][l][t][:, t * n:(t + 1) * n]
+            obs.append(K[iu[0], iu[1]])
+    obs = torch.cat(obs)
+    Kobs = obs.numel()
+    keys = ("pp", "gg", "f", "a", "b")
+    leaves = [x for El in E for k in keys for x in El[k]]
+    # the batched backward holds the adjoint of every field at every time per observable
+    # (about 8 L T1 n S floats): observables per pass within ``transient_bytes``
+    per_obs = 8 * 8 * L * T1 * n * S
+    batch = int(max(1, min(batch, transient_bytes // per_obs)))
+    eye = torch.eye(Kobs, dtype=dt)
+    J = [{k: torch.zeros((Kobs, m) if k == "f" else (Kobs, m, m), dtype=dt) for k in keys}
+         for _ in range(L)]
+    for lo in range(0, Kobs, batch):
+        hi = min(Kobs, lo + batch)
+        gr = torch.autograd.grad(obs, leaves, grad_outputs=eye[lo:hi], retain_graph=True,
+                                 allow_unused=True, is_grads_batched=True)
+        i = 0
+        for l in range(L):
+            for key in keys:
+                for t in range(T1):
+                    x = gr[i]
+                    i += 1
+                    if x is None:
+                        continue
+                    if key == "f":
+                        J[l][key][lo:hi, t * n:(t + 1) * n] = x
+                    else:
+                        J[l][key][lo:hi, t * n:(t + 1) * n, :(t + 1) * n] = x
+        if progress is not None:
+            progress(hi, Kobs, "adjoint")
+        if logger is not None:
+            logger.info("deep propagator (causal adjoint): observables %d-%d of %d", lo,
+                        hi - 1, Kobs)
+    return J, fields, Kobs, V["gaps"]
+
+
+def _const_sources(K, keep, xi, T1, n):
+    """Sources of a time-constant kernel (layer 1: Phi^0 = kx at every time pair): the causal
+    factor's rows (its innovations are all at t = 0), (T1, n, S)."""
+    Kf = np.tile(np.asarray(K), (T1, T1)) if np.asarray(K).shape[0] == n else np.asarray(K)
+    keep = np.asarray(keep)
+    Lk = np.linalg.cholesky(Kf[np.ix_(keep, keep)])
+    from scipy.linalg import solve_triangular
+    F = solve_triangular(Lk, Kf[keep, :], lower=True).T           # (m, k)
+    u = F @ xi.T                                                   # (m, S)
+    return u.reshape(T1, n, -1)

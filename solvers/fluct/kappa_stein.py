@@ -1,0 +1,277 @@
+"""The deep propagator's noise covariance kappa without per-sample Hessians (issue 21).
+
+:func:`solvers.fluct.deep_mc.deep_propagator` needs, for each layer and pair of observables
+(i, j), the single-site covariance of the contracted averages
+
+    X_i = Y_i + <J_i^a, phi rho_r^T> + <J_i^b, g rho_u^T>,
+    Y_i = <J_i^pp, phi phi^T> + <J_i^gg, g g^T> + <J_i^f, z phi>,
+
+with the formal MSR rules for the response fields: <F rho_c> = <dF/dsrc_c>,
+<F rho_c rho_d> = <d^2 F / dsrc_c dsrc_d>, the derivatives being *partial* derivatives of the
+layer's march in each source coordinate (u, r at every point and time; ``_kappa_layer`` and,
+for linear networks, the exact :mod:`solvers.fluct.deep_linear`). In the joint source
+s = (u, r) (2m coordinates, m = n (T + 1)) the response part is a first-order operator
+V_i . d/ds with the per-sample direction V_i = (J_i^b^T g, J_i^a^T phi), and
+
+    M1_i  = E[Y_i + div V_i],
+    M2_ij = E[Y_i Y_j + Y_i div V_j + Y_j div V_i + V_j . grad Y_i + V_i . grad Y_j
+              + V_j . grad div V_i + V_i . grad div V_j + tr(grad V_i grad V_j)
+              + div V_i div V_j],                                                  (1)
+
+N kappa_ij = M2_ij - M1_i M1_j (expand d_c d_d (V_i,c V_j,d) and d_c (Y V_j,c)).
+``_kappa_layer`` evaluates (1) from per-sample Jacobians and Hessians, (chunk, m, m, m) per
+layer: ~1 GB per sample at m = 492 (the out-of-memory failure of issue 21).
+
+Exact route (``kappa="jvp"``, :func:`jvp_kappa_layer`, the default)
+-------------------------------------------------------------------
+Every term of (1) is a directional derivative of the march or a trace of one:
+
+* V_j . grad Y_i: grad Y_i in the fields (2 J^pp_sym phi + J^f z, 2 J^gg_sym g, J^f phi)
+  contracted with the forward-mode tangent of (phi, g, z) along V_j: K tangents per sample.
+* div V_i = tr(J_i^T dF/dsrc) (F = phi for channel a, g for b): Hutchinson,
+  E_zeta[(J_i zeta) . (dF/dsrc zeta)] with Rademacher zeta (E zeta zeta^T = I), one tangent
+  per probe; two independent probes per sample make div V_i div V_j unbiased (D^1_i D^2_j).
+* V_j . grad div V_i = E_zeta[(J_i zeta) . d_zeta d_{V_j} F]: a second-order forward tangent
+  (forward over forward) with V_j held fixed; the same nested pass also gives the first-order
+  tangents along V_j.
+* tr(grad V_i grad V_j) = E_zeta[zeta^T grad V_i (grad V_j zeta)]: grad V_j zeta =
+  (J_j^b^T d_zeta g, J_j^a^T d_zeta phi) =: W_j, then (J_i zeta) . d_{W_j} F: K tangents.
+
+Each channel (a: sources r, field phi; b: sources u, field g) gets its own probes (a probe
+shared by both would add the zero-mean but large cross terms zeta_u . dg/dr zeta_r). All
+derivatives are the exact partial derivatives of the same march as ``_kappa_layer``, so the
+two routes estimate the same moments (checked on the same samples to the error of their
+difference, ``tests/test_fluctuations_kappa_stein.py``); the probes only add variance.
+Cost per sample: about (2 + 5 K) (middle layers: 10 K) march evaluations, each O(m^2) flops
+as GEMMs over (K chunk) rows; memory: the J's themselves (K m^2 each) and O(K chunk m) work
+space. No Jacobian, no Hessian.
+
+Stein route (``kappa="stein"``, :func:`stein_kappa_layer`): no derivatives at all
+--------------------------------------------------------------------------------
+The map draws u = F_u xi_u, r = F_r xi_r from standard normals of the kept innovations
+(F = K[:, keep] L^{-T}). Gaussian integration by parts, E[F xi_k] = E[dF/dxi_k] and
+E[F (xi_k xi_l - delta_kl)] = E[d^2 F / dxi_k dxi_l], turns (1) into moments of
+
+    X_i = Y_i + alpha_i . xi_r + beta_i . xi_u,
+    alpha_i = L_r^{-1} (J_i^a^T phi)[keep_r],   beta_i = L_u^{-1} (J_i^b^T g)[keep_u],
+    N kappa_ij = Cov_s(X_i, X_j) - E[alpha_i . alpha_j + beta_i . beta_j]
+
+(xi_r, xi_u independent: the mixed pairs need no correction). Cost K m^2 per sample as
+GEMMs. It is exact when every innovation is kept (then d/dsrc = L^{-T} d/dxi), but measured
+unusable as a default (tests/test_fluctuations_kappa_stein.py):
+(i) its noise grows as 1 / (smallest kept innovation): the adjoint rows J are causally
+truncated, so J^T phi has components of O(1) along innovations of variance down to ``rtol``
+(1e-3) of a source's; on the linear depth-2 test case the first layer's standard error is
+10.6 times the Hessian route's and the end-to-end prediction covariance's 140 times its
+largest entry;
+(ii) Stein's lemma sees derivatives only along the sources' support, while (1) needs partial
+derivatives along every source coordinate, including the directions where the sources are
+(nearly) degenerate (linear networks: the kept innovations are 3-5 of 12): bias of 5 % of
+the largest entry, 10 standard errors, on the last layer of the same case.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["jvp_kappa_layer", "stein_kappa_layer"]
+
+
+def stein_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, keep_u, keep_r,
+                      progress=None):
+    """Per-block sums of the formal first and second moments of X_i for one layer by Stein's
+    lemma in the whitened sources (module docstring, "Stein route"), a drop-in for
+    ``deep_mc._kappa_layer``: ``m1[b]`` (K,) = sum over the block's samples of X_i,
+    ``m2[b]`` (K, K) = sum of X_i X_j - alpha_i . alpha_j - beta_i . beta_j.
+
+    Parameters
+    ----------
+    fl : dict of torch tensors from ``deep_mc.sweep(keep_fields=True)``: ``phi``, ``g``, ``z``
+        (m, S) fields; ``xi_u`` (S, k_u), ``xi_r`` (S, k_r) the standard normals of the kept
+        innovations; ``Ku``, ``Kr`` (m, m) the source covariances the map whitened.
+    Jl : dict of the adjoint rows of this layer: ``pp``, ``gg``, ``a``, ``b`` (K, m, m),
+        ``f`` (K, m).
+    first, last : bool
+        Layer 1 has no B channel; the last layer has no A channel (r = w) and has the output
+        channel <J^f, z phi>.
+    edges : (blocks + 1,) sample edges of the blocks; chunk : samples per GEMM.
+    keep_u, keep_r : kept innovations of u and r (the map's ``keep_u[l]``, ``keep_r[l]``).
+    progress : callable, optional, called with the number of samples done.
+    """
+    dt = Jl["pp"].dtype
+    K = Jl["pp"].shape[0]
+    m = Jl["pp"].shape[1]
+    use_a, use_b = not last, not first
+    # quadratic forms: (s, m) @ (m, K m) with J viewed as (K m, m) (no copy)
+    Jp = Jl["pp"].reshape(K * m, m)
+    Jg = Jl["gg"].reshape(K * m, m)
+    Jf = Jl["f"]
+
+    def fold(Jc, K_src, keep):
+        """(K k, m) rows of L^{-1} J_c[:, :, keep]^T: alpha_i = L^{-1} (J_i^T field)[keep]."""
+        keep = np.asarray(keep)
+        Lc = torch.linalg.cholesky(K_src[keep][:, keep])
+        out = torch.linalg.solve_triangular(Lc, Jc[:, :, keep].transpose(1, 2), upper=False)
+        return out.reshape(K * len(keep), m), len(keep)
+
+    if use_a:
+        JaT, kr = fold(Jl["a"], fl["Kr"], keep_r)
+    if use_b:
+        JbT, ku = fold(Jl["b"], fl["Ku"], keep_u)
+    nb = len(edges) - 1
+    m1 = [np.zeros(K) for _ in range(nb)]
+    m2 = [np.zeros((K, K)) for _ in range(nb)]
+    for b in range(nb):
+        for c0 in range(edges[b], edges[b + 1], chunk):
+            sl = slice(c0, min(edges[b + 1], c0 + chunk))
+            ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T    # (s, m)
+            s = ph.shape[0]
+            X = ((ph @ Jp.T).reshape(s, K, m) * ph[:, None, :]).sum(2)
+            X += ((gg @ Jg.T).reshape(s, K, m) * gg[:, None, :]).sum(2)
+            if last:
+                X += (zz * ph) @ Jf.T
+            corr = torch.zeros(K, K, dtype=dt)
+            if use_a:
+                al = (ph @ JaT.T).reshape(s, K, kr)
+                X += torch.bmm(al, fl["xi_r"][sl, :, None])[:, :, 0]
+                ala = al.transpose(0, 1).reshape(K, s * kr)
+                corr += ala @ ala.T
+            if use_b:
+                be = (gg @ JbT.T).reshape(s, K, ku)
+                X += torch.bmm(be, fl["xi_u"][sl, :, None])[:, :, 0]
+                bea = be.transpose(0, 1).reshape(K, s * ku)
+                corr += bea @ bea.T
+            m1[b] += X.sum(0).numpy()
+            m2[b] += (X.T @ X - corr).numpy()
+            if progress is not None:
+                progress(sl.stop)
+    return {"m1": m1, "m2": m2}
+
+
+def _batched_march(torch, act, gamma0, C, D, T1, n):
+    """The layer's march as a function of batched sources (B, m) -> (phi, g, z), each (B, m):
+    the same recursion as ``deep_mc._kappa_layer.fields1`` (h(t) = u(t) + gamma0 C(t, <t) g,
+    z(t) = r(t) + gamma0 D(t, <=t) phi), rows = samples, so that forward-mode tangents of many
+    samples and directions are plain GEMMs."""
+    def fields(u, r):
+        Ps, Gs, Zs = [], [], []
+        for t in range(T1):
+            a, e = t * n, (t + 1) * n
+            h = u[:, a:e]
+            if t:
+                h = h + gamma0 * (torch.cat(Gs, 1) @ C[a:e, :a].T)
+            p = act(h, 0)
+            z = r[:, a:e] + gamma0 * (torch.cat(Ps + [p], 1) @ D[a:e, :e].T)
+            Ps.append(p)
+            Zs.append(z)
+            Gs.append(act(h, 1) * z)
+        return torch.cat(Ps, 1), torch.cat(Gs, 1), torch.cat(Zs, 1)
+    return fields
+
+
+def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1, n,
+                    seed=0, progress=None):
+    """Per-block sums of the formal first and second moments of X_i for one layer, a drop-in
+    for ``deep_mc._kappa_layer`` with the same exact partial derivatives in the sources but no
+    Jacobian or Hessian tensor: directional derivatives (forward mode) along K directions per
+    sample and Hutchinson probes for the traces (module docstring, "Exact route").
+
+    ``fl`` needs ``phi``, ``g``, ``z`` (m, S), ``u``, ``r`` (S, m), ``C``, ``D`` (m, m);
+    ``Jl`` as :func:`stein_kappa_layer`; ``act`` the activation (``deep_mc._activation``);
+    ``seed`` (int or SeedSequence) draws the Rademacher probes.
+    """
+    from torch.func import jvp
+
+    dt = Jl["pp"].dtype
+    K, m = Jl["pp"].shape[0], Jl["pp"].shape[1]
+    use_a, use_b = not last, not first
+    Jp, Jg, Jf = Jl["pp"], Jl["gg"], Jl["f"]
+    Ja, Jb = Jl["a"], Jl["b"]
+    march = _batched_march(torch, act, gamma0, fl["C"], fl["D"], T1, n)
+    rng = np.random.default_rng(seed)
+
+    chans = ([("a", Ja, 1)] if use_a else []) + ([("b", Jb, 0)] if use_b else [])
+    # channel a: source r (slot 1 of (u, r)), field phi (slot 0 of (phi, g, z));
+    # channel b: source u (slot 0), field g (slot 1)
+
+    def probe(s):
+        """Rademacher probes (s, m), one per channel, in that channel's own source space:
+        a probe shared across channels would add the zero-mean but large cross terms
+        (zeta_u . d g / dr zeta_r) to every trace."""
+        return [torch.as_tensor(rng.integers(0, 2, size=(s, m)) * 2.0 - 1.0, dtype=dt)
+                for _ in chans]
+
+    def tangent(x, slot):
+        """A direction x (rows) in one source slot, zero in the other."""
+        z0 = torch.zeros_like(x)
+        return (x, z0) if slot == 0 else (z0, x)
+
+    nb = len(edges) - 1
+    m1 = [np.zeros(K) for _ in range(nb)]
+    m2 = [np.zeros((K, K)) for _ in range(nb)]
+    for b in range(nb):
+        for c0 in range(edges[b], edges[b + 1], chunk):
+            sl = slice(c0, min(edges[b + 1], c0 + chunk))
+            u, r = fl["u"][sl], fl["r"][sl]                                        # (s, m)
+            ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T    # (s, m)
+            s = ph.shape[0]
+            # physical part Y_i and its gradients in the fields, (K, s, m)
+            Jp_ph, Jg_g = torch.matmul(Jp, ph.T), torch.matmul(Jg, gg.T)          # (K, m, s)
+            Y = (Jp_ph * ph.T[None]).sum(1).T + (Jg_g * gg.T[None]).sum(1).T     # (s, K)
+            dYp = Jp_ph.transpose(1, 2) + torch.matmul(ph[None], Jp)
+            dYg = Jg_g.transpose(1, 2) + torch.matmul(gg[None], Jg)
+            dYz = None
+            if last:
+                Y = Y + (zz * ph) @ Jf.T
+                dYp = dYp + Jf[:, None, :] * zz[None]
+                dYz = Jf[:, None, :] * ph[None]
+            # the directions V_i = (Jb_i^T g, Ja_i^T phi) in the (u, r) sources, (K, s, m)
+            Vu = torch.matmul(gg[None], Jb) if use_b else torch.zeros(K, s, m, dtype=dt)
+            Vr = torch.matmul(ph[None], Ja) if use_a else torch.zeros(K, s, m, dtype=dt)
+            U, R = u.repeat(K, 1), r.repeat(K, 1)
+            Vt = (Vu.reshape(K * s, m), Vr.reshape(K * s, m))
+
+            def inner(x, y):
+                return jvp(march, (x, y), Vt)
+
+            D1 = torch.zeros(s, K, dtype=dt)
+            D2 = torch.zeros(s, K, dtype=dt)
+            T3 = torch.zeros(K, K, dtype=dt)
+            TR = torch.zeros(K, K, dtype=dt)
+            E = None
+            z1, z2 = probe(s), probe(s)
+            for (name, Jc, slot), zeta1, zeta2 in zip(chans, z1, z2):
+                fslot = 1 - slot                       # phi for channel a, g for channel b
+                # two independent probes: divergences D^1, D^2 (unbiased product D^1 D^2)
+                tz = tangent(torch.cat([zeta1, zeta2]), slot)
+                _, dF = jvp(march, (torch.cat([u, u]), torch.cat([r, r])), tz)
+                dF1 = [x[:s] for x in dF]
+                lhs1 = torch.matmul(Jc, zeta1.T)                           # (K, m, s)
+                lhs2 = torch.matmul(Jc, zeta2.T)
+                D1 += torch.einsum("ias,sa->si", lhs1, dF[fslot][:s])
+                D2 += torch.einsum("ias,sa->si", lhs2, dF[fslot][s:])
+                # along V_j: first derivatives (for V_j . grad Y_i) and, one probe over,
+                # the second derivatives (V_j . grad div V_i), in one nested forward pass
+                tz1 = tangent(zeta1.repeat(K, 1), slot)
+                (_, dV), (_, d2) = jvp(inner, (U, R), tz1)
+                if E is None:
+                    vp, vg, vz = (x.reshape(K, s, m) for x in dV)
+                    E = torch.einsum("ism,jsm->ij", dYp, vp) + \
+                        torch.einsum("ism,jsm->ij", dYg, vg)
+                    if dYz is not None:
+                        E = E + torch.einsum("ism,jsm->ij", dYz, vz)
+                T3 += torch.einsum("ias,jsa->ij", lhs1, d2[fslot].reshape(K, s, m))
+                # tr(grad V_i grad V_j) = E[zeta^T grad V_i (grad V_j zeta)], the probe in
+                # this channel's sources: W_j = grad V_j zeta has components in both
+                Wu = torch.matmul(dF1[1][None], Jb) if use_b else torch.zeros(K, s, m, dtype=dt)
+                Wr = torch.matmul(dF1[0][None], Ja) if use_a else torch.zeros(K, s, m, dtype=dt)
+                _, dW = jvp(march, (U, R), (Wu.reshape(K * s, m), Wr.reshape(K * s, m)))
+                TR += torch.einsum("ias,jsa->ij", lhs1, dW[fslot].reshape(K, s, m))
+            Dbar = 0.5 * (D1 + D2)
+            M1 = Y + Dbar
+            A2 = Y.T @ Dbar + E + T3
+            M2 = Y.T @ Y + A2 + A2.T + 0.5 * (TR + TR.T) + 0.5 * (D1.T @ D2 + D2.T @ D1)
+            m1[b] += M1.sum(0).numpy()
+            m2[b] += M2.numpy()
+            if progress is not None:
+                progress(sl.stop)
+    return {"m1": m1, "m2": m2}
