@@ -14,15 +14,14 @@ Three parts, each printing a table (and, unless ``--no-plots``, a PNG figure):
    width, for the raw and the centred model (f - f(theta_0); the raw model carries the
    initial-output variance Phi^1 / gamma0^2).
 3. ``timing``: the two-layer propagator with 10 points and 100 steps.
-4. ``depth`` (simulations only: ``dmft.fluctuations(method="deep-propagator")`` exists for
-   depth >= 2 and is checked against simulations in tests/test_fluctuations_deep_mc.py, but at
-   this part's size, (P + Q)(T + 1) = 6 x 31 = 186 flat indices, its cost (growing like the
-   fourth power of that number) is out of reach on two cores):
-   the paper's claim that kernel variance accumulates with depth at large gamma0 while the
-   kernels' signal-to-noise ratio improves. For tanh networks of depth L = 1, 2, 3 at a small
-   and a large gamma0 (one width): sum over entries of N Var K(T) of the final NTK, and the
-   width-free signal-to-noise ratio sum K_mean^2 / sum N Var K (the SNR at width N is N times
-   this). Error bars: spread over seeds of the summed squared deviations.
+4. ``depth``: the paper's claim that kernel variance accumulates with depth at large gamma0
+   while the kernels' signal-to-noise ratio improves. For tanh networks of depth L = 1, 2, 3
+   and gamma0 in ``--depth-gammas`` (default 0.5, 1, 2): simulations at one width (sum over
+   entries of N Var K(T) of the final NTK, the width-free signal-to-noise ratio sum K_mean^2 /
+   sum N Var K, sum N Var f(T)) beside the propagators at the last step (``times=[T]``;
+   two-layer ``"propagator"``, deep ``"deep-propagator"``; ``--depth-no-theory`` skips
+   them). Error bars: spread over seeds of the summed squared deviations (simulations), the
+   entries' standard errors summed (propagators, an upper bound).
 
 5. ``speed`` (issue 21): time and peak memory for N Var of the final test predictions (Vf, sum
    over test points) and of the final NTK (VK, sum over the upper triangle) at <= 5 %
@@ -248,21 +247,47 @@ def timing(args):
     return rows
 
 
+def _depth_theory(net, data, train, args):
+    """The propagator at the last step (times=[T], centred): sum N Var K(T) over all entries,
+    sum K^2 of the infinite-width NTK, sum N Var f(T) over all points, their standard errors
+    (entry errors summed: an upper bound) and the seconds of solve + propagator."""
+    T = train.steps
+    t0 = time.perf_counter()
+    if net.depth == 1:
+        sol = solve_two_layer(net, data, train, samples=args.pop, seed=1)
+        fl = dmft.fluctuations(sol, method="propagator", times=[T], center=True,
+                               samples=args.samples, seed=2, progress=False)
+    else:
+        sol = dmft.solve(net, data, train, method="mc", seed=0, progress=False)
+        fl = dmft.fluctuations(sol, method="deep-propagator", times=[T], center=True,
+                               samples=args.depth_samples, seed=2, progress=False)
+    el = time.perf_counter() - t0
+    vK, vK_se = float(np.sum(fl.ntk_var[T])), float(np.sum(fl.stderr["ntk_var"][T]))
+    vf = float(np.trace(fl.prediction_cov[T]))
+    vf_se = float(np.sum(np.diag(fl.stderr["prediction_cov"][T])))
+    sig = float(np.sum(np.asarray(sol.ntk[T]) ** 2))
+    return vK, vK_se, sig, vf, vf_se, el
+
+
 def depth(args):
     data = _problem(args.points, 2, 8, 1)
     N, S, T = args.depth_width, args.depth_seeds, args.steps
+    theory = not args.depth_no_theory
     print(f"\n[depth] tanh networks, P={data.P} + {data.Q} test, T={T}, lr={args.lr}; "
-          f"SIMULATIONS ONLY (the deep propagator is too costly at this size), width {N}, "
-          f"{S} seeds per row.")
+          f"simulations at width {N}, {S} seeds per row"
+          + (f"; propagator at the last step (deep: {args.depth_samples} samples; "
+             f"two-layer: {args.samples})" if theory else ""))
     print(f"{'gamma0':>7} {'L':>2} {'sum N Var K(T)':>18} {'sum K_mean^2':>13} "
-          f"{'SNR/N':>16} {'sum N Var f(T)':>18} {'sim s':>6}")
+          f"{'SNR/N':>16} {'sum N Var f(T)':>18} {'sim s':>6}"
+          + (f" | {'theory N Var K':>17} {'K_inf^2':>9} {'SNR/N':>7} {'N Var f':>16} "
+             f"{'th s':>6}" if theory else ""))
     rows = []
     for gamma0 in args.depth_gammas:
         for L in args.depths:
             train = dmft.GradientDescent(gamma0=gamma0, lr=args.lr, steps=T)
+            net = dmft.MLP(L, "tanh")
             t0 = time.perf_counter()
-            ens = dmft.simulate(dmft.MLP(L, "tanh"), data, train, width=N, seeds=range(S),
-                                center=True)
+            ens = dmft.simulate(net, data, train, width=N, seeds=range(S), center=True)
             el = time.perf_counter() - t0
             K = ens.ntk[:, T].reshape(S, -1)
             d2 = ((K - K.mean(0)) ** 2).sum(1) * S / (S - 1) * N
@@ -272,9 +297,15 @@ def depth(args):
             f = ens.predictions[:, T]
             d2f = ((f - f.mean(0)) ** 2).sum(1) * S / (S - 1) * N
             vf, vf_se = d2f.mean(), d2f.std(ddof=1) / np.sqrt(S)
-            rows.append((gamma0, L, vK, vK_se, sig, snr, snr_se, vf, vf_se))
-            print(f"{gamma0:7.2f} {L:2d} {vK:10.3f}+-{vK_se:6.3f} {sig:13.3f} "
-                  f"{snr:8.3f}+-{snr_se:5.3f} {vf:10.4f}+-{vf_se:6.4f} {el:6.1f}")
+            th = _depth_theory(net, data, train, args) if theory else None
+            rows.append((gamma0, L, vK, vK_se, sig, snr, snr_se, vf, vf_se, th))
+            line = (f"{gamma0:7.2f} {L:2d} {vK:10.3f}+-{vK_se:6.3f} {sig:13.3f} "
+                    f"{snr:8.3f}+-{snr_se:5.3f} {vf:10.4f}+-{vf_se:6.4f} {el:6.1f}")
+            if th is not None:
+                tK, tK_se, tsig, tf, tf_se, tel = th
+                line += (f" | {tK:9.3f}+-{tK_se:6.3f} {tsig:9.3f} {tsig / tK:7.3f} "
+                         f"{tf:8.4f}+-{tf_se:6.4f} {tel:6.1f}")
+            print(line, flush=True)
     for gamma0 in args.depth_gammas:
         rr = [r for r in rows if r[0] == gamma0]
         grows = np.all(np.diff([r[2] for r in rr]) > 0)
@@ -357,7 +388,7 @@ def _prop_worker(job):
     n = P + sol.data.Q
     i, j = np.triu_indices(n)
     # warm-up: Numba cache load / PyTorch import, outside the timing
-    dmft.fluctuations(sol, **dict(kw, samples=64, blocks=2, seed=99,
+    dmft.fluctuations(sol, **dict(kw, samples=64, blocks=2, seed=99, throw=False,
                                   **({"kappa_samples": 16} if sol.net.depth > 1 else {})))
     t0 = time.perf_counter()
     fl = dmft.fluctuations(sol, **kw)
@@ -527,9 +558,13 @@ def main(argv=None):
                     help="propagator samples in the timing part (cost is linear in this)")
     ap.add_argument("--chunk", type=int, default=None, help="propagator chunk (timing part)")
     ap.add_argument("--depths", default="1,2,3")
-    ap.add_argument("--depth-gammas", default="0.1,2")
+    ap.add_argument("--depth-gammas", default="0.5,1,2")
     ap.add_argument("--depth-width", type=int, default=256)
     ap.add_argument("--depth-seeds", type=int, default=200)
+    ap.add_argument("--depth-samples", type=int, default=4096,
+                    help="deep propagator samples in the depth part")
+    ap.add_argument("--depth-no-theory", action="store_true",
+                    help="depth part: simulations only")
     ap.add_argument("--cases", default="two-layer,depth2,depth3", help="speed part rows")
     ap.add_argument("--speed-target", type=float, default=0.05)
     ap.add_argument("--speed-sampler", default=None,

@@ -34,14 +34,17 @@ Methods (``method=``):
     ``"linear-exact"`` to rounding.
 ``"deep-propagator"``
     Deep networks (depth >= 2) with a smooth activation (tanh, erf; linear as a check): the
-    same propagator with sampled single-site fields (:mod:`solvers.fluct.deep_mc`): the linear
-    response of the Monte Carlo single-site map (PyTorch, sources reparameterised, responses
-    by Stein's lemma) gives the adjoint rows d obs / dE, and kappa, with the formal MSR
-    cumulants of the response order parameters, comes from per-sample Jacobians and
-    Hessians of each layer's march. Reduces to ``"deep-linear"`` for linear networks (a
-    test). Standard errors: batch means of kappa's samples (not the map's sampling, whose
-    effect is below them at the default ``samples``). Cost grows like (n (T+1))^3 per
-    sample: meant for modest n (T+1) (tens to ~100).
+    same propagator with sampled single-site fields (:mod:`solvers.fluct.deep_mc`): the adjoint
+    rows d obs / dE of the linearised Monte Carlo single-site map (PyTorch, sources
+    reparameterised, responses by Stein's lemma) come from ONE batched backward pass through
+    the map's causal recursion (:mod:`solvers.fluct.deep_causal`), and kappa, with the formal
+    MSR cumulants of the response order parameters, from forward-mode directional
+    derivatives of each layer's march (:mod:`solvers.fluct.kappa_stein`, no per-sample
+    Hessians). Reduces to ``"deep-linear"`` for linear networks (a test). Standard errors:
+    batch means of kappa's samples (not the map's sampling). Cost grows with the number of
+    observables: ``times=[T]`` (the last step) is the fast way to the end of training.
+    The solution must be a fixed point of the sampled map at the given training (checked:
+    ``options["fixed_point_gap"]``).
 ``"auto"``
     ``"lazy"`` for a ``method="static"`` solution or gamma0 = 0, ``"linear-exact"`` for a
     two-layer linear network, ``"deep-linear"`` for a deeper linear one,
