@@ -69,7 +69,7 @@ class _IncChol:
         self.kt = self.keep // n
         self.L = None                       # (k_<=t, k_<=t) lower triangular
         self.k = 0                          # kept innovations so far
-        self.cur = 0                        # the current time block
+        self.new_loc = None                 # positions in their block of the last new ones
 
     def count(self, t):
         """Number of kept innovations with time <= t."""
@@ -81,7 +81,7 @@ class _IncChol:
         if k1 == k0:
             return None
         new = self.keep[k0:k1]
-        loc = torch.as_tensor(new - t * self.n)
+        loc = self.new_loc = torch.as_tensor(new - t * self.n)
         Knn = row[loc][:, torch.as_tensor(new)]
         Knn = 0.5 * (Knn + Knn.T)
         if k0:
@@ -108,17 +108,6 @@ class _IncChol:
         """J L^{-1} for J (r, k) over the first k kept innovations."""
         k = J.shape[1]
         return self.torch.linalg.solve_triangular(self.L[:k, :k], J, upper=False, left=False)
-
-
-def _split_cols(X, kt, t_max):
-    """Columns of X (r, k) grouped by time: list over s <= t_max of (r, k_s) views."""
-    out = []
-    lo = 0
-    for s in range(t_max + 1):
-        hi = int(np.searchsorted(kt, s, side="right"))
-        out.append(X[:, lo:hi])
-        lo = hi
-    return out
 
 
 def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_u, keep_r,
@@ -175,11 +164,6 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
         maskB_struct[np.ix_(rows, tr_flat | rows)] = True
     maskB_struct_t = T(maskB_struct.astype(float))
 
-    # constant sources: layer 0 (kx, time-constant) and r of the top layer (w(0))
-    u0 = _const_sources(kx, keep_u[0], xi_u[0].numpy(), T1, n)            # (T1, n, S)
-    u0 = [T(u0[t]) for t in range(T1)]
-    rtop = xi_r[L - 1][:, 0].reshape(1, S).expand(n, S)
-
     kx_flat_t = T(np.tile(kx, (T1, T1)))
     ones_t = torch.ones(m, m, dtype=dt)
     yfull = torch.zeros(n, dtype=dt)
@@ -193,8 +177,8 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
         zero-valued perturbation around ``V`` where products with histories are linearised
         (A dB + dA B at the values: no graph history is saved)."""
         grad = E is not None
-        fu = [None] + [_IncChol(torch, keep_u[l], n) for l in range(1, L)]
-        fr = [_IncChol(torch, keep_r[l], n) for l in range(L - 1)] + [None]
+        fu = [_IncChol(torch, keep_u[l], n) for l in range(L)]
+        fr = [_IncChol(torch, keep_r[l], n) for l in range(L)]
         ftr = [_IncChol(torch, keep_rtr[l], n) for l in range(L - 1)]
         fg = [None] + [[_IncChol(torch, grp["cols"], n) for grp in groups[l]]
                        for l in range(1, L)]
@@ -247,8 +231,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
             """Innovations of the kept variables new at this step: L22^{-1} (x - L21 xi_old)."""
             L21, L22 = ext
             k0, k1 = fac.k - L22.shape[0], fac.k
-            new = torch.as_tensor(fac.keep[k0:k1] - fac.cur * n)
-            rhs = src_rows[new]
+            rhs = src_rows[fac.new_loc]
             if k0:
                 xold_val = vbuf[:k0]
                 if grad:
@@ -263,18 +246,13 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
 
         for t in range(T1):
             a, e = t * n, (t + 1) * n
-            for fac in [f for f in fu + fr + ftr if f is not None] + \
-                    [f for grp in fg[1:] for f in grp]:
-                fac.cur = t
             # ------------------------------ bottom-up: h^l(t), Phi^l(t, <=t), A^l(t, <t)
             for l in range(L):
-                if l == 0:
-                    u = u0[t]
-                else:
-                    Krow = PhiR[l - 1][t]
-                    fu[l].extend(t, Krow)
-                    F = fu[l].rows(Krow)
-                    u = F @ xiu_T[l][:F.shape[1]]
+                # sources u^l(t) of Phi^{l-1}(<= t, <= t) (layer 1: kx at every time pair)
+                Krow = kx_flat_t[a:e, :e] if l == 0 else PhiR[l - 1][t]
+                fu[l].extend(t, Krow)
+                F = fu[l].rows(Krow)
+                u = F @ xiu_T[l][:F.shape[1]]
                 # memory row C^l(t, < t): lr Phi^{l-1}(t, s) Delta(s) + A^{l-1}(t, s)
                 if t:
                     Kp = kx_flat_t[a:e, :a] if l == 0 else PhiR[l - 1][t][:, :a]
@@ -333,13 +311,12 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     AR[l].append(Arow)
             # ------------------------------ top-down: z^l(t), G^l(t, <=t), B^{l-1}(t, <=t), f
             for l in range(L - 1, -1, -1):
-                if l == L - 1:
-                    r = rtop
-                else:
-                    Krow = GR[l + 1][t]
-                    fr[l].extend(t, Krow)
-                    F = fr[l].rows(Krow)
-                    r = F @ xir_T[l][:F.shape[1]]
+                # sources r^l(t) of G^{l+1}(<= t, <= t) (top layer: G^{L+1} = 1, r = w(0))
+                Krow = ones_t[a:e, :e] if l == L - 1 else GR[l + 1][t]
+                fr[l].extend(t, Krow)
+                F = fr[l].rows(Krow)
+                r = F @ xir_T[l][:F.shape[1]]
+                if l <= L - 2:
                     ext = ftr[l].extend(t, Krow)
                     x = None if ext is None else whiten(ftr[l], ext, r, xtr[l], V["xtr"][l])
                     if grad:
@@ -482,15 +459,3 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
             logger.info("deep propagator (causal adjoint): observables %d-%d of %d", lo,
                         hi - 1, Kobs)
     return J, fields, Kobs, V["gaps"]
-
-
-def _const_sources(K, keep, xi, T1, n):
-    """Sources of a time-constant kernel (layer 1: Phi^0 = kx at every time pair): the causal
-    factor's rows (its innovations are all at t = 0), (T1, n, S)."""
-    Kf = np.tile(np.asarray(K), (T1, T1)) if np.asarray(K).shape[0] == n else np.asarray(K)
-    keep = np.asarray(keep)
-    Lk = np.linalg.cholesky(Kf[np.ix_(keep, keep)])
-    from scipy.linalg import solve_triangular
-    F = solve_triangular(Lk, Kf[keep, :], lower=True).T           # (m, k)
-    u = F @ xi.T                                                   # (m, S)
-    return u.reshape(T1, n, -1)
