@@ -257,6 +257,23 @@ def default_chunk(n, P, T, target=4_000_000):
     return int(np.clip(target // (T * P * (P + 1 + 3 * n)), 32, 8192))
 
 
+def _influence_result(ff, kk, count, k, n, iu):
+    """Covariances from the influence sums over ``count`` samples at k times: ``cov`` (k, k,
+    n, n) two-time, ``pred_cov`` (k, n, n) equal-time, ``ntk_var`` (k, n, n) from the NTK
+    entries' sums ``kk`` (k m,) over the upper triangle ``iu`` (omitted when kk is None)."""
+    ff /= (count - 1)
+    cov = two_time(ff, k, n)
+    out = {"cov": cov, "pred_cov": np.ascontiguousarray(cov[np.arange(k), np.arange(k)])}
+    if kk is not None:
+        kk /= (count - 1)
+        m = iu[0].size
+        var = np.empty((k, n, n))
+        var[:, iu[0], iu[1]] = kk.reshape(k, m)
+        var[:, iu[1], iu[0]] = kk.reshape(k, m)
+        out["ntk_var"] = var
+    return out
+
+
 def _solve_matrix(JO):
     T1, n, p = JO.shape
     P = p // (T1 - 1)
@@ -350,16 +367,7 @@ def _two_layer_propagator(activation, u, w0, kx, delta, gamma0, lr, *, center=Fa
         for a, b in chunks(lo, hi):
             _, _, O, k = fields(a, b)
             influence_moments(O, k, mO, mk, JO, Jk, A, ff, kk)
-        ff /= (hi - lo - 1)
-        cov = two_time(ff, T1, n)
-        out = {"cov": cov, "pred_cov": np.ascontiguousarray(cov[np.arange(T1), np.arange(T1)])}
-        if ntk:
-            kk /= (hi - lo - 1)
-            var = np.empty((T1, n, n))
-            var[:, iu[0], iu[1]] = kk.reshape(T1, m)
-            var[:, iu[1], iu[0]] = kk.reshape(T1, m)
-            out["ntk_var"] = var
-        return out
+        return _influence_result(ff, kk, hi - lo, T1, n, iu)
 
     JO_tot = np.zeros((T1, n, p))
     Jk_tot = np.zeros((T1, m, p)) if ntk else None
@@ -698,16 +706,7 @@ def _two_layer_propagator_times(activation, u, w0, kx, delta, gamma0, lr, times,
             if ntk:
                 psik = (ks - mk).reshape(b - a, k * m) - eE @ Wk
                 kk += np.einsum("ci,ci->i", psik, psik)
-        ff /= (hi - lo - 1)
-        cov = two_time(ff, k, n)
-        out = {"cov": cov, "pred_cov": np.ascontiguousarray(cov[np.arange(k), np.arange(k)])}
-        if ntk:
-            kk /= (hi - lo - 1)
-            var = np.empty((k, n, n))
-            var[:, iu[0], iu[1]] = kk.reshape(k, m)
-            var[:, iu[1], iu[0]] = kk.reshape(k, m)
-            out["ntk_var"] = var
-        return out
+        return _influence_result(ff, kk, hi - lo, k, n, iu)
 
     # chunks of the tangent-free passes: a few MB of fields
     big = int(np.clip(4_000_000 // (T1 * n + k * (n + m) + p), 64, 65536))
