@@ -55,7 +55,7 @@ from ..layout import causal_cholesky, causal_mask, equal_time
 from ..mc.responses import stein_groups
 from .deep_linear import _torch
 from .deep_causal import causal_adjoint
-from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
+from .kappa_stein import block_chunks, jvp_kappa_layer, moment_sums, stein_kappa_layer
 
 __all__ = ["deep_propagator"]
 
@@ -531,70 +531,66 @@ def _kappa_layer(torch, fl, Jl, first, last, edges, chunk, gamma0, act, T1, n, p
         hess_p = vmap(jacfwd(jacfwd(lambda u, r: fields1(u, r)[0], argnums=1), argnums=(0, 1)))
     if use_b:
         hess_g = vmap(jacfwd(jacfwd(lambda u, r: fields1(u, r)[1], argnums=0), argnums=(0, 1)))
-    nb = len(edges) - 1
-    m1 = [np.zeros(K) for _ in range(nb)]
-    m2 = [np.zeros((K, K)) for _ in range(nb)]
+    m1, m2 = moment_sums(edges, K)
     ein = torch.einsum
-    for b in range(nb):
-        for c0 in range(edges[b], edges[b + 1], chunk):
-            sl = slice(c0, min(edges[b + 1], c0 + chunk))
-            u, r = fl["u"][sl], fl["r"][sl]                            # (s, m)
-            ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T   # (s, m)
-            (pu, pr), (gu, gr), (zu, zr) = jac(u, r)                   # (s, m, m) each
-            # physical part and its first derivatives
-            Jpph = ein("kab,sb->ska", Jp, ph)
-            Jggg = ein("kab,sb->ska", Jg, gg)
-            Y = ein("ska,sa->sk", Jpph, ph) + ein("ska,sa->sk", Jggg, gg)
-            dYdp, dYdg = 2 * Jpph, 2 * Jggg
-            dYdz = None
-            if last:
-                Y = Y + (zz * ph) @ Jf.T
-                dYdp = dYdp + Jf[None] * zz[:, None, :]
-                dYdz = Jf[None] * ph[:, None, :]
-            M1 = Y.clone()
-            M2 = ein("si,sj->ij", Y, Y)
+    for b, sl in block_chunks(edges, chunk):
+        u, r = fl["u"][sl], fl["r"][sl]                            # (s, m)
+        ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T   # (s, m)
+        (pu, pr), (gu, gr), (zu, zr) = jac(u, r)                   # (s, m, m) each
+        # physical part and its first derivatives
+        Jpph = ein("kab,sb->ska", Jp, ph)
+        Jggg = ein("kab,sb->ska", Jg, gg)
+        Y = ein("ska,sa->sk", Jpph, ph) + ein("ska,sa->sk", Jggg, gg)
+        dYdp, dYdg = 2 * Jpph, 2 * Jggg
+        dYdz = None
+        if last:
+            Y = Y + (zz * ph) @ Jf.T
+            dYdp = dYdp + Jf[None] * zz[:, None, :]
+            dYdz = Jf[None] * ph[:, None, :]
+        M1 = Y.clone()
+        M2 = ein("si,sj->ij", Y, Y)
 
-            def dY(ru_p, ru_g, ru_z):
-                out = ein("ska,sad->skd", dYdp, ru_p) + ein("ska,sad->skd", dYdg, ru_g)
-                if dYdz is not None:
-                    out = out + ein("ska,sad->skd", dYdz, ru_z)
-                return out
+        def dY(ru_p, ru_g, ru_z):
+            out = ein("ska,sad->skd", dYdp, ru_p) + ein("ska,sad->skd", dYdg, ru_g)
+            if dYdz is not None:
+                out = out + ein("ska,sad->skd", dYdz, ru_z)
+            return out
 
-            def channel(Jc, field, d_own, d_other, h_own, h_other, dY_own):
-                """One response channel's terms (A: over r, B: over u): the pairs with Y and
-                with itself added to M2; returns what the mixed r-u pairs need."""
-                nonlocal M1, M2
-                v = ein("kab,sa->skb", Jc, field)                        # (s, K, m)
-                div = ein("kab,sab->sk", Jc, d_own)
-                dv_own = ein("kab,sad->skbd", Jc, d_own)                 # d v_b / d own_d
-                T2 = ein("sid,sjd->ij", dY_own, v) + ein("si,sj->ij", Y, div)
-                M2 += T2 + T2.T
-                T3 = ein("sjd,sid->ij", v, ein("kab,sabd->skd", Jc, h_own))
-                M2 += T3 + T3.T + ein("sibd,sjdb->ij", dv_own, dv_own) + \
-                    ein("si,sj->ij", div, div)
-                M1 = M1 + div
-                return {"v": v, "div": div,
-                        "dv_other": ein("kab,sad->skbd", Jc, d_other),
-                        "gdiv_other": ein("kab,sabd->skd", Jc, h_other)}
+        def channel(Jc, field, d_own, d_other, h_own, h_other, dY_own):
+            """One response channel's terms (A: over r, B: over u): the pairs with Y and
+            with itself added to M2; returns what the mixed r-u pairs need."""
+            nonlocal M1, M2
+            v = ein("kab,sa->skb", Jc, field)                        # (s, K, m)
+            div = ein("kab,sab->sk", Jc, d_own)
+            dv_own = ein("kab,sad->skbd", Jc, d_own)                 # d v_b / d own_d
+            T2 = ein("sid,sjd->ij", dY_own, v) + ein("si,sj->ij", Y, div)
+            M2 += T2 + T2.T
+            T3 = ein("sjd,sid->ij", v, ein("kab,sabd->skd", Jc, h_own))
+            M2 += T3 + T3.T + ein("sibd,sjdb->ij", dv_own, dv_own) + \
+                ein("si,sj->ij", div, div)
+            M1 = M1 + div
+            return {"v": v, "div": div,
+                    "dv_other": ein("kab,sad->skbd", Jc, d_other),
+                    "gdiv_other": ein("kab,sabd->skd", Jc, h_other)}
 
-            if use_a:
-                hur, hrr = hess_p(u, r)                                  # (s, m, m_r, m_u/m_r)
-                ca = channel(Ja, ph, pr, pu, hrr, hur, dY(pr, gr, zr))
-            if use_b:
-                huu, hur_g = hess_g(u, r)                                # (s, m, m_u, m_u/m_r)
-                cb = channel(Jb, gg, gu, gr, huu, hur_g, dY(pu, gu, zu))
-            if use_a and use_b:
-                # mixed r-u pairs: v^b_j . grad_u(div v^a_i) + div v^a_i div v^b_j
-                #   + tr(d_u v^a_i d_r v^b_j) + v^a_i . grad_r(div v^b_j), and i <-> j
-                T4 = ein("sjd,sid->ij", cb["v"], ca["gdiv_other"]) + \
-                    ein("si,sj->ij", ca["div"], cb["div"]) + \
-                    ein("sibd,sjdb->ij", ca["dv_other"], cb["dv_other"]) + \
-                    ein("sid,sjd->ij", ca["v"], cb["gdiv_other"])
-                M2 += T4 + T4.T
-            m1[b] += M1.sum(0).numpy()
-            m2[b] += M2.numpy()
-            if progress is not None:
-                progress(sl.stop)
+        if use_a:
+            hur, hrr = hess_p(u, r)                                  # (s, m, m_r, m_u/m_r)
+            ca = channel(Ja, ph, pr, pu, hrr, hur, dY(pr, gr, zr))
+        if use_b:
+            huu, hur_g = hess_g(u, r)                                # (s, m, m_u, m_u/m_r)
+            cb = channel(Jb, gg, gu, gr, huu, hur_g, dY(pu, gu, zu))
+        if use_a and use_b:
+            # mixed r-u pairs: v^b_j . grad_u(div v^a_i) + div v^a_i div v^b_j
+            #   + tr(d_u v^a_i d_r v^b_j) + v^a_i . grad_r(div v^b_j), and i <-> j
+            T4 = ein("sjd,sid->ij", cb["v"], ca["gdiv_other"]) + \
+                ein("si,sj->ij", ca["div"], cb["div"]) + \
+                ein("sibd,sjdb->ij", ca["dv_other"], cb["dv_other"]) + \
+                ein("sid,sjd->ij", ca["v"], cb["gdiv_other"])
+            M2 += T4 + T4.T
+        m1[b] += M1.sum(0).numpy()
+        m2[b] += M2.numpy()
+        if progress is not None:
+            progress(sl.stop)
     return {"m1": m1, "m2": m2}
 
 

@@ -76,6 +76,20 @@ import numpy as np
 __all__ = ["jvp_kappa_layer", "stein_kappa_layer"]
 
 
+def block_chunks(edges, chunk):
+    """(block, slice) pairs over the batch-means blocks [edges[b], edges[b + 1]) of the
+    samples, in slices of at most ``chunk`` samples (the loop of every kappa route)."""
+    for b in range(len(edges) - 1):
+        for c0 in range(edges[b], edges[b + 1], chunk):
+            yield b, slice(c0, min(edges[b + 1], c0 + chunk))
+
+
+def moment_sums(edges, K):
+    """Zeroed per-block sums of the first (K,) and second (K, K) moments."""
+    nb = len(edges) - 1
+    return [np.zeros(K) for _ in range(nb)], [np.zeros((K, K)) for _ in range(nb)]
+
+
 def stein_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, keep_u, keep_r,
                       progress=None):
     """Per-block sums of the formal first and second moments of X_i for one layer by Stein's
@@ -117,33 +131,29 @@ def stein_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, keep_u, keep_
         JaT, kr = fold(Jl["a"], fl["Kr"], keep_r)
     if use_b:
         JbT, ku = fold(Jl["b"], fl["Ku"], keep_u)
-    nb = len(edges) - 1
-    m1 = [np.zeros(K) for _ in range(nb)]
-    m2 = [np.zeros((K, K)) for _ in range(nb)]
-    for b in range(nb):
-        for c0 in range(edges[b], edges[b + 1], chunk):
-            sl = slice(c0, min(edges[b + 1], c0 + chunk))
-            ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T    # (s, m)
-            s = ph.shape[0]
-            X = ((ph @ Jp.T).reshape(s, K, m) * ph[:, None, :]).sum(2)
-            X += ((gg @ Jg.T).reshape(s, K, m) * gg[:, None, :]).sum(2)
-            if last:
-                X += (zz * ph) @ Jf.T
-            corr = torch.zeros(K, K, dtype=dt)
-            if use_a:
-                al = (ph @ JaT.T).reshape(s, K, kr)
-                X += torch.bmm(al, fl["xi_r"][sl, :, None])[:, :, 0]
-                ala = al.transpose(0, 1).reshape(K, s * kr)
-                corr += ala @ ala.T
-            if use_b:
-                be = (gg @ JbT.T).reshape(s, K, ku)
-                X += torch.bmm(be, fl["xi_u"][sl, :, None])[:, :, 0]
-                bea = be.transpose(0, 1).reshape(K, s * ku)
-                corr += bea @ bea.T
-            m1[b] += X.sum(0).numpy()
-            m2[b] += (X.T @ X - corr).numpy()
-            if progress is not None:
-                progress(sl.stop)
+    m1, m2 = moment_sums(edges, K)
+    for b, sl in block_chunks(edges, chunk):
+        ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T    # (s, m)
+        s = ph.shape[0]
+        X = ((ph @ Jp.T).reshape(s, K, m) * ph[:, None, :]).sum(2)
+        X += ((gg @ Jg.T).reshape(s, K, m) * gg[:, None, :]).sum(2)
+        if last:
+            X += (zz * ph) @ Jf.T
+        corr = torch.zeros(K, K, dtype=dt)
+        if use_a:
+            al = (ph @ JaT.T).reshape(s, K, kr)
+            X += torch.bmm(al, fl["xi_r"][sl, :, None])[:, :, 0]
+            ala = al.transpose(0, 1).reshape(K, s * kr)
+            corr += ala @ ala.T
+        if use_b:
+            be = (gg @ JbT.T).reshape(s, K, ku)
+            X += torch.bmm(be, fl["xi_u"][sl, :, None])[:, :, 0]
+            bea = be.transpose(0, 1).reshape(K, s * ku)
+            corr += bea @ bea.T
+        m1[b] += X.sum(0).numpy()
+        m2[b] += (X.T @ X - corr).numpy()
+        if progress is not None:
+            progress(sl.stop)
     return {"m1": m1, "m2": m2}
 
 
@@ -205,73 +215,69 @@ def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1
         z0 = torch.zeros_like(x)
         return (x, z0) if slot == 0 else (z0, x)
 
-    nb = len(edges) - 1
-    m1 = [np.zeros(K) for _ in range(nb)]
-    m2 = [np.zeros((K, K)) for _ in range(nb)]
-    for b in range(nb):
-        for c0 in range(edges[b], edges[b + 1], chunk):
-            sl = slice(c0, min(edges[b + 1], c0 + chunk))
-            u, r = fl["u"][sl], fl["r"][sl]                                        # (s, m)
-            ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T    # (s, m)
-            s = ph.shape[0]
-            # physical part Y_i and its gradients in the fields, (K, s, m)
-            Jp_ph, Jg_g = torch.matmul(Jp, ph.T), torch.matmul(Jg, gg.T)          # (K, m, s)
-            Y = (Jp_ph * ph.T[None]).sum(1).T + (Jg_g * gg.T[None]).sum(1).T     # (s, K)
-            dYp = Jp_ph.transpose(1, 2) + torch.matmul(ph[None], Jp)
-            dYg = Jg_g.transpose(1, 2) + torch.matmul(gg[None], Jg)
-            dYz = None
-            if last:
-                Y = Y + (zz * ph) @ Jf.T
-                dYp = dYp + Jf[:, None, :] * zz[None]
-                dYz = Jf[:, None, :] * ph[None]
-            # the directions V_i = (Jb_i^T g, Ja_i^T phi) in the (u, r) sources, (K, s, m)
-            Vu = torch.matmul(gg[None], Jb) if use_b else torch.zeros(K, s, m, dtype=dt)
-            Vr = torch.matmul(ph[None], Ja) if use_a else torch.zeros(K, s, m, dtype=dt)
-            U, R = u.repeat(K, 1), r.repeat(K, 1)
-            Vt = (Vu.reshape(K * s, m), Vr.reshape(K * s, m))
+    m1, m2 = moment_sums(edges, K)
+    for b, sl in block_chunks(edges, chunk):
+        u, r = fl["u"][sl], fl["r"][sl]                                        # (s, m)
+        ph, gg, zz = fl["phi"][:, sl].T, fl["g"][:, sl].T, fl["z"][:, sl].T    # (s, m)
+        s = ph.shape[0]
+        # physical part Y_i and its gradients in the fields, (K, s, m)
+        Jp_ph, Jg_g = torch.matmul(Jp, ph.T), torch.matmul(Jg, gg.T)          # (K, m, s)
+        Y = (Jp_ph * ph.T[None]).sum(1).T + (Jg_g * gg.T[None]).sum(1).T     # (s, K)
+        dYp = Jp_ph.transpose(1, 2) + torch.matmul(ph[None], Jp)
+        dYg = Jg_g.transpose(1, 2) + torch.matmul(gg[None], Jg)
+        dYz = None
+        if last:
+            Y = Y + (zz * ph) @ Jf.T
+            dYp = dYp + Jf[:, None, :] * zz[None]
+            dYz = Jf[:, None, :] * ph[None]
+        # the directions V_i = (Jb_i^T g, Ja_i^T phi) in the (u, r) sources, (K, s, m)
+        Vu = torch.matmul(gg[None], Jb) if use_b else torch.zeros(K, s, m, dtype=dt)
+        Vr = torch.matmul(ph[None], Ja) if use_a else torch.zeros(K, s, m, dtype=dt)
+        U, R = u.repeat(K, 1), r.repeat(K, 1)
+        Vt = (Vu.reshape(K * s, m), Vr.reshape(K * s, m))
 
-            def inner(x, y):
-                return jvp(march, (x, y), Vt)
+        def inner(x, y):
+            return jvp(march, (x, y), Vt)
 
-            D1 = torch.zeros(s, K, dtype=dt)
-            D2 = torch.zeros(s, K, dtype=dt)
-            T3 = torch.zeros(K, K, dtype=dt)
-            TR = torch.zeros(K, K, dtype=dt)
-            E = None
-            z1, z2 = probe(s), probe(s)
-            for (name, Jc, slot), zeta1, zeta2 in zip(chans, z1, z2):
-                fslot = 1 - slot                       # phi for channel a, g for channel b
-                # two independent probes: divergences D^1, D^2 (unbiased product D^1 D^2)
-                tz = tangent(torch.cat([zeta1, zeta2]), slot)
-                _, dF = jvp(march, (torch.cat([u, u]), torch.cat([r, r])), tz)
-                dF1 = [x[:s] for x in dF]
-                lhs1 = torch.matmul(Jc, zeta1.T)                           # (K, m, s)
-                lhs2 = torch.matmul(Jc, zeta2.T)
-                D1 += torch.einsum("ias,sa->si", lhs1, dF[fslot][:s])
-                D2 += torch.einsum("ias,sa->si", lhs2, dF[fslot][s:])
-                # along V_j: first derivatives (for V_j . grad Y_i) and, one probe over,
-                # the second derivatives (V_j . grad div V_i), in one nested forward pass
-                tz1 = tangent(zeta1.repeat(K, 1), slot)
-                (_, dV), (_, d2) = jvp(inner, (U, R), tz1)
-                if E is None:
-                    vp, vg, vz = (x.reshape(K, s, m) for x in dV)
-                    E = torch.einsum("ism,jsm->ij", dYp, vp) + \
-                        torch.einsum("ism,jsm->ij", dYg, vg)
-                    if dYz is not None:
-                        E = E + torch.einsum("ism,jsm->ij", dYz, vz)
-                T3 += torch.einsum("ias,jsa->ij", lhs1, d2[fslot].reshape(K, s, m))
-                # tr(grad V_i grad V_j) = E[zeta^T grad V_i (grad V_j zeta)], the probe in
-                # this channel's sources: W_j = grad V_j zeta has components in both
-                Wu = torch.matmul(dF1[1][None], Jb) if use_b else torch.zeros(K, s, m, dtype=dt)
-                Wr = torch.matmul(dF1[0][None], Ja) if use_a else torch.zeros(K, s, m, dtype=dt)
-                _, dW = jvp(march, (U, R), (Wu.reshape(K * s, m), Wr.reshape(K * s, m)))
-                TR += torch.einsum("ias,jsa->ij", lhs1, dW[fslot].reshape(K, s, m))
-            Dbar = 0.5 * (D1 + D2)
-            M1 = Y + Dbar
-            A2 = Y.T @ Dbar + E + T3
-            M2 = Y.T @ Y + A2 + A2.T + 0.5 * (TR + TR.T) + 0.5 * (D1.T @ D2 + D2.T @ D1)
-            m1[b] += M1.sum(0).numpy()
-            m2[b] += M2.numpy()
-            if progress is not None:
-                progress(sl.stop)
+        D1 = torch.zeros(s, K, dtype=dt)
+        D2 = torch.zeros(s, K, dtype=dt)
+        T3 = torch.zeros(K, K, dtype=dt)
+        TR = torch.zeros(K, K, dtype=dt)
+        E = None
+        z1, z2 = probe(s), probe(s)
+        for (name, Jc, slot), zeta1, zeta2 in zip(chans, z1, z2):
+            fslot = 1 - slot                       # phi for channel a, g for channel b
+            # two independent probes: divergences D^1, D^2 (unbiased product D^1 D^2)
+            tz = tangent(torch.cat([zeta1, zeta2]), slot)
+            _, dF = jvp(march, (torch.cat([u, u]), torch.cat([r, r])), tz)
+            dF1 = [x[:s] for x in dF]
+            lhs1 = torch.matmul(Jc, zeta1.T)                           # (K, m, s)
+            lhs2 = torch.matmul(Jc, zeta2.T)
+            D1 += torch.einsum("ias,sa->si", lhs1, dF[fslot][:s])
+            D2 += torch.einsum("ias,sa->si", lhs2, dF[fslot][s:])
+            # along V_j: first derivatives (for V_j . grad Y_i) and, one probe over,
+            # the second derivatives (V_j . grad div V_i), in one nested forward pass
+            tz1 = tangent(zeta1.repeat(K, 1), slot)
+            (_, dV), (_, d2) = jvp(inner, (U, R), tz1)
+            if E is None:
+                vp, vg, vz = (x.reshape(K, s, m) for x in dV)
+                E = torch.einsum("ism,jsm->ij", dYp, vp) + \
+                    torch.einsum("ism,jsm->ij", dYg, vg)
+                if dYz is not None:
+                    E = E + torch.einsum("ism,jsm->ij", dYz, vz)
+            T3 += torch.einsum("ias,jsa->ij", lhs1, d2[fslot].reshape(K, s, m))
+            # tr(grad V_i grad V_j) = E[zeta^T grad V_i (grad V_j zeta)], the probe in
+            # this channel's sources: W_j = grad V_j zeta has components in both
+            Wu = torch.matmul(dF1[1][None], Jb) if use_b else torch.zeros(K, s, m, dtype=dt)
+            Wr = torch.matmul(dF1[0][None], Ja) if use_a else torch.zeros(K, s, m, dtype=dt)
+            _, dW = jvp(march, (U, R), (Wu.reshape(K * s, m), Wr.reshape(K * s, m)))
+            TR += torch.einsum("ias,jsa->ij", lhs1, dW[fslot].reshape(K, s, m))
+        Dbar = 0.5 * (D1 + D2)
+        M1 = Y + Dbar
+        A2 = Y.T @ Dbar + E + T3
+        M2 = Y.T @ Y + A2 + A2.T + 0.5 * (TR + TR.T) + 0.5 * (D1.T @ D2 + D2.T @ D1)
+        m1[b] += M1.sum(0).numpy()
+        m2[b] += M2.numpy()
+        if progress is not None:
+            progress(sl.stop)
     return {"m1": m1, "m2": m2}
