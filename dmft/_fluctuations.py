@@ -148,7 +148,7 @@ def _selected(cov, times):
 
 
 def _mask_times(res, times, T1, keys=("pred_cov", "ntk_var", "pred_cov_stderr",
-                                      "ntk_var_stderr", "pred_cov_se", "ntk_var_se")):
+                                      "ntk_var_stderr", "kappa")):
     """NaN outside the selected ``times`` (equal-time arrays) and outside the times x times
     blocks (``cov``), in place."""
     if times is None:
@@ -516,8 +516,7 @@ class _Propagator(_TwoLayer, name="propagator", options=PropagatorOptions,
             res["response"] = res["response"].reshape(
                 (T + 1, n, C, T, sol.data.P, C) if multi else (T + 1, n, T, sol.data.P))
         if not fast:
-            _mask_times(res, state.times, T + 1, keys=("pred_cov", "ntk_var", "pred_cov_stderr",
-                                                       "ntk_var_stderr", "kappa"))
+            _mask_times(res, state.times, T + 1)
         state.stderr["prediction_cov"] = res["pred_cov_stderr"]
         if opts.ntk:
             state.stderr["ntk_var"] = res["ntk_var_stderr"]
@@ -688,8 +687,7 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
                 **extra)
         finally:
             bar.close()
-        # NaN outside the selected times (whether or not the engine already restricted them)
-        _mask_times(res, state.times, T + 1)
+        # the engine computes the observables at the selected times only (NaN elsewhere)
         if not (np.all(np.isfinite(_selected(res["cov"], state.times)))
                 and res["residual"] < 1e-6):
             gaps = res.get("fixed_point_gap")
