@@ -52,7 +52,9 @@ def save_image(build, path, directory):
             _check_interrupt()
             _write_atomic(image, path, directory)
             del image
-            _check_interrupt()
+        # a signal that came after the last check inside, while the handlers were put back
+        # (the file is saved: act on it now rather than lose it)
+        _check_interrupt()
     except BaseException:
         if signal.SIGTERM in _HIT:  # the temporary file is gone: now die of SIGTERM as asked
             os.kill(os.getpid(), signal.SIGTERM)
@@ -175,8 +177,29 @@ def _interrupts_deferred():
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_signal)
         yield
     finally:
+        _restore_handlers(previous)
+
+
+def _restore_handlers(previous):
+    """Put the handlers back without losing a signal that arrives meanwhile.
+
+    The signals are blocked first: a Python-level handler still pending from before runs
+    (``pthread_sigmask`` checks for them) and records into :data:`_HIT`; one that arrives
+    while the handlers change stays pending in the kernel and reaches the restored handler
+    when the mask is put back (SIGTERM's default ends the process, Ctrl-C raises
+    KeyboardInterrupt). Without the block, a signal caught just before a handler went back
+    to SIG_DFL was dropped by Python.
+    """
+    if not previous:
+        return
+    block = getattr(signal, "pthread_sigmask", None)
+    mask = block(signal.SIG_BLOCK, set(previous)) if block is not None else None
+    try:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    finally:
+        if mask is not None:
+            block(signal.SIG_SETMASK, mask)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -29,7 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow
 
 _WRITER = r"""
-import os, sys
+import faulthandler, os, signal, sys
+_trace = open(sys.argv[1] + ".trace", "w")
+faulthandler.register(signal.SIGUSR1, file=_trace)  # the test asks for a traceback if we hang
 sys.path.insert(0, sys.argv[2])
 import numpy as np
 from dmft import io as dio
@@ -42,6 +44,23 @@ while True:
     dio.save(sols[i % 2], target, compression=None)
     i += 1
 """
+
+
+def _wait_or_explain(proc, name, trace, timeout=120):
+    """Wait for the killed writer; if it outlives the signal, fail with its state and stack."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        state = subprocess.run(["ps", "-o", "stat=,wchan=", "-p", str(proc.pid)],
+                               capture_output=True, text=True).stdout.strip()
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        with open(trace) as fh:
+            stack = fh.read()[-4000:]
+        pytest.fail(f"the writer outlived {name} by {timeout} s (process state {state!r}); "
+                    f"its stack:\n{stack}")
 
 
 def _versions():
@@ -78,7 +97,7 @@ def test_kill_mid_save_never_corrupts_and_orphans_are_cleaned(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rnd.uniform(0.05, 1.5))
         proc.send_signal(sig)
-        proc.wait(timeout=60)
+        _wait_or_explain(proc, name, target + ".trace")
         # SIGTERM still ends the process; Ctrl-C ends it with an uncaught KeyboardInterrupt
         assert proc.returncode == -sig, proc.returncode
         stats[name][0] += 1

@@ -225,6 +225,28 @@ def test_swallowed_ctrl_c_still_aborts_the_save(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+
+def test_ctrl_c_at_the_end_of_a_save_is_not_lost(tmp_path, monkeypatch):
+    """A Ctrl-C caught after the save's last check, while the handlers go back, still
+    interrupts (the file is complete by then: the new result is kept)."""
+    import signal
+    target = tmp_path / "run.h5"
+    real = _atomic._restore_handlers
+
+    def signal_then_restore(previous):
+        os.kill(os.getpid(), signal.SIGINT)  # recorded by the save's handler, still installed
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+        real(previous)
+
+    monkeypatch.setattr(_atomic, "_restore_handlers", signal_then_restore)
+    sol = make_solution(np.random.default_rng(41))
+    with pytest.raises(KeyboardInterrupt):
+        dio.save(sol, target)
+    monkeypatch.undo()
+    assert np.array_equal(dio.load(target).phi, sol.phi) and _listing(tmp_path) == ["run.h5"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 _EFBIG_SCRIPT = r"""
 import errno, json, os, resource, signal, sys
 sys.path.insert(0, sys.argv[2])
