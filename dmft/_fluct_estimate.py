@@ -40,7 +40,7 @@ def estimate_fluct(method, sol, opts):
         getattr(opts, "times", None) is not None or getattr(opts, "response_samples", None)
         is not None or getattr(opts, "sampler", None) == "sobol")
     if fast:
-        # the adjoint engine (solvers.fluct.propagator.two_layer_propagator_times): tangents
+        # the adjoint engine (solvers.fluct.propagator_times.two_layer_propagator_times): tangents
         # of R samples on the training points (~T^2 P^3 / 2 each) plus the selected rows;
         # three plain marches of every sample; one triangular solve per estimate (blocks + 1)
         # for the k (n + m) adjoint rows; J sums 2 k P T (n + m) + 2 T P T P; chunk buffers

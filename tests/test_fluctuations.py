@@ -98,20 +98,26 @@ def test_march_is_the_finite_network_per_unit_update(act):
     assert np.max(np.abs(k.mean(0) - res["ntk"][:, i, j])) < 1e-10
 
 
+def _tangent_case(seed, P, Q, T, samples, gamma0, lr, act):
+    """A toy tangent problem: single-site samples of the small data set (P + Q points), a
+    random error signal Delta (T, P) and the marched fields under it."""
+    rng = np.random.default_rng(seed)
+    kx = _data(P, Q).kx
+    u, w0 = fluct.draw_units(kx, samples, rng)
+    delta = 0.5 * rng.standard_normal((T, P))
+    h, w = fluct.march(act, u, w0, kx, delta, lr * gamma0)
+    return kx, u, w0, delta, h, w, fluct.triu_index(P + Q)
+
+
 @pytest.mark.parametrize("act", ["tanh", "erf"])
 def test_tangents_match_finite_differences(act):
-    rng = np.random.default_rng(2)
-    data = _data(2, 1)
-    kx, n, P, T = data.kx, 3, 2, 5
+    n, P, T = 3, 2, 5
     gamma0, lr = 1.5, 0.2
     c = lr * gamma0
-    u, w0 = fluct.draw_units(kx, 30, rng)
-    delta = 0.5 * rng.standard_normal((T, P))
-    iu = fluct.triu_index(n)
+    kx, u, w0, delta, h, w, iu = _tangent_case(2, P, 1, T, 30, gamma0, lr, act)
     m = iu[0].size
     JO = np.zeros((T + 1, n, T * P))
     Jk = np.zeros((T + 1, m, T * P))
-    h, w = fluct.march(act, u, w0, kx, delta, c)
     fluct.accumulate_response(act, h, w, kx, delta, c, gamma0, JO, Jk, iu)
 
     def sums(d):

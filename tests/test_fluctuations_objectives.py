@@ -26,9 +26,11 @@ from conftest import TOL as _SHARED, pooled_ratio as _pooled_ratio
 from dmft._two_layer import solve_two_layer
 from solvers import fluct
 from solvers.fluct import deep_linear as fluct_deep
-from solvers.fluct import propagator as fluct_prop
+from solvers.fluct import propagator_objective as fluct_prop
 from solvers.objective import Objective
-from solvers.stats import fit_inverse_width
+
+# the width-sweep criterion of the deep-linear tests (same TOL['width_rel'], ['width_se'])
+from test_fluctuations_deep import _assert_width_sweep
 
 needs_torch = pytest.mark.usefixtures("torch_or_skip")
 
@@ -270,26 +272,6 @@ def _sweep(net, data, train, fl, seeds, center, times):
             print(f"N={N:5d} t={t:3d}  pred ratio {out[0][0]:.3f} +- {out[0][1]:.3f}   ntk "
                   f"ratio {out[1][0]:.3f} +- {out[1][1]:.3f}")
     return rows
-
-
-def _assert_width_sweep(rows):
-    """As tests/test_fluctuations_deep.py: at the largest width every pooled ratio within
-    TOL['width_rel'] of 1 (or TOL['width_se'] standard errors where that is wider); with two
-    or more widths the weighted 1/N fit extrapolates to 1 within TOL['width_se'] of its
-    standard error."""
-    widths = sorted({N for N, *_ in rows})
-    for N, t, rp, rk in rows:
-        for what, (r, se) in (("predictions", rp), ("ntk", rk)):
-            if N == widths[-1]:
-                assert abs(r - 1) < max(TOL["width_rel"], TOL["width_se"] * se), \
-                    (what, N, t, r, se, rows)
-    if len(widths) < 2:
-        return
-    for k, what in ((2, "predictions"), (3, "ntk")):
-        means = np.array([[row[k][0] for row in rows if row[0] == N] for N in widths])
-        ses = np.array([[row[k][1] for row in rows if row[0] == N] for N in widths])
-        r_inf, se_inf, _, _ = fit_inverse_width(widths, means, ses)
-        assert np.all(np.abs(r_inf - 1) < TOL["width_se"] * se_inf), (what, r_inf, se_inf, rows)
 
 
 def _two_layer_theory(data, train, center, samples=8000, pop=60_000):

@@ -24,9 +24,9 @@ import dmft
 from conftest import small_data
 from dmft._two_layer import solve_two_layer
 from solvers import fluct
-from solvers.fluct.propagator import accumulate_response_times
+from solvers.fluct.propagator_times import accumulate_response_times
 
-from test_fluctuations import TOL, _exact_linear_solution
+from test_fluctuations import TOL, _exact_linear_solution, _tangent_case
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +38,11 @@ def tanh_sol():
 
 @pytest.mark.parametrize("ntk", [True, False])
 def test_selected_rows_equal_full_tangents(ntk):
-    rng = np.random.default_rng(3)
-    data = small_data(3, 2)
-    kx, n, P, T = data.kx, 5, 3, 6
+    n, P, T = 5, 3, 6
     gamma0, lr = 1.3, 0.2
     c = lr * gamma0
-    u, w0 = fluct.draw_units(kx, 50, rng)
-    delta = 0.5 * rng.standard_normal((T, P))
-    iu = fluct.triu_index(n)
+    kx, u, w0, delta, h, w, iu = _tangent_case(3, P, 2, T, 50, gamma0, lr, "tanh")
     m = iu[0].size
-    h, w = fluct.march("tanh", u, w0, kx, delta, c)
     JO = np.zeros((T + 1, T * P, n))
     Jk = np.zeros((T + 1, T * P, m))
     fluct.accumulate_response_jit("tanh", h, w, kx, delta, c, gamma0, JO, Jk, iu)

@@ -141,6 +141,13 @@ def _march(torch, kx_flat, y, L, g0, lr, n, P, T1, E, center, iters, responses=T
         Gl1 = G[l][idx_t, idx_t] if l < L else torch.ones(T1, dtype=dt)
         Pl = equal_time(Phi[l - 1], T1, n)
         ntk = ntk + Gl1[:, None, None] * Pl
+    return {"f": fc, "f_raw": f, "ntk": ntk, "Phi": Phi, "G": G[:L],
+            "S": _unit_covariances(torch, Phi, G, X, R, L), "delta": delta}
+
+
+def _unit_covariances(torch, Phi, G, X, R, L):
+    """Formal MSR covariance of the unit vector (v, rho) of each layer l = 1 .. L:
+    <v v^T> = [[Phi^{l-1}, X^l], [X^l^T, G^{l-1}]], <v rho^T> = R^{l-1}, <rho rho^T> = 0."""
     S = []
     for l in range(1, L + 1):
         top = torch.cat([Phi[l - 1], X[l]], 1)
@@ -148,10 +155,8 @@ def _march(torch, kx_flat, y, L, g0, lr, n, P, T1, E, center, iters, responses=T
         Sv = torch.cat([top, bot], 0)
         Rl = R[l - 1]
         Z = torch.zeros_like(Sv)
-        # formal MSR covariance of (v, rho): <v v^T> = S, <v rho^T> = R, <rho rho^T> = 0
         S.append(torch.cat([torch.cat([Sv, Rl], 1), torch.cat([Rl.T, Z], 1)], 0))
-    return {"f": fc, "f_raw": f, "ntk": ntk, "Phi": Phi, "G": G[:L], "S": S,
-            "delta": delta}
+    return S
 
 
 def _error_signal(torch, loss, F, Y):
@@ -257,15 +262,8 @@ def _march_objective(torch, kx_flat, Y, L, g0, lr, n, P, T1, E, center, iters, r
         Gl1 = gtt(G[l]) if l < L else eyeC.expand(T1, C, C)
         Pl = equal_time(Phi[l - 1], T1, n)
         ntk = ntk + Gl1[:, None, :, None, :] * Pl[:, :, None, :, None]
-    S = []
-    for l in range(1, L + 1):
-        top = torch.cat([Phi[l - 1], X[l]], 1)
-        bot = torch.cat([X[l].T, G[l - 1]], 1)
-        Sv = torch.cat([top, bot], 0)
-        Rl = R[l - 1]
-        Z = torch.zeros_like(Sv)
-        S.append(torch.cat([torch.cat([Sv, Rl], 1), torch.cat([Rl.T, Z], 1)], 0))
-    return {"f": fc, "f_raw": f, "ntk": ntk, "Phi": Phi, "G": G[:L], "S": S, "delta": delta}
+    return {"f": fc, "f_raw": f, "ntk": ntk, "Phi": Phi, "G": G[:L],
+            "S": _unit_covariances(torch, Phi, G, X, R, L), "delta": delta}
 
 
 def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk=True,
@@ -318,14 +316,8 @@ def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk
     try:
         torch.set_num_threads(1)
         E = [_noise_leaves(torch, m, T1) for _ in range(L)]
-        out = _march(torch, kx_flat, y, L, gamma0, lr, n, P, T1, E, center, iters, responses)
-        # convergence: one more sweep must not move anything
-        with torch.no_grad():
-            Ez = [{k: torch.zeros_like(e) for k, e in El.items()} for El in E]
-            ref = _march(torch, kx_flat, y, L, gamma0, lr, n, P, T1, Ez, center, iters + 2,
-                         responses)
-            residual = max(float((ref["f"] - out["f"]).abs().max()),
-                           float((ref["ntk"] - out["ntk"]).abs().max()))
+        out, residual = _converged_march(torch, _march, (kx_flat, y, L, gamma0, lr, n, P, T1),
+                                         E, center, iters, responses)
         iu = np.triu_indices(n)
         S = [s.detach().numpy() for s in out["S"]]
         obs_f = out["f"].reshape(-1)
@@ -337,11 +329,31 @@ def deep_linear_propagator(kx, y, depth, gamma0, lr, steps, *, center=False, ntk
         ntk_inf = out["ntk"].detach().numpy()
     finally:
         torch.set_num_threads(nthreads)
+    return _result(f_inf, ntk_inf, cov, ntk_v if ntk else None, residual, iu)
+
+
+def _converged_march(torch, march, head, E, center, iters, responses, tail=()):
+    """``march(torch, *head, E, center, iters, responses, *tail)`` and its residual: the
+    largest change of f and of the NTK when the noise-free march runs two more sweeps
+    (convergence: one more sweep must not move anything)."""
+    out = march(torch, *head, E, center, iters, responses, *tail)
+    with torch.no_grad():
+        Ez = [{k: torch.zeros_like(e) for k, e in El.items()} for El in E]
+        ref = march(torch, *head, Ez, center, iters + 2, responses, *tail)
+        residual = max(float((ref["f"] - out["f"]).abs().max()),
+                       float((ref["ntk"] - out["ntk"]).abs().max()))
+    return out, residual
+
+
+def _result(f_inf, ntk_inf, cov, ntk_v, residual, iu):
+    """The result dict from the contracted covariances: ``cov`` (T1 n, T1 n) flat two-time,
+    ``ntk_v`` (T1 m,) the N Var of the NTK entries ``iu`` (n points) or None."""
+    T1, n = f_inf.shape[0], ntk_inf.shape[-1]
     cf = two_time(cov, T1, n)
     res = {"f": f_inf, "ntk_mean": ntk_inf, "cov": cf,
            "pred_cov": np.ascontiguousarray(cf[np.arange(T1), np.arange(T1)]),
            "residual": residual, "ntk_var": None}
-    if ntk:
+    if ntk_v is not None:
         v = ntk_v.reshape(T1, iu[0].size)
         var = np.empty((T1, n, n))
         var[:, iu[0], iu[1]] = v
@@ -366,14 +378,9 @@ def _deep_linear_objective(kx, obj, depth, gamma0, lr, steps, *, center, ntk, it
     try:
         torch.set_num_threads(1)
         E = [_noise_leaves(torch, m, Tc) for _ in range(L)]
-        out = _march_objective(torch, kx_flat, Y, L, gamma0, lr, n, P, T1, E, center, iters,
-                               responses, *args)
-        with torch.no_grad():
-            Ez = [{k: torch.zeros_like(e) for k, e in El.items()} for El in E]
-            ref = _march_objective(torch, kx_flat, Y, L, gamma0, lr, n, P, T1, Ez, center,
-                                   iters + 2, responses, *args)
-            residual = max(float((ref["f"] - out["f"]).abs().max()),
-                           float((ref["ntk"] - out["ntk"]).abs().max()))
+        out, residual = _converged_march(torch, _march_objective,
+                                         (kx_flat, Y, L, gamma0, lr, n, P, T1), E, center,
+                                         iters, responses, args)
         iu = np.triu_indices(nC)
         S = [s.detach().numpy() for s in out["S"]]
         cov, _ = _contract(torch, out["f"].reshape(-1), E, S, full=True, fast_trace=True)
@@ -385,17 +392,7 @@ def _deep_linear_objective(kx, obj, depth, gamma0, lr, steps, *, center, ntk, it
         ntk_inf = ntk_flat.detach().numpy()
     finally:
         torch.set_num_threads(nthreads)
-    cf = two_time(cov, T1, nC)
-    res = {"f": f_inf, "ntk_mean": ntk_inf, "cov": cf,
-           "pred_cov": np.ascontiguousarray(cf[np.arange(T1), np.arange(T1)]),
-           "residual": residual, "ntk_var": None}
-    if ntk:
-        v = ntk_v.reshape(T1, iu[0].size)
-        var = np.empty((T1, nC, nC))
-        var[:, iu[0], iu[1]] = v
-        var[:, iu[1], iu[0]] = v
-        res["ntk_var"] = var
-    return res
+    return _result(f_inf, ntk_inf, cov, ntk_v if ntk else None, residual, iu)
 
 
 def _noise_leaves(torch, m, T1):

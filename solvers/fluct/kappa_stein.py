@@ -1,7 +1,7 @@
 """The deep propagator's noise covariance kappa without per-sample Hessians (issue 21).
 
 :func:`solvers.fluct.deep_mc.deep_propagator` needs, for each layer and pair of observables
-(i, j), the single-site covariance of the contracted averages
+(i, j), the single-site covariance of the contracted averages::
 
     X_i = Y_i + <J_i^a, phi rho_r^T> + <J_i^b, g rho_u^T>,
     Y_i = <J_i^pp, phi phi^T> + <J_i^gg, g g^T> + <J_i^f, z phi>,
@@ -11,7 +11,7 @@ with the formal MSR rules for the response fields: <F rho_c> = <dF/dsrc_c>,
 layer's march in each source coordinate (u, r at every point and time; ``_kappa_layer`` and,
 for linear networks, the exact :mod:`solvers.fluct.deep_linear`). In the joint source
 s = (u, r) (2m coordinates, m = n (T + 1)) the response part is a first-order operator
-V_i . d/ds with the per-sample direction V_i = (J_i^b^T g, J_i^a^T phi), and
+V_i . d/ds with the per-sample direction V_i = (J_i^b^T g, J_i^a^T phi), and::
 
     M1_i  = E[Y_i + div V_i],
     M2_ij = E[Y_i Y_j + Y_i div V_j + Y_j div V_i + V_j . grad Y_i + V_i . grad Y_j
@@ -47,10 +47,10 @@ as GEMMs over (K chunk) rows; memory: the J's themselves (K m^2 each) and O(K ch
 space. No Jacobian, no Hessian.
 
 Stein route (``kappa="stein"``, :func:`stein_kappa_layer`): no derivatives at all
---------------------------------------------------------------------------------
+---------------------------------------------------------------------------------
 The map draws u = F_u xi_u, r = F_r xi_r from standard normals of the kept innovations
 (F = K[:, keep] L^{-T}). Gaussian integration by parts, E[F xi_k] = E[dF/dxi_k] and
-E[F (xi_k xi_l - delta_kl)] = E[d^2 F / dxi_k dxi_l], turns (1) into moments of
+E[F (xi_k xi_l - delta_kl)] = E[d^2 F / dxi_k dxi_l], turns (1) into moments of::
 
     X_i = Y_i + alpha_i . xi_r + beta_i . xi_u,
     alpha_i = L_r^{-1} (J_i^a^T phi)[keep_r],   beta_i = L_u^{-1} (J_i^b^T g)[keep_u],
@@ -58,7 +58,7 @@ E[F (xi_k xi_l - delta_kl)] = E[d^2 F / dxi_k dxi_l], turns (1) into moments of
 
 (xi_r, xi_u independent: the mixed pairs need no correction). Cost K m^2 per sample as
 GEMMs. It is exact when every innovation is kept (then d/dsrc = L^{-T} d/dxi), but measured
-unusable as a default (tests/test_fluctuations_kappa_stein.py):
+unusable as a default (tests/test_fluctuations_kappa_stein.py).
 (i) its noise grows as 1 / (smallest kept innovation): the adjoint rows J are causally
 truncated, so J^T phi has components of O(1) along innovations of variance down to ``rtol``
 (1e-3) of a source's; on the linear depth-2 test case the first layer's standard error is
@@ -94,7 +94,7 @@ def stein_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, keep_u, keep_
                       progress=None):
     """Per-block sums of the formal first and second moments of X_i for one layer by Stein's
     lemma in the whitened sources (module docstring, "Stein route"), a drop-in for
-    ``deep_mc._kappa_layer``: ``m1[b]`` (K,) = sum over the block's samples of X_i,
+    ``kappa_hessian._kappa_layer``: ``m1[b]`` (K,) = sum over the block's samples of X_i,
     ``m2[b]`` (K, K) = sum of X_i X_j - alpha_i . alpha_j - beta_i . beta_j.
 
     Parameters
@@ -159,7 +159,7 @@ def stein_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, keep_u, keep_
 
 def _batched_march(torch, act, gamma0, C, D, T1, n):
     """The layer's march as a function of batched sources (B, m) -> (phi, g, z), each (B, m):
-    the same recursion as ``deep_mc._kappa_layer.fields1`` (h(t) = u(t) + gamma0 C(t, <t) g,
+    the same recursion as ``kappa_hessian._kappa_layer.fields1`` (h(t) = u(t) + gamma0 C(t, <t) g,
     z(t) = r(t) + gamma0 D(t, <=t) phi), rows = samples, so that forward-mode tangents of many
     samples and directions are plain GEMMs."""
     def fields(u, r):
@@ -181,9 +181,10 @@ def _batched_march(torch, act, gamma0, C, D, T1, n):
 def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1, n,
                     seed=0, progress=None):
     """Per-block sums of the formal first and second moments of X_i for one layer, a drop-in
-    for ``deep_mc._kappa_layer`` with the same exact partial derivatives in the sources but no
-    Jacobian or Hessian tensor: directional derivatives (forward mode) along K directions per
-    sample and Hutchinson probes for the traces (module docstring, "Exact route").
+    for ``kappa_hessian._kappa_layer`` with the same exact partial derivatives in the sources
+    but no Jacobian or Hessian tensor: directional derivatives (forward mode) along K
+    directions per sample and Hutchinson probes for the traces (module docstring, "Exact
+    route").
 
     ``fl`` needs ``phi``, ``g``, ``z`` (m, S), ``u``, ``r`` (S, m), ``C``, ``D`` (m, m);
     ``Jl`` as :func:`stein_kappa_layer`; ``act`` the activation (``deep_mc._activation``);

@@ -44,24 +44,34 @@ def sampled_lazy_moments(activation, u, w0, kx, gamma0=None, blocks=10):
     dict with ``kappa_f0`` (n, n) or None, ``kappa_K`` (n, n, n, n), ``mean_K`` (n, n), and
     ``blocks``: a list of per-block dicts with the same keys (for batch-means errors).
     """
-    S, n = u.shape
+    n = u.shape[1]
 
     def moments(uu, ww):
         ph = apply(activation, uu, 0)
         g = apply(activation, uu, 1) * ww[:, None]
         k = (kx * g[:, :, None] * g[:, None, :] + ph[:, :, None] * ph[:, None, :]).reshape(
             uu.shape[0], n * n)
-        kc = k - k.mean(0)
-        out = {"mean_K": k.mean(0).reshape(n, n),
-               "kappa_K": (kc.T @ kc / (uu.shape[0] - 1)).reshape(n, n, n, n),
-               "kappa_f0": None}
-        if gamma0 is not None:
-            O = ww[:, None] * ph / gamma0
-            out["kappa_f0"] = np.cov(O, rowvar=False).reshape(n, n)
-        return out
+        return _unit_moments(k, None if gamma0 is None else ww[:, None] * ph / gamma0, n)
 
+    return _with_blocks(moments, u, w0, blocks)
+
+
+def _unit_moments(k, O, n):
+    """Sample moments of the per-unit NTK entries k (S, n n) and outputs O (S, n) (or None):
+    ``mean_K`` (n, n), ``kappa_K`` (n, n, n, n), ``kappa_f0`` (n, n) or None."""
+    kc = k - k.mean(0)
+    out = {"mean_K": k.mean(0).reshape(n, n),
+           "kappa_K": (kc.T @ kc / (k.shape[0] - 1)).reshape(n, n, n, n), "kappa_f0": None}
+    if O is not None:
+        out["kappa_f0"] = np.cov(O, rowvar=False).reshape(n, n)
+    return out
+
+
+def _with_blocks(moments, u, w0, blocks):
+    """``moments(u, w0)`` of all samples, with ``blocks``: the same for each of the
+    consecutive batch-means blocks."""
     res = moments(u, w0)
-    bounds = np.linspace(0, S, blocks + 1).astype(int)
+    bounds = np.linspace(0, u.shape[0], blocks + 1).astype(int)
     res["blocks"] = [moments(u[a:b], w0[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     return res
 
@@ -102,12 +112,20 @@ def lazy_propagator(K, delta, lr, kappa_K, kappa_f0=None):
         R0[t + 1] = R0[t] - lr * KP @ R0[t, :P]
         R1[t + 1] = R1[t] - lr * np.einsum("ma,anb->mnb", KP, R1[t, :P])
         R1[t + 1] += lr * eye[:, :, None] * delta[t][None, None, :]
-    R1f = R1.reshape(T + 1, n, n * P)
-    kK = kappa_K[:, :P, :, :P].reshape(n * P, n * P)
-    cov = np.einsum("tia,ab,sjb->tsij", R1f, kK, R1f, optimize=True)
+    return _source_covariance(R1, R0, kappa_K, kappa_f0)
+
+
+def _source_covariance(RK, R0, kappa_K, kappa_f0):
+    """N Cov of the frozen-kernel predictions from their responses to the two independent
+    sources, RK (T+1, n, n, p) = d f(t) / d K[:, :p] (p training columns) and R0 (T+1, n, n)
+    = d f(t) / d f(0): ``cov`` (T+1, T+1, n, n), ``pred_cov`` (T+1, n, n) and the constant
+    ``ntk_var`` (T+1, n, n)."""
+    T1, n, _, p = RK.shape
+    R = RK.reshape(T1, n, n * p)
+    kK = kappa_K[:, :p, :, :p].reshape(n * p, n * p)
+    cov = np.einsum("tia,ab,sjb->tsij", R, kK, R, optimize=True)
     if kappa_f0 is not None:
         cov += np.einsum("tia,ab,sjb->tsij", R0, kappa_f0, R0, optimize=True)
-    T1 = T + 1
     ntk_var = np.empty((T1, n, n))
     ntk_var[:] = np.einsum("ijij->ij", kappa_K)
     return {"cov": cov, "pred_cov": np.ascontiguousarray(cov[np.arange(T1), np.arange(T1)]),
@@ -156,7 +174,7 @@ def linear_lazy_moments_multi(kx, C, gamma0=None):
 def sampled_lazy_moments_multi(activation, u, w0, kx, gamma0=None, blocks=10):
     """:func:`sampled_lazy_moments` with C outputs (w0 of shape (S, C)): per-unit
     k_{mu c, nu c'} = kx_{mu nu} g_{mu c} g_{nu c'} + delta_{cc'} phi_mu phi_nu."""
-    S, n = u.shape
+    n = u.shape[1]
     C = w0.shape[1]
     nC = n * C
     eye = np.eye(C)
@@ -169,18 +187,10 @@ def sampled_lazy_moments_multi(activation, u, w0, kx, gamma0=None, blocks=10):
         pp = (ph[:, :, None, None, None] * ph[:, None, None, :, None]
               * eye[None, None, :, None, :]).reshape(m, nC, nC)
         k = (kxx * g[:, :, None] * g[:, None, :] + pp).reshape(m, nC * nC)
-        kc = k - k.mean(0)
-        out = {"mean_K": k.mean(0).reshape(nC, nC),
-               "kappa_K": (kc.T @ kc / (m - 1)).reshape(nC, nC, nC, nC), "kappa_f0": None}
-        if gamma0 is not None:
-            O = (ph[:, :, None] * ww[:, None, :]).reshape(m, nC) / gamma0
-            out["kappa_f0"] = np.cov(O, rowvar=False).reshape(nC, nC)
-        return out
+        return _unit_moments(k, None if gamma0 is None else
+                             (ph[:, :, None] * ww[:, None, :]).reshape(m, nC) / gamma0, nC)
 
-    res = moments(u, w0)
-    bounds = np.linspace(0, S, blocks + 1).astype(int)
-    res["blocks"] = [moments(u[a:b], w0[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return res
+    return _with_blocks(moments, u, w0, blocks)
 
 
 def lazy_trajectory(K, objective):
@@ -252,13 +262,4 @@ def lazy_propagator_objective(K, alpha, jac, a, lr, kappa_K, kappa_f0=None):
             break
         Ra0 = a * Ra0 + lr * D[t] @ Rf0[t, :p]
         RaK = a * RaK + lr * np.einsum("ab,bjc->ajc", D[t], RfK[t, :p])
-    R = RfK.reshape(T + 1, nC, nC * p)
-    kK = kappa_K[:, :p, :, :p].reshape(nC * p, nC * p)
-    cov = np.einsum("tia,ab,sjb->tsij", R, kK, R, optimize=True)
-    if kappa_f0 is not None:
-        cov += np.einsum("tia,ab,sjb->tsij", Rf0, kappa_f0, Rf0, optimize=True)
-    T1 = T + 1
-    ntk_var = np.empty((T1, nC, nC))
-    ntk_var[:] = np.einsum("ijij->ij", kappa_K)
-    return {"cov": cov, "pred_cov": np.ascontiguousarray(cov[np.arange(T1), np.arange(T1)]),
-            "ntk_var": ntk_var}
+    return _source_covariance(RfK, Rf0, kappa_K, kappa_f0)
