@@ -1,0 +1,281 @@
+"""One layer of one population of the one-pass causal solver (:mod:`solvers.mc.causal`).
+
+:class:`_Layer` holds a layer's fields, kernels, source factors and response tangents and does
+the work that is the same for the plain problem (:mod:`solvers.mc.causal_population`) and for
+any objective with C outputs (:mod:`solvers.mc.causal_objective`): drawing the causal sources
+of step t, storing h(t), phi(h(t)), g(t) with their kernel rows, and the tangents of h(t)
+and g(t). Row helpers: :func:`_rows`, :func:`_store_row`; B by Stein's lemma:
+:func:`_stein_row`.
+
+Layout: fields are time-major (T1, n_points, S) with the sample axis last (one time slice a
+contiguous (n, S) matrix, the history up to t a contiguous ((t+1) n, S) one), train and test
+points in separate arrays; backward fields have rows (mu, c), point-major, for C outputs.
+Kernels are flat (T1 n, T1 n) with index t n + mu (G: (T1 n C)^2, index t n C + mu C + c).
+Tangent directions are (s, a, c, k) for r (source r_ac(s) of tangent sample k) and (s, a, k)
+for u.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from ..activations import apply
+from ..layout import CausalFactor
+
+
+def _check_finite(name, a, t, layer):
+    if not np.all(np.isfinite(a)):
+        raise FloatingPointError(f"non-finite {name} in layer {layer} at step {t}; the fields "
+                                 f"diverged (gamma0 or lr is too large)")
+
+
+def _rows(cur, hist, t):
+    """Kernel row block K(t, <=t) = cur hist[:t+1]^T / S as (n, (t+1) n') from a (n, S)
+    current slice and a (T1, n', S) history."""
+    S = cur.shape[1]
+    return cur @ hist[:t + 1].reshape(-1, S).T / S
+
+
+def _store_row(K, row, t, n):
+    """Write row block t (n, (t+1) n) of a symmetric flat kernel and its transpose."""
+    a, e = t * n, (t + 1) * n
+    K[a:e, :e] = row
+    K[:e, a:e] = row.T
+
+
+def _draw(fac, xi_store, rng, n, half):
+    """Normals for the innovations a factor just gained (n drawn per step, whatever is kept,
+    so the stream does not depend on the keep decisions); returns the number in use."""
+    xi = rng.standard_normal((n, half))
+    new = fac.new
+    if len(new):
+        xi_store[fac.k - len(new):fac.k] = xi[new]
+    return fac.k
+
+
+def _source_half(fac, xi_store, krow, rng):
+    """One member of each antithetic pair of a causal source at step t, (rows, S / 2): the
+    factor gains the row block ``krow`` = K(t, <=t) of the source's covariance, its new
+    innovations get normals (:func:`_draw`), and the source is F(t, <=t) xi."""
+    Frow = fac.extend(krow)
+    k = _draw(fac, xi_store, rng, krow.shape[0], xi_store.shape[1])
+    return Frow @ xi_store[:k]
+
+
+def _tangent_h(dg, t, c0, Ct, gamma0):
+    """gamma0 C(t, <t) dg(<t) over the tangent directions < c0, zero beyond: (n, cols)."""
+    cols = dg.shape[2]
+    dh = np.zeros((Ct.shape[0], cols), dtype=dg.dtype)
+    if t:
+        dh[:, :c0] = gamma0 * (Ct @ dg[:t].reshape(t * dg.shape[1], cols)[:, :c0])
+    return dh
+
+
+class _Layer:
+    """State of one layer of one population (see the module docstring for the layout)."""
+
+    def __init__(self, T1, n, P, S, Sr, *, r_sys, u_sys, stein, resp, cv, tdtype, src_rtol,
+                 stein_rtol, C=1, phi=None, g=None):
+        # C outputs (docs/theory.rst §7): backward fields and G over rows (mu, c), point-major
+        Q = n - P
+        m = T1 * n
+        self.n, self.P, self.Q, self.C, self.Sr, self.tdtype = n, P, Q, C, Sr, tdtype
+        self.PH = np.zeros((T1, n, S))
+        self.G = np.zeros((T1, n * C, S))
+        self.Gtr = np.zeros((T1, P * C, S))           # train rows of g, for the memory GEMMs
+        self.PHtr = np.zeros((T1, P, S))
+        self.PHte = np.zeros((T1, Q, S)) if Q else None
+        # the flat kernels may be views into the population's stacked (L, ...) results
+        self.phi = np.zeros((m, m)) if phi is None else phi
+        self.g = np.zeros((m * C, m * C)) if g is None else g
+        # <Lam1 Lam1^T> over all samples and over the tangent samples (responses' control
+        # variate and the closed-form test-test blocks of B)
+        # (only its train columns and the test-test diagonal blocks are ever used)
+        self.L1tr = np.zeros((T1, P, S)) if resp else None
+        self.L1te = np.zeros((T1, Q, S)) if (resp and Q) else None
+        self.psi = np.zeros((T1, n, T1, P)) if resp else None       # [t, mu, s, a]
+        self.psi_r = np.zeros((T1, n, T1, P)) if cv else None
+        self.psi_qq = np.zeros((T1, T1, Q)) if resp else None       # [t, s, q]
+        self.fac_u = CausalFactor(m, src_rtol)
+        self.fac_r = CausalFactor(m * C, src_rtol)
+        self.xi_u = np.zeros((m, S // 2))
+        self.xi_r = np.zeros((m * C, S // 2))
+        self.r_sys, self.u_sys, self.stein = r_sys, u_sys, stein
+        cols = T1 * P * Sr
+        if r_sys:
+            # directions (s, a, c, k): r_ac(s) of tangent sample k. Train rows are all that
+            # later times need: C and D have train columns only, apart from D's test-test
+            # blocks, which r-tangents of test rows reach only through test rows themselves
+            self.rdphi = np.zeros((T1, P, cols * C), dtype=tdtype)
+            self.rdg = np.zeros((T1, P * C, cols * C), dtype=tdtype)
+        if u_sys:
+            self.udphi = np.zeros((T1, P, cols), dtype=tdtype)
+            self.udphi_te = np.zeros((T1, Q, cols), dtype=tdtype) if Q else None
+            self.udg = np.zeros((T1, P * C, cols), dtype=tdtype)
+        if stein:
+            self.groups = []
+            for q in [None] + list(range(P, n)):
+                pts = np.arange(P) if q is None else np.append(np.arange(P), q)
+                rows = np.arange(P) if q is None else np.array([q])
+                self.groups.append({"pts": pts, "rows": rows,
+                                    "fac": CausalFactor(T1 * len(pts), stein_rtol),
+                                    "xi": np.zeros((T1 * len(pts), S))})
+
+    # ---- sources ------------------------------------------------------------------------
+    def draw_u(self, phi_row, rng):
+        """u^l(t) (n, S) from the row block Phi^{l-1}(t, <=t); both members of a pair share
+        it."""
+        return np.repeat(_source_half(self.fac_u, self.xi_u, phi_row, rng), 2, axis=1)
+
+    def draw_r(self, g_row, rng):
+        """r^l(t) (n C, S) from the row block G^{l+1}(t, <=t), antithetic: (r, -r) per pair."""
+        rh = _source_half(self.fac_r, self.xi_r, g_row, rng)
+        r = np.empty((rh.shape[0], 2 * rh.shape[1]))
+        r[:, 0::2] = rh
+        r[:, 1::2] = -rh
+        return r
+
+    # ---- fields -------------------------------------------------------------------------
+    def forward(self, h, t, act, layer):
+        """Store h(t) and what later steps read from it: phi(h(t)) (all, train and test rows),
+        Lam1 = phi'(h(t)), the kernel row Phi(t, <=t) and, with responses, the rows t of
+        <Lam1 Lam1^T> (train columns over all samples and, with the control variate, over the
+        tangent samples; the test-test diagonal)."""
+        n, P, Q = self.n, self.P, self.Q
+        S = h.shape[1]
+        _check_finite("pre-activations", h, t, layer)
+        self.H = h
+        ph = np.tanh(h) if act == "tanh" else apply(act, h, 0)
+        self.PH[t] = ph
+        self.PHtr[t] = ph[:P]
+        if Q:
+            self.PHte[t] = ph[P:]
+        self.lam1 = (1.0 - ph * ph) if act == "tanh" else apply(act, h, 1)
+        _store_row(self.phi, _rows(ph, self.PH, t), t, n)
+        if self.psi is not None:
+            Sr = self.Sr
+            self.L1tr[t] = self.lam1[:P]
+            self.psi[t, :, :t + 1] = _rows(self.lam1, self.L1tr, t).reshape(n, t + 1, P)
+            if self.psi_r is not None:
+                self.psi_r[t, :, :t + 1] = _rows(self.lam1[:, :Sr], self.L1tr[:, :, :Sr],
+                                                 t).reshape(n, t + 1, P)
+            if Q:
+                self.L1te[t] = self.lam1[P:]
+                self.psi_qq[t, :t + 1] = np.einsum("qk,sqk->sq", self.lam1[P:],
+                                                   self.L1te[:t + 1]) / S
+
+    def backward(self, g, t, layer):
+        """Store g(t) (n C, S) (all and train rows) and the kernel row G(t, <=t)."""
+        _check_finite("backward fields", g, t, layer)
+        self.G[t] = g
+        self.Gtr[t] = g[:self.P * self.C]
+        _store_row(self.g, _rows(g, self.G, t), t, self.n * self.C)
+
+    # ---- tangents -----------------------------------------------------------------------
+    def tangents_h(self, t, Crow, gamma0, direct):
+        """The bottom-up tangents of step t, in ``tdtype``: :meth:`u_tangent_h` (direct term
+        ``direct``) and :meth:`r_tangent_h` from the operator row ``Crow`` = C(t, <t)
+        (n, t P C). Returns the r-system's dphi (None without it)."""
+        if not (self.r_sys or self.u_sys):
+            return None
+        Ct = Crow.astype(self.tdtype, copy=False)
+        l1t = self.lam1[:, :self.Sr].astype(self.tdtype, copy=False)
+        if self.u_sys:
+            self.u_tangent_h(t, Ct, l1t, gamma0, direct)
+        if self.r_sys:
+            return self.r_tangent_h(t, Ct, l1t, gamma0)
+        return None
+
+    def r_tangent_h(self, t, Ct, l1t, gamma0):
+        """dh(t)/dr(s), s < t: gamma0 C(t, <t) dg(<t). Keeps the train rows of dh and of
+        dphi = Lam1 dh; returns dphi (n, t P C Sr)."""
+        n, P, Sr = self.n, self.P, self.Sr
+        c0 = t * P * self.C * Sr
+        dh = _tangent_h(self.rdg, t, c0, Ct, gamma0)
+        self.rdh = dh[:P]
+        dphi = (dh[:, :c0].reshape(n, -1, Sr) * l1t[:, None, :]).reshape(n, c0)
+        self.rdphi[t, :, :c0] = dphi[:P]
+        return dphi
+
+    def u_tangent_h(self, t, Ct, l1t, gamma0, direct):
+        """dh(t)/du(s), s <= t: the direct term ``direct`` at s = t plus gamma0 C(t, <t)
+        dg(<t). Keeps dh and dphi = Lam1 dh (train and test rows)."""
+        n, P, Q, Sr = self.n, self.P, self.Q, self.Sr
+        c0, c1 = t * P * Sr, (t + 1) * P * Sr
+        dh = _tangent_h(self.udg, t, c0, Ct, gamma0)
+        tr = np.arange(P)
+        dh[:P, c0:c1].reshape(P, P, Sr)[tr, tr, :] += direct
+        self.udh = dh
+        dphi = (dh[:, :c1].reshape(n, -1, Sr) * l1t[:, None, :]).reshape(n, c1)
+        self.udphi[t, :, :c1] = dphi[:P]
+        if Q:
+            self.udphi_te[t, :, :c1] = dphi[P:]
+
+    def r_tangent_g(self, t, Dtr, l1t, l2t, gamma0, direct, last):
+        """dz(t)/dr(s), s <= t, on the train rows: gamma0 D(t, <=t) dphi(<=t) plus the direct
+        term ``direct`` at s = t (none at the ``last`` step, whose r is never used); stores
+        dg = Lam2 dh + Lam1 dz. ``Dtr`` (n C, (t+1) P) holds D's train columns, ``l2t`` Lam2
+        over rows (mu, c)."""
+        P, C, Sr = self.P, self.C, self.Sr
+        PC = P * C
+        c0, c1 = t * PC * Sr, (t + 1) * PC * Sr
+        Dt = Dtr[:PC].astype(self.rdphi.dtype)
+        dz = gamma0 * (Dt @ self.rdphi[:t + 1].reshape((t + 1) * P, -1)[:, :c1])
+        if not last:
+            trc = np.arange(PC)
+            dz[:, c0:c1].reshape(PC, PC, Sr)[trc, trc, :] += direct
+        dg = (self.rdh[:, :c1].reshape(P, 1, -1, Sr) * l2t[:PC].reshape(P, C, 1, Sr)
+              + dz.reshape(P, C, -1, Sr) * l1t[:P, None, None, :])
+        self.rdg[t, :, :c1] = dg.reshape(PC, c1)
+
+    def u_tangent_g(self, t, dz, l1t, l2t):
+        """dg(t)/du(s) = Lam2 dh + Lam1 dz over rows (mu, c) from dz (n C, (t+1) P Sr);
+        stores the train rows and returns dg (n C, (t+1) P Sr)."""
+        n, C, Sr = self.n, self.C, self.Sr
+        c1 = (t + 1) * self.P * Sr
+        dg = (self.udh[:, :c1].reshape(n, 1, -1, Sr) * l2t.reshape(n, C, 1, Sr)
+              + dz.reshape(n, C, -1, Sr) * l1t[:, None, None, :]).reshape(n * C, c1)
+        self.udg[t, :, :c1] = dg[:self.P * C]
+        return dg
+
+
+def _top_D(delta, t, n, P, lr):
+    """D^L(t, s) = lr Delta(s) 1[s < t] (G^{L+1} = 1, B^L = 0) as (n, t+1, n)."""
+    D = np.zeros((n, t + 1, n))
+    D[:, :t, :P] = lr * delta[None, :t, :]
+    return D
+
+
+def _stein_row(ly, Bl, phi_src, u, g, t, n, gamma0, C=1):
+    """Row block t of B^{l-1} = gamma0^{-1} <dg^l / du^l> by Stein's lemma, per row group.
+
+    In each group (the train rows with the train sources; each test point with the train
+    sources and itself: test points are passive) the sources are whitened causally,
+    u_g = F xi_g with F the causal factor of Phi^{l-1} on the group (:class:`CausalFactor`,
+    innovations below ``stein_rtol`` of a variable's variance dropped). Stein's lemma in
+    whitened coordinates, <g(t) xi^T> = <dg(t)/du_g> F, is exact for Gaussian u; g(t) does not
+    depend on innovations of later times, so the row block is J(t) Lk^{-1} with J over the
+    innovations up to t: causal, no pseudo-inverse, no regularisation.
+
+    With C outputs (docs/theory.rst §7) g is (n C, S) with rows (mu, c) point-major and B^{l-1}
+    flat (T1 n C, T1 n) with row t n C + mu C + c.
+    """
+    S = u.shape[1]
+    g3 = g.reshape(n, C, S)
+    for grp in ly.groups:
+        pts, rows, fac, xi = grp["pts"], grp["rows"], grp["fac"], grp["xi"]
+        b = len(pts)
+        cols = (np.arange(t + 1)[:, None] * n + pts[None, :]).reshape(-1)
+        Frow = fac.extend(phi_src[np.ix_(t * n + pts, cols)])
+        new, k = fac.new, fac.k
+        k0 = k - len(new)
+        if len(new):
+            Fn = Frow[new]
+            rhs = u[pts[new]] - Fn[:, :k0] @ xi[:k0]
+            xi[k0:k] = solve_triangular(Fn[:, k0:k], rhs, lower=True, check_finite=False)
+        J = g3[rows].reshape(-1, S) @ xi[:k].T / S
+        X = solve_triangular(fac.Lk[:k, :k], J.T, lower=True, trans="T", check_finite=False).T
+        piv = fac.piv[:k]
+        flat = (piv // b) * n + pts[piv % b]
+        out_rows = (t * n * C + rows[:, None] * C + np.arange(C)[None, :]).reshape(-1)
+        Bl[np.ix_(out_rows, flat)] = X / gamma0
