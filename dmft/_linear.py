@@ -61,6 +61,72 @@ def _phi_two_time(res: dict, L: int, T1: int, n: int) -> np.ndarray:
     return phi
 
 
+
+def _march(ctx, net, data, train, march, multi: bool):
+    """Run ``march(callback)`` under a progress bar over the time steps: (result, None), or
+    (None, a failed all-NaN Solution) when it overflowed inside BLAS (with errstate raise): no
+    trajectory survives, and the skeleton applies throw=. ``multi``: shapes with an output
+    axis (C = data.C)."""
+    L, P, Q, T1, C = net.depth, data.P, data.Q, train.steps + 1, data.C
+    n = P + Q
+    bar = ctx.bar(T1, "linear DMFT", unit="step")
+    try:
+        return march(lambda t: bar.update(1)), None
+    except FloatingPointError as exc:
+        fshape = (T1, P, C) if multi else (T1, P)
+        kshape = (T1, n, C, n, C) if multi else (T1, n, n)
+        return None, Solution(
+            net=net, data=data, train=train, method="linear", t=train.times,
+            train_predictions=np.full(fshape, np.nan),
+            test_predictions=np.full((T1, Q) + fshape[2:], np.nan),
+            ntk=np.full(kshape, np.nan), phi=np.full((L, T1, T1, n, n), np.nan),
+            g=np.full((L, T1, T1) + kshape[1:], np.nan), iterations=0,
+            seed=ctx.seed_int).fail("diverged", (
+                f"method='linear' diverged: {exc} (gamma0 = {train.gamma0:g}, lr = "
+                f"{train.lr:g}); Reduce lr or gamma0"))
+    finally:
+        bar.close()
+
+
+def _residuals(res: dict, opts, check) -> np.ndarray:
+    """[relative residual of the global check ``check()``], empty when ``verify=False`` or
+    the march diverged."""
+    if not opts.verify or res["diverged_at"] is not None:
+        return np.zeros(0)
+    with np.errstate(all="ignore"):
+        r = check()
+    logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, opts.tol)
+    return np.array([r])
+
+
+def _options(opts, used: bool) -> dict:
+    """The options recorded on the Solution (``used``: the whitened fast path ran)."""
+    fast_path = opts.fast_path
+    return {"fast_path": fast_path if isinstance(fast_path, str) else bool(fast_path),
+            "fast_path_used": used, "responses": opts.responses, "verify": opts.verify,
+            "tol": opts.tol, "divergence": opts.divergence}
+
+
+def _judge(sol: Solution, res: dict, opts, remedy: str = "") -> Solution:
+    """Mark ``sol`` failed when the march diverged ("diverged", ``remedy`` appended to the
+    message) or the global check exceeded ``tol`` ("not_converged")."""
+    train = sol.train
+    residuals = sol.residuals
+    if res["diverged_at"] is not None:
+        sol.fail("diverged", (
+            f"method='linear' diverged: {res['message']} (gamma0 = {train.gamma0:g}, lr = "
+            f"{train.lr:g}); the discrete dynamics are unstable at this gamma0 * lr. Reduce lr "
+            f"or gamma0{remedy}"))
+    elif residuals.size and not residuals[0] <= opts.tol:
+        sol.fail("not_converged", (
+            f"method='linear': the marched solution fails the global check of the matrix "
+            f"equations (relative residual {residuals[0]:.3g} > tol = {opts.tol:g}); the "
+            f"kernels have grown so large that rounding dominates. Reduce gamma0 * lr or "
+            f"steps"))
+    if not sol.converged:
+        sol.extras["message"] = sol.message   # where earlier versions kept it
+    return sol
+
 @dataclass(frozen=True)
 class LinearOptions(Options):
     """Options of ``method="linear"`` (see :func:`solve_linear`)."""
@@ -192,33 +258,14 @@ class Linear(Method, name="linear", options=LinearOptions):
         if not obj.plain:
             return self._run_general(ctx, net, data, train, obj, opts)
 
-        bar = ctx.bar(T1, "linear DMFT", unit="step")
-        try:
-            try:
-                res = _engine.solve(kx, data.y_train, L, gamma0, lr, T,
-                                    fast_path=opts.fast_path, divergence=opts.divergence,
-                                    callback=lambda t: bar.update(1))
-            except FloatingPointError as exc:     # overflow inside BLAS with errstate raise
-                # no trajectory survives: a NaN partial result (the skeleton applies throw=)
-                nan_k = np.full((L, T1, T1, n, n), np.nan)
-                return Solution(
-                    net=net, data=data, train=train, method="linear", t=train.times,
-                    train_predictions=np.full((T1, P), np.nan),
-                    test_predictions=np.full((T1, Q), np.nan),
-                    ntk=np.full((T1, n, n), np.nan), phi=nan_k, g=nan_k.copy(),
-                    iterations=0, seed=ctx.seed_int).fail("diverged", (
-                        f"method='linear' diverged: {exc} (gamma0 = {gamma0:g}, lr = {lr:g}); "
-                        f"Reduce lr or gamma0"))
-        finally:
-            bar.close()
+        res, failed = _march(ctx, net, data, train, lambda cb: _engine.solve(
+            kx, data.y_train, L, gamma0, lr, T, fast_path=opts.fast_path,
+            divergence=opts.divergence, callback=cb), multi=False)
+        if failed is not None:
+            return failed
         diverged = res["diverged_at"] is not None
-
-        residuals = np.zeros(0)
-        if opts.verify and not diverged:
-            with np.errstate(all="ignore"):
-                r = _engine.verify(res, kx, data.y_train, gamma0, lr)
-            residuals = np.array([r])
-            logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, opts.tol)
+        residuals = _residuals(res, opts, lambda: _engine.verify(res, kx, data.y_train, gamma0,
+                                                                 lr))
 
         # Build the outputs one array at a time and drop the flat copies as they are
         # converted: the fields themselves are O(L T^2 n^2) numbers, and peak memory should
@@ -239,31 +286,14 @@ class Linear(Method, name="linear", options=LinearOptions):
         g = np.empty((L, T1, T1, n, n))
         g[...] = res["G"][:, :, :, None, None]
         f = res["f"]
-        fast_path = opts.fast_path
         sol = Solution(
             net=net, data=data, train=train, method="linear", t=train.times,
             train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
             ntk=res["ntk"], phi=phi, g=g, A=A, B=B, iterations=1, residuals=residuals,
-            seed=ctx.seed_int,
-            options={"fast_path": fast_path if isinstance(fast_path, str) else bool(fast_path),
-                     "fast_path_used": bool(res["fast_path"]), "responses": opts.responses,
-                     "verify": opts.verify, "tol": opts.tol, "divergence": opts.divergence},
+            seed=ctx.seed_int, options=_options(opts, bool(res["fast_path"])),
             extras={"kx": kx, "G": res["G"], "delta": res["delta"]})
-        if diverged:
-            sol.fail("diverged", (
-                f"method='linear' diverged: {res['message']} (gamma0 = {gamma0:g}, lr = "
-                f"{lr:g}); the discrete dynamics are unstable at this gamma0 * lr. Reduce lr or "
-                f"gamma0; dmft._linear.max_stable_gamma0(net, data, train) gives the largest "
-                f"stable gamma0 for this lr"))
-        elif residuals.size and not residuals[0] <= opts.tol:
-            sol.fail("not_converged", (
-                f"method='linear': the marched solution fails the global check of the matrix "
-                f"equations (relative residual {residuals[0]:.3g} > tol = {opts.tol:g}); the "
-                f"kernels have grown so large that rounding dominates. Reduce gamma0 * lr or "
-                f"steps"))
-        if not sol.converged:
-            sol.extras["message"] = sol.message   # where earlier versions kept it
-        return sol
+        return _judge(sol, res, opts, "; dmft._linear.max_stable_gamma0(net, data, train) "
+                                      "gives the largest stable gamma0 for this lr")
 
     def _run_general(self, ctx, net, data, train, obj, opts) -> Solution:
         """Every problem but the plain one (docs/theory.rst §7): :func:`solvers.linear.
@@ -277,34 +307,13 @@ class Linear(Method, name="linear", options=LinearOptions):
             raise ValueError(
                 "fast_path=True needs the plain problem (one mse output, full batch, no weight "
                 "decay) with whitened training inputs; use fast_path='auto' or False")
-        bar = ctx.bar(T1, "linear DMFT", unit="step")
-        try:
-            try:
-                res = _engine.march_general(kx, obj, L, gamma0, lr, T,
-                                            divergence=opts.divergence,
-                                            callback=lambda t: bar.update(1))
-            except FloatingPointError as exc:
-                fshape = (T1, P, C) if multi else (T1, P)
-                kshape = (T1, n, C, n, C) if multi else (T1, n, n)
-                gshape = (L, T1, T1) + kshape[1:]
-                return Solution(
-                    net=net, data=data, train=train, method="linear", t=train.times,
-                    train_predictions=np.full(fshape, np.nan),
-                    test_predictions=np.full((T1, Q) + fshape[2:], np.nan),
-                    ntk=np.full(kshape, np.nan), phi=np.full((L, T1, T1, n, n), np.nan),
-                    g=np.full(gshape, np.nan), iterations=0, seed=ctx.seed_int).fail(
-                        "diverged", (f"method='linear' diverged: {exc} (gamma0 = {gamma0:g}, "
-                                     f"lr = {lr:g}); Reduce lr or gamma0"))
-        finally:
-            bar.close()
+        res, failed = _march(ctx, net, data, train, lambda cb: _engine.march_general(
+            kx, obj, L, gamma0, lr, T, divergence=opts.divergence, callback=cb), multi=multi)
+        if failed is not None:
+            return failed
         diverged = res["diverged_at"] is not None
-
-        residuals = np.zeros(0)
-        if opts.verify and not diverged:
-            with np.errstate(all="ignore"):
-                r = _engine.verify_general(res, kx, obj, gamma0, lr)
-            residuals = np.array([r])
-            logger.info("linear DMFT: verification residual %.3e (tol %.1e)", r, opts.tol)
+        residuals = _residuals(res, opts, lambda: _engine.verify_general(res, kx, obj, gamma0,
+                                                                         lr))
 
         A = B = None
         if opts.responses and L >= 2 and C == 1:
@@ -331,26 +340,9 @@ class Linear(Method, name="linear", options=LinearOptions):
             net=net, data=data, train=train, method="linear", t=train.times,
             train_predictions=f[:, :P].copy(), test_predictions=f[:, P:].copy(),
             ntk=np.ascontiguousarray(ntk), phi=phi, g=g, A=A, B=B, iterations=1,
-            residuals=residuals, seed=ctx.seed_int,
-            options={"fast_path": opts.fast_path if isinstance(opts.fast_path, str)
-                     else bool(opts.fast_path), "fast_path_used": False,
-                     "responses": opts.responses, "verify": opts.verify, "tol": opts.tol,
-                     "divergence": opts.divergence},
+            residuals=residuals, seed=ctx.seed_int, options=_options(opts, False),
             extras={"kx": kx, "G": np.ascontiguousarray(Gx), "delta": delta})
-        if diverged:
-            sol.fail("diverged", (
-                f"method='linear' diverged: {res['message']} (gamma0 = {gamma0:g}, lr = "
-                f"{lr:g}); the discrete dynamics are unstable at this gamma0 * lr. Reduce lr or "
-                f"gamma0"))
-        elif residuals.size and not residuals[0] <= opts.tol:
-            sol.fail("not_converged", (
-                f"method='linear': the marched solution fails the global check of the matrix "
-                f"equations (relative residual {residuals[0]:.3g} > tol = {opts.tol:g}); the "
-                f"kernels have grown so large that rounding dominates. Reduce gamma0 * lr or "
-                f"steps"))
-        if not sol.converged:
-            sol.extras["message"] = sol.message
-        return sol
+        return _judge(sol, res, opts)
 
 
 LINEAR = Linear()

@@ -31,14 +31,15 @@ layer-l pre-activation of point mu), so that the features of all times can be st
 Low-rank pending updates. A step changes each matrix by a rank-P outer product. Applying it to
 the dense N x N matrix at every step costs a full read-and-write pass over the matrix, as much
 memory traffic as the forward and backward products together. Instead each matrix is held as
-``W = Wd + Ut^T Vt`` (:class:`LowRank`): the step appends P rows to the factors ``Ut``, ``Vt``
-and the products use ``A W^T = A Wd^T + (A Vt^T) Ut`` (cost O(n N r) for pending rank r, tiny
-next to O(n N^2)). When the pending rank would exceed its cap the factors are folded into
-``Wd`` with one blocked BLAS product (no N x N temporary). ``fold_every=1`` keeps at most one
-step pending (practically the dense update); all schedules agree to rounding (a test checks
-it). The cap balances the pending products (~ r / N of a pass each step) against the fold (one
-pass every ``cap / P`` steps): ``fold_every ~ sqrt(0.6 min(rows, cols) / P)`` steps minimises
-the sum.
+``W = Wd + Ut^T Vt`` (:class:`LowRank`; it and :class:`Weights` live in
+:mod:`solvers.network_weights` and are importable from here): the step appends P rows to the
+factors ``Ut``, ``Vt`` and the products use ``A W^T = A Wd^T + (A Vt^T) Ut`` (cost O(n N r) for
+pending rank r, tiny next to O(n N^2)). When the pending rank would exceed its cap the factors
+are folded into ``Wd`` with one blocked BLAS product (no N x N temporary). ``fold_every=1``
+keeps at most one step pending (practically the dense update); all schedules agree to rounding
+(a test checks it). The cap balances the pending products (~ r / N of a pass each step) against
+the fold (one pass every ``cap / P`` steps): ``fold_every ~ sqrt(0.6 min(rows, cols) / P)``
+steps minimises the sum.
 
 Beyond one squared-error output (docs/theory.rst §7; ``train(..., objective=)``): with C
 outputs the readout is w (N, C), f_{mu c} = w_c . phi(h^L_mu) / (gamma0 N), the backward
@@ -67,207 +68,11 @@ import numpy as np
 
 from .activations import ACTIVATIONS, apply
 from .layout import two_time
+from .network_weights import FOLD_BLOCK, LowRank, Weights, default_fold_every
 
 __all__ = ["LowRank", "Weights", "forward", "backward", "output", "equal_time_ntk",
            "gd_update", "train", "two_time_kernels", "default_fold_every", "backward_outputs",
-           "equal_time_ntk_outputs", "gd_update_objective"]
-
-#: rows of W updated per block when folding (block temporary: FOLD_BLOCK x cols floats)
-FOLD_BLOCK = 256
-
-
-def default_fold_every(rows: int, cols: int, P: int) -> int:
-    """Steps between folds minimising pending-product plus fold traffic (module docstring)."""
-    return max(1, int(round(math.sqrt(0.6 * min(rows, cols) / max(P, 1)))))
-
-
-class LowRank:
-    """A weight matrix W = Wd + Ut[:r]^T Vt[:r] with a pending low-rank correction.
-
-    Parameters
-    ----------
-    Wd : array (rows, cols)
-        The dense part (C-ordered, updated in place by :meth:`fold`).
-
-    Attributes
-    ----------
-    Wd : array (rows, cols)
-    Ut : array (max_rank, rows), Vt : array (max_rank, cols)
-        Factor buffers; only the first ``r`` rows are pending.
-    r : int
-        Pending rank.
-    s : float
-        Scale of the dense part, W = s Wd + Ut^T Vt (1 except under weight decay toward zero,
-        which multiplies it by a = 1 - lr lambda each step instead of rewriting Wd; a fold
-        applies it).
-    """
-
-    def __init__(self, Wd: np.ndarray):
-        self.Wd = Wd
-        self.Ut = np.empty((0, Wd.shape[0]))
-        self.Vt = np.empty((0, Wd.shape[1]))
-        self.r = 0
-        self.s = 1.0
-
-    @property
-    def shape(self):
-        return self.Wd.shape
-
-    def reserve(self, max_rank: int) -> None:
-        """Size the factor buffers for ``max_rank`` pending rows (folds what is pending)."""
-        self.fold()
-        if self.Ut.shape[0] != max_rank:
-            self.Ut = np.empty((max_rank, self.Wd.shape[0]))
-            self.Vt = np.empty((max_rank, self.Wd.shape[1]))
-
-    def matmul_t(self, A: np.ndarray) -> np.ndarray:
-        """A @ W^T for A (n, cols) -> (n, rows)."""
-        out = A @ self.Wd.T
-        if self.s != 1.0:
-            out *= self.s
-        if self.r:
-            out += (A @ self.Vt[:self.r].T) @ self.Ut[:self.r]
-        return out
-
-    def matmul(self, B: np.ndarray) -> np.ndarray:
-        """B @ W for B (n, rows) -> (n, cols)."""
-        out = B @ self.Wd
-        if self.s != 1.0:
-            out *= self.s
-        if self.r:
-            out += (B @ self.Ut[:self.r].T) @ self.Vt[:self.r]
-        return out
-
-    def add(self, u: np.ndarray, v: np.ndarray) -> None:
-        """W += u^T v for u (k, rows), v (k, cols); folds first if the buffers are full."""
-        k = u.shape[0]
-        if self.r + k > self.Ut.shape[0]:
-            self.fold()
-            if k > self.Ut.shape[0]:
-                self.Ut = np.empty((k, self.Wd.shape[0]))
-                self.Vt = np.empty((k, self.Wd.shape[1]))
-        self.Ut[self.r:self.r + k] = u
-        self.Vt[self.r:self.r + k] = v
-        self.r += k
-
-    def fold(self) -> None:
-        """Wd <- s Wd + Ut^T Vt in row blocks (bounded temporary), then r = 0, s = 1."""
-        r, s = self.r, self.s
-        if not r and s == 1.0:
-            return
-        rows = self.Wd.shape[0]
-        U, V = self.Ut[:r], self.Vt[:r]
-        tmp = np.empty((min(FOLD_BLOCK, rows), self.Wd.shape[1]))
-        for i in range(0, rows, FOLD_BLOCK):
-            j = min(i + FOLD_BLOCK, rows)
-            if s != 1.0:
-                self.Wd[i:j] *= s
-            if r:
-                np.matmul(U[:, i:j].T, V, out=tmp[:j - i])
-                self.Wd[i:j] += tmp[:j - i]
-        self.r, self.s = 0, 1.0
-
-    def decay(self, a: float, toward: np.ndarray | None = None) -> None:
-        """W <- a W + (1 - a) toward: weight decay (docs/theory.rst §7).
-
-        Toward zero (``toward=None``) it only rescales: s <- a s and the pending factors
-        Ut <- a Ut (O(r rows) work, no pass over Wd). Toward a fixed matrix (the
-        initialisation) the shrinkage is not low-rank, so the pending part is folded and the
-        decay applied in the same blocked pass, Wd <- a (s Wd + Ut^T Vt) + (1 - a) toward
-        (one read of ``toward`` and one read-write of Wd per step).
-        """
-        if toward is None:
-            self.s *= a
-            if self.r:
-                self.Ut[:self.r] *= a
-            return
-        r, s = self.r, self.s
-        rows = self.Wd.shape[0]
-        U, V = self.Ut[:r], self.Vt[:r]
-        tmp = np.empty((min(FOLD_BLOCK, rows), self.Wd.shape[1]))
-        b = 1.0 - a
-        for i in range(0, rows, FOLD_BLOCK):
-            j = min(i + FOLD_BLOCK, rows)
-            blk = self.Wd[i:j]
-            if s != 1.0:
-                blk *= s
-            if r:
-                np.matmul(U[:, i:j].T, V, out=tmp[:j - i])
-                blk += tmp[:j - i]
-            blk *= a
-            np.multiply(toward[i:j], b, out=tmp[:j - i])
-            blk += tmp[:j - i]
-        self.r, self.s = 0, 1.0
-
-    def dense(self) -> np.ndarray:
-        """W as one dense array (folds the pending part)."""
-        self.fold()
-        return self.Wd
-
-
-class Weights:
-    """The trainable parameters of one network (updated in place by :func:`gd_update`).
-
-    Parameters / attributes
-    -----------------------
-    W0 : array (N, D)
-        First-layer weights W^0.
-    W : list of L - 1 arrays (N, N)
-        Hidden weights W^1 .. W^{L-1} (empty for a two-layer network).
-    w : array (N,) or (N, C)
-        Readout weights: one output, or C >= 2 outputs f_c = w[:, c] . phi(h^L) / (gamma0 N)
-        (docs/theory.rst §7).
-
-    ``W0`` and ``W`` read the dense matrices (folding any pending low-rank update first);
-    ``layers`` gives the :class:`LowRank` objects [W^0, W^1, ..., W^{L-1}] used by the passes.
-    """
-
-    def __init__(self, W0: np.ndarray, W: list, w: np.ndarray):
-        self.layers = [LowRank(np.ascontiguousarray(W0, dtype=np.float64))]
-        self.layers += [LowRank(np.ascontiguousarray(Wl, dtype=np.float64)) for Wl in W]
-        self.w = np.asarray(w, dtype=np.float64)
-
-    @property
-    def W0(self) -> np.ndarray:
-        return self.layers[0].dense()
-
-    @property
-    def W(self) -> list:
-        return [m.dense() for m in self.layers[1:]]
-
-    @property
-    def width(self) -> int:
-        return self.w.shape[0]
-
-    @property
-    def depth(self) -> int:
-        return len(self.layers)
-
-    @property
-    def outputs(self) -> int:
-        """C, the number of outputs (1 for a readout of shape (N,))."""
-        return 1 if self.w.ndim == 1 else self.w.shape[1]
-
-    @classmethod
-    def draw(cls, rng: np.random.Generator, D: int, width: int, depth: int,
-             outputs: int | None = None) -> "Weights":
-        """Draw i.i.d. N(0, 1) weights, in the order W^0, W^1, ..., W^{L-1}, w.
-
-        ``outputs=None`` draws the readout w of shape (N,) (one output); an integer C draws
-        it as ``rng.standard_normal((N, C))`` at the same place in the order.
-        """
-        W0 = rng.standard_normal((width, D))
-        W = [rng.standard_normal((width, width)) for _ in range(depth - 1)]
-        w = rng.standard_normal(width if outputs is None else (width, int(outputs)))
-        return cls(W0, W, w)
-
-    def fold(self) -> None:
-        """Apply every pending low-rank update to the dense matrices."""
-        for m in self.layers:
-            m.fold()
-
-    def copy(self) -> "Weights":
-        return Weights(self.W0.copy(), [Wl.copy() for Wl in self.W], self.w.copy())
+           "equal_time_ntk_outputs", "gd_update_objective", "FOLD_BLOCK"]
 
 
 def forward(weights: Weights, X: np.ndarray, activation: str):
@@ -519,13 +324,13 @@ def two_time_kernels(features: np.ndarray) -> np.ndarray:
     return two_time(K, T1, n)
 
 
-
 def _check_step(f, K, k, T, N, lr, gamma0) -> None:
     """FloatingPointError naming the step where the output or the NTK stopped being finite."""
     if not (np.all(np.isfinite(f)) and np.all(np.isfinite(K))):
         raise FloatingPointError(
             f"network training diverged: non-finite output or NTK at step {k} of {T} "
             f"(width {N}, lr={lr}, gamma0={gamma0}); use a smaller lr or gamma0")
+
 
 def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, gamma0: float,
           lr: float, steps: int, record_kernels: bool = False, center: bool = False,
@@ -600,7 +405,6 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
         raise ValueError(f"gamma0 must be > 0 for a finite network, got {gamma0!r}")
     if fold_every is not None and (int(fold_every) != fold_every or fold_every < 1):
         raise ValueError(f"fold_every must be a positive integer or None, got {fold_every!r}")
-    L, N = weights.depth, weights.width
     T = int(steps)
     if objective is not None:
         if objective.P != P or objective.n != n or objective.steps < T:
@@ -618,61 +422,37 @@ def train(X: np.ndarray, y: np.ndarray, weights: Weights, *, activation: str, ga
                                     fold_every=fold_every, fold_at_end=fold_at_end)
     elif weights.w.ndim != 1:
         raise ValueError("a readout of shape (N, C) needs objective= (targets of shape (P, C))")
-    for m in weights.layers:
-        k = fold_every if fold_every is not None else default_fold_every(*m.shape, P)
-        # no buffer beyond what the run can fill
-        m.reserve(P * max(1, min(int(k), T)))
-    kx = X @ X.T / D
+    _reserve(weights, P, T, fold_every)
     X_train = X[:P]
 
-    preds = np.empty((T + 1, n))
-    ntk = np.empty((T + 1, n, n))
-    if record_kernels:
-        phi_t = np.empty((L, T + 1, n, N))
-        g_t = np.empty((L, T + 1, n, N))
-    f0 = None
-    # Overflow inside the passes is expected when training diverges: it is detected below
-    # from the outputs and reported with the step, instead of as a NumPy warning.
-    with np.errstate(over="ignore", invalid="ignore"):
-        for k in range(T + 1):
-            h, phi = forward(weights, X, activation)
-            f = output(weights, phi[L - 1], gamma0)
-            if k == 0:
-                f0 = f.copy()
-            if center:
-                f = f - f0
-            g = backward(weights, h, activation)
-            K = equal_time_ntk(kx, phi, g)
-            _check_step(f, K, k, T, N, lr, gamma0)
-            preds[k] = f
-            ntk[k] = K
-            if record_kernels:
-                for l in range(L):
-                    phi_t[l, k] = phi[l]
-                    g_t[l, k] = g[l]
-            if k < T:
-                gd_update(weights, X_train, y - f[:P], phi, g, lr, gamma0)
-        if fold_at_end:
-            weights.fold()
-    out = {"predictions": preds, "ntk": ntk, "f0": f0}
-    if record_kernels:
-        out["phi"] = np.stack([two_time_kernels(phi_t[l]) for l in range(L)])
-        out["g"] = np.stack([two_time_kernels(g_t[l]) for l in range(L)])
-    return out
+    def step(k, f, phi, g):
+        gd_update(weights, X_train, y - f[:P], phi, g, lr, gamma0)
+
+    return _loop(X, weights, step, None, activation=activation, gamma0=gamma0, lr=lr,
+                 steps=T, record_kernels=record_kernels, center=center, fold_at_end=fold_at_end)
+
+
+def _reserve(weights: Weights, B: int, T: int, fold_every) -> None:
+    """Size every matrix's pending buffers for B rows a step over the steps between folds
+    (``fold_every``, default :func:`default_fold_every` per matrix), never beyond what the
+    T steps of the run can fill."""
+    for m in weights.layers:
+        k = fold_every if fold_every is not None else default_fold_every(*m.shape, B)
+        m.reserve(B * max(1, min(int(k), T)))
 
 
 def _train_objective(X, weights: Weights, obj, *, activation, gamma0, lr, steps, record_kernels,
                      center, fold_every, fold_at_end) -> dict:
     """:func:`train` for any loss, C outputs, batches and weight decay (docs/theory.rst §7).
 
-    The same loop as the plain path with Delta(t) = ``obj.delta(t, f(t))`` and the step of
-    :func:`gd_update_objective`. Decay toward the initialisation keeps a copy of the initial
-    weights (theta_bar) and folds every step (:meth:`LowRank.decay`); decay toward zero only
-    rescales (the pending machinery is unchanged).
+    The loop of the plain path (:func:`_loop`) with Delta(t) = ``obj.delta(t, f(t))`` and the
+    step of :func:`gd_update_objective`. Decay toward the initialisation keeps a copy of the
+    initial weights (theta_bar) and folds every step (:meth:`LowRank.decay`); decay toward zero
+    only rescales (the pending machinery is unchanged).
     """
-    n, D = X.shape
+    n = X.shape[0]
     P, C, T = obj.P, obj.C, steps
-    L, N = weights.depth, weights.width
+    L = weights.depth
     multi = weights.w.ndim == 2
     mask = obj.mask
     # pending rank per step: the batch size (the rows with a possible Delta)
@@ -682,30 +462,64 @@ def _train_objective(X, weights: Weights, obj, *, activation, gamma0, lr, steps,
     if obj.decays and obj.decay_to == "init":
         weights.fold()
         toward = ([m.Wd.copy() for m in weights.layers], weights.w.copy())
-    for m in weights.layers:
-        k = fold_every if fold_every is not None else default_fold_every(*m.shape, B)
-        if toward is not None:
-            k = 1                  # decay toward the initialisation folds every step
-        m.reserve(B * max(1, min(int(k), T)))
-    kx = X @ X.T / D
+    # decay toward the initialisation folds every step
+    _reserve(weights, B, T, 1 if toward is not None else fold_every)
     X_train = X[:P]
 
-    preds = np.empty((T + 1, n, C))
-    ntk = np.empty((T + 1, n, C, n, C))
+    def step(k, f, phi, g):
+        delta = obj.delta(k, f)[:P]
+        rows = None if mask is None else np.flatnonzero(mask[k])
+        gd_update_objective(weights, X_train, delta, phi, g, lr, gamma0, rows=rows,
+                            decay=decay, toward=toward)
+
+    out = _loop(X, weights, step, C, activation=activation, gamma0=gamma0, lr=lr, steps=T,
+                record_kernels=record_kernels, center=center, fold_at_end=fold_at_end)
+    if not multi:
+        out.update(predictions=out["predictions"][..., 0], ntk=out["ntk"][:, :, 0, :, 0],
+                   f0=out["f0"][:, 0])
+    if record_kernels:
+        gk = out["g"].reshape(L, T + 1, T + 1, n, C, n, C)
+        out["g"] = gk if multi else gk[:, :, :, :, 0, :, 0]
+    return out
+
+
+def _loop(X, weights: Weights, step, C, *, activation, gamma0, lr, steps, record_kernels,
+          center, fold_at_end) -> dict:
+    """The training loop of :func:`train`, for one output (``C=None``) or C outputs.
+
+    At each time k = 0 .. T: forward and backward passes on all points, the output (centred
+    if asked), the equal-time NTK and the divergence check are recorded; then, for k < T,
+    ``step(k, f, phi, g)`` updates the weights. Returns the dict of :func:`train` with the
+    shapes of C outputs when C is given (``g`` of the two-time kernels flattened over
+    (point, output): (L, T+1, T+1, n C, n C)).
+    """
+    n, D = X.shape
+    T = steps
+    L, N = weights.depth, weights.width
+    kx = X @ X.T / D
+    out_axes = () if C is None else (C,)
+    preds = np.empty((T + 1, n) + out_axes)
+    ntk = np.empty((T + 1,) + ((n, n) if C is None else (n, C, n, C)))
+    backward_fields, kernel = ((backward, equal_time_ntk) if C is None
+                               else (backward_outputs, equal_time_ntk_outputs))
     if record_kernels:
         phi_t = np.empty((L, T + 1, n, N))
-        g_t = np.empty((L, T + 1, n, C, N))
+        g_t = np.empty((L, T + 1, n) + out_axes + (N,))
     f0 = None
+    # Overflow inside the passes is expected when training diverges: it is detected below
+    # from the outputs and reported with the step, instead of as a NumPy warning.
     with np.errstate(over="ignore", invalid="ignore"):
         for k in range(T + 1):
             h, phi = forward(weights, X, activation)
-            f = output(weights, phi[L - 1], gamma0).reshape(n, C)
+            f = output(weights, phi[L - 1], gamma0)
+            if C is not None:
+                f = f.reshape(n, C)
             if k == 0:
                 f0 = f.copy()
             if center:
                 f = f - f0
-            g = backward_outputs(weights, h, activation)
-            K = equal_time_ntk_outputs(kx, phi, g)
+            g = backward_fields(weights, h, activation)
+            K = kernel(kx, phi, g)
             _check_step(f, K, k, T, N, lr, gamma0)
             preds[k] = f
             ntk[k] = K
@@ -714,19 +528,11 @@ def _train_objective(X, weights: Weights, obj, *, activation, gamma0, lr, steps,
                     phi_t[l, k] = phi[l]
                     g_t[l, k] = g[l]
             if k < T:
-                delta = obj.delta(k, f)[:P]
-                rows = None if mask is None else np.flatnonzero(mask[k])
-                gd_update_objective(weights, X_train, delta, phi, g, lr, gamma0, rows=rows,
-                                    decay=decay, toward=toward)
+                step(k, f, phi, g)
         if fold_at_end:
             weights.fold()
-    if multi:
-        out = {"predictions": preds, "ntk": ntk, "f0": f0}
-    else:
-        out = {"predictions": preds[..., 0], "ntk": ntk[:, :, 0, :, 0], "f0": f0[:, 0]}
+    out = {"predictions": preds, "ntk": ntk, "f0": f0}
     if record_kernels:
         out["phi"] = np.stack([two_time_kernels(phi_t[l]) for l in range(L)])
-        gk = np.stack([two_time_kernels(g_t[l].reshape(T + 1, n * C, N)) for l in range(L)])
-        gk = gk.reshape(L, T + 1, T + 1, n, C, n, C)
-        out["g"] = gk if multi else gk[:, :, :, :, 0, :, 0]
+        out["g"] = np.stack([two_time_kernels(g_t[l].reshape(T + 1, -1, N)) for l in range(L)])
     return out
