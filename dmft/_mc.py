@@ -35,7 +35,7 @@ consistency (engine: :mod:`solvers.mc`, loop: :mod:`solvers.fixedpoint`).
 Beyond one squared-error output (docs/theory.rst §7): C outputs, the cross-entropy, logistic
 and hinge losses, weight decay toward the initialisation or toward zero and mini-batch / online
 schedules are solved by the two-layer march and by the one-pass deep solver
-(:func:`solvers.mc.causal._population_objective`: the backward fields, G, the r-sources and
+(:func:`solvers.mc.causal_objective._population_objective`: the backward fields, G, the r-sources and
 the responses carry the output index; Delta(t) = Objective.delta(t, f(t)); memory terms
 lr a^(t-1-s) Delta(s); toward zero the initial-weight channel -- sources and responses --
 scaled by a^t). The plain problem keeps its original code path, bit for bit. With C >= 2
@@ -65,10 +65,12 @@ have replicates - 1 degrees of freedom (use Student-t quantiles for intervals). 
 was checked against the spread over independent seeds (tests/test_causal.py, slow). L >= 2,
 iterative: as before, ``replicates`` independent fixed-point solutions (default 1: batch means,
 which underestimate the error several-fold).
+
+Layout: the options, their defaults and the sample counts they resolve to are in
+:mod:`dmft._mc_options`; the engines' outputs are put in the Solution layout by
+:mod:`dmft._mc_layout`; this module holds the methods and the body of the solve.
 """
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -80,44 +82,14 @@ from solvers import mc as _engine
 from solvers import static as _static
 
 from . import _checkpoint
-from ._mc_options import DEFAULTS, MCOptions
+from ._mc_layout import _combine_replicates, _deep_fields, _deep_objective_fields
+from ._mc_options import DEFAULTS, MCOptions, _check_deep_objective, _sizes, _value
 from ._method import Method
 from ._progress import logger
 from .results import Solution
 from .specs import MLP, Dataset, GradientDescent
 
 __all__ = ["solve_mc", "solve_gia", "DEFAULTS", "MCOptions", "MC", "GIA"]
-
-
-def _deep_fields(out, T1, n):
-    """The engines' flat kernels and responses in the Solution layout (two-time axes)."""
-    tt = lambda key: (None if out[key] is None                          # noqa: E731
-                      else _two_time(out[key], T1, n))
-    return tt("phi"), tt("g"), tt("phi_se"), tt("g_se"), tt("A"), tt("B")
-
-
-def _combine_replicates(reps):
-    """Mean and standard error of the mean of independent deep solutions (``replicates``)."""
-    if len(reps) == 1:
-        return reps[0]
-    R = len(reps)
-    out = dict(reps[0])
-    for key, se_key in (("f", "f_se"), ("ntk", "ntk_se"), ("phi", "phi_se"), ("g", "g_se"),
-                        ("A", None), ("B", None)):
-        if reps[0][key] is None:
-            continue
-        stack = np.stack([o[key] for o in reps])
-        out[key] = stack.mean(axis=0)
-        if se_key is not None:
-            out[se_key] = stack.std(axis=0, ddof=1) / np.sqrt(R)
-        del stack
-    out["converged"] = all(o["converged"] for o in reps)
-    out["replicate_iterations"] = [int(o["iterations"]) for o in reps]
-    out["iterations"] = int(sum(out["replicate_iterations"]))
-    for key in ("residuals", "floors"):
-        out[key] = np.concatenate([o[key] for o in reps])
-    out["stages"] = None
-    return out
 
 
 class MonteCarlo(Method, name="mc", options=MCOptions):
@@ -304,55 +276,6 @@ solve_mc = MC
 solve_gia = GIA
 
 
-def _value(opts, name, default_key=None):
-    """An option's value, its default (:data:`DEFAULTS`, key ``default_key``) when None."""
-    v = getattr(opts, name)
-    return DEFAULTS[default_key or name] if v is None else v
-
-
-def _sizes(net, opts):
-    """The sample counts of a solve, defaults resolved: ``samples`` and ``replicates``; one
-    pass: ``per_rep`` and ``tang_rep`` (march and tangent samples per replicate, the totals
-    split equally; ``per_rep < 2`` is too few)."""
-    L = net.depth
-    scheme = _value(opts, "scheme")
-    onepass = L >= 2 and scheme == "onepass"
-    samples = _value(opts, "samples", "samples_two_layer" if L == 1 else
-                     "samples_onepass" if onepass else "samples_deep")
-    replicates = _value(opts, "replicates", "replicates_onepass" if onepass else "replicates")
-    per_rep = tang_rep = None
-    if onepass:
-        per_rep = 2 * (samples // (2 * replicates))
-        if opts.response_samples is None:
-            # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
-            # samples) balanced against their costs: ~1 tangent sample per 128 march samples
-            # (benchmarks/README.md)
-            tang_rep = max(DEFAULTS["response_samples_onepass"], per_rep // 128)
-        else:
-            tang_rep = -(-opts.response_samples // replicates)
-        tang_rep = min(tang_rep, per_rep)
-    return SimpleNamespace(scheme=scheme, onepass=onepass, samples=samples,
-                           replicates=replicates, per_rep=per_rep, tang_rep=tang_rep)
-
-
-def _check_deep_objective(data, train, scheme, method, responses):
-    """ValueError (before any work) for what the deep regimes do not solve: the iterative
-    scheme solves the plain problem only (one mse output, full batch, no weight decay); the
-    gradient-independence ansatz has no weight-decay term in f(t+1) = f(t) + lr K Delta."""
-    from ._method import FEATURES, features
-    need = features(data, train)
-    if scheme == "iterative" and need:
-        what = "; ".join(FEATURES[k] for k in sorted(need))
-        raise ValueError(
-            f"method={method!r} with scheme='iterative' solves one mse output trained full "
-            f"batch without weight decay, not {what}; use scheme='onepass' (the default)")
-    if not responses and train.weight_decay > 0:
-        raise ValueError(
-            f"method={method!r} (the gradient-independence ansatz) reads the predictions from "
-            f"f(t+1) = f(t) + lr K(t) Delta(t), which has no weight-decay term, at depth >= 2; "
-            f"use method='mc' for weight_decay > 0")
-
-
 def _objective_fingerprint(train) -> dict:
     """The checkpoint items of the Barlow Twins options and the output offset (only where they
     matter, so that the fingerprints of the other problems are unchanged)."""
@@ -365,34 +288,6 @@ def _objective_fingerprint(train) -> dict:
                      offset_scale=float(train.offset_scale),
                      offset_seed=int(train.offset_seed))
     return items
-
-
-def _deep_objective_fields(out, T1, n, C, multi):
-    """The one-pass engine's results for a general objective (docs/theory.rst §7) in the
-    Solution layout: f (T1, n, C), ntk (T1, n, C, n, C), g two-time (L, T1, T1, n, C, n, C),
-    squeezed to the single-output shapes when not ``multi`` (C = 1). Responses: A
-    (L-1, T1 n, T1 n C) and B (L-1, T1 n C, T1 n) in two-time form for C = 1; None for
-    C >= 2 (the results have no output-indexed response fields)."""
-    def g2(K):
-        L = K.shape[0]
-        return np.ascontiguousarray(
-            K.reshape(L, T1, n, C, T1, n, C).transpose(0, 1, 4, 2, 3, 5, 6))
-    res = dict(out)
-    res["g"], res["g_se"] = g2(out["g"]), g2(out["g_se"])
-    if not multi:
-        for k in ("g", "g_se"):
-            res[k] = np.ascontiguousarray(res[k][..., 0, :, 0])
-        for k in ("f", "f_se"):
-            res[k] = np.ascontiguousarray(out[k][..., 0])
-        for k in ("ntk", "ntk_se"):
-            res[k] = np.ascontiguousarray(out[k][:, :, 0, :, 0])
-    else:
-        res["A"] = res["B"] = None
-    phi = _two_time(out["phi"], T1, n)
-    phi_se = _two_time(out["phi_se"], T1, n)
-    A = None if res["A"] is None else _two_time(res["A"], T1, n)
-    B = None if res["B"] is None else _two_time(res["B"], T1, n)
-    return res, phi, res["g"], phi_se, res["g_se"], A, B
 
 
 def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions,

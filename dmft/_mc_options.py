@@ -1,8 +1,10 @@
-"""The options of ``method="mc"`` / ``"gia"``: :class:`MCOptions` and the :data:`DEFAULTS`
-that fill its None fields (documented in :class:`dmft._mc.MonteCarlo`)."""
+"""The options of ``method="mc"`` / ``"gia"``: :class:`MCOptions`, the :data:`DEFAULTS`
+that fill its None fields (documented in :class:`dmft._mc.MonteCarlo`), the sample counts
+they resolve to, and the checks of what the deep regimes solve."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -135,3 +137,52 @@ class MCOptions(Options):
     REGIMES = {"two_layer": "two-layer networks (depth 1: one forward march)",
                "onepass": "the one-pass deep solver (scheme='onepass', the default)",
                "iterative": "the iterative deep solver (scheme='iterative')"}
+
+
+def _value(opts, name, default_key=None):
+    """An option's value, its default (:data:`DEFAULTS`, key ``default_key``) when None."""
+    v = getattr(opts, name)
+    return DEFAULTS[default_key or name] if v is None else v
+
+
+def _sizes(net, opts):
+    """The sample counts of a solve, defaults resolved: ``samples`` and ``replicates``; one
+    pass: ``per_rep`` and ``tang_rep`` (march and tangent samples per replicate, the totals
+    split equally; ``per_rep < 2`` is too few)."""
+    L = net.depth
+    scheme = _value(opts, "scheme")
+    onepass = L >= 2 and scheme == "onepass"
+    samples = _value(opts, "samples", "samples_two_layer" if L == 1 else
+                     "samples_onepass" if onepass else "samples_deep")
+    replicates = _value(opts, "replicates", "replicates_onepass" if onepass else "replicates")
+    per_rep = tang_rep = None
+    if onepass:
+        per_rep = 2 * (samples // (2 * replicates))
+        if opts.response_samples is None:
+            # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
+            # samples) balanced against their costs: ~1 tangent sample per 128 march samples
+            # (benchmarks/README.md)
+            tang_rep = max(DEFAULTS["response_samples_onepass"], per_rep // 128)
+        else:
+            tang_rep = -(-opts.response_samples // replicates)
+        tang_rep = min(tang_rep, per_rep)
+    return SimpleNamespace(scheme=scheme, onepass=onepass, samples=samples,
+                           replicates=replicates, per_rep=per_rep, tang_rep=tang_rep)
+
+
+def _check_deep_objective(data, train, scheme, method, responses):
+    """ValueError (before any work) for what the deep regimes do not solve: the iterative
+    scheme solves the plain problem only (one mse output, full batch, no weight decay); the
+    gradient-independence ansatz has no weight-decay term in f(t+1) = f(t) + lr K Delta."""
+    from ._method import FEATURES, features
+    need = features(data, train)
+    if scheme == "iterative" and need:
+        what = "; ".join(FEATURES[k] for k in sorted(need))
+        raise ValueError(
+            f"method={method!r} with scheme='iterative' solves one mse output trained full "
+            f"batch without weight decay, not {what}; use scheme='onepass' (the default)")
+    if not responses and train.weight_decay > 0:
+        raise ValueError(
+            f"method={method!r} (the gradient-independence ansatz) reads the predictions from "
+            f"f(t+1) = f(t) + lr K(t) Delta(t), which has no weight-decay term, at depth >= 2; "
+            f"use method='mc' for weight_decay > 0")

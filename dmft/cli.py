@@ -217,6 +217,13 @@ def _parser():
     p.add_argument("--version", action="version", version=f"dmft {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    def file_command(name, help, source, source_help, output_help, description):
+        """A command reading one file (the positional ``source``) into ``-o OUTPUT``."""
+        sp = sub.add_parser(name, help=help, description=description)
+        sp.add_argument(source, help=source_help)
+        sp.add_argument("-o", "--output", help=output_help)
+        return sp
+
     def progress_flags(sp):
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--progress", dest="progress", action="store_const", const=True,
@@ -234,35 +241,33 @@ def _parser():
     progress_flags(d)
     d.set_defaults(func=_cmd_demo)
 
-    r = sub.add_parser(
-        "run", help="run a configured solve or simulation (TOML) into an HDF5 file",
-        description="Run CONFIG.toml (see examples/ and dmft.config) and save the result. "
-                    "[train] takes gamma0, lr, steps and (docs/theory.rst §7) loss = mse | "
-                    "cross_entropy | logistic | hinge, weight_decay, decay_to = init | zero, "
-                    "batch_size (omit: full batch), batch_seed, schedule = epochs | online. "
-                    "[data] takes a generator (P, Q, D, seed, outputs = C, classes = C, "
-                    "labels = true for +-1 labels) or files X_train, y_train ((P,) or (P, C)), "
-                    "X_test, y_test, with labels = true (and classes = C) when the y files "
-                    "hold integer class labels. The file records the losses (and accuracies "
-                    "for classification) per split.")
-    r.add_argument("config", help="TOML configuration file")
-    r.add_argument("-o", "--output", help="result file (default: CONFIG's name with .h5)")
+    r = file_command(
+        "run", "run a configured solve or simulation (TOML) into an HDF5 file",
+        "config", "TOML configuration file", "result file (default: CONFIG's name with .h5)",
+        "Run CONFIG.toml (see examples/ and dmft.config) and save the result. "
+        "[train] takes gamma0, lr, steps and (docs/theory.rst §7) loss = mse | "
+        "cross_entropy | logistic | hinge, weight_decay, decay_to = init | zero, "
+        "batch_size (omit: full batch), batch_seed, schedule = epochs | online. "
+        "[data] takes a generator (P, Q, D, seed, outputs = C, classes = C, "
+        "labels = true for +-1 labels) or files X_train, y_train ((P,) or (P, C)), "
+        "X_test, y_test, with labels = true (and classes = C) when the y files "
+        "hold integer class labels. The file records the losses (and accuracies "
+        "for classification) per split.")
     r.add_argument("--plot", metavar="FIG", help="also draw the result into FIG (e.g. fig.png)")
     progress_flags(r)
     r.set_defaults(func=_cmd_run)
 
-    w = sub.add_parser(
-        "sweep", help="run a grid of solves / simulations (TOML with a [sweep] table) on "
-                      "dask into one netCDF-compatible HDF5 file",
-        description="Run SWEEP.toml: the sections of `dmft run` plus a [sweep] table of "
-                    "'section.key' = [values] axes (product), [[sweep.zip]] groups (keys "
-                    "varying together) and [[sweep.variant]] tables (docs/sweeps.rst). Points "
-                    "run on an embedded dask LocalCluster (one process per core) unless "
-                    "--scheduler or --serial; each finished point is saved at once into "
-                    "OUTPUT.points/, and rerunning the command computes only the missing "
-                    "points. Failed points are recorded (status, message), not fatal.")
-    w.add_argument("config", help="TOML sweep file")
-    w.add_argument("-o", "--output", help="sweep file (default: CONFIG's name with .h5)")
+    w = file_command(
+        "sweep", "run a grid of solves / simulations (TOML with a [sweep] table) on "
+                 "dask into one netCDF-compatible HDF5 file",
+        "config", "TOML sweep file", "sweep file (default: CONFIG's name with .h5)",
+        "Run SWEEP.toml: the sections of `dmft run` plus a [sweep] table of "
+        "'section.key' = [values] axes (product), [[sweep.zip]] groups (keys "
+        "varying together) and [[sweep.variant]] tables (docs/sweeps.rst). Points "
+        "run on an embedded dask LocalCluster (one process per core) unless "
+        "--scheduler or --serial; each finished point is saved at once into "
+        "OUTPUT.points/, and rerunning the command computes only the missing "
+        "points. Failed points are recorded (status, message), not fatal.")
     w.add_argument("--scheduler", metavar="ADDRESS",
                    help="address of a running dask scheduler (e.g. tcp://host:8786)")
     w.add_argument("--workers", type=int, metavar="N",
@@ -276,13 +281,12 @@ def _parser():
     progress_flags(w)
     w.set_defaults(func=_cmd_sweep)
 
-    q = sub.add_parser("plot", help="draw a saved result (Solution, Ensemble or Fluctuations)",
-                       description="Draw a saved result: the loss named by train.loss per "
-                                   "split, predictions (with C outputs one line per point and "
-                                   "output, at most --points points and 3 outputs), the NTK, "
-                                   "and the accuracy per split for classification.")
-    q.add_argument("result", help="HDF5 file written by dmft")
-    q.add_argument("-o", "--output", help="figure file (default: RESULT's name with .png)")
+    q = file_command("plot", "draw a saved result (Solution, Ensemble or Fluctuations)",
+                     "result", "HDF5 file written by dmft",
+                     "figure file (default: RESULT's name with .png)",
+                     "Draw a saved result: the loss named by train.loss per split, predictions "
+                     "(with C outputs one line per point and output, at most --points points "
+                     "and 3 outputs), the NTK, and the accuracy per split for classification.")
     q.add_argument("--points", type=int, default=4,
                    help="how many train/test points to draw (default 4)")
     q.set_defaults(func=_cmd_plot, verbose=False)

@@ -60,6 +60,10 @@ the root attribute ``dmft_sha256`` and HDF5 1.10 checksummed metadata; a damaged
 
 Compatibility: ``load`` refuses files of a newer schema with a message to upgrade, and
 applies the functions registered in :data:`MIGRATIONS` to read files of older schemas.
+
+Layout: the named dimensions, coordinates and descriptions of the arrays are in
+:mod:`dmft._io_layout`, the tree -> object builders of :func:`load` in :mod:`dmft._io_read`;
+this module writes files and reads them into plain trees (checks, migrations).
 """
 from __future__ import annotations
 
@@ -76,10 +80,13 @@ from . import _atomic, _integrity
 from ._atomic import clean_orphans
 from ._integrity import (_HASH_ATTR, CorruptFileError, _attr_value, _checksum_kwargs,
                          _damaged, _open, _read_tree, verify_checksum)
-from ._json import get_json as _get_json, put_json as _put_json
+from ._io_layout import _DESCRIPTIONS, _coords, _dims_for, _multi
+from ._io_read import (_build_ensemble, _build_fluctuations, _build_solution,
+                       _derived_values)
+from ._json import put_json as _put_json
 from ._version import __version__
-from .results import DIMS, Ensemble, Fluctuations, Solution, dims
-from .specs import MLP, Dataset, GradientDescent
+from .results import Ensemble, Fluctuations, Solution
+from .specs import Dataset
 
 __all__ = ["save", "load", "read_attrs", "SCHEMA_VERSION", "MIGRATIONS", "register_migration",
            "CorruptFileError", "clean_orphans", "verify_checksum"]
@@ -106,63 +113,6 @@ _TRAILER_MAGIC, _TRAILER_LEN = _integrity._TRAILER_MAGIC, _integrity._TRAILER_LE
 _tmp_prefix = _atomic._tmp_prefix
 ORPHAN_AGE = _atomic.ORPHAN_AGE
 CHUNK_BYTES = _integrity.CHUNK_BYTES
-
-#: extra named dimensions of arrays that are not Solution fields
-_EXTRA_DIMS = {
-    "X_train": ("train_point", "input_dim"),
-    "y_train": ("train_point",),
-    "X_test": ("test_point", "input_dim"),
-    "y_test": ("test_point",),
-    "labels_test": ("test_point",),
-    "output_offset": ("point", "output"),
-    "f0": ("point",),
-    "f_std": ("t", "point"),
-    "predictions": ("t", "point"),
-}
-#: ... and with C >= 2 outputs (an output axis after the point axis)
-_EXTRA_DIMS_OUTPUTS = {
-    "y_train": ("train_point", "output"),
-    "y_test": ("test_point", "output"),
-    "labels_test": ("test_point",),
-    "output_offset": ("point", "output"),
-    "f0": ("point", "output"),
-    "f_std": ("t", "point", "output"),
-    "predictions": ("t", "point", "output"),
-}
-
-#: the losses and accuracies recorded as read-only derived copies (properties of results)
-_DERIVED = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
-
-_DESCRIPTIONS = {
-    "t": "time k * lr",
-    "s": "second time argument of two-time kernels (same grid as t)",
-    "layer": "hidden layer l = 1 .. L",
-    "response_layer": "layer l = 1 .. L-1 of the responses A^l, B^l",
-    "point": "kernel index over train then test points",
-    "point_": "second kernel index over train then test points",
-    "train_point": "training point (kernel index)",
-    "test_point": "test point (kernel index, after the P training points)",
-    "iteration": "solver iteration",
-    "seed": "random seed of each network",
-    "input_dim": "input coordinate",
-    "output": "network output c = 0 .. C-1",
-    "output_": "second network output index c' = 0 .. C-1",
-    "train_loss": "training loss (train.loss) summed over training points and outputs "
-                  "(derived copy; dmft.load recomputes it)",
-    "test_loss": "test loss (train.loss) summed over test points and outputs (derived copy)",
-    "train_accuracy": "fraction of training points classified right (derived copy)",
-    "test_accuracy": "fraction of test points classified right (derived copy)",
-    "train_predictions": "network output f on training points",
-    "test_predictions": "network output f on test points",
-    "ntk": "equal-time neural tangent kernel K(t)",
-    "phi": "feature kernel Phi^l(t, s)",
-    "g": "gradient kernel G^l(t, s)",
-    "A": "response A^l(t, s)",
-    "B": "response B^l(t, s)",
-    "residuals": "residual of each solver iteration",
-    "prediction_cov": "N * Cov[f_mu(t), f_nu(t)] as N -> infinity",
-    "ntk_var": "N * Var[K_mu,nu(t)] as N -> infinity",
-}
 
 
 def register_migration(from_version: int):
@@ -241,23 +191,6 @@ def _has_array(value) -> bool:
     return False
 
 
-def _dims_for(key, arr, lead=(), multi_output=False):
-    """Named dimensions for an array stored under ``key`` (None when unknown); with
-    ``multi_output`` (C >= 2 outputs) those of :data:`dmft.results.DIMS_OUTPUTS`.
-
-    :meth:`_Scales.attach` leaves the array without scales when they do not fit its shape.
-    """
-    if key in DIMS:
-        names = dims(key, multi_output)
-    elif multi_output and key in _EXTRA_DIMS_OUTPUTS:
-        names = _EXTRA_DIMS_OUTPUTS[key]
-    else:
-        names = _EXTRA_DIMS.get(key)
-    if names is None:
-        return None
-    return tuple(lead) + tuple(names)
-
-
 def _write_mapping(group, mapping, where, scales, compression, lead=()):
     """Arrays -> datasets, dicts holding arrays -> sub-groups, the rest -> JSON attribute.
 
@@ -280,24 +213,6 @@ def _write_mapping(group, mapping, where, scales, compression, lead=()):
     _put_json(group, "values_json", plain, where)
     _put_json(group, "keys_json", list(mapping), where)
 
-
-def _coords(result, times, lead_seeds=None):
-    data, net = result.data, result.net
-    P, Q, n, L = data.P, data.Q, data.P + data.Q, net.depth
-    coords = {"t": times, "s": times, "layer": np.arange(1, L + 1),
-              "response_layer": np.arange(1, L), "point": np.arange(n),
-              "point_": np.arange(n), "train_point": np.arange(P),
-              "test_point": np.arange(P, P + Q), "input_dim": np.arange(data.D)}
-    if _multi(data):
-        coords["output"] = coords["output_"] = np.arange(data.C)
-    if lead_seeds is not None:
-        coords["seed"] = lead_seeds
-    return coords
-
-
-def _multi(data) -> bool:
-    """Whether results of ``data`` carry output axes (C >= 2 outputs, docs/theory.rst §7)."""
-    return bool(getattr(data, "multi_output", False))
 
 
 def _write_data(group, data: Dataset, scales, compression):
@@ -425,16 +340,6 @@ def _write_fluctuations(group, fl: Fluctuations, compression):
     _write_solution(group.create_group("solution"), fl.solution, compression)
 
 
-def _derived_values(result) -> dict:
-    """The recorded losses and accuracies of a Solution or Ensemble (None fields left out)."""
-    out = {}
-    with np.errstate(all="ignore"):     # a diverged run's NaN / inf predictions stay NaN
-        for name in _DERIVED:
-            value = getattr(result, name, None)
-            if value is not None:
-                out[name] = np.asarray(value, dtype=np.float64)
-    return out
-
 
 def _write_derived(group, result, scales, compression, lead=()):
     """``train_loss``, ``test_loss``, ``train_accuracy``, ``test_accuracy`` as datasets with
@@ -445,23 +350,6 @@ def _write_derived(group, result, scales, compression, lead=()):
         ds.attrs["derived"] = np.int8(1)
         ds.attrs["loss"] = str(result.train.loss)
         scales.attach(ds, _dims_for(name, arr, lead))
-
-
-def _check_derived(tree, result, where):
-    """Warn (never fail) where a recorded loss / accuracy differs from the one recomputed
-    from the stored predictions (e.g. a file written by a dmft whose loss differed)."""
-    stored = {k: tree["datasets"][k] for k in _DERIVED if k in tree["datasets"]}
-    if not stored:
-        return
-    now = _derived_values(result)
-    for name, value in stored.items():
-        new = now.get(name)
-        same = new is not None and new.shape == np.shape(value) and np.allclose(
-            new, value, rtol=1e-10, atol=1e-12, equal_nan=True)
-        if not same:
-            logger.warning("%s: the recorded %s differs from the one recomputed from the "
-                           "predictions and train.loss (the file's copy is ignored)",
-                           where, name)
 
 
 def _write(f, result, compression):
@@ -534,84 +422,8 @@ def _build_image(result, compression) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------
-# reading: file -> plain tree -> (migrations) -> objects
+# reading: file -> plain tree -> (migrations) -> objects (dmft._io_read)
 # ------------------------------------------------------------------------------------------
-def _read_mapping(tree) -> dict:
-    plain = _get_json(tree, "values_json", "{}")
-    keys = _get_json(tree, "keys_json", "[]")
-    out = {}
-    for key in keys:
-        if key in tree["datasets"]:
-            out[key] = tree["datasets"][key]
-        elif key in tree["groups"]:
-            out[key] = _read_mapping(tree["groups"][key])
-        else:
-            out[key] = plain[key]
-    return out
-
-
-def _read_data(tree) -> Dataset:
-    g = tree["groups"]["data"]
-    d = g["datasets"]
-    paired = bool(g.get("attrs", {}).get("paired", False))
-    return Dataset(d["X_train"], d["y_train"], d["X_test"], d.get("y_test"),
-                   d.get("labels_test"), paired)
-
-
-def _read_specs(tree):
-    net = MLP(**_get_json(tree, "net"))
-    train = GradientDescent(**_get_json(tree, "train"))
-    return net, train, _read_data(tree) if "data" in tree["groups"] else None
-
-
-def _read_status(meta) -> dict:
-    """Files written before results carried ``status`` / ``message`` get them from
-    ``converged`` (True where that is missing too)."""
-    return {"converged": bool(meta.get("converged", True)), "status": meta.get("status"),
-            "message": meta.get("message")}
-
-
-def _build_solution(tree) -> Solution:
-    d = tree["datasets"]
-    net, train, data = _read_specs(tree)
-    meta = _get_json(tree, "meta")
-    sol = Solution(net=net, data=data, train=train, method=meta["method"], t=d["t"],
-                   train_predictions=d["train_predictions"],
-                   test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d["phi"],
-                   g=d["g"], A=d.get("A"), B=d.get("B"), **_read_status(meta),
-                   iterations=meta["iterations"], residuals=d["residuals"],
-                   stderr=_read_mapping(tree["groups"]["stderr"]), seed=meta["seed"],
-                   elapsed=meta["elapsed"], options=_get_json(tree, "options"),
-                   extras=_read_mapping(tree["groups"]["extras"]))
-    _check_derived(tree, sol, "Solution")
-    return sol
-
-
-def _build_ensemble(tree) -> Ensemble:
-    d = tree["datasets"]
-    net, train, data = _read_specs(tree)
-    meta = _get_json(tree, "meta")
-    ens = Ensemble(net=net, data=data, train=train, width=meta["width"], seeds=d["seed"],
-                   t=d["t"], train_predictions=d["train_predictions"],
-                   test_predictions=d["test_predictions"], ntk=d["ntk"], phi=d.get("phi"),
-                   g=d.get("g"), center=meta["center"], elapsed=meta["elapsed"],
-                   **_read_status(meta),
-                   options=_get_json(tree, "options"),
-                   extras=_read_mapping(tree["groups"]["extras"]))
-    _check_derived(tree, ens, "Ensemble")
-    return ens
-
-
-def _build_fluctuations(tree) -> Fluctuations:
-    d = tree["datasets"]
-    meta = _get_json(tree, "meta")
-    return Fluctuations(solution=_build_solution(tree["groups"]["solution"]),
-                        prediction_cov=d["prediction_cov"], ntk_var=d["ntk_var"],
-                        center=meta["center"], method=meta["method"], **_read_status(meta),
-                        stderr=_read_mapping(tree["groups"]["stderr"]),
-                        elapsed=meta["elapsed"], options=_get_json(tree, "options"),
-                        extras=_read_mapping(tree["groups"]["extras"]))
-
 
 def read_attrs(path) -> dict:
     """The root attributes of a result file (schema, versions, kind, spec JSON ...)."""

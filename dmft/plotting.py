@@ -123,6 +123,19 @@ def _loss_se(sol, split):
                           axis=(-2, -1)))
 
 
+def _split_curves(ax, sol, t, ens, name, draw):
+    """``train_<name>`` and ``test_<name>`` of ``sol`` (those not None) on ``ax``: an
+    Ensemble's as mean +- std bands, else by ``draw(split, values, label)``."""
+    for split in ("train", "test"):
+        values = getattr(sol, f"{split}_{name}")
+        if values is None:
+            continue
+        if ens:
+            _band(ax, t, values, f"{split} {name}")
+        else:
+            draw(split, values, f"{split} {name}")
+
+
 def _cross_correlation_panel(ax, sol, t, ens):
     from .representation import cross_correlation
     try:
@@ -217,14 +230,8 @@ def plot(result_or_path, path=None, *, points: int = 4, title: str | None = None
         return ("", ()) if c is None else (f", c={c}", (c,))
 
     ax = axes[0, 0]
-    for split in ("train", "test"):
-        loss = sol.train_loss if split == "train" else sol.test_loss
-        if loss is None:
-            continue
-        if ens:
-            _band(ax, t, loss, f"{split} loss")
-        else:
-            _line(ax, t, loss, _loss_se(sol, split), f"{split} loss")
+    _split_curves(ax, sol, t, ens, "loss",
+                  lambda split, v, label: _line(ax, t, v, _loss_se(sol, split), label))
     ax.set_yscale("log")
     ax.set_xlabel("t")
     loss_name = getattr(sol.train, "loss", "mse")
@@ -330,14 +337,8 @@ def plot(result_or_path, path=None, *, points: int = 4, title: str | None = None
     if classifies:
         row = axes[-1]
         ax = row[0]
-        for split in ("train", "test"):
-            acc = sol.train_accuracy if split == "train" else sol.test_accuracy
-            if acc is None:
-                continue
-            if ens:
-                _band(ax, t, acc, f"{split} accuracy")
-            else:
-                ax.plot(t, acc, label=f"{split} accuracy")
+        _split_curves(ax, sol, t, ens, "accuracy",
+                      lambda split, v, label: ax.plot(t, v, label=label))
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("t")
         ax.set_ylabel("accuracy (argmax over outputs)" if multi else "accuracy (sign)")

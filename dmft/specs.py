@@ -35,6 +35,24 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _set_int(spec, name: str, low: int, hint: str = "") -> None:
+    """Validate the field ``name`` of a frozen spec as an integer >= ``low``; store it as int."""
+    value = getattr(spec, name)
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
+    object.__setattr__(spec, name, int(value))
+
+
+def _set_real(spec, name: str, positive: bool, hint: str = "") -> None:
+    """Validate the field ``name`` of a frozen spec as a finite number > 0 (``positive``) or
+    >= 0; store it as float."""
+    value = getattr(spec, name)
+    if not _is_real(value) or not np.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}"
+                         f"{hint}, got {value!r}")
+    object.__setattr__(spec, name, float(value))
+
+
 @dataclass(frozen=True)
 class MLP:
     """A fully connected network with ``depth`` hidden layers of equal width.
@@ -51,11 +69,7 @@ class MLP:
     activation: str = "tanh"
 
     def __post_init__(self):
-        if not _is_int(self.depth) or self.depth < 1:
-            raise ValueError(
-                f"depth must be an integer >= 1 (number of hidden layers; 1 is a two-layer "
-                f"network), got {self.depth!r}")
-        object.__setattr__(self, "depth", int(self.depth))
+        _set_int(self, "depth", 1, " (number of hidden layers; 1 is a two-layer network)")
         if not isinstance(self.activation, str):
             raise ValueError(
                 f"activation must be a name (a string), one of {sorted(ACTIVATIONS)}, got "
@@ -415,23 +429,12 @@ class GradientDescent:
     offset_seed: int = 0
 
     def __post_init__(self):
-        if not _is_real(self.gamma0) or not np.isfinite(self.gamma0) or self.gamma0 < 0:
-            raise ValueError(f"gamma0 must be a finite number >= 0 (feature-learning strength; "
-                             f"0 is the lazy limit), got {self.gamma0!r}")
-        object.__setattr__(self, "gamma0", float(self.gamma0))
-        if not _is_real(self.lr) or not np.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0 (learning rate / time step), "
-                             f"got {self.lr!r}")
-        object.__setattr__(self, "lr", float(self.lr))
-        if not _is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        object.__setattr__(self, "steps", int(self.steps))
+        _set_real(self, "gamma0", False, " (feature-learning strength; 0 is the lazy limit)")
+        _set_real(self, "lr", True, " (learning rate / time step)")
+        _set_int(self, "steps", 1)
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} is not supported; use one of {LOSSES}")
-        wd = self.weight_decay
-        if not _is_real(wd) or not np.isfinite(wd) or wd < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
-        object.__setattr__(self, "weight_decay", float(wd))
+        _set_real(self, "weight_decay", False)
         if self.lr * self.weight_decay >= 1.0:
             raise ValueError(f"lr * weight_decay = {self.lr * self.weight_decay:g} must be < 1 "
                              f"(each step multiplies the weights by 1 - lr * weight_decay); "
@@ -444,32 +447,22 @@ class GradientDescent:
                 raise ValueError(f"batch_size must be None (full batch) or an integer >= 1, "
                                  f"got {self.batch_size!r}")
             object.__setattr__(self, "batch_size", int(self.batch_size))
-        if not _is_int(self.batch_seed) or self.batch_seed < 0:
-            raise ValueError(f"batch_seed must be an integer >= 0, got {self.batch_seed!r}")
-        object.__setattr__(self, "batch_seed", int(self.batch_seed))
+        _set_int(self, "batch_seed", 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.schedule == "online" and self.batch_size is None:
             raise ValueError("schedule='online' draws fresh points each step: give batch_size "
                              "(points per step)")
-        od = self.off_diagonal
-        if not _is_real(od) or not np.isfinite(od) or od < 0:
-            raise ValueError(f"off_diagonal must be a finite number >= 0 (Barlow Twins weight "
-                             f"of the off-diagonal cross-correlations), got {od!r}")
-        object.__setattr__(self, "off_diagonal", float(od))
+        _set_real(self, "off_diagonal", False,
+                  " (Barlow Twins weight of the off-diagonal cross-correlations)")
         if not isinstance(self.standardize, (bool, np.bool_)):
             raise ValueError(f"standardize must be True or False, got {self.standardize!r}")
         object.__setattr__(self, "standardize", bool(self.standardize))
         if self.output_offset not in OFFSETS:
             raise ValueError(f"output_offset must be one of {OFFSETS} (a fixed NNGP draw added "
                              f"to the output, or none), got {self.output_offset!r}")
-        sc = self.offset_scale
-        if not _is_real(sc) or not np.isfinite(sc) or sc <= 0:
-            raise ValueError(f"offset_scale must be a finite number > 0, got {sc!r}")
-        object.__setattr__(self, "offset_scale", float(sc))
-        if not _is_int(self.offset_seed) or self.offset_seed < 0:
-            raise ValueError(f"offset_seed must be an integer >= 0, got {self.offset_seed!r}")
-        object.__setattr__(self, "offset_seed", int(self.offset_seed))
+        _set_real(self, "offset_scale", True)
+        _set_int(self, "offset_seed", 0)
         if self.loss == "barlow_twins" and self.batch_size is not None:
             raise ValueError("loss='barlow_twins' takes the cross-correlation over all the "
                              "samples: mini-batches are not supported; pass batch_size=None")

@@ -60,20 +60,17 @@ the two-time kernels stay in the per-point files, :func:`load_point` reads one.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
-import io
-import itertools
 import json
 import logging
 import os
-import sys
-import time
 
 import numpy as np
 
-from . import _atomic
+from . import _atomic, _sweep_point
 from ._progress import progress_bar
+from ._sweep_grid import _canonical, _check_structure, _points, _read_spec, expand_grid
+from ._sweep_point import _persist, _point_paths, _read_record, run_point
 
 __all__ = ["sweep", "load_sweep", "load_point", "expand_grid", "STATUSES"]
 
@@ -88,8 +85,6 @@ STATUSES = ("converged", "not_converged", "diverged", "invalid", "out_of_memory"
 #: failures that may not recur (memory pressure, a lost worker, an unexpected exception):
 #: recomputed by every rerun; the others are reused unless ``retry_failed=True``
 TRANSIENT = ("out_of_memory", "error", "worker_died")
-_TASK_SECTIONS = ("solve", "simulate", "fluctuations")
-_SECTIONS = ("net", "data", "train") + _TASK_SECTIONS
 #: environment of the embedded cluster's workers: one thread for every numerical library
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMBA_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
@@ -106,520 +101,13 @@ _DASK_MISSING = ('dmft.sweep runs on dask.distributed, which is not installed: '
                  'points one after another in this process)')
 #: variables that measure the run, not its numbers (left out of identity checks)
 TIMING_VARIABLES = ("elapsed", "cpu_time")
-
-
-# ------------------------------------------------------------------------------------------
-# the grid
-# ------------------------------------------------------------------------------------------
-def _flatten(table, prefix=""):
-    """{"train": {"gamma0": [..]}} (TOML dotted keys) -> {"train.gamma0": [..]}."""
-    flat = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flatten(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
-
-
-def _check_key(key, where="grid"):
-    parts = key.split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"{where} key {key!r} must be 'section.key' (e.g. 'train.gamma0', "
-                         f"'net.depth', 'solve.seed', 'simulate.width')")
-    if parts[0] not in _SECTIONS:
-        raise ValueError(f"{where} key {key!r}: unknown section {parts[0]!r}; use one of "
-                         f"{', '.join(_SECTIONS)}")
-    return parts
-
-
-def _check_values(key, values):
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise ValueError(f"grid key {key!r} needs a list of values, got {values!r}")
-    values = list(values)
-    if not values:
-        raise ValueError(f"grid key {key!r} has no values; give at least one")
-    for v in values:
-        if isinstance(v, np.generic):
-            v = v.item()
-        if not isinstance(v, (bool, int, float, str)):
-            raise ValueError(f"grid key {key!r}: values must be numbers, strings or booleans "
-                             f"(one coordinate per point), got {v!r}")
-    return [v.item() if isinstance(v, np.generic) else v for v in values]
-
-
-class _Axis:
-    """One dimension of the grid: a name, its coordinates {key: values} and, for variants,
-    the tables each entry merges in."""
-
-    def __init__(self, name, coords, tables=None):
-        self.name, self.coords, self.tables = name, coords, tables
-        self.size = len(next(iter(coords.values())))
-
-
-def expand_grid(grid=None, zip=None, variants=None):
-    """Parse a grid (see the module docstring) into its dimensions.
-
-    Returns a list of axes, each with ``name``, ``coords`` ({key: list of values}),
-    ``tables`` (variants only) and ``size``. Raises ValueError naming a malformed key.
-    """
-    grid = dict(grid or {})
-    if zip is not None:
-        if "zip" in grid:
-            raise ValueError("zip given both in the grid and as zip=; use one of the two")
-        grid["zip"] = zip
-    if variants is not None:
-        if "variant" in grid:
-            raise ValueError("variants given both in the grid and as variants=; use one")
-        grid["variant"] = variants
-    axes = []
-    for key, value in grid.items():
-        if key == "zip":
-            groups = [value] if isinstance(value, dict) else value
-            if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-                raise ValueError("grid 'zip' must be a table {key: [values]} or a list of "
-                                 "such tables ([[sweep.zip]] in TOML)")
-            for i, group in enumerate(groups):
-                group = dict(group)
-                name = group.pop("name", f"zip{i}")
-                flat = _flatten(group)
-                if not flat:
-                    raise ValueError(f"zip group {name!r} has no keys")
-                coords = {}
-                for k, v in flat.items():
-                    _check_key(k, "zip")
-                    coords[k] = _check_values(k, v)
-                sizes = {k: len(v) for k, v in coords.items()}
-                if len(set(sizes.values())) != 1:
-                    raise ValueError(f"zip group {name!r}: the keys vary together and need "
-                                     f"lists of one length, got {sizes}")
-                axes.append(_Axis(str(name), coords))
-        elif key == "variant":
-            if not isinstance(value, list) or not value or \
-                    not all(isinstance(v, dict) for v in value):
-                raise ValueError("grid 'variant' must be a non-empty list of tables, each "
-                                 "with a 'name' and sections ([[sweep.variant]] in TOML)")
-            names, tables = [], []
-            for i, var in enumerate(value):
-                var = dict(var)
-                names.append(str(var.pop("name", f"variant{i}")))
-                for sec, tab in var.items():
-                    if sec not in _SECTIONS or not isinstance(tab, dict):
-                        raise ValueError(f"variant {names[-1]!r}: {sec!r} is not a section "
-                                         f"table; a variant holds tables among "
-                                         f"{', '.join(_SECTIONS)} (and a name)")
-                tables.append(var)
-            if len(set(names)) != len(names):
-                raise ValueError(f"variant names must differ, got {names}")
-            axes.append(_Axis("variant", {"variant": names}, tables))
-        elif isinstance(value, dict):
-            for k, v in _flatten(value, key + ".").items():   # {"train": {"gamma0": [..]}}
-                _check_key(k)
-                axes.append(_Axis(k, {k: _check_values(k, v)}))
-        else:
-            _check_key(key)
-            axes.append(_Axis(key, {key: _check_values(key, value)}))
-    names = [a.name for a in axes]
-    keys = [k for a in axes for k in a.coords]
-    for seq, what in ((names, "dimension"), (keys, "key")):
-        dup = sorted({n for n in seq if seq.count(n) > 1})
-        if dup:
-            raise ValueError(f"grid {what} {dup[0]!r} appears twice; give each once")
-    return axes
-
-
-def _merge_variant(cfg, tables):
-    cfg = copy.deepcopy(cfg)
-    if "solve" in tables:
-        cfg.pop("simulate", None)
-    if "simulate" in tables:
-        cfg.pop("solve", None)
-        cfg.pop("fluctuations", None)
-    for sec, tab in tables.items():
-        cfg[sec] = {**cfg.get(sec, {}), **copy.deepcopy(tab)}
-    return cfg
-
-
-def _points(base, axes):
-    """Every point: (index tuple, coordinates {key: value}, config dict)."""
-    points = []
-    used = {k: False for a in axes for k in a.coords if k != "variant"}
-    for idx in itertools.product(*(range(a.size) for a in axes)):
-        cfg = copy.deepcopy(base)
-        for a, i in zip(axes, idx):
-            if a.tables is not None:
-                cfg = _merge_variant(cfg, a.tables[i])
-        coords = {}
-        for a, i in zip(axes, idx):
-            for key, values in a.coords.items():
-                coords[key] = values[i]
-                if a.tables is not None:
-                    continue
-                sec, name = key.split(".")
-                if sec in _TASK_SECTIONS and sec not in cfg:
-                    continue      # e.g. simulate.width on a DMFT variant's point
-                cfg.setdefault(sec, {})[name] = values[i]
-                used[key] = True
-        if "solve" in cfg and "seed" not in cfg["solve"]:
-            cfg["solve"]["seed"] = 0   # reproducible points (see the module docstring)
-        points.append((idx, coords, cfg))
-    unused = [k for k, u in used.items() if not u]
-    if unused:
-        sec = unused[0].split(".")[0]
-        raise ValueError(f"grid key {unused[0]!r}: no point has a [{sec}] section (the base "
-                         f"config and the variants give none); add [{sec}] or drop the key")
-    return points
-
-
-def _check_structure(points, base_dir, axes):
-    """Unknown keys and structural mistakes are fatal (ValueError naming the grid key);
-    bad values are left to the points (recorded as "invalid")."""
-    from .config import parse_config
-    keys = [k for a in axes for k in a.coords if k != "variant"]
-    seen = set()
-    for _, _, cfg in points:
-        shape = json.dumps({s: sorted(t) for s, t in cfg.items() if isinstance(t, dict)},
-                           sort_keys=True) + str(cfg.get("solve", {}).get("method"))
-        if shape in seen:
-            continue
-        seen.add(shape)
-        try:
-            parse_config(copy.deepcopy(cfg), base_dir)
-        except ValueError as exc:
-            msg = str(exc)
-            for key in keys:
-                sec, name = key.split(".")
-                if f"unknown key {name!r} in [{sec}]" in msg or \
-                        ("unknown option" in msg and f"'{name}'" in msg and sec == "solve"):
-                    raise ValueError(f"grid key {key!r}: {msg}") from None
-            if "unknown key" in msg or "exactly one of" in msg or "has no [" in msg or \
-                    "needs a [solve]" in msg or "unknown option" in msg:
-                raise ValueError(f"the sweep's configuration: {msg}") from None
-
-
-def _canonical(cfg) -> str:
-    return json.dumps(cfg, sort_keys=True, separators=(",", ":"))
-
-
-# ------------------------------------------------------------------------------------------
-# one point (runs on a worker, or here with serial=True)
-# ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _threads(n):
-    """Limit BLAS / OpenMP / numba (and torch, when imported) to ``n`` threads, so that a
-    point gives the same bits in this process as on a one-thread worker."""
-    from threadpoolctl import threadpool_limits
-    import numba
-    prev = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    torch = sys.modules.get("torch")
-    prev_torch = torch.get_num_threads() if torch is not None else None
-    if torch is not None:
-        torch.set_num_threads(n)
-    try:
-        with threadpool_limits(n):
-            yield
-    finally:
-        numba.set_num_threads(prev)
-        if torch is not None:
-            torch.set_num_threads(prev_torch)
-
-
-def run_point(cfg, base_dir=".", threads=1, keep_arrays=False, save_to=None):
-    """Run one point's configuration like ``dmft run`` (with ``throw=False`` unless the
-    configuration says otherwise); never raises for a failed point.
-
-    With ``save_to`` (a path) the result is written there (:func:`dmft.save`, atomic) by this
-    process, so that only the summaries travel back from a worker.
-
-    Returns a dict: ``status``, ``message``, ``elapsed`` and ``cpu`` (s), ``kind`` (the result
-    class name, "" without a result), ``result`` (the Solution, Ensemble or Fluctuations;
-    None without one or once saved), ``saved`` (bool) and ``summary`` ({name: (dims, array)}).
-    """
-    from .config import parse_config, run
-    from .results import ConvergenceError
-    start, cpu = time.perf_counter(), time.process_time()
-    result, summary, saved = None, {}, False
-    try:
-        with _threads(threads):
-            rc = parse_config(copy.deepcopy(cfg), base_dir)
-            rc.options.setdefault("throw", False)
-            if rc.fluctuations is not None:
-                rc.fluctuations.setdefault("throw", False)
-            result = run(rc, progress=False)
-            summary = summarize(result, keep_arrays=keep_arrays)
-        status = result.status or ("converged" if result.converged else "not_converged")
-        message = result.message or ""
-    except ConvergenceError as exc:
-        result = getattr(exc, "result", None)
-        status = getattr(result, "status", None) or "not_converged"
-        message = str(exc)
-        if result is not None:
-            summary = summarize(result, keep_arrays=keep_arrays)
-    except MemoryError as exc:
-        result, status = None, "out_of_memory"
-        message = f"out of memory ({exc or 'MemoryError'}); reduce steps / points / samples"
-    except ValueError as exc:
-        # the solvers' memory estimate refuses a problem with a ValueError (dmft._resources
-        # .check) whose message says how much is available: that is memory, not bad input
-        status = "out_of_memory" if "GiB are available" in str(exc) else "invalid"
-        result, message = None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - any failure is recorded, the sweep goes on
-        result, status, message = None, "error", f"{type(exc).__name__}: {exc}"
-    kind = type(result).__name__ if result is not None else ""
-    if result is not None and save_to is not None:
-        from .io import save
-        try:
-            save(result, save_to)
-            result, saved = None, True
-        except ValueError as exc:   # e.g. an option value HDF5 cannot store
-            result, kind, summary = None, "", {}
-            status, message = "error", f"cannot save the result: {exc}"
-    return {"status": status, "message": message, "result": result, "summary": summary,
-            "kind": kind, "saved": saved,
-            "elapsed": time.perf_counter() - start, "cpu": time.process_time() - cpu}
-
-
-def _flat_ntk(ntk):
-    """(..., T+1, n, n) or (..., T+1, n, C, n, C) -> (..., T+1, nC, nC)."""
-    if ntk.ndim >= 5 and ntk.shape[-1] == ntk.shape[-3] and ntk.shape[-2] == ntk.shape[-4]:
-        lead = ntk.shape[:-4]
-        n, C = ntk.shape[-4], ntk.shape[-3]
-        return ntk.reshape(*lead, n * C, n * C)
-    return ntk
-
-
-def _ntk_change(K):
-    """|K(t) - K(0)|_F / |K(0)|_F, K of shape (..., T+1, m, m) -> (..., T+1)."""
-    num = np.sqrt(np.sum((K - K[..., :1, :, :]) ** 2, axis=(-2, -1)))
-    den = np.sqrt(np.sum(K[..., :1, :, :] ** 2, axis=(-2, -1)))
-    return num / den
-
-
-def _alignment(K, y):
-    """Kernel-target alignment y^T K y / (|K|_F |y|^2) on the training block, K (..., T+1,
-    m, m) with the train points first, y the flattened (point-major) training targets."""
-    m = y.size
-    Kt = K[..., :m, :m]
-    return np.einsum("i,...ij,j->...", y, Kt, y) / (
-        np.sqrt(np.sum(Kt ** 2, axis=(-2, -1))) * np.dot(y, y))
-
-
-def summarize(result, keep_arrays=False) -> dict:
-    """The per-point numbers of the sweep file, {name: (dims, array)} (see :func:`_summarize`
-    for the dims and the definitions)."""
-    with np.errstate(all="ignore"):   # diverged results overflow: inf / NaN are the answer
-        return _summarize(result, keep_arrays)
-
-
-def _summarize(result, keep_arrays):
-    """The per-point numbers of the sweep file: {name: (dims, array)}.
-
-    Dims: ``step`` (0 .. T), ``train_point`` / ``test_point`` (and ``output`` with C >= 2
-    outputs), ``point`` / ``point_`` (all P + Q points, times outputs). For an Ensemble the
-    predictions and losses are means over the networks, their ``*_stderr`` the standard
-    errors of those means, the NTK summaries means of the per-network values, and
-    ``test_prediction_nvar`` is N times the variance over networks; for Fluctuations the
-    numbers are the nested solution's and ``test_prediction_nvar`` the propagator's
-    N Var of the test predictions (the diagonal of ``prediction_cov``).
-    """
-    from .results import Ensemble, Fluctuations
-    out = {}
-    fl = result if isinstance(result, Fluctuations) else None
-    ens = result if isinstance(result, Ensemble) else None
-    sol = fl.solution if fl is not None else result
-    multi = sol.data.multi_output
-    pdims = ("output",) if multi else ()
-    out["t"] = (("step",), np.asarray(sol.t, dtype=float))
-    if ens is not None:
-        S = ens.n_seeds
-        mean = ens.mean()
-        for split in ("train", "test"):
-            pred = getattr(ens, f"{split}_predictions")
-            out[f"{split}_predictions"] = ((("step", f"{split}_point") + pdims),
-                                           getattr(mean, f"{split}_predictions"))
-            if S > 1:
-                out[f"{split}_predictions_stderr"] = (
-                    ("step", f"{split}_point") + pdims,
-                    np.std(pred, axis=0, ddof=1) / np.sqrt(S))
-            loss = getattr(ens, f"{split}_loss")
-            if loss is not None:
-                out[f"{split}_loss"] = (("step",), np.mean(loss, axis=0))
-                if S > 1:
-                    out[f"{split}_loss_stderr"] = (("step",),
-                                                   np.std(loss, axis=0, ddof=1) / np.sqrt(S))
-            acc = getattr(ens, f"{split}_accuracy")
-            if acc is not None:
-                out[f"{split}_accuracy"] = (("step",), np.mean(acc, axis=0))
-        nvar = np.full(ens.test_predictions.shape[1:], np.nan)
-        if S > 1:
-            nvar = ens.width * np.var(ens.test_predictions, axis=0, ddof=1)
-        out["test_prediction_nvar"] = (("step", "test_point") + pdims, nvar)
-        K = _flat_ntk(np.asarray(ens.ntk))
-        out["ntk_change"] = (("step",), np.mean(_ntk_change(K), axis=0))
-        out["ntk_alignment"] = (("step",), np.mean(
-            _alignment(K, np.asarray(sol.data.y_train, float).ravel()), axis=0))
-        Kmean = np.mean(K, axis=0)
-    else:
-        for split in ("train", "test"):
-            out[f"{split}_predictions"] = (("step", f"{split}_point") + pdims,
-                                           np.asarray(getattr(sol, f"{split}_predictions")))
-            se = sol.stderr.get(f"{split}_predictions") if sol.stderr else None
-            if se is not None:
-                out[f"{split}_predictions_stderr"] = (("step", f"{split}_point") + pdims,
-                                                      np.asarray(se))
-            for name in ("loss", "accuracy"):
-                val = getattr(sol, f"{split}_{name}")
-                if val is not None:
-                    out[f"{split}_{name}"] = (("step",), np.asarray(val, float))
-        if fl is not None:
-            P, Q = sol.P, sol.Q
-            cov = np.asarray(fl.prediction_cov)
-            if multi:
-                d = np.einsum("tici->tic", cov)
-            else:
-                d = np.einsum("tii->ti", cov)
-            out["test_prediction_nvar"] = (("step", "test_point") + pdims, d[:, P:P + Q])
-        K = _flat_ntk(np.asarray(sol.ntk))
-        out["ntk_change"] = (("step",), _ntk_change(K))
-        out["ntk_alignment"] = (("step",),
-                                _alignment(K, np.asarray(sol.data.y_train, float).ravel()))
-        Kmean = K
-    if getattr(sol.data, "paired", False):
-        _representation(out, sol if ens is None else ens, ens is not None)
-    for name in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "ntk_change",
-                 "ntk_alignment", "linear_probe", "off_diagonal_mass"):
-        if name in out:
-            out[f"final_{name}"] = ((), np.asarray(out[name][1][-1]))
-    if keep_arrays:
-        out["ntk"] = (("step", "point", "point_"), Kmean)
-    return {k: (dims, np.asarray(v)) for k, (dims, v) in out.items()}
-
-
-def _representation(out, result, ens):
-    """Self-supervised read-outs (docs/theory.rst §7; means over the networks of an
-    Ensemble): the views' cross-correlation C_ij(t) (dims step, embed, embed_), its
-    off-diagonal mass sum_{i != j} C_ij^2 and, with labelled test points, the linear-probe
-    accuracy. The kernel-target alignment has no targets here and is left out."""
-    from .representation import cross_correlation, linear_probe
-    out.pop("ntk_alignment", None)
-    try:
-        cc = cross_correlation(result)
-    except FloatingPointError:          # a collapsed embedding: standardisation undefined
-        cc = None
-    if cc is not None:
-        off = cc * (1.0 - np.eye(cc.shape[-1]))
-        mass = np.sum(off * off, axis=(-2, -1))
-        out["cross_correlation"] = (("step", "embed", "embed_"),
-                                    np.mean(cc, axis=0) if ens else cc)
-        out["off_diagonal_mass"] = (("step",), np.mean(mass, axis=0) if ens else mass)
-    data = result.data
-    if getattr(data, "labels_test", None) is not None and data.Q >= 4:
-        acc = linear_probe(result)
-        out["linear_probe"] = (("step",), np.mean(acc, axis=0) if ens else acc)
-
-
-# ------------------------------------------------------------------------------------------
-# per-point files
-# ------------------------------------------------------------------------------------------
-def _point_paths(points_dir, index):
-    stem = os.path.join(points_dir, f"{index:04d}")
-    return stem + ".h5", stem + ".npz"
-
-
-def _write_record(path, meta, summary):
-    arrays = {f"v_{k}": v for k, (_, v) in summary.items()}
-    meta = dict(meta, dims={k: list(d) for k, (d, _) in summary.items()})
-    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
-
-    def write(fd):
-        _atomic._write_all(fd, data)
-
-    _atomic.replace_atomically(os.path.abspath(path), os.path.dirname(os.path.abspath(path)),
-                               write)
-
-
-def _read_record(path):
-    """(meta, summary) of a point's record, or None when it is missing or unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            summary = {k: (tuple(d), z[f"v_{k}"]) for k, d in meta["dims"].items()}
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        if os.path.exists(path):
-            logger.warning("sweep: ignoring unreadable point record %s (%s); recomputing",
-                           path, exc)
-        return None
-    return meta, summary
-
-
-def _persist(res, indices, points_dir, specs):
-    """Write one finished computation for each point index that shares it: its result file
-    first (unless the worker wrote the first one), then its record."""
-    from .io import save
-    first = _point_paths(points_dir, indices[0])[0]
-    if res["result"] is not None:
-        try:
-            save(res["result"], first)
-            res.update(result=None, saved=True)
-        except ValueError as exc:   # e.g. an option value HDF5 cannot store
-            res.update(status="error", message=f"cannot save the result: {exc}", result=None,
-                       kind="", summary={}, saved=False)
-    metas = []
-    for i in indices:
-        h5, rec = _point_paths(points_dir, i)
-        if res["saved"] and i != indices[0]:     # the same configuration: the same file
-            with open(first, "rb") as fh:
-                data = fh.read()
-            _atomic.replace_atomically(h5, points_dir,
-                                       lambda fd, data=data: _atomic._write_all(fd, data))
-        meta = {"status": res["status"], "message": res["message"], "elapsed": res["elapsed"],
-                "cpu": res.get("cpu", float("nan")), "spec": specs[i], "kind": res["kind"],
-                "file": os.path.basename(h5) if res["saved"] else ""}
-        _write_record(rec, meta, res["summary"] if res["saved"] else {})
-        metas.append(meta)
-    return metas
+#: the per-point summaries (dmft._sweep_point), kept importable from here (docs/sweeps.rst)
+summarize, _summarize = _sweep_point.summarize, _sweep_point._summarize
 
 
 # ------------------------------------------------------------------------------------------
 # the sweep
 # ------------------------------------------------------------------------------------------
-def _read_spec(spec):
-    """(base config dict, grid from its [sweep] table or None, base_dir)."""
-    if isinstance(spec, (str, os.PathLike)):
-        from .config import read_toml
-        path = os.fspath(spec)
-        cfg = read_toml(path, "sweep file")
-        base_dir = os.path.dirname(os.path.abspath(path))
-    elif isinstance(spec, dict):
-        cfg, base_dir = copy.deepcopy(spec), os.getcwd()
-    else:
-        raise ValueError(f"spec must be a config dict (the dmft run format) or a TOML path, "
-                         f"got {type(spec).__name__}")
-    table = cfg.pop("sweep", None)
-    if table is not None and not isinstance(table, dict):
-        raise ValueError("[sweep] must be a table of 'section.key' = [values]")
-    extra = [k for k in cfg if k not in _SECTIONS]
-    if extra:
-        raise ValueError(f"unknown section {extra[0]!r} in the sweep's configuration; allowed: "
-                         f"{', '.join(_SECTIONS)}, sweep")
-    if table is not None:
-        flat = {}
-        for k, v in table.items():
-            if k in ("zip", "variant"):
-                flat[k] = v
-            elif isinstance(v, dict):
-                flat.update(_flatten(v, k + "."))
-            else:
-                flat[k] = v
-        table = flat
-    return cfg, table, base_dir
-
-
 def _client(client, scheduler, workers):
     """(client, things to close) for the requested execution."""
     try:
@@ -644,11 +132,29 @@ def _client(client, scheduler, workers):
     # 35 % slower in a one-worker cluster than in this process (benchmarks/sweep.py; with the
     # defaults restored, the 2-worker cluster takes 0.52 x the serial wall time). The
     # statistical profiler and the frequent ticks are off too (they only add GIL traffic).
+    restore = _RestoreEnviron(WORKER_ENV)
     with dask.config.set(WORKER_CONFIG):
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                            dashboard_address=None, env=dict(WORKER_ENV))
     c = distributed.Client(cluster)
-    return c, [c, cluster]
+    return c, [c, cluster, restore]
+
+
+class _RestoreEnviron:
+    """distributed's nannies write their pre-spawn environment (:data:`WORKER_ENV`) into this
+    process's ``os.environ`` before each worker starts; ``close`` (after the cluster's) puts
+    the previous values back, so that this process keeps its own thread settings (numba
+    refuses a changed NUMBA_NUM_THREADS once its threads run)."""
+
+    def __init__(self, keys):
+        self.saved = {k: os.environ.get(k) for k in keys}
+
+    def close(self):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def sweep(spec, grid=None, *, out, client=None, scheduler=None, workers=None, serial=False,
