@@ -11,7 +11,14 @@
   on one point with |x|^2 / D = 1 at infinite width (docs/theory.rst §3).
 - :func:`requires_torch`: skip (not fail) a test that needs PyTorch when it is not installed
   (it is in the ``test`` extra, so ``pip install -e .[test]`` runs everything).
+- :func:`loss_data`: small data sets for each loss of docs/theory.rst §7.
+- :func:`torch_train_mlp`: an independent finite network trained in PyTorch (autograd
+  gradients and NTK), the reference of the simulator tests.
+- :func:`control_variate_mean`, :func:`extrapolate_widths`: ensembles of simulated networks
+  at several widths, reduced with control variates and extrapolated in 1/N.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -98,3 +105,96 @@ def small_deep_problem():
     data = dmft.config.teacher_student(P=3, Q=1, D=4, seed=0)
     return (dmft.MLP(depth=2, activation="tanh"), data,
             dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=5))
+
+
+def loss_data(loss, P, Q, D, C=3, seed=0):
+    """P train and Q test Gaussian inputs with targets for ``loss``: integer labels of C
+    classes (cross-entropy), Gaussian (P, C) targets (mse with C > 1), else labels +-1."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((P + Q, D))
+    if loss == "cross_entropy":
+        lab = rng.integers(0, C, P + Q)
+        return dmft.Dataset.from_labels(X[:P], lab[:P], X[P:], lab[P:])
+    if loss == "mse" and C > 1:
+        return dmft.Dataset(X[:P], rng.standard_normal((P, C)), X[P:],
+                            rng.standard_normal((Q, C)))
+    y = np.where(rng.standard_normal(P + Q) > 0, 1.0, -1.0)
+    return dmft.Dataset(X[:P], y[:P], X[P:], y[P:])
+
+
+def torch_train_mlp(torch, X, N, L, act, steps, lr, loss_of, *, out_scale, grad_scale,
+                    C=None, wd=0.0, decay_to="init", center=False, offset=None, seed=0):
+    """Train the width-N network of ``numpy.random.default_rng(seed)`` (drawn in the order
+    W0 (N, D), the L - 1 hidden (N, N), w (N,) or (N, C)) by full gradient steps in PyTorch.
+
+    f(x) = w . phi(h^L) * out_scale (minus its initial value if ``center``, plus ``offset``);
+    theta -= lr (grad_scale dLoss/dtheta + wd (theta - bar)) with bar the initial weights
+    (``decay_to="init"``) or zero; ``loss_of(f, k)`` is the loss of step k from the outputs
+    f (n, C) of all n points. K = grad_scale J J^T with J the autograd Jacobian of the
+    outputs. Returns f (T+1, n, C) and K (T+1, n, C, n, C)."""
+    rng = np.random.default_rng(seed)
+    n, D = X.shape
+    arrays = [rng.standard_normal((N, D))] + [rng.standard_normal((N, N)) for _ in range(L - 1)]
+    arrays.append(rng.standard_normal(N if C is None else (N, C)))
+    params = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    bar = [p.detach().clone() if decay_to == "init" else torch.zeros_like(p) for p in params]
+    act_fn = {"tanh": torch.tanh, "relu": torch.relu, "linear": lambda x: x,
+              "erf": torch.special.erf}[act]
+    Xt = torch.tensor(X, dtype=torch.float64)
+
+    def net(ps):
+        h = act_fn(Xt @ ps[0].T / math.sqrt(D))
+        for W in ps[1:-1]:
+            h = act_fn(h @ W.T / math.sqrt(N))
+        return ((h @ ps[-1]) * out_scale).reshape(n, -1)
+
+    raw0 = net(params).detach()
+    fs, Ks = [], []
+    for k in range(steps + 1):
+        f = net(params)
+        if center:
+            f = f - raw0
+        if offset is not None:
+            f = f + torch.tensor(np.asarray(offset), dtype=torch.float64).reshape(f.shape)
+        rows = [torch.cat([g.reshape(-1) for g in
+                           torch.autograd.grad(f.reshape(-1)[i], params, retain_graph=True)])
+                for i in range(f.numel())]
+        J = torch.stack(rows)
+        Cn = f.shape[1]
+        Ks.append((grad_scale * (J @ J.T)).reshape(n, Cn, n, Cn).numpy())
+        fs.append(f.detach().numpy().copy())
+        if k == steps:
+            break
+        grads = torch.autograd.grad(loss_of(f, k), params)
+        with torch.no_grad():
+            for p, g, b in zip(params, grads, bar):
+                p -= lr * (grad_scale * g + wd * (p - b))
+    return np.array(fs), np.array(Ks)
+
+
+def control_variate_mean(obs, Z):
+    """Mean over seeds (axis 0) of the observables ``obs`` (S, m) adjusted by control variates
+    ``Z`` (S, k) whose means are known (zero, or absorbed by a fit), and its standard error.
+    The coefficients are fitted on the same seeds (k + 1 degrees of freedom used)."""
+    S = obs.shape[0]
+    assert S > 4 * Z.shape[1], f"{S} networks are too few for {Z.shape[1]} control variates"
+    Zc = Z - Z.mean(0)
+    beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
+    adj = obs - Z @ beta
+    return adj.mean(0), adj.std(0, ddof=Z.shape[1] + 1) / np.sqrt(S)
+
+
+def extrapolate_widths(stats, widths, counts, seed_base):
+    """Simulated observables extrapolated to N = infinity.
+
+    ``stats(N, seeds)`` -> (mean, se, seconds) of the networks at width N; the seeds of the
+    i-th width are ``seed_base * (i + 1) + range(count)`` (disjoint: shared seeds would
+    correlate the errors across widths). The means are fitted by a + b/N
+    (:func:`solvers.stats.fit_inverse_width`). Returns a, its standard error and the seconds
+    spent simulating."""
+    from solvers.stats import fit_inverse_width
+    rows = [stats(N, range(seed_base * (i + 1), seed_base * (i + 1) + S))
+            for i, (N, S) in enumerate(zip(widths, counts))]
+    b0, se0, _, _ = fit_inverse_width(widths, np.array([r[0] for r in rows]),
+                                      np.array([r[1] for r in rows]))
+    return b0, se0, sum(r[2] for r in rows)

@@ -265,21 +265,27 @@ def test_fluctuations_file_nests_the_solution(tmp_path):
         assert _scale_names(f["solution/phi"])[0] == DIMS["phi"]
 
 
-def test_xarray_reads_named_dimensions(tmp_path):
+def open_with_xarray(result, path, group=None):
+    """Save ``result`` to ``path`` and open it with xarray through h5netcdf (the test is
+    skipped where they are not installed)."""
     xr = pytest.importorskip("xarray")
     pytest.importorskip("h5netcdf")
+    if result is not None:
+        result.save(path)
+    return xr.open_dataset(path, engine="h5netcdf", group=group)
+
+
+def test_xarray_reads_named_dimensions(tmp_path):
     sol = make_solution(np.random.default_rng(11))
-    sol.save(tmp_path / "s.h5")
-    with xr.open_dataset(tmp_path / "s.h5", engine="h5netcdf") as ds:
+    with open_with_xarray(sol, tmp_path / "s.h5") as ds:
         assert ds["ntk"].dims == DIMS["ntk"]
         assert ds["phi"].dims == DIMS["phi"]
         assert np.array_equal(ds["t"].values, sol.t)
         assert np.array_equal(ds["phi"].values, sol.phi)
-    with xr.open_dataset(tmp_path / "s.h5", engine="h5netcdf", group="data") as ds:
+    with open_with_xarray(None, tmp_path / "s.h5", group="data") as ds:
         assert ds["X_train"].dims == ("train_point", "input_dim")
     ens = make_ensemble(np.random.default_rng(12))
-    ens.save(tmp_path / "e.h5")
-    with xr.open_dataset(tmp_path / "e.h5", engine="h5netcdf") as ds:
+    with open_with_xarray(ens, tmp_path / "e.h5") as ds:
         assert ds["ntk"].dims == ("seed",) + DIMS["ntk"]
         assert np.array_equal(ds["seed"].values, ens.seeds)
         assert np.allclose(ds["train_predictions"].mean("seed").values,

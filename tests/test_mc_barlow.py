@@ -45,7 +45,7 @@ from dmft._mc import MonteCarlo
 from solvers import static as _static
 from solvers.mc._common import _single_thread_blas
 from solvers.objective import cross_correlation as _cc
-from solvers.stats import fit_inverse_width
+from conftest import control_variate_mean, extrapolate_widths
 
 TOL = {
     "z": 4.5,            # max |z| over the entries (false alarm ~1e-4 per independent entry)
@@ -224,10 +224,6 @@ def test_deep_checkpoint_resume_is_bit_identical(tmp_path):
 
 # ------------------------------------------------------------------------------ networks
 
-def _disjoint_seeds(i, count):
-    return range(300_000 * (i + 1), 300_000 * (i + 1) + count)
-
-
 def _cc_all(F, standardize=True):
     """C_ij(t) of training predictions (..., T+1, P, C) flattened over (t, i, j), t >= 1
     (at t = 0 both routes give exactly C(f0): the DMFT's f(0) = 0 and the networks are
@@ -258,12 +254,7 @@ def _width_stats(net, data, train, width, seeds, k_static):
     K0 = np.einsum("smcnc->smn", ens.ntk[:, 0]) / data.C
     Z = np.concatenate([ens.extras["f0"][:, :P].reshape(S, -1),
                         (K0[:, :P, :P] - k_static[:P, :P])[:, iu[0], iu[1]]], axis=1)
-    assert S > 4 * Z.shape[1], f"{S} networks are too few for {Z.shape[1]} control variates"
-    Zc = Z - Z.mean(0)
-    beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
-    adj = obs - Z @ beta
-    loss = ens.train_loss.mean(0)
-    return adj.mean(0), adj.std(0, ddof=Z.shape[1] + 1) / np.sqrt(S), ens.elapsed, loss
+    return (*control_variate_mean(obs, Z), ens.elapsed)
 
 
 def _cc_stderr(F, se, standardize=True, h=1e-6):
@@ -316,15 +307,10 @@ def compare_bt_with_networks(depth, widths, counts, alt_method, mc_options=None)
     alt_theory, alt_se = _theory(data, dmft.solve(net, data, train, method=alt_method,
                                                   **alt_kw))
     k_static = _static.static_kernels(net.activation, data.kx, depth)["ntk"]
-    means, ses, sim_time = [], [], 0.0
-    for i, (N, S) in enumerate(zip(widths, counts)):
-        m, s, el, loss = _width_stats(net, data, train, N, _disjoint_seeds(i, S), k_static)
-        means.append(m)
-        ses.append(s)
-        sim_time += el
-    b0, se0, _, _ = fit_inverse_width(widths, np.array(means), np.array(ses))
-    se_tot = np.hypot(se0, se_mc)
-    gap = b0 - theory
+    b0, se0, sim_time = extrapolate_widths(
+        lambda N, seeds: _width_stats(net, data, train, N, seeds, k_static), widths, counts,
+        seed_base=300_000)
+    gap, se_tot = b0 - theory, np.hypot(se0, se_mc)
     ncc = train.steps * data.C ** 2
     knorm = np.abs(sol.ntk[-1]).max()
     out = dict(cc_gap=np.abs(gap[:ncc]).max(), cc_se=se_tot[:ncc].max(),

@@ -39,7 +39,7 @@ from solvers import static as _static
 from solvers.mc import causal
 from solvers.mc._common import _single_thread_blas
 from solvers.objective import Objective
-from solvers.stats import fit_inverse_width
+from conftest import control_variate_mean, extrapolate_widths
 
 TOL = {
     "z": 4.5,            # max |z| over the entries (false alarm ~1e-4 for independent entries)
@@ -256,11 +256,6 @@ def test_checkpoint_and_estimate_with_outputs(tmp_path):
 
 # ------------------------------------------------------------------ against simulated networks
 
-def _disjoint_seeds(i, count):
-    """Disjoint seeds per width (shared seeds would correlate the errors across widths)."""
-    return range(200_000 * (i + 1), 200_000 * (i + 1) + count)
-
-
 def _observables(data, ntk_T, f_T):
     """Final predictions (all points and outputs) and the final NTK's upper triangle over
     flattened (point, output) pairs, as one vector per leading index."""
@@ -291,11 +286,7 @@ def _width_stats(net, data, train, width, seeds, k_static):
         K0 = np.einsum("smcnc->smn", K0) / data.C
     Z = np.concatenate([ens.extras["f0"].reshape(S, -1), (K0 - k_static)[:, iu[0], iu[1]]],
                        axis=1)
-    assert S > 4 * Z.shape[1], f"{S} networks are too few for {Z.shape[1]} control variates"
-    Zc = Z - Z.mean(0)
-    beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
-    adj = obs - Z @ beta
-    return adj.mean(0), adj.std(0, ddof=Z.shape[1] + 1) / np.sqrt(S), ens.elapsed
+    return (*control_variate_mean(obs, Z), ens.elapsed)
 
 
 def _solution_vector(data, sol):
@@ -316,15 +307,10 @@ def compare_with_networks(net, data, train, widths, counts, *, alt=None, mc_opti
     sol = dmft.solve(net, data, train, method="mc", seed=1, **opts)
     theory, se_mc = _solution_vector(data, sol)
     k_static = _static.static_kernels(net.activation, data.kx, net.depth)["ntk"]
-    means, ses, sim_time = [], [], 0.0
-    for i, (N, S) in enumerate(zip(widths, counts)):
-        m, s, el = _width_stats(net, data, train, N, _disjoint_seeds(i, S), k_static)
-        means.append(m)
-        ses.append(s)
-        sim_time += el
-    b0, se0, b1, se1 = fit_inverse_width(widths, np.array(means), np.array(ses))
-    se_tot = np.hypot(se0, se_mc)
-    gap = b0 - theory
+    b0, se0, sim_time = extrapolate_widths(
+        lambda N, seeds: _width_stats(net, data, train, N, seeds, k_static), widths, counts,
+        seed_base=200_000)
+    gap, se_tot = b0 - theory, np.hypot(se0, se_mc)
     npred = sol.predictions[-1].size
     knorm = np.abs(sol.ntk[-1]).max()
     out = dict(pred_gap=np.abs(gap[:npred]).max(), pred_se=se_tot[:npred].max(),

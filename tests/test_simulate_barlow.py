@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 import dmft
-from conftest import requires_torch
+from conftest import requires_torch, torch_train_mlp
 from solvers.objective import barlow_twins
 
 #: every tolerance of this file, with where it comes from
@@ -102,47 +102,15 @@ def _torch_bt_train(torch, X, P, N, L, act, steps, lr, *, param="mup", gamma0=1.
     wd (theta - bar)), K = J J^T; ``"mup"``: f = w . phi / (gamma0 N), the gradient times
     gamma0^2 N, K = gamma0^2 N J J^T. ``loss_fn(f_train)``: another loss (default Barlow
     Twins)."""
-    rng = np.random.default_rng(seed)
-    n, D = X.shape
-    arrays = [rng.standard_normal((N, D))] + [rng.standard_normal((N, N)) for _ in range(L - 1)]
-    arrays.append(rng.standard_normal((N, C)))
-    params = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
-    bar = [p.detach().clone() if decay_to == "init" else torch.zeros_like(p) for p in params]
-    act_fn = {"tanh": torch.tanh, "relu": torch.relu, "linear": lambda x: x}[act]
-    Xt = torch.tensor(X, dtype=torch.float64)
-    f_off = torch.zeros((n, C), dtype=torch.float64) if offset is None else \
-        torch.tensor(offset, dtype=torch.float64)
     out_scale = 1.0 / math.sqrt(N) if param == "ntk" else 1.0 / (gamma0 * N)
     grad_scale = 1.0 if param == "ntk" else gamma0 ** 2 * N
 
-    def net(ps):
-        h = act_fn(Xt @ ps[0].T / math.sqrt(D))
-        for W in ps[1:-1]:
-            h = act_fn(h @ W.T / math.sqrt(N))
-        return (h @ ps[-1]) * out_scale
-
-    raw0 = net(params).detach()
-    fs, Ks = [], []
-    for k in range(steps + 1):
-        f = net(params)
-        if center:
-            f = f - raw0
-        f = f + f_off
-        rows = [torch.cat([g.reshape(-1) for g in
-                           torch.autograd.grad(f.reshape(-1)[i], params, retain_graph=True)])
-                for i in range(n * C)]
-        J = torch.stack(rows)
-        Ks.append((grad_scale * (J @ J.T)).reshape(n, C, n, C).numpy())
-        fs.append(f.detach().numpy().copy())
-        if k == steps:
-            break
-        loss = _bt_torch(torch, f[:P], off_diagonal, standardize) if loss_fn is None \
+    def loss_of(f, k):
+        return _bt_torch(torch, f[:P], off_diagonal, standardize) if loss_fn is None \
             else loss_fn(f[:P])
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g, b in zip(params, grads, bar):
-                p -= lr * (grad_scale * g + wd * (p - b))
-    return np.array(fs), np.array(Ks)
+    return torch_train_mlp(torch, X, N, L, act, steps, lr, loss_of, out_scale=out_scale,
+                           grad_scale=grad_scale, C=C, wd=wd, decay_to=decay_to,
+                           center=center, offset=offset, seed=seed)
 
 
 def _views(M=3, D=4, C=2, Q=2, seed=0, sigma=0.3):

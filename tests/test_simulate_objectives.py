@@ -16,13 +16,12 @@ What they prove:
 - one-output problems keep the (N,) readout and the original draw order; a plain problem takes
   the original code path bit for bit; checkpoints fingerprint the new training fields.
 """
-import math
 
 import numpy as np
 import pytest
 
 import dmft
-from conftest import requires_torch
+from conftest import loss_data, requires_torch, torch_train_mlp
 from solvers import network
 from solvers.objective import Objective
 
@@ -74,62 +73,18 @@ def _torch_run(*args, **kwargs):
 
 def _torch_train(torch, X, Y, P, N, L, act, gamma0, lr, steps, loss, wd=0.0, decay_to="init",
                  batches=None, center=False, seed=0, C=None):
-    rng = np.random.default_rng(seed)
-    n, D = X.shape
-    W0 = rng.standard_normal((N, D))
-    Ws = [rng.standard_normal((N, N)) for _ in range(L - 1)]
-    w = rng.standard_normal(N if C is None else (N, C))
-    params = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in [W0, *Ws, w]]
-    bar = [p.detach().clone() for p in params] if decay_to == "init" else \
-        [torch.zeros_like(p) for p in params]
-    act_fn = {"tanh": torch.tanh, "relu": torch.relu, "linear": lambda x: x,
-              "erf": torch.special.erf}[act]
-    Xt = torch.tensor(X, dtype=torch.float64)
     Yt = torch.tensor(Y.reshape(P, -1), dtype=torch.float64)
 
-    def f_of(ps):
-        h = act_fn(Xt @ ps[0].T / math.sqrt(D))
-        for W in ps[1:-1]:
-            h = act_fn(h @ W.T / math.sqrt(N))
-        out = h @ ps[-1] / (gamma0 * N)
-        return out.reshape(n, -1)
-
-    f0 = f_of(params).detach()
-    fs, Ks = [], []
-    for k in range(steps + 1):
-        f = f_of(params)
-        if center:
-            f = f - f0
-        Cn = f.shape[1]
-        rows = []
-        for i in range(n * Cn):
-            grads = torch.autograd.grad(f.reshape(-1)[i], params, retain_graph=True)
-            rows.append(torch.cat([gr.reshape(-1) for gr in grads]))
-        J = torch.stack(rows)
-        Ks.append((gamma0 ** 2 * N * (J @ J.T)).reshape(n, Cn, n, Cn).numpy())
-        fs.append(f.detach().numpy().copy())
-        if k == steps:
-            break
+    def loss_of(f, k):
         idx = np.arange(P) if batches is None else np.asarray(batches[k])
-        lval = _torch_loss(torch, loss, f[:P][idx], Yt[idx])
-        grads = torch.autograd.grad(lval, params)
-        with torch.no_grad():
-            for p, gr, pb in zip(params, grads, bar):
-                p -= lr * (gamma0 ** 2 * N * gr + wd * (p - pb))
-    return np.array(fs), np.array(Ks)
+        return _torch_loss(torch, loss, f[:P][idx], Yt[idx])
+    return torch_train_mlp(torch, X, N, L, act, steps, lr, loss_of, out_scale=1.0 / (gamma0 * N),
+                           grad_scale=gamma0 ** 2 * N, C=C, wd=wd, decay_to=decay_to,
+                           center=center, seed=seed)
 
 
 def _data(loss, P=4, Q=2, D=3, C=3, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((P + Q, D))
-    if loss == "cross_entropy":
-        lab = rng.integers(0, C, P + Q)
-        return dmft.Dataset.from_labels(X[:P], lab[:P], X[P:], lab[P:])
-    if loss == "mse" and C > 1:
-        return dmft.Dataset(X[:P], rng.standard_normal((P, C)), X[P:],
-                            rng.standard_normal((Q, C)))
-    y = np.where(rng.standard_normal(P + Q) > 0, 1.0, -1.0)
-    return dmft.Dataset(X[:P], y[:P], X[P:], y[P:])
+    return loss_data(loss, P, Q, D, C, seed)
 
 
 CASES = [

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import dmft
+from conftest import loss_data
 from solvers import static as static_engine
 
 TOL = {
@@ -71,16 +72,7 @@ def _kernel_machine(K, Y, loss, lr, T, wd, batches):
 
 
 def _data(loss, P=6, Q=3, D=4, C=3, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((P + Q, D))
-    if loss == "cross_entropy":
-        lab = rng.integers(0, C, P + Q)
-        return dmft.Dataset.from_labels(X[:P], lab[:P], X[P:], lab[P:])
-    if loss == "mse":
-        return dmft.Dataset(X[:P], rng.standard_normal((P, C)), X[P:],
-                            rng.standard_normal((Q, C)))
-    y = np.where(rng.standard_normal(P + Q) > 0, 1.0, -1.0)
-    return dmft.Dataset(X[:P], y[:P], X[P:], y[P:])
+    return loss_data(loss, P, Q, D, C, seed)
 
 
 CASES = [
