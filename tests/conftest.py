@@ -149,13 +149,15 @@ def torch_train_mlp(torch, X, N, L, act, steps, lr, loss_of, *, out_scale, grad_
         return ((h @ ps[-1]) * out_scale).reshape(n, -1)
 
     raw0 = net(params).detach()
+    off = None if offset is None else \
+        torch.tensor(np.asarray(offset), dtype=torch.float64).reshape(raw0.shape)
     fs, Ks = [], []
     for k in range(steps + 1):
         f = net(params)
         if center:
             f = f - raw0
-        if offset is not None:
-            f = f + torch.tensor(np.asarray(offset), dtype=torch.float64).reshape(f.shape)
+        if off is not None:
+            f = f + off
         rows = [torch.cat([g.reshape(-1) for g in
                            torch.autograd.grad(f.reshape(-1)[i], params, retain_graph=True)])
                 for i in range(f.numel())]

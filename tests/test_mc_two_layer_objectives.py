@@ -26,6 +26,7 @@ import pytest
 import dmft
 from dmft._mc import MonteCarlo
 from dmft._method import FEATURES
+from conftest import control_variate_mean
 from dmft.config import teacher_student
 from solvers.mc import two_layer as tl
 from solvers.objective import Objective
@@ -84,14 +85,10 @@ def width_stats(net, data, train, width, seeds, k_static):
         iu0 = (np.arange(n), np.arange(n))        # too many for the seeds: the diagonal
     Z = np.concatenate([ens.extras["f0"].reshape(S, -1), (K0 - k_static)[:, iu0[0], iu0[1]]],
                        axis=1)
-    assert S > 4 * Z.shape[1], (S, Z.shape)
-    Zc = Z - Z.mean(0)
-    beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
-    adj = obs - Z @ beta
-    sd = adj.std(0, ddof=Z.shape[1] + 1)
+    mean, se = control_variate_mean(obs, Z)
     # per-network standard deviation of the training predictions at every time (T1, P, ...)
     traj_sd = ens.predictions[:, :, :data.P].std(axis=0, ddof=1)
-    return adj.mean(0), sd / np.sqrt(S), ens.elapsed, traj_sd
+    return mean, se, ens.elapsed, traj_sd
 
 
 def compare(data, train, widths, counts, *, samples=1 << 15, label="", mc_options=None):

@@ -43,6 +43,7 @@ import pytest
 from scipy.optimize import least_squares
 
 import dmft
+from conftest import control_variate_mean
 from dmft.config import teacher_student
 from solvers.stats import fit_inverse_width
 
@@ -130,10 +131,7 @@ def width_stats(net, data, train, width, seeds):
         raise ValueError(f"seeds: {S} networks are too few for {Z.shape[1]} control variates; "
                          f"use at least {4 * Z.shape[1] + 1}")
     # the known means of Z are 0: regress the centred Z out, keep the known-mean offset
-    Zc = Z - Z.mean(0)
-    beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
-    adj = obs - Z @ beta
-    return adj.mean(0), adj.std(0, ddof=Z.shape[1] + 1) / np.sqrt(S), ens
+    return (*control_variate_mean(obs, Z), ens)
 
 
 def compare(L, activation, gamma0, widths, counts, *, P=4, Q=2, D=8, steps=40, lr=0.1,
