@@ -84,6 +84,10 @@ def cases():
         dmft.solve(dmft.MLP(2, "linear"), small, tr3, "linear"), method="deep-linear")
     c["fluct_deep_propagator"] = lambda: dmft.fluctuations(
         dmft.solve(tanh2, small, tr3, "mc", seed=0, samples=2048), method="deep-propagator",
+        seed=0, samples=1024, kappa_samples=256, map_replicates=1)
+    # the default: independent sampled maps, errors with the map's noise (recorded 5 Dec 2026)
+    c["fluct_deep_propagator_replicates"] = lambda: dmft.fluctuations(
+        dmft.solve(tanh2, small, tr3, "mc", seed=0, samples=2048), method="deep-propagator",
         seed=0, samples=1024, kappa_samples=256)
     return c
 

@@ -16,6 +16,9 @@ _MOMENTS = ("auto", "exact", "sampled")
 DEFAULT_SAMPLES = {"propagator": 20_000, "lazy": 200_000, "deep-propagator": 16384}
 #: single-site samples for kappa (per-sample Jacobians and Hessians) in "deep-propagator"
 DEFAULT_KAPPA_SAMPLES = 8192
+#: "deep-propagator": independent sampled maps, whose spread puts the map's own noise in the
+#: error bars (solvers.fluct.deep_mc.deep_propagator; coverage in benchmarks/README.md)
+DEFAULT_MAP_REPLICATES = 4
 #: "propagator" with ``times``: by default 1 sample in 8 also carries tangents for the
 #: response J (the rest feed kappa and the influence vectors only; a tangent march costs
 #: ~50 x a plain one at P = 16, T = 100); measured in benchmarks/README.md (fluctuations.py,
@@ -141,6 +144,10 @@ class DeepPropagatorOptions(SampledOptions):
     kappa_samples: int | None = option(None, positive_int(" (samples for kappa, e.g. 8192)"),
                                        "samples for kappa")
     times: tuple | None = _times_option()
+    map_replicates: int = option(
+        DEFAULT_MAP_REPLICATES, positive_int(" (independent maps whose spread enters the "
+                                             "error bars, e.g. map_replicates=4)"),
+        "independent sampled maps (error bars include the map's noise)")
 
 
 @dataclass(frozen=True)

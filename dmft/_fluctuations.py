@@ -145,9 +145,15 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
         _need_gamma0(self.name, train.gamma0)
         ks = min(DEFAULT_KAPPA_SAMPLES if opts.kappa_samples is None else opts.kappa_samples,
                  samples)
-        if ks < 4 * opts.blocks:
-            raise ValueError(f"kappa_samples={ks} is too small for blocks={opts.blocks}; use at "
-                             f"least {4 * opts.blocks}")
+        R = opts.map_replicates
+        if ks // R < 4 * opts.blocks:
+            raise ValueError(f"kappa_samples={ks} is too small for blocks={opts.blocks} in each "
+                             f"of map_replicates={R}; use at least {4 * opts.blocks * R} (or "
+                             f"fewer blocks or map_replicates)")
+        if samples // R < 128:
+            raise ValueError(f"samples={samples} leaves {samples // R} map samples to each of "
+                             f"map_replicates={R}; use samples >= {128 * R} or fewer "
+                             f"map_replicates")
 
         def flat(K):
             K = np.asarray(K, dtype=np.float64)
@@ -170,8 +176,8 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
                 data.kx, np.asarray(data.y_train), net.activation, net.depth, train.gamma0,
                 train.lr, T, f=state.f_all, phi=flat(sol.phi), g=flat(sol.g), A=flat(sol.A),
                 B=flat(sol.B), center=opts.center, ntk=opts.ntk, samples=samples,
-                kappa_samples=ks, seed=ss, blocks=opts.blocks, progress=_tick, logger=logger,
-                **extra)
+                kappa_samples=ks, seed=ss, blocks=opts.blocks, map_replicates=R,
+                progress=_tick, logger=logger, **extra)
         finally:
             bar.close()
         # the engine computes the observables at the selected times only (NaN elsewhere)
@@ -200,6 +206,10 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
             state.stderr["ntk_var"] = res["ntk_var_se"]
         state.options.update(samples=int(samples), kappa_samples=int(ks),
                              residual=float(res["residual"]))
+        state.options["map_replicates"] = int(R)
+        if res.get("map_noise_ratio") is not None:
+            state.options["map_noise_ratio"] = {k: float(v) for k, v in
+                                                res["map_noise_ratio"].items()}
         if res.get("fixed_point_gap") is not None:
             state.options["fixed_point_gap"] = {k: float(v) for k, v in
                                                 res["fixed_point_gap"].items()}
@@ -343,6 +353,14 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
     kappa_samples : int, optional
         ``"deep-propagator"`` only: samples (<= ``samples``) for the single-site covariance
         kappa (default 8192; per-sample Jacobians and Hessians, the expensive part).
+    map_replicates : int
+        ``"deep-propagator"`` only: independent sampled single-site maps (default 4), each
+        with ``samples / map_replicates`` map and ``kappa_samples / map_replicates`` kappa
+        samples (about the cost of one); the result is their mean, and the standard errors
+        include the map's own sampling noise, from the replicates' spread (the excess over
+        the batch-means errors, pooled over entries: ``options["map_noise_ratio"]``). With
+        ``map_replicates=1`` the errors are kappa's batch means only, a lower bound
+        (measured coverage: benchmarks/README.md).
     progress : bool or None
         Progress bar (None: only on a terminal).
     memory_limit : float, optional

@@ -291,7 +291,7 @@ def test_fluctuation_table():
                                   "response_samples", "sampler"}
     assert names["lazy"] == {"center", "ntk", "samples", "blocks", "moments"}
     assert names["deep-propagator"] == {"center", "ntk", "samples", "blocks", "kappa_samples",
-                                       "times"}
+                                       "times", "map_replicates"}
     assert names["auto"] == set().union(*names.values())
     data = _data()
     train = dmft.GradientDescent(1.0, 0.1, 3)

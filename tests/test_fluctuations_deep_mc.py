@@ -67,12 +67,15 @@ def test_seed_reproducibility_selection_and_errors():
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=2)
     sol = dmft.solve(dmft.MLP(2, "tanh"), data, train, method="mc", samples=4096, seed=0,
                      progress=False)
-    a = dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=5, ntk=False)
+    kw = dict(samples=512, kappa_samples=256, map_replicates=2, ntk=False)
+    a = dmft.fluctuations(sol, seed=5, **kw)
     assert a.method == "deep-propagator" and a.options["kappa_samples"] == 256
-    b = dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=5, ntk=False)
+    assert a.options["map_replicates"] == 2 and set(a.options["map_noise_ratio"]) == {
+        "predictions"}
+    b = dmft.fluctuations(sol, seed=5, **kw)
     assert np.array_equal(a.prediction_cov, b.prediction_cov)
     assert np.all(np.isnan(a.ntk_var))
-    c = dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=6, ntk=False)
+    c = dmft.fluctuations(sol, seed=6, **kw)
     assert not np.array_equal(a.prediction_cov, c.prediction_cov)
     assert np.all(np.isfinite(a.prediction_cov)) and np.all(np.linalg.eigvalsh(
         a.prediction_cov[-1]) > 0)
@@ -146,3 +149,43 @@ def test_tanh_depth_three_against_simulations():
     sol = dmft.solve(net, data, train, method="mc", samples=1 << 17, replicates=4, seed=0,
                      progress=False)
     _check_against_simulations(net, data, train, sol, True, (2, 4))
+
+
+def test_replicate_errors_include_the_map_noise():
+    """solvers.fluct.deep_mc.combine_replicates on synthetic replicates: each entry's R = 4
+    estimates scatter with variance (1 + rho) se^2 around the truth while every replicate
+    reports se (its batch means see kappa only). The pooled excess ratio recovers rho
+    (2000 entries x 3 degrees of freedom: its sampling sd is ~(1 + rho) sqrt(2 / 6000) ~ 0.04
+    at rho = 1.2; bound 5 sd, and rho = 0 must give ~0, not rho), and the returned errors
+    cover the spread of the means over many draws."""
+    from solvers.fluct.deep_mc import combine_replicates
+    rng = np.random.default_rng(0)
+    R, n, T1 = 4, 20, 10          # 10 x 210 upper-triangle entries per group
+    truth = rng.uniform(1.0, 5.0, (T1, n, n))
+    truth = truth + truth.transpose(0, 2, 1)
+    se = 0.05 * truth
+    for rho in (0.0, 1.2):
+        means, errs = [], []
+        for rep in range(40):
+            outs = []
+            for r in range(R):
+                up = np.triu(rng.standard_normal((T1, n, n)))        # symmetric, unit var
+                noise = up + np.triu(up, 1).transpose(0, 2, 1)
+                x = truth + np.sqrt(1 + rho) * se * noise
+                outs.append({"cov": np.zeros((T1, T1, n, n)), "pred_cov": x, "pred_cov_se": se,
+                             "ntk_var": None, "ntk_var_se": None, "residual": 0.0,
+                             "fixed_point_gap": None})
+            res = combine_replicates(outs)
+            if rep == 0:
+                got = res["map_noise_ratio"]["predictions"]
+                assert abs(got - rho) < 5 * (1 + rho) * np.sqrt(2 / (3 * 2100)) + 0.02, \
+                    (rho, got)
+            means.append(res["pred_cov"])
+            errs.append(res["pred_cov_se"])
+        spread = np.std(means, axis=0, ddof=1)
+        ratio = float(np.sqrt(np.mean(spread ** 2) / np.mean(np.square(errs))))
+        # honest errors: ratio 1 within ~3 % (2100 entries x 39 degrees of freedom)
+        assert abs(ratio - 1.0) < 0.05, (rho, ratio)
+        # and without the excess (one replicate's batch means only) they would not be
+        if rho:
+            assert abs(np.sqrt(np.mean(spread ** 2) / np.mean(se ** 2 / R)) - 1.0) > 0.3

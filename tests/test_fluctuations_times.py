@@ -190,7 +190,8 @@ def test_deep_propagator_times_are_masked():
     data = small_data(2, 1)
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=3)
     sol = dmft.solve(dmft.MLP(2, "tanh"), data, train, "mc", seed=0, samples=1024)
-    kw = dict(method="deep-propagator", seed=0, samples=512, kappa_samples=128, blocks=4)
+    kw = dict(method="deep-propagator", seed=0, samples=512, kappa_samples=128, blocks=4,
+              map_replicates=2)
     full = dmft.fluctuations(sol, **kw)
     sel = dmft.fluctuations(sol, times=[-1], **kw)
     T = train.steps

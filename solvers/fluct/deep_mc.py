@@ -58,7 +58,7 @@ from .deep_causal import causal_adjoint
 from .kappa_hessian import _kappa_layer
 from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
 
-__all__ = ["deep_propagator"]
+__all__ = ["deep_propagator", "deep_propagator_once", "combine_replicates"]
 
 
 class _Factor:
@@ -81,12 +81,93 @@ def _keep(K, rtol):
     return np.asarray(causal_cholesky(K, rtol)[0])
 
 
-def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A, B,
-                    center=False, ntk=True, samples=16384, seed=0, rtol=1e-2, blocks=8,
-                    batch=32, iters=None, chunk=32, kappa_samples=None, tol=1e-12,
-                    kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
-                    progress=None, logger=None):
-    """Leading-order N Cov of the predictions (and N Var of NTK entries) of a deep network.
+def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=16384, seed=0,
+                    kappa_samples=None, map_replicates=1, progress=None, logger=None, **kw):
+    """Leading-order N Cov of the predictions (and N Var of NTK entries) of a deep network,
+    with error bars that include the sampling noise of the map.
+
+    ``map_replicates`` = R >= 2 runs R independent propagators (:func:`deep_propagator_once`,
+    whose docstring lists the other parameters), each with its own ``samples / R`` map samples
+    and ``kappa_samples / R`` kappa samples (about the cost of one run at ``samples``: both
+    steps are linear in the samples), and returns their mean. One run's batch means see only
+    kappa's sampling; the map (the adjoint rows J from the sampled single-site map) is noisy
+    too, and at depth 3 about as much (benchmarks/README.md, coverage over seeds). Per entry
+    i, with m_i the mean over replicates of the squared batch-means error and s_i^2 the
+    replicates' sample variance, the excess ratio rho = max(0, mean_i(s_i^2 / m_i) - 1)
+    (pooled over the entries of the predictions, and separately of the NTK: R - 1 degrees of
+    freedom per entry are too few alone) gives the standard error of the mean
+    sqrt(m_i (1 + rho) / R). ``rho`` per group is returned in ``map_noise_ratio``. R = 1 is
+    one run, its error bar kappa's only (a lower bound).
+    """
+    R = int(map_replicates)
+    if R < 1:
+        raise ValueError(f"map_replicates={map_replicates!r}: use an integer >= 1")
+    if R == 1:
+        return deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps,
+                                    samples=samples, seed=seed, kappa_samples=kappa_samples,
+                                    progress=progress, logger=logger, **kw)
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    Sr = int(samples) // R
+    Kr = None if kappa_samples is None else max(1, min(int(kappa_samples), int(samples)) // R)
+    outs = []
+    for r, sr in enumerate(ss.spawn(R)):
+        tick = None if progress is None else \
+            (lambda d, tot, what, r=r: progress(r * tot + d, R * tot, what))
+        if logger is not None:
+            logger.info("deep propagator: map replicate %d/%d (%d map samples)", r + 1, R, Sr)
+        o = deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, samples=Sr,
+                                 seed=sr, kappa_samples=Kr, progress=tick, logger=logger, **kw)
+        if not np.isfinite(o["residual"]) or not np.any(np.isfinite(o["pred_cov"])):
+            return o                      # a failed replicate: the caller reports it
+        outs.append(o)
+    return combine_replicates(outs)
+
+
+def _excess_ratio(x, se):
+    """Pooled excess ratio rho of :func:`deep_propagator` from replicate estimates x (R, ...)
+    and their batch-means errors se (R, ...), over the finite entries with se > 0."""
+    s2 = np.var(x, axis=0, ddof=1)
+    m = np.mean(se * se, axis=0)
+    ok = np.isfinite(s2) & np.isfinite(m) & (m > 0)
+    if not np.any(ok):
+        return 0.0
+    return float(max(0.0, np.mean(s2[ok] / m[ok]) - 1.0))
+
+
+def combine_replicates(outs):
+    """Mean of independent :func:`deep_propagator_once` results and standard errors that
+    include the map's noise (:func:`deep_propagator`)."""
+    R = len(outs)
+    res = {"cov": np.mean([o["cov"] for o in outs], axis=0),
+           "residual": max(o["residual"] for o in outs), "map_replicates": R,
+           "map_noise_ratio": {}}
+    iu = None
+    for key, se_key, name in (("pred_cov", "pred_cov_se", "predictions"),
+                              ("ntk_var", "ntk_var_se", "ntk")):
+        if outs[0][key] is None:
+            res[key] = res[se_key] = None
+            continue
+        x = np.stack([o[key] for o in outs])
+        se = np.stack([o[se_key] for o in outs])
+        n = x.shape[-1]
+        iu = np.triu_indices(n)
+        rho = _excess_ratio(x[..., iu[0], iu[1]], se[..., iu[0], iu[1]])
+        res[key] = x.mean(axis=0)
+        res[se_key] = np.sqrt(np.mean(se * se, axis=0) * (1.0 + rho) / R)
+        res["map_noise_ratio"][name] = rho
+    gaps = [o.get("fixed_point_gap") for o in outs]
+    res["fixed_point_gap"] = (None if gaps[0] is None else
+                              {k: max(gp[k] for gp in gaps) for k in gaps[0]})
+    return res
+
+
+def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A, B,
+                         center=False, ntk=True, samples=16384, seed=0, rtol=1e-2, blocks=8,
+                         batch=32, iters=None, chunk=32, kappa_samples=None, tol=1e-12,
+                         kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
+                         progress=None, logger=None):
+    """One propagator run: leading-order N Cov of the predictions (and N Var of NTK entries)
+    of a deep network, its standard errors kappa's batch means only.
 
     Parameters
     ----------
@@ -100,7 +181,8 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A
         Also N Var of the equal-time NTK entries.
     samples : int
         Single-site samples per layer (the map and kappa); ``blocks`` batch means give the
-        standard error of kappa's sampling (the map's own sampling error is not included).
+        standard error of kappa's sampling (the map's own sampling error is not included:
+        :func:`deep_propagator` with ``map_replicates`` >= 2 adds it).
     seed : int or SeedSequence.
     rtol : float
         Innovations below this fraction of a source's variance are dropped
