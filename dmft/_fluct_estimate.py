@@ -84,12 +84,14 @@ def estimate_fluct(method, sol, opts):
         K = nt * (n + (n * (n + 1) // 2 if opts.ntk else 0))
         fields = 8 * 23 * L * T1 * n * samples                # value buffers + graph
         transient = min(64 * L * T1 * n * samples * 32, 1_500_000_000)
-        J = 8 * L * (4 * K * m * m + K * m)
+        J = 8 * L * (4 * K * m * m + K * m) + 8 * 2 * K * m * m   # + kappa's symmetric J^pp, J^gg
         kappa = 600 * 32 * K * m
         work = fields + transient + J + kappa + 8 * 8 * L * m * m + torch_bytes
         startup = 5.0
+        # measured 5 Dec 2026 (tanh, 8 + 4 points, 40 steps, 4096 samples, depth 2 / 3):
+        # adjoint 165 / 188 s, kappa 89 / 157 s on two cores (benchmarks/README.md)
         units = 0.2 * K * L * T1 ** 2 * n ** 2 * samples + \
-            0.7 * K * L * T1 ** 2 * n ** 2 * ks
+            0.11 * K * L * T1 ** 2 * n ** 2 * ks
     else:
         return None
     return estimate("fluctuations", result, result + work, units,
