@@ -189,3 +189,30 @@ def test_replicate_errors_include_the_map_noise():
         # and without the excess (one replicate's batch means only) they would not be
         if rho:
             assert abs(np.sqrt(np.mean(spread ** 2) / np.mean(se ** 2 / R)) - 1.0) > 0.3
+
+
+def test_replicate_progress_is_one_monotone_bar(monkeypatch):
+    """With map_replicates the engine reports one overall fraction (adjoint, then kappa, of
+    each replicate), never going back, ending at 1."""
+    import dmft._fluctuations as F
+
+    data = _data(2, 1)
+    sol = dmft.solve(dmft.MLP(2, "tanh"), data, dmft.GradientDescent(1.0, 0.2, 2),
+                     method="mc", samples=4096, seed=0, progress=False)
+    seen = []
+    orig = F._deep_mc.deep_propagator
+
+    def run(*a, **k):
+        inner = k["progress"]
+
+        def rec(done, total, what):
+            seen.append((done / total, what))
+            inner(done, total, what)
+        k["progress"] = rec
+        return orig(*a, **k)
+
+    monkeypatch.setattr(F._deep_mc, "deep_propagator", run)
+    dmft.fluctuations(sol, samples=512, kappa_samples=256, seed=1, ntk=False, progress=True)
+    frac = [x for x, _ in seen]
+    assert all(b >= a for a, b in zip(frac, frac[1:])) and frac[-1] == 1.0
+    assert seen[0][1] == "map 1/4: adjoint" and seen[-1][1] == "map 4/4: kappa"

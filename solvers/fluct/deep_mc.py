@@ -111,8 +111,11 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     Kr = None if kappa_samples is None else max(1, min(int(kappa_samples), int(samples)) // R)
     outs = []
     for r, sr in enumerate(ss.spawn(R)):
+        # one monotone bar over the replicates: adjoint then kappa of each, half and half
         tick = None if progress is None else \
-            (lambda d, tot, what, r=r: progress(r * tot + d, R * tot, what))
+            (lambda d, tot, what, r=r: progress(
+                int(1e6 * (r + 0.5 * (what == "kappa") + 0.5 * d / tot) / R), 1_000_000,
+                f"map {r + 1}/{R}: {what}"))
         if logger is not None:
             logger.info("deep propagator: map replicate %d/%d (%d map samples)", r + 1, R, Sr)
         o = deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, samples=Sr,
