@@ -163,12 +163,8 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
         bar = state.ctx.bar(100, "fluctuations (deep)", unit="%")
 
         def _tick(done, total, what, _state=[0]):
-            # adjoint iterations: first half of the bar; kappa samples: second half; with
-            # map replicates ("map r/R: ...") the engine reports the overall fraction
-            if what.startswith("map "):
-                pct = int(100 * done / total)
-            else:
-                pct = int(50 * done / total) + (50 if what == "kappa" else 0)
+            # the engine reports the overall fraction (adjoint then kappa of each replicate)
+            pct = int(100 * done / total)
             if pct > _state[0]:
                 bar.update(pct - _state[0])
                 _state[0] = pct

@@ -167,13 +167,33 @@ def test_jvp_kappa_seeded_and_bad_kappa_refused():
         _run(data, train, sol, "tanh", 2, "exact", seed=5, **kw)
 
 
+def _batched_march(torch, act, gamma0, C, D, T1, n):
+    """A plain torch version of one layer's march as a function of batched sources (B, m) ->
+    (phi, g, z), each (B, m): the recursion of ``kappa_hessian._kappa_layer.fields1``
+    (h(t) = u(t) + gamma0 C(t, <t) g, z(t) = r(t) + gamma0 D(t, <=t) phi), rows = samples;
+    differentiable by torch.func, the reference of solvers.fluct.march_tangents."""
+    def fields(u, r):
+        Ps, Gs, Zs = [], [], []
+        for t in range(T1):
+            a, e = t * n, (t + 1) * n
+            h = u[:, a:e]
+            if t:
+                h = h + gamma0 * (torch.cat(Gs, 1) @ C[a:e, :a].T)
+            p = act(h, 0)
+            z = r[:, a:e] + gamma0 * (torch.cat(Ps + [p], 1) @ D[a:e, :e].T)
+            Ps.append(p)
+            Zs.append(z)
+            Gs.append(act(h, 1) * z)
+        return torch.cat(Ps, 1), torch.cat(Gs, 1), torch.cat(Zs, 1)
+    return fields
+
+
 def _synthetic_layer(torch, first, last, S=4096, K=6, n=3, T1=4, coupling=0.3, jscale=0.3,
                      seed=0):
     """A tanh layer with couplings C, D strong enough that every term of kappa, including the
     products of two responses, is resolved; its sampled fields; random adjoint rows J with the
     structural masks of deep_mc."""
     from solvers.fluct.deep_mc import _activation
-    from solvers.fluct.kappa_stein import _batched_march
 
     rng = np.random.default_rng(seed)
     m = n * T1
@@ -235,7 +255,7 @@ def test_jvp_kappa_equals_hessian_kappa_strong_coupling(first, last):
 @pytest.mark.parametrize("name", ["tanh", "erf", "linear"])
 def test_hand_tangents_equal_autodiff(name):
     """solvers.fluct.march_tangents against torch.func.jvp of the same march
-    (kappa_stein._batched_march): first derivatives along k directions per sample and the mixed
+    (_batched_march above): first derivatives along k directions per sample and the mixed
     second derivative along direction pairs (nested jvp), on a synthetic layer with strong
     couplings, to rounding."""
     import torch
@@ -243,7 +263,6 @@ def test_hand_tangents_equal_autodiff(name):
 
     from solvers.fluct import march_tangents as mt
     from solvers.fluct.deep_mc import _activation
-    from solvers.fluct.kappa_stein import _batched_march
 
     fl, _, _, T1, n = _synthetic_layer(torch, False, False, S=8)
     act = _activation(torch, name)

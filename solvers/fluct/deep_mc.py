@@ -97,31 +97,34 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     (pooled over the entries of the predictions, and separately of the NTK: R - 1 degrees of
     freedom per entry are too few alone) gives the standard error of the mean
     sqrt(m_i (1 + rho) / R). ``rho`` per group is returned in ``map_noise_ratio``. R = 1 is
-    one run, its error bar kappa's only (a lower bound).
+    one run, its error bar kappa's only (a lower bound). ``progress(done, total, what)`` gets
+    one monotone fraction over the whole computation (each replicate's adjoint, then its kappa).
     """
     R = int(map_replicates)
     if R < 1:
         raise ValueError(f"map_replicates={map_replicates!r}: use an integer >= 1")
     if R == 1:
-        return deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps,
-                                    samples=samples, seed=seed, kappa_samples=kappa_samples,
-                                    progress=progress, logger=logger, **kw)
-    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    Sr = int(samples) // R
-    Kr = None if kappa_samples is None else max(1, min(int(kappa_samples), int(samples)) // R)
+        seeds, Sr, Kr = [seed], samples, kappa_samples
+    else:
+        ss = seed if isinstance(seed, np.random.SeedSequence) else \
+            np.random.SeedSequence(seed)
+        seeds, Sr = ss.spawn(R), int(samples) // R
+        Kr = None if kappa_samples is None else \
+            max(1, min(int(kappa_samples), int(samples)) // R)
     outs = []
-    for r, sr in enumerate(ss.spawn(R)):
-        # one monotone bar over the replicates: adjoint then kappa of each, half and half
+    for r, sr in enumerate(seeds):
+        # ``progress(done, total, what)`` sees one monotone fraction over the replicates:
+        # the adjoint then kappa of each, half and half
         tick = None if progress is None else \
             (lambda d, tot, what, r=r: progress(
                 int(1e6 * (r + 0.5 * (what == "kappa") + 0.5 * d / tot) / R), 1_000_000,
-                f"map {r + 1}/{R}: {what}"))
-        if logger is not None:
+                what if R == 1 else f"map {r + 1}/{R}: {what}"))
+        if logger is not None and R > 1:
             logger.info("deep propagator: map replicate %d/%d (%d map samples)", r + 1, R, Sr)
         o = deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, samples=Sr,
                                  seed=sr, kappa_samples=Kr, progress=tick, logger=logger, **kw)
-        if not np.isfinite(o["residual"]) or not np.any(np.isfinite(o["pred_cov"])):
-            return o                      # a failed replicate: the caller reports it
+        if R == 1 or not np.isfinite(o["residual"]) or not np.any(np.isfinite(o["pred_cov"])):
+            return o                      # one run, or a failed replicate: the caller reports it
         outs.append(o)
     return combine_replicates(outs)
 
@@ -142,9 +145,7 @@ def combine_replicates(outs):
     include the map's noise (:func:`deep_propagator`)."""
     R = len(outs)
     res = {"cov": np.mean([o["cov"] for o in outs], axis=0),
-           "residual": max(o["residual"] for o in outs), "map_replicates": R,
-           "map_noise_ratio": {}}
-    iu = None
+           "residual": max(o["residual"] for o in outs), "map_noise_ratio": {}}
     for key, se_key, name in (("pred_cov", "pred_cov_se", "predictions"),
                               ("ntk_var", "ntk_var_se", "ntk")):
         if outs[0][key] is None:

@@ -166,27 +166,6 @@ def stein_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, keep_u, keep_
     return {"m1": m1, "m2": m2}
 
 
-def _batched_march(torch, act, gamma0, C, D, T1, n):
-    """The layer's march as a function of batched sources (B, m) -> (phi, g, z), each (B, m):
-    the same recursion as ``kappa_hessian._kappa_layer.fields1`` (h(t) = u(t) + gamma0 C(t, <t) g,
-    z(t) = r(t) + gamma0 D(t, <=t) phi), rows = samples, so that forward-mode tangents of many
-    samples and directions are plain GEMMs."""
-    def fields(u, r):
-        Ps, Gs, Zs = [], [], []
-        for t in range(T1):
-            a, e = t * n, (t + 1) * n
-            h = u[:, a:e]
-            if t:
-                h = h + gamma0 * (torch.cat(Gs, 1) @ C[a:e, :a].T)
-            p = act(h, 0)
-            z = r[:, a:e] + gamma0 * (torch.cat(Ps + [p], 1) @ D[a:e, :e].T)
-            Ps.append(p)
-            Zs.append(z)
-            Gs.append(act(h, 1) * z)
-        return torch.cat(Ps, 1), torch.cat(Gs, 1), torch.cat(Zs, 1)
-    return fields
-
-
 def _bands(T1, n, nb=8):
     """Row bands (r0, r1) of flat indices, whole time blocks, for products with causal
     (block lower triangular) adjoint rows: J[:, r0:r1] vanishes beyond column r1."""

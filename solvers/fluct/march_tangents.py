@@ -1,7 +1,7 @@
 """Hand-written forward-mode derivatives of one layer's single-site march (the kappa step of
 :func:`solvers.fluct.kappa_stein.jvp_kappa_layer`).
 
-The march of :func:`solvers.fluct.kappa_stein._batched_march`, with rows = samples,
+The march of ``kappa_hessian._kappa_layer`` (``fields1``), with rows = samples,
 
     h(t) = u(t) + gamma0 C(t, <t) g(<t),   p = phi(h),
     z(t) = r(t) + gamma0 D(t, <=t) p(<=t), g = phi'(h) z,
@@ -21,18 +21,11 @@ Written out instead of ``torch.func.jvp``, the primal march runs once per chunk 
 broadcast the primal's derivatives, and there is no per-operation dispatch of forward-mode
 AD, which was most of the kappa step's time (measured in benchmarks/README.md). The test
 ``tests/test_fluctuations_kappa_stein.py::test_hand_tangents_equal_autodiff`` checks both
-orders against ``torch.func.jvp`` of ``_batched_march``.
+orders against ``torch.func.jvp`` of a plain torch version of the march.
 """
 from __future__ import annotations
 
 __all__ = ["primal", "tangent", "second"]
-
-
-def _mm(x, M):
-    """(k, s, c) @ (c, n) as one GEMM over k s rows (a view of the history slice, no copy),
-    not k small batched ones."""
-    k, s, c = x.shape
-    return (x.reshape(k * s, c) @ M).reshape(k, s, M.shape[1])
 
 
 def primal(torch, act, gamma0, C, D, T1, n, u, r):
@@ -69,10 +62,10 @@ def tangent(torch, pr, gamma0, C, D, T1, n, du=None, dr=None):
         a, e = t * n, (t + 1) * n
         dh = du[:, :, a:e] if du is not None else torch.zeros(k, s, n, dtype=x.dtype)
         if t:
-            dh = dh + gamma0 * _mm(dG[:, :, :a], C[a:e, :a].T)
+            dh = dh + gamma0 * (dG[:, :, :a] @ C[a:e, :a].T)
         dH[:, :, a:e] = dh
         dP[:, :, a:e] = d1[:, a:e] * dh
-        dz = gamma0 * _mm(dP[:, :, :e], D[a:e, :e].T)
+        dz = gamma0 * (dP[:, :, :e] @ D[a:e, :e].T)
         if dr is not None:
             dz = dz + dr[:, :, a:e]
         dZ[:, :, a:e] = dz
@@ -95,12 +88,12 @@ def second(torch, pr, gamma0, C, D, T1, n, tA, tB):
         zA, zB = tA["z"][:, :, a:e], tB["z"][:, :, a:e]
         hAB = hA * hB
         if t:
-            qh = gamma0 * _mm(qG[:, :, :a], C[a:e, :a].T)
+            qh = gamma0 * (qG[:, :, :a] @ C[a:e, :a].T)
             qP[:, :, a:e] = d2[:, a:e] * hAB + d1[:, a:e] * qh
         else:
             qh = None
             qP[:, :, a:e] = d2[:, a:e] * hAB
-        qz = gamma0 * _mm(qP[:, :, :e], D[a:e, :e].T)
+        qz = gamma0 * (qP[:, :, :e] @ D[a:e, :e].T)
         qZ[:, :, a:e] = qz
         zt = Z[:, a:e]
         inner = hA * zB + hB * zA
