@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 import dmft
+from dmft.config import teacher_student
 
 
 def _data(P=3, Q=2, D=4, seed=0):
@@ -68,6 +69,12 @@ def cases():
         "simulate_tanh2": lambda: dmft.simulate(tanh2, data, tr, width=64, seeds=range(3),
                                                 record_kernels=True),
     }
+    # C = 3 outputs (the general march), backward sources by the factor and by the mixing
+    # (recorded 5 Dec 2026)
+    data3 = teacher_student(P=3, Q=2, D=4, seed=0, outputs=3)
+    for how in ("factor", "mix"):
+        c[f"mc_tanh2_outputs3_{how}"] = (lambda how=how: dmft.solve(
+            tanh2, data3, tr, "mc", seed=0, samples=2048, backward_sources=how))
     sol1 = {}
 
     def base():

@@ -121,7 +121,9 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         L = 1 only: samples for the two-time kernels phi, g (default 4096, taken equally
         from the replicates); predictions and NTK use all ``samples``. The kernels cost
         ~ kernel_samples (n (T+1))^2 flops (one symmetric rank-k BLAS update per chunk) and
-        are computed once, after the predictions, which never need them.
+        are computed once, after the predictions, which never need them. With C >= 2 outputs
+        the (n C (T+1))^2 kernel g is accumulated per block in single precision (rounding
+        ~1e-6 relative, against a sampling error ~ kernel_samples^-0.5).
     sampler : {"sobol", "random"}
         "sobol" (default) draws the first layer's sources and the readouts w(0) by randomised
         quasi-Monte Carlo in the rank(Kx) + 1 dimensions (L = 1: an Owen-scrambled Sobol set
@@ -191,6 +193,15 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         this fraction of its variance gets no innovation of its own (default 1e-6; smaller
         values let near-degenerate pivots compound and the factor lose accuracy, which is
         detected and reported).
+    backward_sources : {"auto", "factor", "mix"}
+        One pass, general objectives (C outputs, losses, weight decay, batches): how the
+        backward sources r^l are drawn. "factor": from the causal factor of G^{l+1}; "mix": by
+        a fixed Gaussian mixing of the samples of g^{l+1} within the replicate, which has
+        exactly the same law (docs/methods.rst) at ~T n C S^2 flops for S samples per
+        replicate, cheaper than the factor's ~(T n C)^2 S when n C T exceeds S (many
+        outputs); then the result's two-time G rows are computed in single precision
+        (rounding ~1e-6 relative). "auto" (default): whichever costs fewer flops. The plain
+        problem (one mse output, full batch, no decay) always uses "factor".
     max_memory_gb : float
         One pass: refuse (ValueError, before any work) a solve whose estimated memory per
         replicate exceeds this (default: ``memory_limit``, else 80 % of the memory available
@@ -324,6 +335,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     if samples < 2:
         raise ValueError("samples must be >= 2 (antithetic pairs); use e.g. samples=4096")
     src_rtol = value("src_rtol")
+    backward_sources = value("backward_sources")
     max_memory_gb = opts.max_memory_gb
     response_samples = value("response_samples")
     kernel_samples = value("kernel_samples")
@@ -424,6 +436,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     b_estimator=b_estimator, response_control=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, seed=ss, loss=train.loss,
+                    backward_sources=backward_sources,
                     weight_decay=float(train.weight_decay), decay_to=train.decay_to,
                     batch_size=train.batch_size, batch_seed=int(train.batch_seed),
                     schedule=train.schedule, **_objective_fingerprint(train))
@@ -449,7 +462,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, max_memory=limit, logger=logger, bar=bar, state=state,
                     on_population=on_population if ckpt is not None else None,
-                    objective=deep_obj)
+                    objective=deep_obj, r_sources=backward_sources)
             finally:
                 bar.close()
             if ckpt is not None:
@@ -460,7 +473,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                            relu_eps=out["relu_eps"], replicates=int(replicates),
                            b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
                            src_rtol=src_rtol, response_control=bool(response_control),
-                           scheme="onepass", sampler=sampler)
+                           scheme="onepass", sampler=sampler,
+                           backward_sources=out["r_sources"])
             if ckpt is not None:
                 # populations read back from the checkpoint, not recomputed
                 options["resumed_units"] = int(state["next"]) if state is not None else 0

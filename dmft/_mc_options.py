@@ -36,6 +36,7 @@ DEFAULTS = {
     "response_samples_onepass": 8,
     "scheme": "onepass",
     "src_rtol": 1e-6,
+    "backward_sources": "auto",
     "response_control": True,
     "b_estimator": "auto",
     "stein_rtol": 1e-6,
@@ -123,6 +124,11 @@ class MCOptions(Options):
     src_rtol: float | None = option(None, real_in(0, 1, "e.g. src_rtol=1e-6"),
                                     "one pass: source innovation cut-off",
                                     applies=("onepass",))
+    backward_sources: str | None = option(None, one_of(
+        ("auto", "factor", "mix"), "{name} must be 'auto', 'factor' (causal factor of G) or "
+        "'mix' (Gaussian mixing of the upper layer's samples), got {value!r}"),
+        "one pass: how the backward sources are drawn (C outputs)",
+        applies=("onepass",))
     max_memory_gb: float | None = option(None, real_in(
         0, np.inf, "the memory a solve may use, in GB, e.g. max_memory_gb=8"),
         "one pass: refuse solves estimated above this memory",

@@ -135,6 +135,81 @@ def test_identical_columns_equal_one_output_at_sqrt_c_gamma0(act):
         assert np.abs(z0).max() > 2 * TOL["identity_z"], np.abs(z0).max()
 
 
+def _final_observables(sol):
+    f = np.concatenate([sol.train_predictions[-1], sol.test_predictions[-1]])
+    se = np.concatenate([sol.stderr["train_predictions"][-1],
+                         sol.stderr["test_predictions"][-1]])
+    n = f.shape[0] * (f.shape[1] if f.ndim == 2 else 1)
+    iu = np.triu_indices(n)
+    K, Kse = sol.ntk[-1].reshape(n, n), sol.stderr["ntk"][-1].reshape(n, n)
+    return (np.concatenate([f.ravel(), K[iu]]), np.concatenate([se.ravel(), Kse[iu]]))
+
+
+def test_mixed_backward_sources_have_the_factor_law(monkeypatch):
+    """backward_sources="mix" (r = g^{l+1} Xi / sqrt(S), one Gaussian Xi per replicate) has
+    the law of the causal factor's draw from the replicate's own G^{l+1}, feedback included,
+    so at equal samples per replicate the two have the same mean, finite-sample bias and all.
+    Checked where that bias is large: 32 samples per replicate (the sampled G over (t, mu, c),
+    88 variables, has rank <= 32), 256 replicates, C = 2, depth 2; independent seeds. Power: a
+    mixing redrawn at every step (right one-time covariance, no two-time correlation) is
+    rejected by the same comparison."""
+    from solvers.mc import causal_layer
+    data = teacher_student(P=3, Q=1, D=6, seed=3, outputs=2)
+    net = dmft.MLP(2, "tanh")
+    train = dmft.GradientDescent(1.0, 0.5, 10)
+    opts = dict(samples=32 * 256, replicates=256, progress=False)
+
+    def run(mode, seed):
+        sol = dmft.solve(net, data, train, method="mc", seed=seed, backward_sources=mode,
+                         **opts)
+        assert sol.options["backward_sources"] == mode
+        return _final_observables(sol)
+
+    fac, mix = run("factor", 1), run("mix", 2)
+    z = (fac[0] - mix[0]) / np.hypot(fac[1], mix[1])
+    assert np.abs(z).max() < TOL["identity_z"], np.abs(z).max()
+    draw = causal_layer._Layer.draw_r_mix
+
+    def redrawn(self, g_up, rng):
+        self.Xi = None
+        return draw(self, g_up, rng)
+
+    monkeypatch.setattr(causal_layer._Layer, "draw_r_mix", redrawn)
+    wrong = run("mix", 3)
+    z_alt = (fac[0] - wrong[0]) / np.hypot(fac[1], wrong[1])
+    assert np.abs(z_alt).max() > 1.3 * TOL["identity_z"], np.abs(z_alt).max()
+
+
+def test_mixed_sources_auto_choice_and_single_precision_rows():
+    """"auto" picks the mixing where it costs fewer flops (many outputs), the factor for one
+    output; with the mixing, a layer's result rows G(t, <t) (single precision) agree with the
+    double-precision rows to ~1e-6 relative, its equal-time block to rounding, and the memory term
+    from the Delta-contracted history equals the contraction of the full rows."""
+    from solvers.mc.causal_layer import _Layer, mixing_cheaper
+    assert mixing_cheaper(31, 16 * 10, 1024) and not mixing_cheaper(31, 16, 1024)
+    assert not mixing_cheaper(31, 16 * 10, 32768)
+    rng = np.random.default_rng(0)
+    T1, n, P, C, S = 5, 3, 2, 2, 64
+    kw = dict(r_sys=False, u_sys=False, stein=False, resp=False, cv=False,
+              tdtype=np.float32, src_rtol=1e-6, stein_rtol=1e-6, C=C)
+    a, b = _Layer(T1, n, P, S, 1, mix=False, **kw), _Layer(T1, n, P, S, 1, mix=True, **kw)
+    delta = rng.standard_normal((T1, P, C))
+    for t in range(T1):
+        g = rng.standard_normal((n * C, S)) * (1 + t)
+        a.backward(g, t, 1)
+        b.backward(g, t, 1)
+        if t:
+            full = np.einsum("xsac,sac->xsa", a.g[t * n * C:(t + 1) * n * C, :t * n * C]
+                             .reshape(n * C, t, n, C)[:, :, :P, :], delta[:t])
+            np.testing.assert_allclose(b.mem_rows(g, t), full, rtol=1e-12, atol=1e-12)
+        b.contract_delta(t, delta[t])
+        blk = slice(t * n * C, (t + 1) * n * C)
+        np.testing.assert_allclose(a.g[blk, blk], b.g[blk, blk], rtol=1e-13, atol=1e-13)
+    scale = np.abs(a.g).max()
+    assert 0 < np.abs(a.g - b.g).max() < 1e-6 * scale
+    np.testing.assert_array_equal(b.g, b.g.T)
+
+
 def test_multi_output_shapes_and_symmetry():
     """C = 3 outputs, cross-entropy, depth 2: the Solution's shapes (dmft/results.py), the NTK
     and G symmetric under (mu c) <-> (nu c'), K(0) = delta_cc' K_static(0) (outputs decouple

@@ -72,6 +72,7 @@ from numba import njit
 
 from ..layout import CausalFactor
 from ._common import _single_thread_blas
+from .causal_layer import mixing_cheaper
 from .causal_objective import _population_objective
 from .causal_population import _population
 from .cost import estimate_flops, estimate_memory
@@ -85,16 +86,21 @@ __all__ = ["CausalFactor", "solve_causal", "estimate_memory", "estimate_flops",
 
 
 def estimate_memory_outputs(T1, n, P, depth, samples_per_population, tangent_samples,
-                            responses, stein, tangent_bytes=4, C=1) -> int:
+                            responses, stein, tangent_bytes=4, C=1, mix=False) -> int:
     """:func:`solvers.mc.cost.estimate_memory` with C outputs (docs/theory.rst §7): the
     backward fields, G and its sources have n C rows per time, the r-tangents T1 P C
     directions per sample and P C g-rows, the u-tangents P C g-rows; C = 1 is that function.
+    With ``mix`` (mixed backward sources) the r-normals are replaced by the (S, S / 2) mixing
+    matrix per source layer, a float32 copy of g and the Delta-contracted history.
     """
-    if C == 1:
+    if C == 1 and not mix:
         return estimate_memory(T1, n, P, depth, samples_per_population, tangent_samples,
                                responses, stein, tangent_bytes)
     L, S, m = int(depth), int(samples_per_population), T1 * n
     fields = L * (2 * m * S + 2 * m * C * S + m * S * (1 + C) // 2) * 8
+    if mix:
+        fields += L * (T1 * P * S * 8 + m * C * S * 4 - m * C * S // 2 * 8) \
+            + (L - 1) * S * (S // 2) * 4
     tang = 0
     if responses and L >= 2:
         cols = T1 * P * int(tangent_samples)
@@ -106,14 +112,19 @@ def estimate_memory_outputs(T1, n, P, depth, samples_per_population, tangent_sam
     return int(fields + tang + kernels + stein_b)
 
 
-def estimate_flops_outputs(T1, n, P, depth, samples, tangent_samples, responses, C=1) -> float:
+def estimate_flops_outputs(T1, n, P, depth, samples, tangent_samples, responses, C=1,
+                           mix=False) -> float:
     """:func:`solvers.mc.cost.estimate_flops` with C outputs: the march and the G rows scale
     like C and C^2, the r-tangents like C^2 (T1 P C directions on P C rows), the u-tangents
-    like C; C = 1 is that function."""
-    if C == 1:
+    like C; C = 1 is that function. With ``mix`` (``samples`` of one population) the
+    backward sources cost T1 n C S^2 per source layer instead of their factor's share."""
+    if C == 1 and not mix:
         return estimate_flops(T1, n, P, depth, samples, tangent_samples, responses)
     L = int(depth)
     march = L * samples * T1 ** 2 * (2 * n * P * C + (2 + 3 * C * C) * n * n)
+    if mix:
+        march += (L - 1) * T1 * n * C * float(samples) ** 2 \
+            - (L - 1) * samples * T1 ** 2 * C * C * n * n
     tang = 0.0
     if responses and L >= 2:
         tang = (L - 1) * tangent_samples * 4 * n * P * P * T1 ** 3 / 3 * (C * C + C)
@@ -139,7 +150,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  sampler: str = "sobol", max_memory: float | None = None,
                  flop_rate: float = 10e9, record_sources: bool = False, logger=None,
                  bar=None, state: dict | None = None, on_population=None,
-                 objective=None) -> dict:
+                 objective=None, r_sources: str = "auto") -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -171,6 +182,12 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     max_memory : bytes a population may use (:func:`estimate_memory`); a larger solve is
         refused with a ValueError before any work (None: no check). The estimate and a flop
         count (:func:`estimate_flops`, a time at ``flop_rate``) are logged.
+    r_sources : how the backward sources r^l of a general ``objective`` are drawn: "factor"
+        (the causal factor of G^{l+1}), "mix" (a fixed Gaussian mixing of the samples of
+        g^{l+1}: the same law, :meth:`solvers.mc.causal_layer._Layer.draw_r_mix`; the result's
+        two-time G then in single-precision rows) or "auto" (default: "mix" where
+        :func:`solvers.mc.causal_layer.mixing_cheaper`, i.e. with many outputs). The plain
+        problem always uses the factor.
     sampler : "sobol" (default): the first layer's sources and the readouts w(0), rank(Kx) + 1
         numbers per antithetic pair, by randomised quasi-Monte Carlo (one scrambled Sobol set
         per population); "random": i.i.d. normals. The deeper sources are always i.i.d.
@@ -181,7 +198,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     ``B`` (L-1, T1 n, T1 n) or None: the population means; ``f_se``, ``ntk_se``, ``phi_se``,
     ``g_se``: standard errors of the means (spread over populations / sqrt(populations); zero
     for one population); ``samples``, ``response_samples``, ``populations``, ``relu_eps``,
-    ``b_estimator``, ``memory_bytes``.
+    ``b_estimator``, ``memory_bytes``, ``r_sources`` ("factor" or "mix").
     """
     L = int(depth)
     n = kx.shape[0]
@@ -213,9 +230,16 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     tdtype = np.float32 if cv else np.float64
     eps = default_relu_eps(max(Srp * R, 2048)) if relu_eps is None else float(relu_eps)
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    if r_sources not in ("auto", "factor", "mix"):
+        raise ValueError(f"r_sources must be 'auto', 'factor' or 'mix', got {r_sources!r}")
+    if r_sources == "mix" and not general:
+        raise ValueError("r_sources='mix' is implemented for general objectives (C outputs, "
+                         "losses, weight decay, batches); use r_sources='factor' or 'auto'")
+    mix = general and L >= 2 and (r_sources == "mix" or (
+        r_sources == "auto" and mixing_cheaper(T1, n * Cout, Sp)))
     mem = estimate_memory_outputs(T1, n, P, L, Sp, Srp, responses, stein,
-                                  4 if tdtype == np.float32 else 8, Cout)
-    flops = R * estimate_flops_outputs(T1, n, P, L, Sp, Srp, responses, Cout)
+                                  4 if tdtype == np.float32 else 8, Cout, mix=mix)
+    flops = R * estimate_flops_outputs(T1, n, P, L, Sp, Srp, responses, Cout, mix=mix)
     if logger is not None:
         logger.info("mc one-pass: %d populations x %d samples (%d tangent), %d steps: "
                     "~%.2g GFlop (~%.0f s at %.0f GFlop/s), %.3g GB per population%s", R, Sp,
@@ -252,7 +276,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                     kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                     responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
                     src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence, bar=bar,
-                    sampler=sampler)
+                    sampler=sampler, mix=mix)
             else:
                 o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                                 responses=responses, stein=stein, cv=cv, tdtype=tdtype,
@@ -297,5 +321,5 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         res["population_results"] = pops
     res.update(samples=Sp * R, response_samples=Srp * R, populations=R,
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
-               memory_bytes=mem)
+               memory_bytes=mem, r_sources="mix" if mix else "factor")
     return res

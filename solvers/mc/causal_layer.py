@@ -62,6 +62,20 @@ def _source_half(fac, xi_store, krow, rng):
     return Frow @ xi_store[:k]
 
 
+def mixing_cheaper(T1: int, b: int, S: int) -> bool:
+    """True when drawing a backward source of b variables per step by mixing the layer
+    above's samples (:meth:`_Layer.draw_r_mix`, ~T1 b S^2 flops) costs fewer flops than its
+    causal factor (:class:`CausalFactor`: extension ~b k^2 + b^2 k and application ~b k S per
+    step with k = min((t+1) b, S) innovations, plus the float64 kernel rows ~2 S b (t+1) b that
+    the factor reads and the mixing leaves to single precision: half of them counted)."""
+    T1, b, S = int(T1), int(b), int(S)
+    factor = 0.0
+    for t in range(T1):
+        k = min((t + 1) * b, S)
+        factor += b * k * k + b * b * k + b * k * S + S * b * (t + 1) * b
+    return T1 * b * float(S) * S < factor
+
+
 def _tangent_h(dg, t, c0, Ct, gamma0):
     """gamma0 C(t, <t) dg(<t) over the tangent directions < c0, zero beyond: (n, cols)."""
     cols = dg.shape[2]
@@ -75,7 +89,7 @@ class _Layer:
     """State of one layer of one population (see the module docstring for the layout)."""
 
     def __init__(self, T1, n, P, S, Sr, *, r_sys, u_sys, stein, resp, cv, tdtype, src_rtol,
-                 stein_rtol, C=1, phi=None, g=None):
+                 stein_rtol, C=1, phi=None, g=None, mix=False):
         # C outputs (docs/theory.rst §7): backward fields and G over rows (mu, c), point-major
         Q = n - P
         m = T1 * n
@@ -97,9 +111,20 @@ class _Layer:
         self.psi_r = np.zeros((T1, n, T1, P)) if cv else None
         self.psi_qq = np.zeros((T1, T1, Q)) if resp else None       # [t, s, q]
         self.fac_u = CausalFactor(m, src_rtol)
-        self.fac_r = CausalFactor(m * C, src_rtol)
         self.xi_u = np.zeros((m, S // 2))
-        self.xi_r = np.zeros((m * C, S // 2))
+        # backward sources: causal factor of G^{l+1} (default) or, with ``mix``, a fixed
+        # Gaussian mixing of the layer above's samples (:meth:`draw_r_mix`); then this layer's
+        # kernel rows G(t, <t) are read by nothing but the result and are formed in single
+        # precision from a float32 history, the equal-time block in double precision, and the
+        # memory term of the layer below reads the Delta-contracted history GD (:meth:`mem_rows`)
+        self.mix = bool(mix)
+        if self.mix:
+            self.Xi = None                              # (S, S / 2), drawn at the first use
+            self.G32 = np.zeros((T1, n * C, S), dtype=np.float32)
+            self.GD = np.zeros((T1, P, S))
+        else:
+            self.fac_r = CausalFactor(m * C, src_rtol)
+            self.xi_r = np.zeros((m * C, S // 2))
         self.r_sys, self.u_sys, self.stein = r_sys, u_sys, stein
         cols = T1 * P * Sr
         if r_sys:
@@ -135,6 +160,43 @@ class _Layer:
         r[:, 1::2] = -rh
         return r
 
+    def draw_r_mix(self, g_up, rng):
+        """r^l(t) (n C, S) from the layer above's backward fields g^{l+1}(t) (n C, S, float32)
+        by a fixed Gaussian mixing of its samples, antithetic: rho(t) = g^{l+1}(t) Xi / sqrt(S)
+        with Xi (S, S / 2) i.i.d. N(0, 1) (float32), drawn once, and (rho, -rho) per pair.
+
+        Given the fields, rho(<=t) has the covariance G^{l+1}(<=t, <=t) of the population
+        (g Xi Xi^T g^T / S averages to g g^T / S), and it has exactly the law of the causal
+        factor's draw, feedback included: the past reveals only the projection of Xi on the
+        span V of the earlier rows of g^{l+1}, on which g^{l+1}(t) depends; the component
+        of Xi orthogonal to V is a fresh Gaussian, so rho(t) given the past is the regression
+        on rho(<t) plus an independent normal with the Schur complement's variance
+        (docs/methods.rst). Innovations are never dropped (no ``src_rtol``)."""
+        S = g_up.shape[1]
+        if self.Xi is None:
+            self.Xi = rng.standard_normal((S, S // 2), dtype=np.float32)
+        # single precision (g_up: the upper layer's float32 copy): rounding ~sqrt(S) 6e-8
+        # relative on an O(1) Gaussian source, against a sampling error ~S^-1/2
+        rh = g_up @ self.Xi
+        r = np.empty((rh.shape[0], S))
+        rh = rh.astype(np.float64)
+        rh *= 1.0 / np.sqrt(S)
+        r[:, 0::2] = rh
+        r[:, 1::2] = -rh
+        return r
+
+    def mem_rows(self, g, t):
+        """sum_c' G_{x, a c'}(t, s) Delta_{a c'}(s) for s < t as (n C, t, P) from this layer's
+        g(t) (n C, S) and its Delta-contracted history GD (:meth:`contract_delta`)."""
+        S = g.shape[1]
+        return (g @ self.GD[:t].reshape(t * self.P, S).T / S).reshape(-1, t, self.P)
+
+    def contract_delta(self, t, delta_t):
+        """GD(t) = sum_c Delta_{a c}(t) g_{a c}(t) (P, S), once Delta(t) is known."""
+        P, C = self.P, self.C
+        S = self.Gtr.shape[2]
+        np.einsum("acs,ac->as", self.Gtr[t].reshape(P, C, S), delta_t, out=self.GD[t])
+
     # ---- fields -------------------------------------------------------------------------
     def forward(self, h, t, act, layer):
         """Store h(t) and what later steps read from it: phi(h(t)) (all, train and test rows),
@@ -169,7 +231,20 @@ class _Layer:
         _check_finite("backward fields", g, t, layer)
         self.G[t] = g
         self.Gtr[t] = g[:self.P * self.C]
-        _store_row(self.g, _rows(g, self.G, t), t, self.n * self.C)
+        nC = self.n * self.C
+        if not self.mix:
+            _store_row(self.g, _rows(g, self.G, t), t, nC)
+            return
+        # result-only rows: single precision (rounding ~1e-6 relative, far below the sampling
+        # error), the equal-time block (the NTK) in double precision
+        S = g.shape[1]
+        self.G32[t] = g
+        row = np.empty((nC, (t + 1) * nC))
+        if t:
+            row[:, :t * nC] = self.G32[t] @ self.G32[:t].reshape(t * nC, S).T
+            row[:, :t * nC] /= S
+        row[:, t * nC:] = g @ g.T / S
+        _store_row(self.g, row, t, nC)
 
     # ---- tangents -----------------------------------------------------------------------
     def tangents_h(self, t, Crow, gamma0, direct):

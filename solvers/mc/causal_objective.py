@@ -16,7 +16,7 @@ from .sources import _first_layer_sources
 
 def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein,
                           cv, tdtype, eps, src_rtol, stein_rtol, divergence, bar,
-                          sampler="sobol"):
+                          sampler="sobol", mix=False):
     """:func:`_population` for any training objective (docs/theory.rst §7): C outputs, any
     loss, weight decay, mini-batches (``obj``: :class:`solvers.objective.Objective`).
 
@@ -37,6 +37,11 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
 
     Layout: the backward fields have rows (mu, c) point-major, so flat G is (T1 n C)^2 with
     index t n C + mu C + c, A^l is (T1 n, T1 n C), B^l (T1 n C, T1 n).
+
+    ``mix``: the backward sources r^l by a fixed Gaussian mixing of the samples of g^{l+1}
+    (:meth:`solvers.mc.causal_layer._Layer.draw_r_mix`, the same law as the causal factor's
+    draw), the memory terms from the Delta-contracted histories and the result's G rows in
+    single precision; chosen by :func:`solvers.mc.causal_layer.mixing_cheaper` (many outputs).
     """
     n = kx.shape[0]
     P, Cout = obj.P, obj.C
@@ -53,7 +58,7 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
                      tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol, C=Cout,
-                     phi=phi_all[l], g=g_all[l])
+                     phi=phi_all[l], g=g_all[l], mix=mix)
               for l in range(L)]
     A_all, B_all = np.zeros((L - 1, m, mC)), np.zeros((L - 1, mC, m))
     A, B = list(A_all), list(B_all)
@@ -124,14 +129,21 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                 D4 = D4.reshape(nC, t + 1, n)
             else:
                 up = layers[l + 1]
-                r = ly.draw_r(up.g[ac:ec, :ec], rng)
+                if mix:
+                    r = ly.draw_r_mix(up.G32[t], rng)
+                else:
+                    r = ly.draw_r(up.g[ac:ec, :ec], rng)
                 # D(t, s) = iota(t) B^l(t, s) + lr m(t, s) sum_c' G^{l+1}_{mc, ac'}(t, s)
                 # Delta_ac'(s) [s < t]
                 D4 = it * B[l][ac:ec, :e].reshape(nC, t + 1, n)
-                mem = np.einsum("xsac,sac->xsa",
-                                up.g[ac:ec, :t * nC].reshape(nC, t, n, Cout)[:, :, :P, :],
-                                delta[:t]) * lrm[None, :, None]
-                D4[:, :t, :P] += mem
+                if mix:
+                    if t:
+                        D4[:, :t, :P] += up.mem_rows(up.G[t], t) * lrm[None, :, None]
+                else:
+                    mem = np.einsum("xsac,sac->xsa",
+                                    up.g[ac:ec, :t * nC].reshape(nC, t, n, Cout)[:, :, :P, :],
+                                    delta[:t]) * lrm[None, :, None]
+                    D4[:, :t, :P] += mem
                 Dtr = np.ascontiguousarray(D4[:, :, :P]).reshape(nC, (t + 1) * P)
                 z = it * r + gamma0 * (Dtr @ ly.PHtr[:t + 1].reshape((t + 1) * P, S))
                 if Q:
@@ -194,6 +206,9 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
         _check_predictions(f[t], t, divergence)
         if t < T:
             delta[t] = obj.delta(t, f[t])[:P]
+            if mix:
+                for upper in layers[1:]:
+                    upper.contract_delta(t, delta[t])
             if not responses:
                 # GIA: f(t+1) = f(t) + lr K(t) Delta(t) (no weight decay: refused upstream)
                 f[t + 1] = f[t] + lr * np.einsum("xcad,ad->xc", K[:, :, :P, :], delta[t])

@@ -209,7 +209,8 @@ def objective_kernels(kx, delta, u, w0, gamma0: float, lr: float, activation: st
     outputs and weight decay: :func:`two_layer_kernels` with :func:`march_fixed_objective`.
 
     delta : (T1, P, C) (the last time is unused). Returns flat ``phi`` (T1 n, T1 n) and ``g``
-    (T1 n C, T1 n C) (index (t n + mu) C + c) with batch-means standard errors ``*_se``.
+    (T1 n C, T1 n C) (index (t n + mu) C + c) with batch-means standard errors ``*_se``;
+    with C >= 2 the blocks of ``g`` are accumulated in single precision.
     """
     S, n = u.shape
     C = w0.shape[1]
@@ -219,7 +220,10 @@ def objective_kernels(kx, delta, u, w0, gamma0: float, lr: float, activation: st
         return march_fixed_objective(activation, u[c0:c1], w0[c0:c1], kx, delta[:T1 - 1],
                                      gamma0 * lr, a, decay_to)
 
-    return _rank_k_kernels(features, S, {"phi": T1 * n, "g": T1 * n * C}, blocks, chunk)
+    # with C >= 2 outputs the (T1 n C)^2 G dominates: single-precision blocks (rounding
+    # ~1e-6 relative against a sampling error ~ 1 / sqrt(S))
+    return _rank_k_kernels(features, S, {"phi": T1 * n, "g": T1 * n * C}, blocks, chunk,
+                           single=("g",) if C >= 2 else ())
 
 
 def _ntk_from(phi_tt, g_tt, kx, C):
