@@ -443,6 +443,19 @@ def test_losses_agree_with_networks(loss):
 
 
 @pytest.mark.slow
+def test_mixed_backward_sources_agree_with_networks():
+    """backward_sources="mix" (what "auto" picks with many outputs at the default samples)
+    against the networks directly: C = 3 mse outputs as in test_losses_agree_with_networks,
+    the same samples in 64 replicates of 4096 (the mixing costs S^2 per source and step). The
+    gradient-independence ansatz must be rejected by the same data."""
+    data = teacher_student(P=3, Q=1, D=6, seed=1, outputs=3)
+    train = dmft.GradientDescent(1.0, 0.5, 10)
+    r = compare_with_networks(_NET, data, train, WIDTHS, COUNTS, alt=_gia(data, train),
+                              mc_options=dict(replicates=64, backward_sources="mix"))
+    _check(r)
+
+
+@pytest.mark.slow
 def test_hinge_with_weight_decay_agrees_with_networks():
     """Hinge loss with weight decay 0.1 toward the initialisation (lr 0.8, 6 steps): the
     margins jump across 1 between steps 1 and 2 (Delta = y before, 0 after) and then shrink
