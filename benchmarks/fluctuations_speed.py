@@ -22,6 +22,7 @@ if ROOT not in sys.path:            # the spawned workers import this module, th
     sys.path.insert(0, ROOT)
 
 import dmft  # noqa: E402
+from dmft._fluct_options import DEFAULT_MAP_REPLICATES  # noqa: E402
 
 __all__ = ["SPEED_CASES", "SPEED_WIDTHS", "speed"]
 
@@ -72,8 +73,11 @@ def _prop_worker(job):
     n = P + sol.data.Q
     i, j = np.triu_indices(n)
     # warm-up: Numba cache load / PyTorch import, outside the timing
-    dmft.fluctuations(sol, **dict(kw, samples=64, blocks=2, seed=99, throw=False,
-                                  **({"kappa_samples": 16} if sol.net.depth > 1 else {})))
+    deep = sol.net.depth > 1
+    # (deep: at least 128 map samples per map replicate, the adapter's floor)
+    warm = 128 * kw.get("map_replicates", DEFAULT_MAP_REPLICATES) if deep else 64
+    dmft.fluctuations(sol, **dict(kw, samples=warm, blocks=2, seed=99, throw=False,
+                                  **({"kappa_samples": 16 * warm // 64} if deep else {})))
     t0 = time.perf_counter()
     fl = dmft.fluctuations(sol, **kw)
     el = time.perf_counter() - t0

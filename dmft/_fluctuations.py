@@ -360,7 +360,10 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         include the map's own sampling noise, from the replicates' spread (the excess over
         the batch-means errors, pooled over entries: ``options["map_noise_ratio"]``). With
         ``map_replicates=1`` the errors are kappa's batch means only, a lower bound
-        (measured coverage: benchmarks/README.md).
+        (measured coverage: benchmarks/README.md). The errors do not cover the upward bias
+        O(1 / map samples per replicate) that the map's noise puts into the variances (a
+        quadratic form in the sampled adjoint rows): unresolved at n (T+1) = 21, ~+30 % for
+        the NTK's N Var at depth 3, n (T+1) = 492, 4096 map samples (docs/methods.rst).
     progress : bool or None
         Progress bar (None: only on a terminal).
     memory_limit : float, optional
