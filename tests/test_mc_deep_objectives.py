@@ -269,7 +269,8 @@ def test_divergence_gives_nan_result_with_output_axes():
 
 def test_refusals_name_the_fix():
     """The iterative scheme refuses every new feature (naming scheme='onepass'); the
-    gradient-independence ansatz refuses weight decay at depth >= 2 (naming method='mc')."""
+    gradient-independence ansatz refuses weight decay at depth >= 2 (naming method='mc');
+    backward_sources='mix' is refused for the plain problem, an unknown value named."""
     data = _small_data(C=2)
     net = dmft.MLP(2, "tanh")
     with pytest.raises(ValueError, match="scheme='onepass'"):
@@ -282,6 +283,13 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="method='mc'"):
         dmft.solve(net, data1, dmft.GradientDescent(1.0, 0.5, 4, weight_decay=0.1),
                    method="gia", samples=256)
+    # the mixed backward sources: general objectives only; a misspelt value names the choices
+    with pytest.raises(ValueError, match="backward_sources='mix'.*'factor'"):
+        dmft.solve(net, data1, dmft.GradientDescent(1.0, 0.5, 4), method="mc", samples=256,
+                   backward_sources="mix", progress=False)
+    with pytest.raises(ValueError, match="backward_sources.*'auto', 'factor'"):
+        dmft.solve(net, data, dmft.GradientDescent(1.0, 0.5, 4), method="mc", samples=256,
+                   backward_sources="mixed", progress=False)
 
 
 def test_gia_outputs_and_batches():

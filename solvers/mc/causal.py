@@ -231,10 +231,13 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     eps = default_relu_eps(max(Srp * R, 2048)) if relu_eps is None else float(relu_eps)
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     if r_sources not in ("auto", "factor", "mix"):
-        raise ValueError(f"r_sources must be 'auto', 'factor' or 'mix', got {r_sources!r}")
+        raise ValueError(f"backward_sources (r_sources) must be 'auto', 'factor' or 'mix', "
+                         f"got {r_sources!r}")
     if r_sources == "mix" and not general:
-        raise ValueError("r_sources='mix' is implemented for general objectives (C outputs, "
-                         "losses, weight decay, batches); use r_sources='factor' or 'auto'")
+        raise ValueError("backward_sources='mix' is implemented for general objectives (C "
+                         "outputs, losses, weight decay, batches); one mse output trained full "
+                         "batch without decay uses the factor: drop backward_sources or pass "
+                         "'factor' / 'auto'")
     mix = general and L >= 2 and (r_sources == "mix" or (
         r_sources == "auto" and mixing_cheaper(T1, n * Cout, Sp)))
     mem = estimate_memory_outputs(T1, n, P, L, Sp, Srp, responses, stein,
