@@ -171,7 +171,7 @@ class _Layer:
         span V of the earlier rows of g^{l+1}, on which g^{l+1}(t) depends; the component
         of Xi orthogonal to V is a fresh Gaussian, so rho(t) given the past is the regression
         on rho(<t) plus an independent normal with the Schur complement's variance
-        (docs/methods.rst). Innovations are never dropped (no ``src_rtol``)."""
+        (proof: docs/theory.rst §2). Innovations are never dropped (no ``src_rtol``)."""
         S = g_up.shape[1]
         if self.Xi is None:
             self.Xi = rng.standard_normal((S, S // 2), dtype=np.float32)
