@@ -197,7 +197,7 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         One pass, general objectives (C outputs, losses, weight decay, batches): how the
         backward sources r^l are drawn. "factor": from the causal factor of G^{l+1}; "mix": by
         a fixed Gaussian mixing of the samples of g^{l+1} within the replicate, which has
-        exactly the same law (docs/methods.rst) at ~T n C S^2 flops for S samples per
+        exactly the same law (docs/theory.rst §2) at ~T n C S^2 flops for S samples per
         replicate, cheaper than the factor's ~(T n C)^2 S when n C T exceeds S (many
         outputs); then the result's two-time G rows are computed in single precision
         (rounding ~1e-6 relative). "auto" (default): whichever costs fewer flops. The plain

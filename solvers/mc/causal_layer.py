@@ -62,6 +62,14 @@ def _source_half(fac, xi_store, krow, rng):
     return Frow @ xi_store[:k]
 
 
+def _antithetic(rh):
+    """(rows, S / 2) -> (rows, S) with columns (rh, -rh) per antithetic pair."""
+    r = np.empty((rh.shape[0], 2 * rh.shape[1]))
+    r[:, 0::2] = rh
+    r[:, 1::2] = -rh
+    return r
+
+
 def mixing_cheaper(T1: int, b: int, S: int) -> bool:
     """True when drawing a backward source of b variables per step by mixing the layer
     above's samples (:meth:`_Layer.draw_r_mix`, ~T1 b S^2 flops) costs fewer flops than its
@@ -154,11 +162,7 @@ class _Layer:
 
     def draw_r(self, g_row, rng):
         """r^l(t) (n C, S) from the row block G^{l+1}(t, <=t), antithetic: (r, -r) per pair."""
-        rh = _source_half(self.fac_r, self.xi_r, g_row, rng)
-        r = np.empty((rh.shape[0], 2 * rh.shape[1]))
-        r[:, 0::2] = rh
-        r[:, 1::2] = -rh
-        return r
+        return _antithetic(_source_half(self.fac_r, self.xi_r, g_row, rng))
 
     def draw_r_mix(self, g_up, rng):
         """r^l(t) (n C, S) from the layer above's backward fields g^{l+1}(t) (n C, S, float32)
@@ -177,13 +181,9 @@ class _Layer:
             self.Xi = rng.standard_normal((S, S // 2), dtype=np.float32)
         # single precision (g_up: the upper layer's float32 copy): rounding ~sqrt(S) 6e-8
         # relative on an O(1) Gaussian source, against a sampling error ~S^-1/2
-        rh = g_up @ self.Xi
-        r = np.empty((rh.shape[0], S))
-        rh = rh.astype(np.float64)
+        rh = (g_up @ self.Xi).astype(np.float64)
         rh *= 1.0 / np.sqrt(S)
-        r[:, 0::2] = rh
-        r[:, 1::2] = -rh
-        return r
+        return _antithetic(rh)
 
     def mem_rows(self, g, t):
         """sum_c' G_{x, a c'}(t, s) Delta_{a c'}(s) for s < t as (n C, t, P) from this layer's
