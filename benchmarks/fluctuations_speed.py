@@ -84,7 +84,16 @@ def _prop_worker(job):
     cov, var = fl.prediction_cov[T], fl.ntk_var[T]
     vf = np.trace(cov[P:, P:])
     vk = var[i, j].sum()
-    if "block_prediction_cov" in fl.extras:
+    if "pair_block_ntk_var" in fl.extras:
+        # deep propagator, pairs of maps: kappa's batch means and the pairs' deltas of the sums
+        sel_f = np.zeros((n, n), bool)
+        sel_f[np.arange(P, n), np.arange(P, n)] = True
+        sel_k = np.zeros((n, n), bool)
+        sel_k[i, j] = True
+        from solvers.fluct.deep_mc import pair_sum
+        f, k = [pair_sum(fl, key, T, sel) + ("pairs",) for key, sel in
+                (("prediction_cov", sel_f), ("ntk_var", sel_k))]
+    elif "block_prediction_cov" in fl.extras:
         bf = np.trace(fl.extras["block_prediction_cov"][:, T][:, P:, P:], axis1=1, axis2=2)
         bk = fl.extras["block_ntk_var"][:, T][:, i, j].sum(1)
         f, k = _pooled(vf, blocks=bf), _pooled(vk, blocks=bk)

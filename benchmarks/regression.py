@@ -92,7 +92,8 @@ def cases():
     c["fluct_deep_propagator"] = lambda: dmft.fluctuations(
         dmft.solve(tanh2, small, tr3, "mc", seed=0, samples=2048), method="deep-propagator",
         seed=0, samples=1024, kappa_samples=256, map_replicates=1)
-    # the default: independent sampled maps, errors with the map's noise (recorded 5 Dec 2026)
+    # the default: two pairs of independent sampled maps, the cross estimate with kappa from
+    # fresh samples (re-recorded 5 Dec 2026, session 22, when it replaced the plain form)
     c["fluct_deep_propagator_replicates"] = lambda: dmft.fluctuations(
         dmft.solve(tanh2, small, tr3, "mc", seed=0, samples=2048), method="deep-propagator",
         seed=0, samples=1024, kappa_samples=256)

@@ -82,16 +82,26 @@ def estimate_fluct(method, sol, opts):
         times = getattr(opts, "times", None)
         nt = T1 if times is None else len(set(int(t) % T1 for t in times))
         K = nt * (n + (n * (n + 1) // 2 if opts.ntk else 0))
-        fields = 8 * 23 * L * T1 * n * samples                # value buffers + graph
-        transient = min(64 * L * T1 * n * samples * 32, 1_500_000_000)
-        J = 8 * L * (4 * K * m * m + K * m) + 8 * 2 * K * m * m   # + kappa's symmetric J^pp, J^gg
-        kappa = 600 * 32 * K * m
+        # map_replicates >= 2: pairs of maps, both maps' graphs retained during the pair's
+        # kappa step, which asks for the adjoint rows one group of observables at a time (all
+        # predictions; then 32 rows of NTK entries at a time), the rows of both maps stacked
+        R = getattr(opts, "map_replicates", 1) or 1
+        pairs, Sm = R > 1, samples // R                       # one map's samples
+        nm = 2 if pairs else 1
+        G = max(nt * n, (32 // nm) if opts.ntk else 0)        # the largest group
+        fields = nm * 8 * 23 * L * T1 * n * Sm                # value buffers + graph
+        if pairs:
+            fields += 8 * 8 * L * T1 * n * 2 * ks // R        # a pair's fresh kappa samples
+        transient = min(64 * L * T1 * n * Sm * 32, 1_500_000_000)
+        # a group's rows, + one stacked key in cat and kappa's symmetric J^pp, J^gg
+        J = nm * (8 * L * (4 * G * m * m + G * m) + 8 * 3 * G * m * m)
+        kappa = 600 * 32 * nm * G * m
         work = fields + transient + J + kappa + 8 * 8 * L * m * m + torch_bytes
         startup = 5.0
         # measured 5 Dec 2026 (tanh, 8 + 4 points, 40 steps, 4096 samples, depth 2 / 3):
         # adjoint 165 / 188 s, kappa 89 / 157 s on two cores (benchmarks/README.md)
         units = 0.2 * K * L * T1 ** 2 * n ** 2 * samples + \
-            0.11 * K * L * T1 ** 2 * n ** 2 * ks
+            0.11 * K * L * T1 ** 2 * n ** 2 * ks * (2 if pairs else 1)
     else:
         return None
     return estimate("fluctuations", result, result + work, units,

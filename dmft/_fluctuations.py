@@ -146,6 +146,10 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
         ks = min(DEFAULT_KAPPA_SAMPLES if opts.kappa_samples is None else opts.kappa_samples,
                  samples)
         R = opts.map_replicates
+        if R > 1 and R % 2:
+            raise ValueError(f"map_replicates={R}: use 1 or an even number (pairs of "
+                             f"independent maps give the unbiased cross estimate), e.g. "
+                             f"map_replicates={R + 1}")
         if ks // R < 4 * opts.blocks:
             raise ValueError(f"kappa_samples={ks} is too small for blocks={opts.blocks} in each "
                              f"of map_replicates={R}; use at least {4 * opts.blocks * R} (or "
@@ -207,9 +211,17 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
         state.options.update(samples=int(samples), kappa_samples=int(ks),
                              residual=float(res["residual"]))
         state.options["map_replicates"] = int(R)
-        if res.get("map_noise_ratio") is not None:
-            state.options["map_noise_ratio"] = {k: float(v) for k, v in
-                                                res["map_noise_ratio"].items()}
+        for key in ("map_noise_ratio", "map_noise_bias"):
+            if res.get(key) is not None:
+                state.options[key] = {k: float(v) for k, v in res[key].items()}
+        if res.get("block") is not None:
+            # per pair of maps: kappa's batch-means estimates and delta (the maps' noise), so
+            # that sums of entries get errors: Var = mean_p(var_b / blocks + delta^2) / pairs
+            state.extras["pair_block_prediction_cov"] = res["block"]["pred_cov"]
+            state.extras["pair_delta_prediction_cov"] = res["delta"]["pred_cov"]
+            if opts.ntk:
+                state.extras["pair_block_ntk_var"] = res["block"]["ntk_var"]
+                state.extras["pair_delta_ntk_var"] = res["delta"]["ntk_var"]
         if res.get("fixed_point_gap") is not None:
             state.options["fixed_point_gap"] = {k: float(v) for k, v in
                                                 res["fixed_point_gap"].items()}
@@ -352,18 +364,29 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         when available).
     kappa_samples : int, optional
         ``"deep-propagator"`` only: samples (<= ``samples``) for the single-site covariance
-        kappa (default 8192; per-sample Jacobians and Hessians, the expensive part).
+        kappa, in total over the map pairs (default 8192; forward-mode derivatives of the
+        march along every observable's direction per sample, with the adjoint the expensive
+        part).
     map_replicates : int
-        ``"deep-propagator"`` only: independent sampled single-site maps (default 4), each
-        with ``samples / map_replicates`` map and ``kappa_samples / map_replicates`` kappa
-        samples (about the cost of one); the result is their mean, and the standard errors
-        include the map's own sampling noise, from the replicates' spread (the excess over
-        the batch-means errors, pooled over entries: ``options["map_noise_ratio"]``). With
-        ``map_replicates=1`` the errors are kappa's batch means only, a lower bound
-        (measured coverage: benchmarks/README.md). The errors do not cover the upward bias
-        O(1 / map samples per replicate) that the map's noise puts into the variances (a
-        quadratic form in the sampled adjoint rows): unresolved at n (T+1) = 21, ~+30 % for
-        the NTK's N Var at depth 3, n (T+1) = 492, 4096 map samples (docs/methods.rst).
+        ``"deep-propagator"`` only: 1 or an even number of independent sampled single-site
+        maps (default 4), each with ``samples / map_replicates`` map samples. With R >= 2 the
+        maps form R / 2 pairs, and each pair's estimate is the cross term
+        (J^a kappa J^b^T + J^b kappa J^a^T) / 2 of the two maps' adjoint rows, with kappa from
+        ``2 kappa_samples / R`` fresh samples: free of the upward bias O(1 / map samples)
+        that the maps' noise puts into a plain quadratic form J kappa J^T (~+30 % for the
+        NTK's N Var at depth 3, n (T+1) = 492, 4096 map samples; benchmarks/README.md). The
+        result is the mean over the pairs; the standard errors add the maps' noise (from half
+        the difference of each pair's two plain forms, pooled over entries:
+        ``options["map_noise_ratio"]``), and ``options["map_noise_bias"]`` reports the plain
+        estimate's relative excess that the cross term removed. ``map_replicates=1`` is one
+        map and the plain (biased) form, its errors kappa's batch means only, a lower bound.
+        The pairs cost about twice the plain kappa step at equal ``kappa_samples`` (each
+        sample is contracted with both maps' rows) and keep both maps' graphs in memory.
+        Errors of a sum of entries (e.g. the NTK's summed variance): from
+        ``extras["pair_block_ntk_var"]`` (pairs, blocks, T+1, n, n; each pair's batch-means
+        estimates) and ``extras["pair_delta_ntk_var"]`` (pairs, T+1, n, n), Var(sum) =
+        mean over pairs of (variance over blocks of the block sums / blocks + delta_sum^2),
+        divided by the number of pairs (likewise ``pair_*_prediction_cov``).
     progress : bool or None
         Progress bar (None: only on a terminal).
     memory_limit : float, optional

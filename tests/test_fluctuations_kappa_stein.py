@@ -100,7 +100,8 @@ def test_jvp_kappa_equals_hessian_kappa_on_the_same_samples(monkeypatch, act, de
     monkeypatch.setattr(dm, "_kappa_layer", both)
     _run(data, train, sol, act, depth, "hessian", samples=2048, kappa_samples=1024,
          blocks=32, seed=3, ntk=True)
-    assert len(rows) == depth
+    # every layer once per group of observables (the predictions; then the NTK entries)
+    assert len(rows) == 2 * depth
     for first, last, bh, bj in rows:
         ch, cj = bh.mean(0), bj.mean(0)
         scale = np.abs(ch).max()

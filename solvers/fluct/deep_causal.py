@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["causal_adjoint"]
+__all__ = ["AdjointRows", "causal_adjoint"]
 
 
 class _IncChol:
@@ -112,7 +112,8 @@ class _IncChol:
 
 def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_u, keep_r,
                    keep_rtr, groups, xi_u, xi_r, times, ntk=True, batch=32, logger=None,
-                   progress=None, transient_bytes=1_500_000_000):
+                   progress=None, transient_bytes=1_500_000_000, values_only=False,
+                   lazy=False):
     """Adjoint rows J (module docstring) of the observables at ``times``.
 
     Parameters
@@ -129,6 +130,12 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     batch : int
         Most observables per batched backward pass; fewer when one pass would hold more than
         ``transient_bytes`` of adjoint fields (about 64 L T1 n S bytes per observable).
+    lazy : bool
+        Return an :class:`AdjointRows` (rows of chosen observables on demand, the graph
+        retained) instead of the rows of every observable.
+    values_only : bool
+        Only the value pass: return ``(fields, gaps)`` of these sources (the fresh kappa
+        samples of :func:`solvers.fluct.deep_mc.deep_propagator`'s cross estimate), no graph.
 
     Returns
     -------
@@ -405,6 +412,8 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                        "z": V["z"][l].reshape(m, S), "u": V["u"][l].reshape(m, S).T.contiguous(),
                        "r": V["r"][l].reshape(m, S).T.contiguous(), "C": V["C"][l],
                        "D": V["D"][l]})
+    if values_only:
+        return fields, V["gaps"]
 
     # the noise leaves, one per row block (t, <= t): the gradient of a slice of an (m, m)
     # leaf would materialise an (m, m) array per use
@@ -427,35 +436,65 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                 K = K + Gl1 * out["PhiR"][l][t][:, t * n:(t + 1) * n]
             obs.append(K[iu[0], iu[1]])
     obs = torch.cat(obs)
-    Kobs = obs.numel()
     keys = ("pp", "gg", "f", "a", "b")
     leaves = [x for El in E for k in keys for x in El[k]]
     # the batched backward holds the adjoint of every field at every time per observable
     # (about 8 L T1 n S floats): observables per pass within ``transient_bytes``
     per_obs = 8 * 8 * L * T1 * n * S
-    batch = int(max(1, min(batch, transient_bytes // per_obs)))
-    eye = torch.eye(Kobs, dtype=dt)
-    J = [{k: torch.zeros((Kobs, m) if k == "f" else (Kobs, m, m), dtype=dt) for k in keys}
-         for _ in range(L)]
-    for lo in range(0, Kobs, batch):
-        hi = min(Kobs, lo + batch)
-        gr = torch.autograd.grad(obs, leaves, grad_outputs=eye[lo:hi], retain_graph=True,
-                                 allow_unused=True, is_grads_batched=True)
-        i = 0
-        for l in range(L):
-            for key in keys:
-                for t in range(T1):
-                    x = gr[i]
-                    i += 1
-                    if x is None:
-                        continue
-                    if key == "f":
-                        J[l][key][lo:hi, t * n:(t + 1) * n] = x
-                    else:
-                        J[l][key][lo:hi, t * n:(t + 1) * n, :(t + 1) * n] = x
-        if progress is not None:
-            progress(hi, Kobs, "adjoint")
-        if logger is not None:
-            logger.info("deep propagator (causal adjoint): observables %d-%d of %d", lo,
-                        hi - 1, Kobs)
-    return J, fields, Kobs, V["gaps"]
+    rows = AdjointRows(torch, obs, leaves, L, T1, n,
+                       int(max(1, min(batch, transient_bytes // per_obs))), logger, progress)
+    if lazy:
+        return rows, fields, rows.K, V["gaps"]
+    return rows.rows(range(rows.K)), fields, rows.K, V["gaps"]
+
+
+class AdjointRows:
+    """The adjoint rows of chosen observables, on demand, from one retained graph of the
+    causal recursion (:func:`causal_adjoint` with ``lazy=True``): the kappa step asks for them a
+    group of observables at a time, so only one group's rows (K_g, m, m) per layer is held."""
+
+    keys = ("pp", "gg", "f", "a", "b")
+
+    def __init__(self, torch, obs, leaves, L, T1, n, batch, logger=None, progress=None):
+        self.torch, self.obs, self.leaves = torch, obs, leaves
+        self.L, self.T1, self.n, self.batch = L, T1, n, batch
+        self.K = obs.numel()
+        self.logger, self.progress = logger, progress
+        self.done = 0                       # observables differentiated so far (progress)
+
+    def rows(self, idx):
+        """J for the observables ``idx``: list over layers of dicts ``pp``, ``gg``, ``a``,
+        ``b`` (len(idx), m, m) and ``f`` (len(idx), m)."""
+        torch, L, T1, n = self.torch, self.L, self.T1, self.n
+        idx = np.asarray(list(idx), dtype=np.int64)
+        m = T1 * n
+        dt = self.obs.dtype
+        k = idx.size
+        J = [{key: torch.zeros((k, m) if key == "f" else (k, m, m), dtype=dt)
+              for key in self.keys} for _ in range(L)]
+        for lo in range(0, k, self.batch):
+            hi = min(k, lo + self.batch)
+            eye = torch.zeros(hi - lo, self.K, dtype=dt)
+            eye[torch.arange(hi - lo), torch.as_tensor(idx[lo:hi])] = 1.0
+            gr = torch.autograd.grad(self.obs, self.leaves, grad_outputs=eye,
+                                     retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)
+            i = 0
+            for l in range(L):
+                for key in self.keys:
+                    for t in range(T1):
+                        x = gr[i]
+                        i += 1
+                        if x is None:
+                            continue
+                        if key == "f":
+                            J[l][key][lo:hi, t * n:(t + 1) * n] = x
+                        else:
+                            J[l][key][lo:hi, t * n:(t + 1) * n, :(t + 1) * n] = x
+            self.done += hi - lo
+            if self.progress is not None:
+                self.progress(min(self.done, self.K), self.K, "adjoint")
+            if self.logger is not None:
+                self.logger.info("deep propagator (causal adjoint): observables %d-%d of %d",
+                                 int(idx[lo]), int(idx[hi - 1]), self.K)
+        return J

@@ -58,7 +58,7 @@ from .deep_causal import causal_adjoint
 from .kappa_hessian import _kappa_layer
 from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
 
-__all__ = ["deep_propagator", "deep_propagator_once", "combine_replicates"]
+__all__ = ["deep_propagator", "deep_propagator_once", "combine_pairs", "pair_sum"]
 
 
 class _Factor:
@@ -86,79 +86,126 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     """Leading-order N Cov of the predictions (and N Var of NTK entries) of a deep network,
     with error bars that include the sampling noise of the map.
 
-    ``map_replicates`` = R >= 2 runs R independent propagators (:func:`deep_propagator_once`,
-    whose docstring lists the other parameters), each with its own ``samples / R`` map samples
-    and ``kappa_samples / R`` kappa samples (about the cost of one run at ``samples``: both
-    steps are linear in the samples), and returns their mean. One run's batch means see only
-    kappa's sampling; the map (the adjoint rows J from the sampled single-site map) is noisy
-    too, and at depth 3 about as much (benchmarks/README.md, coverage over seeds). Per entry
-    i, with m_i the mean over replicates of the squared batch-means error and s_i^2 the
-    replicates' sample variance, the excess ratio rho = max(0, mean_i(s_i^2 / m_i) - 1)
-    (pooled over the entries of the predictions, and separately of the NTK: R - 1 degrees of
-    freedom per entry are too few alone) gives the standard error of the mean
-    sqrt(m_i (1 + rho) / R). ``rho`` per group is returned in ``map_noise_ratio``. R = 1 is
-    one run, its error bar kappa's only (a lower bound). ``progress(done, total, what)`` gets
-    one monotone fraction over the whole computation (each replicate's adjoint, then its kappa).
+    The estimand is N Cov(o_i, o_j) = J_i kappa J_j^T (module docstring), with the adjoint rows
+    J from the sampled single-site map. Sampled rows J = J_bar + dJ make the quadratic form
+    biased: E[J kappa J^T] = J_bar kappa J_bar^T + E[dJ kappa dJ^T], an upward bias of order
+    (noisy directions) / (map samples): unresolved at n (T + 1) = 21, ~+30 % for the NTK's
+    N Var at depth 3, n (T + 1) = 492, 4096 map samples (benchmarks/README.md).
+
+    ``map_replicates`` = R, even: R / 2 pairs of independent maps (seeds of their own, each
+    with ``samples / R`` map samples). For each pair, kappa is sampled once from
+    ``2 kappa_samples / R`` fresh samples (a value pass with a seed of its own, independent of
+    both maps) with the rows of both maps stacked, and the pair's estimate is the cross term
+    (J^a kappa J^b^T + J^b kappa J^a^T) / 2: its expectation is J_bar kappa J_bar^T, since
+    dJ^a, dJ^b and kappa's noise are independent with mean zero (up to the O(1 / samples)
+    bias of J itself, which is first order in no noise and not quadratic in the number of
+    directions). The result is the mean over the pairs. Its error: per entry, the pair's
+    batch means se_p (kappa's noise) plus the map's noise, whose variance in the cross term is
+    estimated by delta_p^2, delta_p = (J^a kappa J^a^T - J^b kappa J^b^T) / 2 (to first order
+    in dJ: J_bar kappa (dJ^a - dJ^b)^T, the same variance as the cross term's
+    J_bar kappa (dJ^a + dJ^b)^T and uncorrelated with it). Pooled over the entries of the
+    predictions (and separately of the NTK), rho = mean_i(mean_p delta_p,i^2 / mean_p
+    se_p,i^2) gives the standard error sqrt(mean_p se_p,i^2 (1 + rho) / pairs); rho per group
+    is returned in ``map_noise_ratio``, and the relative bias of the plain estimate that the
+    cross term removes, (sum of the plain variances - sum of the cross ones) / the latter,
+    in ``map_noise_bias``. Cost: each replicate's adjoint as before; kappa with twice the rows
+    (about twice the plain estimate's kappa step at equal ``kappa_samples``); memory: the
+    first map's rows are held while the second's are computed.
+
+    R = 1 is one map and the plain quadratic form (biased as above), its error bar kappa's
+    batch means only (a lower bound). ``progress(done, total, what)`` gets one monotone
+    fraction over the whole computation.
     """
     R = int(map_replicates)
     if R < 1:
         raise ValueError(f"map_replicates={map_replicates!r}: use an integer >= 1")
+    if R > 1 and R % 2:
+        raise ValueError(f"map_replicates={R}: use 1 or an even number (pairs of independent "
+                         f"maps give the unbiased cross estimate), e.g. {R + 1}")
     if R == 1:
-        seeds, Sr, Kr = [seed], samples, kappa_samples
-    else:
-        ss = seed if isinstance(seed, np.random.SeedSequence) else \
-            np.random.SeedSequence(seed)
-        seeds, Sr = ss.spawn(R), int(samples) // R
-        Kr = None if kappa_samples is None else \
-            max(1, min(int(kappa_samples), int(samples)) // R)
+        return deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps,
+                                    samples=samples, seed=seed, kappa_samples=kappa_samples,
+                                    progress=progress, logger=logger, **kw)
+    ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    seeds, Sr, npair = ss.spawn(R), int(samples) // R, R // 2
+    Kp = 2 * Sr if kappa_samples is None else max(2, int(kappa_samples) // npair)
     outs = []
-    for r, sr in enumerate(seeds):
-        # ``progress(done, total, what)`` sees one monotone fraction over the replicates:
-        # the adjoint then kappa of each, half and half
-        tick = None if progress is None else \
-            (lambda d, tot, what, r=r: progress(
-                int(1e6 * (r + 0.5 * (what == "kappa") + 0.5 * d / tot) / R), 1_000_000,
-                what if R == 1 else f"map {r + 1}/{R}: {what}"))
-        if logger is not None and R > 1:
-            logger.info("deep propagator: map replicate %d/%d (%d map samples)", r + 1, R, Sr)
-        o = deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, samples=Sr,
-                                 seed=sr, kappa_samples=Kr, progress=tick, logger=logger, **kw)
-        if R == 1 or not np.isfinite(o["residual"]) or not np.any(np.isfinite(o["pred_cov"])):
-            return o                      # one run, or a failed replicate: the caller reports it
-        outs.append(o)
-    return combine_replicates(outs)
+    for p in range(npair):
+        def tick(d, tot, what, p=p):
+            if progress is not None:
+                progress(int(1e6 * (p + d / tot) / npair), 1_000_000,
+                         f"pair {p + 1}/{npair}: {what}")
+        if logger is not None:
+            logger.info("deep propagator: maps %d, %d of %d (%d map samples each), then kappa "
+                        "from %d fresh samples", 2 * p + 1, 2 * p + 2, R, Sr, Kp)
+        # the first map's graph is kept (its rows are asked for by groups of observables
+        # during the pair's kappa step, beside the second map's)
+        oa = deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, samples=Sr,
+                                  seed=seeds[2 * p], rows_only=True, logger=logger, **kw)
+        if "rows" not in oa:
+            return oa                     # a failed map: the caller reports it
+        ob = deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, samples=Sr,
+                                  seed=seeds[2 * p + 1], kappa_samples=Kp, hold=oa["rows"],
+                                  progress=tick, logger=logger, **kw)
+        ob["residual"] = max(ob["residual"], oa["residual"])
+        if oa["fixed_point_gap"] is not None and ob["fixed_point_gap"] is not None:
+            ob["fixed_point_gap"] = {k: max(v, oa["fixed_point_gap"][k])
+                                     for k, v in ob["fixed_point_gap"].items()}
+        del oa
+        if not np.isfinite(ob["residual"]) or not np.any(np.isfinite(ob["pred_cov"])):
+            return ob
+        outs.append(ob)
+    return combine_pairs(outs)
 
 
-def _excess_ratio(x, se):
-    """Pooled excess ratio rho of :func:`deep_propagator` from replicate estimates x (R, ...)
-    and their batch-means errors se (R, ...), over the finite entries with se > 0."""
-    s2 = np.var(x, axis=0, ddof=1)
-    m = np.mean(se * se, axis=0)
-    ok = np.isfinite(s2) & np.isfinite(m) & (m > 0)
-    if not np.any(ok):
-        return 0.0
-    return float(max(0.0, np.mean(s2[ok] / m[ok]) - 1.0))
+def pair_sum(fl, key, t, sel):
+    """A sum of the entries ``sel`` (boolean (n, n)) of ``fl.<key>[t]`` (``key``:
+    ``"prediction_cov"`` or ``"ntk_var"``) of a ``dmft.fluctuations`` result of the deep
+    propagator with pairs of maps, and its standard error: Var = mean over pairs of (variance
+    over kappa's batch-means blocks of the block sums / blocks + delta_sum^2), divided by the
+    number of pairs (:func:`deep_propagator`; the extras ``pair_block_<key>``,
+    ``pair_delta_<key>``)."""
+    blk = fl.extras[f"pair_block_{key}"][:, :, t][..., sel].sum(-1)       # (pairs, blocks)
+    dl = fl.extras[f"pair_delta_{key}"][:, t][..., sel].sum(-1)            # (pairs,)
+    pairs, blocks = blk.shape
+    var = np.mean(blk.var(axis=1, ddof=1) / blocks + dl ** 2) / pairs
+    return float(getattr(fl, key)[t][sel].sum()), float(np.sqrt(var))
 
 
-def combine_replicates(outs):
-    """Mean of independent :func:`deep_propagator_once` results and standard errors that
-    include the map's noise (:func:`deep_propagator`)."""
-    R = len(outs)
+def combine_pairs(outs):
+    """Mean of the cross estimates of independent pairs of maps, with standard errors that
+    include the maps' noise, and the plain estimate's bias (:func:`deep_propagator`)."""
+    P = len(outs)
     res = {"cov": np.mean([o["cov"] for o in outs], axis=0),
-           "residual": max(o["residual"] for o in outs), "map_noise_ratio": {}}
+           "residual": max(o["residual"] for o in outs), "map_noise_ratio": {},
+           "map_noise_bias": {}}
     for key, se_key, name in (("pred_cov", "pred_cov_se", "predictions"),
                               ("ntk_var", "ntk_var_se", "ntk")):
         if outs[0][key] is None:
             res[key] = res[se_key] = None
             continue
         x = np.stack([o[key] for o in outs])
-        se = np.stack([o[se_key] for o in outs])
-        n = x.shape[-1]
-        iu = np.triu_indices(n)
-        rho = _excess_ratio(x[..., iu[0], iu[1]], se[..., iu[0], iu[1]])
+        m = np.mean(np.stack([o[se_key] for o in outs]) ** 2, axis=0)
+        v = np.mean(np.stack([o["delta"][key] for o in outs]) ** 2, axis=0)
+        iu = np.triu_indices(x.shape[-1])
+        mu, vu = m[..., iu[0], iu[1]], v[..., iu[0], iu[1]]
+        ok = np.isfinite(mu) & np.isfinite(vu) & (mu > 0)
+        rho = float(np.mean(vu[ok] / mu[ok])) if np.any(ok) else 0.0
         res[key] = x.mean(axis=0)
-        res[se_key] = np.sqrt(np.mean(se * se, axis=0) * (1.0 + rho) / R)
+        res[se_key] = np.sqrt(m * (1.0 + rho) / P)
         res["map_noise_ratio"][name] = rho
+        # the variances (diagonal of the predictions' covariance; every NTK entry)
+        plain = np.mean([o["plain"][key] for o in outs], axis=0)
+        diag = (np.eye(x.shape[-1], dtype=bool)[None] if key == "pred_cov" else
+                np.ones(x.shape[1:], dtype=bool)) & np.isfinite(res[key])
+        tot = float(np.sum(res[key][diag]))
+        res["map_noise_bias"][name] = float(np.sum(plain[diag]) - tot) / tot if tot else 0.0
+    # per pair: kappa's per-block estimates and delta, for the errors of sums of entries
+    for part in ("block", "delta"):
+        if part in outs[0]:
+            res[part] = {key: None if outs[0][part][key] is None else
+                         np.stack([o[part][key] for o in outs])
+                         for key in ("pred_cov", "ntk_var")}
     gaps = [o.get("fixed_point_gap") for o in outs]
     res["fixed_point_gap"] = (None if gaps[0] is None else
                               {k: max(gp[k] for gp in gaps) for k in gaps[0]})
@@ -169,7 +216,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                          center=False, ntk=True, samples=16384, seed=0, rtol=1e-2, blocks=8,
                          batch=32, iters=None, chunk=32, kappa_samples=None, tol=1e-12,
                          kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
-                         progress=None, logger=None):
+                         kappa_group=32, hold=None, rows_only=False, progress=None,
+                         logger=None):
     """One propagator run: leading-order N Cov of the predictions (and N Var of NTK entries)
     of a deep network, its standard errors kappa's batch means only.
 
@@ -226,6 +274,22 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         grows as 1/(smallest kept innovation) and is useless for near-degenerate kernels
         (measured there); "hessian" from per-sample Jacobians and Hessians of the march
         (:mod:`solvers.fluct.kappa_hessian`: (chunk, m, m, m) per layer, small m only).
+    kappa_group : int
+        Rows per kappa pass for the NTK entries (a pair's two maps count twice: 16 entries):
+        their rows are held one group at a time; the predictions, whose full covariance is
+        returned, form one group of their own.
+    rows_only : bool
+        Stop after the value and graph passes: return ``rows`` (the adjoint rows J on demand,
+        :class:`solvers.fluct.deep_causal.AdjointRows`, its graph retained) with ``residual``
+        and ``fixed_point_gap``, no kappa step (the first map of a pair, :func:`deep_propagator`).
+    hold : AdjointRows, optional
+        The ``rows`` of an independent map of the same problem (its other seed). Then kappa is
+        sampled from ``kappa_samples`` fresh samples (independent of both maps: a value pass
+        with a seed of its own) with the rows of both maps, and the result is the cross
+        estimate J_hold kappa J^T (symmetrised), free of the map noise's quadratic bias, plus
+        ``plain`` (the mean of the two maps' own quadratic forms, the biased estimate) and
+        ``delta`` (half their difference, whose square estimates the map noise's variance of
+        the cross estimate), each a dict with ``pred_cov`` and ``ntk_var``.
     progress : callable, optional
         Called with ``(done, total, what)`` after each adjoint iteration and kappa chunk.
     logger : logging.Logger, optional
@@ -298,19 +362,23 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     # antithetic pairs (u, r), (u, -r): the parts of phi even in r and of g odd in r (the
     # dominant ones) cancel in the Stein responses of the map, whose noise sets the error of
     # the linearisation (measurements: benchmarks/README.md)
+    def draw(rngs, S):
+        """(S, k) standard normals of the kept innovations per layer, in antithetic pairs."""
+        half = S // 2
+        xu = [T(np.repeat(rngs[2 * l].standard_normal((half, len(keep_u[l]))), 2, axis=0))
+              for l in range(L)]
+        xr = []
+        for l in range(L):
+            e = rngs[2 * l + 1].standard_normal((half, len(keep_r[l])))
+            xr.append(T(np.stack([e, -e], axis=1).reshape(S, -1)))
+        return xu, xr
+
     S -= S % 2
-    half = S // 2
-    xi_u = [T(np.repeat(rngs[2 * l].standard_normal((half, len(keep_u[l]))), 2, axis=0))
-            for l in range(L)]
-    xi_r = []
-    for l in range(L):
-        e = rngs[2 * l + 1].standard_normal((half, len(keep_r[l])))
-        xi_r.append(T(np.stack([e, -e], axis=1).reshape(S, -1)))
+    xi_u, xi_r = draw(rngs, S)
 
     act = _activation(torch, activation)
     yv = T(y)
     kx_t = T(kx_flat)
-    idx_t = np.arange(T1)
 
     def march(u, r, C, D):
         """Fields (m, S) time-major; C may have (noise-only) equal-time blocks, handled to
@@ -436,7 +504,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                 torch, act=act, kx=kx, y=y, L=L, gamma0=gamma0, lr=lr, T1=T1, n=n,
                 center=center, q0=q0, keep_u=keep_u, keep_r=keep_r, keep_rtr=keep_rtr,
                 groups=groups, xi_u=xi_u, xi_r=xi_r, times=times, ntk=ntk, batch=batch,
-                logger=logger, progress=progress)
+                logger=logger, lazy=True)
             for l in range(L):
                 fields[l].update({"xi_u": xi_u[l], "xi_r": xi_r[l],
                                   "Ku": T(Ku[l]), "Kr": T(Kr[l])})
@@ -496,7 +564,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                     if not np.isfinite(change):
                         break
                     if progress is not None:
-                        progress(lo // batch * iters + k + 1, nbatch * iters, "adjoint")
+                        progress(int(5e5 * (lo // batch * iters + k + 1) / (nbatch * iters)),
+                                 1_000_000, "adjoint")
                     if change < tol:
                         break
                 if not (change < 1e-3):
@@ -520,60 +589,166 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                         Jall[key].append((l, lo, x.detach() if x is not None else
                                           torch.zeros(shape, dtype=dt)))
             # assemble J per layer: (K, ...) arrays
-            J = [{key: torch.cat([x for (ll, lo, x) in Jall[key] if ll == l], 0)
-                  for key in Jall} for l in range(L)]
+            J = _FullRows([{key: torch.cat([x for (ll, lo, x) in Jall[key] if ll == l], 0)
+                            for key in Jall} for l in range(L)], K)
+        if rows_only:
+            return {"rows": J, "residual": residual,
+                    "fixed_point_gap": gaps if adjoint == "causal" else None}
         # kappa contracted with the J's, from per-sample derivatives (module docstring);
         # its work is GEMMs with the (K, m, m) adjoint rows, which use every thread (measured:
         # 2 threads 1.9x faster than 1 at m = 492, K = 90; the adjoint's small ops are not)
         torch.set_num_threads(nthreads)
-        Sk = S if kappa_samples is None else min(S, int(kappa_samples))
-        edges = np.linspace(0, Sk, blocks + 1).astype(int)
-        cov = np.zeros((K, K))
-        bc = np.zeros((blocks, K, K))
-        kseeds = ss.spawn(L)          # Hutchinson probes of kappa='jvp'
-        for l in range(L):
-            tick = None if progress is None else \
-                (lambda d, l=l: progress(l * Sk + d, L * Sk, "kappa"))
+        if hold is None:
+            Sk = S if kappa_samples is None else min(S, int(kappa_samples))
+        else:
+            # the cross estimate: kappa from fresh samples, independent of both maps' rows
+            Sk = S if kappa_samples is None else int(kappa_samples)
+            Sk -= Sk % 2
+            krngs = [np.random.default_rng(c) for c in ss.spawn(2 * L)]
+            xu_k, xr_k = draw(krngs, Sk)
+            torch.set_num_threads(1)
             with torch.no_grad():
-                if kappa == "jvp":
-                    mom = jvp_kappa_layer(torch, fields[l], J[l], l == 0, l == L - 1, edges,
-                                          chunk, gamma0=gamma0, act=act, T1=T1, n=n,
-                                          seed=kseeds[l], progress=tick)
-                elif kappa == "stein":
-                    mom = stein_kappa_layer(
-                        torch, fields[l], J[l], l == 0, l == L - 1, edges, chunk,
-                        keep_u=keep_u[l], keep_r=keep_r[l], progress=tick)
-                else:
-                    mom = _kappa_layer(torch, fields[l], J[l], l == 0, l == L - 1, edges,
-                                       chunk, gamma0, act, T1, n, tick)
+                fields, _ = causal_adjoint(
+                    torch, act=act, kx=kx, y=y, L=L, gamma0=gamma0, lr=lr, T1=T1, n=n,
+                    center=center, q0=q0, keep_u=keep_u, keep_r=keep_r, keep_rtr=keep_rtr,
+                    groups=groups, xi_u=xu_k, xi_r=xr_k, times=times, ntk=ntk,
+                    values_only=True)
+            torch.set_num_threads(nthreads)
+            for l in range(L):
+                fields[l].update({"xi_u": xu_k[l], "xi_r": xr_k[l],
+                                  "Ku": T(Ku[l]), "Kr": T(Kr[l])})
+        maps = [J] if hold is None else [hold, J]
+        edges = np.linspace(0, Sk, blocks + 1).astype(int)
+        kseeds = ss.spawn(L)          # Hutchinson probes of kappa='jvp' (the same per group)
+        # The results need the predictions' full covariance block but only the NTK entries'
+        # variances: kappa runs over groups of observables (all predictions; then NTK entries
+        # kappa_group at a time, only their diagonal kept), each group's adjoint rows asked
+        # for when its turn comes, so one group's rows are held at a time, not all K.
+        nf = len(times) * n
+        gsize = max(1, int(kappa_group) // (1 if hold is None else 2))
+        kgroups = [np.arange(nf)] + [np.arange(lo, min(K, lo + gsize))
+                                     for lo in range(nf, K, gsize)]
+        kgroups = [gi for gi in kgroups if gi.size]
+        nm = len(maps)
+        # per map pair (a, b) of the stacked rows: the predictions' covariance block and the
+        # variances of every observable (those of the NTK entries are used), with the
+        # per-block estimates of both (batch means)
+        cov = {(i, j): {"f": np.zeros((nf, nf)), "v": np.zeros(K), "bf": np.zeros(
+            (blocks, nf, nf)), "bv": np.zeros((blocks, K))} for i in range(nm)
+            for j in range(i, nm)}
+        kdone = [0]
+        ktotal = L * Sk * len(kgroups)
+
+        def report(what):
+            if progress is not None:
+                adj = sum(mp.done for mp in maps) / (nm * K)
+                progress(int(5e5 * (adj + kdone[0] / ktotal)), 1_000_000, what)
+
+        for mp in maps:
+            mp.progress = lambda d, tot, what: report("adjoint")
+        for gi, idx in enumerate(kgroups):
+            G = idx.size
+            rows = [mp.rows(idx) for mp in maps]
+            c = np.zeros((nm * G, nm * G))
+            bc = np.zeros((blocks, nm * G, nm * G))
+            for l in range(L):
+                def tick(d, l=l, gi=gi):
+                    kdone[0] = (gi * L + l) * Sk + d
+                    report("kappa")
+                # the maps' rows of this layer stacked (the per-map copies freed as we go)
+                Jl = {key: torch.cat([r[l].pop(key) for r in rows]) for key in list(rows[0][l])}
+                with torch.no_grad():
+                    if kappa == "jvp":
+                        mom = jvp_kappa_layer(torch, fields[l], Jl, l == 0, l == L - 1, edges,
+                                              chunk, gamma0=gamma0, act=act, T1=T1, n=n,
+                                              seed=kseeds[l], progress=tick)
+                    elif kappa == "stein":
+                        mom = stein_kappa_layer(
+                            torch, fields[l], Jl, l == 0, l == L - 1, edges, chunk,
+                            keep_u=keep_u[l], keep_r=keep_r[l], progress=tick)
+                    else:
+                        mom = _kappa_layer(torch, fields[l], Jl, l == 0, l == L - 1, edges,
+                                           chunk, gamma0, act, T1, n, tick)
+                del Jl
+                for b in range(blocks):
+                    cnt = edges[b + 1] - edges[b]
+                    m1, m2 = mom["m1"][b] / cnt, mom["m2"][b] / cnt
+                    bc[b] += (m2 - np.outer(m1, m1)) * cnt / (cnt - 1)
+                m1 = sum(mom["m1"]) / Sk
+                m2 = sum(mom["m2"]) / Sk
+                c += (m2 - np.outer(m1, m1)) * Sk / (Sk - 1)
+            del rows
             if logger is not None:
-                logger.info("deep propagator: kappa of layer %d/%d from %d samples (%.1f s)",
-                            l + 1, L, Sk, clock() - t_start)
-            for b in range(blocks):
-                cnt = edges[b + 1] - edges[b]
-                m1, m2 = mom["m1"][b] / cnt, mom["m2"][b] / cnt
-                bc[b] += (m2 - np.outer(m1, m1)) * cnt / (cnt - 1)
-            m1 = sum(mom["m1"]) / Sk
-            m2 = sum(mom["m2"]) / Sk
-            cov += (m2 - np.outer(m1, m1)) * Sk / (Sk - 1)
-        cov_se = bc.std(axis=0, ddof=1) / np.sqrt(blocks)
+                logger.info("deep propagator: kappa of observables %d-%d of %d (%d layers, %d "
+                            "samples, %d map(s)) (%.1f s)", idx[0], idx[-1], K, L, Sk, nm,
+                            clock() - t_start)
+            for (i, j) in cov:
+                blk = c[i * G:(i + 1) * G, j * G:(j + 1) * G]
+                bb = bc[:, i * G:(i + 1) * G, j * G:(j + 1) * G]
+                if i != j:          # the cross term, symmetrised
+                    blk = 0.5 * (blk + blk.T)
+                    bb = 0.5 * (bb + bb.transpose(0, 2, 1))
+                if gi == 0:         # the predictions: the full block
+                    cov[(i, j)]["f"][...] = blk
+                    cov[(i, j)]["bf"][...] = bb
+                cov[(i, j)]["v"][idx] = np.diag(blk)
+                cov[(i, j)]["bv"][:, idx] = np.diagonal(bb, axis1=1, axis2=2)
+
+        def se(x):
+            return x.std(axis=0, ddof=1) / np.sqrt(blocks)
+
+        if hold is None:
+            c = cov[(0, 0)]
+            res = _assemble(c["f"], se(c["bf"]), c["v"], se(c["bv"]), times, T1, n, ntk)
+        else:
+            c, a, b = cov[(0, 1)], cov[(0, 0)], cov[(1, 1)]
+            res = _assemble(c["f"], se(c["bf"]), c["v"], se(c["bv"]), times, T1, n, ntk)
+            for name, sign in (("plain", 1.0), ("delta", -1.0)):
+                part = _assemble(0.5 * (a["f"] + sign * b["f"]), np.zeros((nf, nf)),
+                                 0.5 * (a["v"] + sign * b["v"]), np.zeros(K), times, T1, n, ntk)
+                res[name] = {"pred_cov": part["pred_cov"], "ntk_var": part["ntk_var"]}
+            # the cross term's per-block estimates (kappa's batch means of any sum of entries)
+            parts = [_assemble(c["bf"][i], np.zeros((nf, nf)), c["bv"][i], np.zeros(K),
+                               times, T1, n, ntk) for i in range(blocks)]
+            res["block"] = {"pred_cov": np.stack([q["pred_cov"] for q in parts]),
+                            "ntk_var": np.stack([q["ntk_var"] for q in parts]) if ntk else None}
     finally:
         torch.set_num_threads(nthreads)
-    # observables: f at ``times`` (n each), then the NTK's upper triangle at ``times``
+    res.update(residual=residual, fixed_point_gap=gaps if adjoint == "causal" else None)
+    return res
+
+
+class _FullRows:
+    """The iterated adjoint's rows of every observable, served like
+    :class:`solvers.fluct.deep_causal.AdjointRows` (by groups of observables)."""
+
+    def __init__(self, J, K):
+        self.J, self.K, self.done, self.progress = J, K, K, None
+
+    def rows(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        return [{key: x[idx] for key, x in Jl.items()} for Jl in self.J]
+
+
+def _assemble(fcov, fcov_se, v, v_se, times, T1, n, ntk):
+    """Result arrays from the (nf, nf) covariance block of the predictions at ``times`` (n
+    each, time-major), the (K,) variances of every observable (the NTK's upper triangle at
+    ``times`` after the predictions) and their standard errors."""
+    tsel = np.asarray(times, dtype=np.int64)
+    idx_t = np.arange(T1)
     nt = len(times)
     nf = nt * n
     cf = np.full((T1, T1, n, n), np.nan)
     cf_se = np.full((T1, T1, n, n), np.nan)
-    cf[np.ix_(tsel, tsel)] = cov[:nf, :nf].reshape(nt, n, nt, n).transpose(0, 2, 1, 3)
-    cf_se[np.ix_(tsel, tsel)] = cov_se[:nf, :nf].reshape(nt, n, nt, n).transpose(0, 2, 1, 3)
+    cf[np.ix_(tsel, tsel)] = fcov.reshape(nt, n, nt, n).transpose(0, 2, 1, 3)
+    cf_se[np.ix_(tsel, tsel)] = fcov_se.reshape(nt, n, nt, n).transpose(0, 2, 1, 3)
     res = {"cov": cf, "pred_cov": np.ascontiguousarray(cf[idx_t, idx_t]),
            "pred_cov_se": np.ascontiguousarray(cf_se[idx_t, idx_t]),
-           "residual": residual, "ntk_var": None, "ntk_var_se": None,
-           "fixed_point_gap": gaps if adjoint == "causal" else None}
+           "ntk_var": None, "ntk_var_se": None}
     if ntk:
         iu = np.triu_indices(n)
-        v = np.diag(cov)[nf:].reshape(nt, iu[0].size)
-        vs = np.diag(cov_se)[nf:].reshape(nt, iu[0].size)
+        v = v[nf:].reshape(nt, iu[0].size)
+        vs = v_se[nf:].reshape(nt, iu[0].size)
         var = np.full((T1, n, n), np.nan)
         vse = np.full((T1, n, n), np.nan)
         for j, t in enumerate(times):
