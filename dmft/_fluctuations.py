@@ -372,9 +372,10 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         maps (default 4), each with ``samples / map_replicates`` map samples. With R >= 2 the
         maps form R / 2 pairs, and each pair's estimate is the cross term
         (J^a kappa J^b^T + J^b kappa J^a^T) / 2 of the two maps' adjoint rows, with kappa from
-        ``2 kappa_samples / R`` fresh samples: free of the upward bias O(1 / map samples)
-        that the maps' noise puts into a plain quadratic form J kappa J^T (~+30 % for the
-        NTK's N Var at depth 3, n (T+1) = 492, 4096 map samples; benchmarks/README.md). The
+        ``2 kappa_samples / R`` fresh samples: free of the upward bias that the maps' noise
+        puts into a plain quadratic form J kappa J^T (for the NTK's N Var at depth 3, n (T+1)
+        = 492: +8 % at 4096 and +37 % at 2048 map samples, and +33 % in all at 4096 when
+        kappa came from the map's own samples; benchmarks/README.md). The
         result is the mean over the pairs; the standard errors add the maps' noise (from half
         the difference of each pair's two plain forms, pooled over entries:
         ``options["map_noise_ratio"]``), and ``options["map_noise_bias"]`` reports the plain

@@ -273,9 +273,10 @@ def test_pairs_of_maps_remove_the_map_noise_bias_against_networks():
     (``map_noise_bias``) are above their cross term by more than 3 of its standard errors
     on VK.
 
-    Measured (5 Dec 2026, 2-core machine): propagator 576 s, 4.4 GB peak; Vf 3.363, VK 2773
-    (entry errors in quadrature 0.16 / 209); map_noise_bias +6 % / +37.5 %; networks (1024
-    seeds per width) Vf 3.331 +- 0.12, VK 2981 +- 82 (benchmarks/README.md)."""
+    Measured (5 Dec 2026, 2-core machine; the test passed in 613 s): propagator 576 s, 4.4 GB
+    peak; Vf 3.363, VK 2773 (entry errors in quadrature 0.16 / 209); map_noise_bias +6 % /
+    +37.5 %; these networks (512 seeds per width) Vf 3.41 +- 0.18, VK 2885 +- 110 (1024
+    seeds: 3.331 +- 0.12, 2981 +- 82; benchmarks/README.md)."""
     from dmft.config import teacher_student
     from solvers.fluct.deep_mc import pair_sum
     data = teacher_student(P=8, Q=4, D=10, seed=0)

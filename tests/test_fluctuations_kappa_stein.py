@@ -100,9 +100,16 @@ def test_jvp_kappa_equals_hessian_kappa_on_the_same_samples(monkeypatch, act, de
     monkeypatch.setattr(dm, "_kappa_layer", both)
     _run(data, train, sol, act, depth, "hessian", samples=2048, kappa_samples=1024,
          blocks=32, seed=3, ntk=True)
-    # every layer once per group of observables (the predictions; then the NTK entries)
+    # every layer once per group of observables (the predictions; then the NTK entries):
+    # each layer's checks pool the entries of both groups (blocks, entries)
     assert len(rows) == 2 * depth
-    for first, last, bh, bj in rows:
+    layers = []
+    for l in range(depth):
+        parts = rows[l::depth]
+        layers.append((parts[0][0], parts[0][1],
+                       np.concatenate([p[2].reshape(len(p[2]), -1) for p in parts], 1),
+                       np.concatenate([p[3].reshape(len(p[3]), -1) for p in parts], 1)))
+    for first, last, bh, bj in layers:
         ch, cj = bh.mean(0), bj.mean(0)
         scale = np.abs(ch).max()
         nz = np.abs(ch) > 1e-6 * scale

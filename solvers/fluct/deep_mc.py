@@ -88,9 +88,11 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
 
     The estimand is N Cov(o_i, o_j) = J_i kappa J_j^T (module docstring), with the adjoint rows
     J from the sampled single-site map. Sampled rows J = J_bar + dJ make the quadratic form
-    biased: E[J kappa J^T] = J_bar kappa J_bar^T + E[dJ kappa dJ^T], an upward bias of order
-    (noisy directions) / (map samples): unresolved at n (T + 1) = 21, ~+30 % for the NTK's
-    N Var at depth 3, n (T + 1) = 492, 4096 map samples (benchmarks/README.md).
+    biased: E[J kappa J^T] = J_bar kappa J_bar^T + E[dJ kappa dJ^T], an upward bias that
+    grows with the noisy directions and falls with the map samples: ~0.1 % at n (T + 1) = 21,
+    +8 % (4096 map samples) and +37 % (2048) for the NTK's N Var at depth 3, n (T + 1) = 492;
+    sampling kappa from the map's own samples (the one-map form below) correlates the two and
+    added more there (+33 % in all at 4096; benchmarks/README.md).
 
     ``map_replicates`` = R, even: R / 2 pairs of independent maps (seeds of their own, each
     with ``samples / R`` map samples). For each pair, kappa is sampled once from
@@ -98,8 +100,9 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     both maps) with the rows of both maps stacked, and the pair's estimate is the cross term
     (J^a kappa J^b^T + J^b kappa J^a^T) / 2: its expectation is J_bar kappa J_bar^T, since
     dJ^a, dJ^b and kappa's noise are independent with mean zero (up to the O(1 / samples)
-    bias of J itself, which is first order in no noise and not quadratic in the number of
-    directions). The result is the mean over the pairs. Its error: per entry, the pair's
+    bias of J itself, a nonlinear function of the map's samples: not measured separately;
+    the comparisons with networks in benchmarks/README.md bound it). The result is the mean
+    over the pairs. Its error: per entry, the pair's
     batch means se_p (kappa's noise) plus the map's noise, whose variance in the cross term is
     estimated by delta_p^2, delta_p = (J^a kappa J^a^T - J^b kappa J^b^T) / 2 (to first order
     in dJ: J_bar kappa (dJ^a - dJ^b)^T, the same variance as the cross term's
@@ -108,9 +111,9 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     se_p,i^2) gives the standard error sqrt(mean_p se_p,i^2 (1 + rho) / pairs); rho per group
     is returned in ``map_noise_ratio``, and the relative bias of the plain estimate that the
     cross term removes, (sum of the plain variances - sum of the cross ones) / the latter,
-    in ``map_noise_bias``. Cost: each replicate's adjoint as before; kappa with twice the rows
-    (about twice the plain estimate's kappa step at equal ``kappa_samples``); memory: the
-    first map's rows are held while the second's are computed.
+    in ``map_noise_bias``. Cost: each map's adjoint as before; kappa with twice the rows
+    (~2.4x the plain form's kappa step at equal ``kappa_samples``); memory: both maps' graphs
+    are retained, and the kappa step asks them for one group of observables' rows at a time.
 
     R = 1 is one map and the plain quadratic form (biased as above), its error bar kappa's
     batch means only (a lower bound). ``progress(done, total, what)`` gets one monotone
@@ -232,8 +235,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     ntk : bool
         Also N Var of the equal-time NTK entries.
     samples : int
-        Single-site samples per layer (the map and kappa); ``blocks`` batch means give the
-        standard error of kappa's sampling (the map's own sampling error is not included:
+        Single-site samples per layer of the map (and of kappa, unless ``hold``); ``blocks``
+        batch means give the standard error of kappa's sampling (the map's own sampling error is not included:
         :func:`deep_propagator` with ``map_replicates`` >= 2 adds it).
     seed : int or SeedSequence.
     rtol : float
