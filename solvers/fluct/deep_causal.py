@@ -436,8 +436,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                 K = K + Gl1 * out["PhiR"][l][t][:, t * n:(t + 1) * n]
             obs.append(K[iu[0], iu[1]])
     obs = torch.cat(obs)
-    keys = ("pp", "gg", "f", "a", "b")
-    leaves = [x for El in E for k in keys for x in El[k]]
+    leaves = [x for El in E for k in AdjointRows.keys for x in El[k]]
     # the batched backward holds the adjoint of every field at every time per observable
     # (about 8 L T1 n S floats): observables per pass within ``transient_bytes``
     per_obs = 8 * 8 * L * T1 * n * S

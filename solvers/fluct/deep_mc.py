@@ -236,8 +236,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         Also N Var of the equal-time NTK entries.
     samples : int
         Single-site samples per layer of the map (and of kappa, unless ``hold``); ``blocks``
-        batch means give the standard error of kappa's sampling (the map's own sampling error is not included:
-        :func:`deep_propagator` with ``map_replicates`` >= 2 adds it).
+        batch means give the standard error of kappa's sampling (the map's own sampling error
+        is not included: :func:`deep_propagator` with ``map_replicates`` >= 2 adds it).
     seed : int or SeedSequence.
     rtol : float
         Innovations below this fraction of a source's variance are dropped
