@@ -89,19 +89,26 @@ def estimate_fluct(method, sol, opts):
         pairs, Sm = R > 1, samples // R                       # one map's samples
         nm = 2 if pairs else 1
         G = max(nt * n, (32 // nm) if opts.ntk else 0)        # the largest group
-        fields = nm * 8 * 23 * L * T1 * n * Sm                # value buffers + graph
+        # value buffers + retained graph (measured ~16 floats per layer, time, point and
+        # sample once the freed pages are returned, solvers/_memory.py)
+        fields = nm * 8 * 16 * L * T1 * n * Sm
         if pairs:
             fields += 8 * 8 * L * T1 * n * 2 * ks // R        # a pair's fresh kappa samples
-        transient = min(64 * L * T1 * n * Sm * 32, 1_500_000_000)
+        # one backward batch per map (the maps of a pair side by side): observables per pass
+        # as solvers.fluct.deep_causal chooses them (the cache-sized batch)
+        per_obs = 64 * L * T1 * n * Sm
+        nb = max(1, min(32, 1_500_000_000 // per_obs, 800_000 // (8 * n * Sm)))
+        transient = nm * nb * 3 * per_obs // 4              # measured ~3/4 of per_obs
         # a group's rows, + one stacked key in cat and kappa's symmetric J^pp, J^gg
         J = nm * (8 * L * (4 * G * m * m + G * m) + 8 * 3 * G * m * m)
-        kappa = 600 * 32 * nm * G * m
+        kappa = 300 * 128 * nm * G * m              # chunk 128, single precision
         work = fields + transient + J + kappa + 8 * 8 * L * m * m + torch_bytes
         startup = 5.0
-        # measured 5 Dec 2026 (tanh, 8 + 4 points, 40 steps, 4096 samples, depth 2 / 3):
-        # adjoint 165 / 188 s, kappa 89 / 157 s on two cores (benchmarks/README.md)
-        units = 0.2 * K * L * T1 ** 2 * n ** 2 * samples + \
-            0.11 * K * L * T1 ** 2 * n ** 2 * ks * (2 if pairs else 1)
+        # measured 5 Dec 2026 (tanh, 8 + 4 points, 40 steps, depth 3, one pair of 2048-sample
+        # maps, kappa 4096 samples, two cores): adjoint rows ~80 s (the maps side by side),
+        # kappa ~190 s in single precision (benchmarks/README.md)
+        units = 0.08 * (0.75 if pairs else 1.0) * K * L * T1 ** 2 * n ** 2 * samples + \
+            0.07 * K * L * T1 ** 2 * n ** 2 * ks * (2 if pairs else 1)
     else:
         return None
     return estimate("fluctuations", result, result + work, units,

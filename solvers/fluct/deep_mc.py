@@ -49,8 +49,11 @@ batch of observables; memory one sweep's graph. Meant for modest n (T + 1) (a fe
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
+from .._memory import release
 from ..layout import causal_cholesky, causal_mask, equal_time
 from ..mc.responses import stein_groups
 from .deep_linear import _torch
@@ -217,10 +220,10 @@ def combine_pairs(outs):
 
 def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi, g, A, B,
                          center=False, ntk=True, samples=16384, seed=0, rtol=1e-2, blocks=8,
-                         batch=32, iters=None, chunk=32, kappa_samples=None, tol=1e-12,
+                         batch=32, iters=None, chunk=None, kappa_samples=None, tol=1e-12,
                          kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
-                         kappa_group=32, hold=None, rows_only=False, progress=None,
-                         logger=None):
+                         kappa_group=32, kappa_precision="single", hold=None,
+                         rows_only=False, progress=None, logger=None):
     """One propagator run: leading-order N Cov of the predictions (and N Var of NTK entries)
     of a deep network, its standard errors kappa's batch means only.
 
@@ -281,6 +284,15 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         Rows per kappa pass for the NTK entries (a pair's two maps count twice: 16 entries):
         their rows are held one group at a time; the predictions, whose full covariance is
         returned, form one group of their own.
+    chunk : int, optional
+        Samples per kappa pass: default 128 for "jvp" and "stein" (per-operation overhead of
+        the tangent marches: 0.17 ms per sample and row at 32, 0.11 at 128-256, single
+        precision, m = 492, 32 rows), 32 for "hessian" (its memory grows as chunk m^3).
+    kappa_precision : {"single", "double"}
+        Precision of the per-sample work of ``kappa="jvp"`` (the products with the adjoint
+        rows and the tangent marches; the moments are summed in double precision). Single
+        precision is ~1.5x faster; its rounding (~1e-6 relative per sample) is far below the
+        sampling error (measured in benchmarks/README.md, "kappa in single precision").
     rows_only : bool
         Stop after the value and graph passes: return ``rows`` (the adjoint rows J on demand,
         :class:`solvers.fluct.deep_causal.AdjointRows`, its graph retained) with ``residual``
@@ -306,6 +318,11 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     1e-3 or is not finite the kappa step is skipped and the covariances are NaN).
     """
     torch = _torch()
+    if kappa_precision not in ("single", "double"):
+        raise ValueError(f"kappa_precision={kappa_precision!r}: use 'single' or 'double'")
+    kdtype = torch.float32 if kappa_precision == "single" else None
+    if chunk is None:
+        chunk = 32 if kappa == "hessian" else 128
     dt = torch.float64
     kx = np.asarray(kx, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -651,7 +668,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
             mp.progress = lambda d, tot, what: report("adjoint")
         for gi, idx in enumerate(kgroups):
             G = idx.size
-            rows = [mp.rows(idx) for mp in maps]
+            rows = _rows_of_maps(torch, maps, idx, nthreads)
             c = np.zeros((nm * G, nm * G))
             bc = np.zeros((blocks, nm * G, nm * G))
             for l in range(L):
@@ -664,7 +681,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                     if kappa == "jvp":
                         mom = jvp_kappa_layer(torch, fields[l], Jl, l == 0, l == L - 1, edges,
                                               chunk, gamma0=gamma0, act=act, T1=T1, n=n,
-                                              seed=kseeds[l], progress=tick)
+                                              seed=kseeds[l], progress=tick, dtype=kdtype)
                     elif kappa == "stein":
                         mom = stein_kappa_layer(
                             torch, fields[l], Jl, l == 0, l == L - 1, edges, chunk,
@@ -673,6 +690,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                         mom = _kappa_layer(torch, fields[l], Jl, l == 0, l == L - 1, edges,
                                            chunk, gamma0, act, T1, n, tick)
                 del Jl
+                release()
                 for b in range(blocks):
                     cnt = edges[b + 1] - edges[b]
                     m1, m2 = mom["m1"][b] / cnt, mom["m2"][b] / cnt
@@ -681,6 +699,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                 m2 = sum(mom["m2"]) / Sk
                 c += (m2 - np.outer(m1, m1)) * Sk / (Sk - 1)
             del rows
+            release()
             if logger is not None:
                 logger.info("deep propagator: kappa of observables %d-%d of %d (%d layers, %d "
                             "samples, %d map(s)) (%.1f s)", idx[0], idx[-1], K, L, Sk, nm,
@@ -719,6 +738,25 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         torch.set_num_threads(nthreads)
     res.update(residual=residual, fixed_point_gap=gaps if adjoint == "causal" else None)
     return res
+
+
+def _rows_of_maps(torch, maps, idx, nthreads):
+    """Each map's adjoint rows of the observables ``idx``. A backward pass gains little from
+    a second thread (its operations are small), so with two threads the maps of a pair run
+    side by side, the second in one worker thread, each single-threaded: the same numbers,
+    1.5-2x faster (depth 3, 8 + 4 points, 40 steps, 2048 samples per map: 12.8 s against
+    23.2 s for the predictions' rows). Two worker threads (the main thread waiting) were as
+    fast but left the next kappa step 30 % slower with 3 GB more resident memory (glibc's
+    per-thread arenas)."""
+    torch.set_num_threads(1)
+    try:
+        if len(maps) < 2 or nthreads < 2:
+            return [mp.rows(idx) for mp in maps]
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(maps[1].rows, idx)
+            return [maps[0].rows(idx), other.result()]
+    finally:
+        torch.set_num_threads(nthreads)
 
 
 class _FullRows:
