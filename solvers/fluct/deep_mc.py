@@ -292,7 +292,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         Precision of the per-sample work of ``kappa="jvp"`` (the products with the adjoint
         rows and the tangent marches; the moments are summed in double precision). Single
         precision is ~1.5x faster; its rounding (~1e-6 relative per sample) is far below the
-        sampling error (measured in benchmarks/README.md, "kappa in single precision").
+        sampling error (benchmarks/README.md, "Deep propagator at half the cost, within
+        4 GB").
     rows_only : bool
         Stop after the value and graph passes: return ``rows`` (the adjoint rows J on demand,
         :class:`solvers.fluct.deep_causal.AdjointRows`, its graph retained) with ``residual``
@@ -746,12 +747,13 @@ def _rows_of_maps(torch, maps, idx, nthreads):
     side by side, the second in one worker thread, each single-threaded: the same numbers,
     1.5-2x faster (depth 3, 8 + 4 points, 40 steps, 2048 samples per map: 12.8 s against
     23.2 s for the predictions' rows). Two worker threads (the main thread waiting) were as
-    fast but left the next kappa step 30 % slower with 3 GB more resident memory (glibc's
-    per-thread arenas)."""
+    fast but left the next kappa step 30 % slower with 3 GB more resident memory (cause not
+    pinned down; the allocator's per-thread arenas are the likely one). One map keeps every
+    thread (0.62-0.76 s per observable at 2048 samples, 0.85 s single-threaded)."""
+    if len(maps) < 2 or nthreads < 2:
+        return [mp.rows(idx) for mp in maps]
     torch.set_num_threads(1)
     try:
-        if len(maps) < 2 or nthreads < 2:
-            return [mp.rows(idx) for mp in maps]
         with ThreadPoolExecutor(1) as pool:
             other = pool.submit(maps[1].rows, idx)
             return [maps[0].rows(idx), other.result()]
