@@ -96,8 +96,9 @@ def estimate_fluct(method, sol, opts):
             fields += 8 * 8 * L * T1 * n * 2 * ks // R        # a pair's fresh kappa samples
         # one backward batch per map (the maps of a pair side by side): observables per pass
         # as solvers.fluct.deep_causal chooses them (the cache-sized batch)
+        from solvers.fluct.deep_causal import backward_batch
         per_obs = 64 * L * T1 * n * Sm
-        nb = max(1, min(32, 1_500_000_000 // per_obs, 800_000 // (8 * n * Sm)))
+        nb = backward_batch(L, T1, n, Sm)
         transient = nm * nb * 3 * per_obs // 4              # measured ~3/4 of per_obs
         # a group's rows, + one stacked key in cat and kappa's symmetric J^pp, J^gg
         J = nm * (8 * L * (4 * G * m * m + G * m) + 8 * 3 * G * m * m)

@@ -453,12 +453,19 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     # enough that one (batch, n, S) adjoint field stays within ``cache_bytes`` (at S = 2048:
     # 0.62-0.76 s per observable at 3-4 per pass, 1.0-1.2 s at 6-12; S = 4096: 1.3 s at 2,
     # 2.0-2.3 s at 4-8; depth 3, n = 12, T1 = 41, one thread)
-    per_obs = 8 * 8 * L * T1 * n * S
-    nb = min(batch, transient_bytes // per_obs, cache_bytes // (8 * n * S))
-    rows = AdjointRows(torch, obs, leaves, L, T1, n, int(max(1, nb)), logger, progress)
+    nb = backward_batch(L, T1, n, S, batch, transient_bytes, cache_bytes)
+    rows = AdjointRows(torch, obs, leaves, L, T1, n, nb, logger, progress)
     if lazy:
         return rows, fields, rows.K, V["gaps"]
     return rows.rows(range(rows.K)), fields, rows.K, V["gaps"]
+
+
+def backward_batch(L, T1, n, S, batch=32, transient_bytes=1_500_000_000,
+                   cache_bytes=800_000):
+    """Observables per batched backward pass of :func:`causal_adjoint` (its ``batch``,
+    ``transient_bytes`` and ``cache_bytes``; also the up-front memory estimate's)."""
+    per_obs = 8 * 8 * L * T1 * n * S
+    return int(max(1, min(batch, transient_bytes // per_obs, cache_bytes // (8 * n * S))))
 
 
 class AdjointRows:
