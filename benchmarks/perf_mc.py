@@ -17,7 +17,8 @@ For each case:
    against the reference: err = RMS over all P + Q points of the final predictions f(T). It
    includes the reference's own error (its RMS stderr is shown as ``ref se``). With
    ``--iterative-samples`` the iterative deep solver (``scheme="iterative"``, the default
-   before the one-pass solver) is timed too, in the same run.
+   before the one-pass solver) is timed too, in the same run; with ``--normal-samples`` the
+   one pass as it was before moment-matched innovations (``deep_sources="normal"``).
 3. What a simulated ensemble needs for the same error. A pilot of centred networks
    (``center=True``; the raw initial outputs regressed out as control variates, mean exactly 0)
    at a few widths measures, per point j, the finite-width bias c_j / N (1/N slope fitted
@@ -257,6 +258,12 @@ def run_case(name, c, args):
     if c["L"] >= 2 and args.iterative_samples:
         # the iterative solver as it was the default before the one-pass solver (one solve)
         runs += [("iterative", S, {"scheme": "iterative"}) for S in args.iterative_samples]
+    if c["L"] >= 2 and args.normal_samples:
+        # the one pass as it was before 5 Dec 2026: i.i.d. deeper innovations and
+        # max(8, samples per replicate / 128) tangent samples per replicate (16 replicates)
+        runs += [("normal", S, {"deep_sources": "normal",
+                                "response_samples": 16 * max(8, S // 16 // 128)})
+                 for S in args.normal_samples]
     for scheme, S, opts in runs:
         sol, wall, _ = run_mc(net, data, train, S, seed=1, **opts)
         peak = (run_mc(net, data, train, S, seed=1, memory=True, **opts)[2]
@@ -264,7 +271,8 @@ def run_case(name, c, args):
         err = _rms(sol.predictions[-1] - ref_f)
         se = _pred_se(sol)
         total = int(sol.options["samples"])
-        row = {"scheme": sol.options.get("scheme", "two-layer"), "samples": total,
+        row = {"scheme": ("normal" if scheme == "normal" else
+                          sol.options.get("scheme", "two-layer")), "samples": total,
                "wall_s": wall, "peak_mb": peak, "iterations": int(sol.iterations), "err": err,
                "stderr": se}
         if c["L"] == 1:
@@ -306,7 +314,8 @@ def run_case(name, c, args):
             r["verify_err"] = _rms(ensemble_errors(ens, ref_f).mean(0))
             r["verify_s"] = time.perf_counter() - t0
     print(table(rows, ref_se))
-    proj = projection([r for r in rows if r["scheme"] != "iterative"], ref_se, p)
+    proj = projection([r for r in rows if r["scheme"] not in ("iterative", "normal")], ref_se,
+                      p)
     if proj:
         print(proj["text"])
     return {"case": name, "spec": {k: v for k, v in c.items()}, "n": n,
@@ -387,6 +396,10 @@ def main(argv=None):
     p.add_argument("--iterative-samples", type=int, nargs="*", default=None,
                    help="L >= 2: also time the iterative solver (scheme='iterative', one "
                         "solve, its defaults otherwise) at these sample counts")
+    p.add_argument("--normal-samples", type=int, nargs="*", default=None,
+                   help="L >= 2: also time the one pass as it was before 5 Dec 2026 "
+                        "(deep_sources='normal', max(8, samples / 16 / 128) tangent samples "
+                        "per replicate) at these sample counts")
     p.add_argument("--response-samples", type=int, default=None,
                    help="L >= 2: response_samples of the timed rows (default: the solver's)")
     p.add_argument("--no-memory", dest="memory", action="store_false",

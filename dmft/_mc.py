@@ -114,7 +114,7 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
         ``response_control`` only the tangents' remainder beyond first order comes from
         them). One pass: the total over the replicates, default replicates x max(8,
-        samples / replicates / 128); iterative: per replicate, default 128. Tangents cost
+        samples / replicates / 64); iterative: per replicate, default 128. Tangents cost
         ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample: at large P T the
         tangents dominate and this is the knob (benchmarks/README.md).
     kernel_samples : int
@@ -130,7 +130,14 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         per block; L >= 2: a randomly digitally shifted Sobol set per replicate; a smaller
         standard error of f at equal cost, benchmarks/README.md); "random" draws i.i.d.
         normals.
-        Both use antithetic pairs (u, +-w0); deeper sources are i.i.d.
+        Both use antithetic pairs (u, +-w0); for the deeper sources see ``deep_sources``.
+    deep_sources : {"orthogonal", "normal"}
+        L >= 2, one pass: the innovations of the deeper layers' causal sources (u^l for
+        l >= 2, r^l for l < L). "orthogonal" (default): moment-matched in each replicate
+        (centred and orthogonalised over its samples, so the sampled sources have exactly the
+        covariance they are drawn for), i.i.d. once there are more innovations than
+        antithetic pairs; about half the variance of the predictions at equal cost
+        (benchmarks/README.md). "normal": i.i.d. normals (the estimator before 5 Dec 2026).
     damping : float in (0, 1]
         Weight of the new estimate in the mixing (default 1: plain Gauss-Seidel iteration;
         halved automatically, not below 0.25, when the residual stalls).
@@ -355,6 +362,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     response_control = value("response_control")
     callback = opts.callback
     sampler = value("sampler")
+    deep_sources = value("deep_sources")
     ss, seed_int = ctx.seed_sequence, ctx.seed_int
 
 
@@ -435,7 +443,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     responses=responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_control=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                    sampler=sampler, seed=ss, loss=train.loss,
+                    sampler=sampler, deep_sources=deep_sources, seed=ss, loss=train.loss,
                     backward_sources=backward_sources,
                     weight_decay=float(train.weight_decay), decay_to=train.decay_to,
                     batch_size=train.batch_size, batch_seed=int(train.batch_seed),
@@ -462,7 +470,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, max_memory=limit, logger=logger, bar=bar, state=state,
                     on_population=on_population if ckpt is not None else None,
-                    objective=deep_obj, r_sources=backward_sources)
+                    objective=deep_obj, r_sources=backward_sources,
+                    deep_sources=deep_sources)
             finally:
                 bar.close()
             if ckpt is not None:
@@ -474,7 +483,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                            b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
                            src_rtol=src_rtol, response_control=bool(response_control),
                            scheme="onepass", sampler=sampler,
-                           backward_sources=out["r_sources"])
+                           deep_sources=deep_sources, backward_sources=out["r_sources"])
             if ckpt is not None:
                 # populations read back from the checkpoint, not recomputed
                 options["resumed_units"] = int(state["next"]) if state is not None else 0

@@ -28,6 +28,7 @@ DEFAULTS = {
     "max_iter": 60,
     "blocks": 8,
     "sampler": "sobol",
+    "deep_sources": "orthogonal",
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
@@ -97,6 +98,10 @@ class MCOptions(Options):
         ("sobol", "random"), "{name} must be 'sobol' (randomised quasi-Monte Carlo) or "
         "'random' (i.i.d.), got {value!r}"), "'sobol' or 'random' sources",
         applies=("two_layer", "onepass"))
+    deep_sources: str | None = option(None, one_of(
+        ("orthogonal", "normal"), "{name} must be 'orthogonal' (moment-matched innovations, "
+        "default) or 'normal' (i.i.d.), got {value!r}"),
+        "one pass: the deeper layers' source innovations", applies=("onepass",))
     replicates: int | None = option(None, positive_int(
         " (independent fixed-point solutions for honest standard errors, L >= 2)"),
         "L >= 2: independent populations / solutions",
@@ -166,9 +171,10 @@ def _sizes(net, opts):
         per_rep = 2 * (samples // (2 * replicates))
         if opts.response_samples is None:
             # the tangent noise (variance ~ b / response samples) and the march noise (~ a /
-            # samples) balanced against their costs: ~1 tangent sample per 128 march samples
-            # (benchmarks/README.md)
-            tang_rep = max(DEFAULTS["response_samples_onepass"], per_rep // 128)
+            # samples) balanced against their costs: ~1 tangent sample per 64 march samples
+            # (1 per 128 before the moment-matched deeper innovations lowered a; measured in
+            # benchmarks/README.md)
+            tang_rep = max(DEFAULTS["response_samples_onepass"], per_rep // 64)
         else:
             tang_rep = -(-opts.response_samples // replicates)
         tang_rep = min(tang_rep, per_rep)

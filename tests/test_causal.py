@@ -321,7 +321,8 @@ def test_error_bars_match_the_spread_over_seeds():
     with the reported standard error within 25 % (pooled RMS ratio over entries and times
     t >= 1; its own uncertainty with 23 degrees of freedom per entry is ~10 %). Measured
     (4 Dec 2026, 512 samples x 16 replicates, 24 seeds): predictions 1.06, NTK 1.14 (16
-    tangent samples per replicate); 0.93, 1.04 at the later default of 8."""
+    tangent samples per replicate); 0.93, 1.04 at the later default of 8; 0.925, 1.039 with
+    moment-matched deeper innovations (deep_sources="orthogonal", 5 Dec 2026)."""
     data = dmft.config.teacher_student(P=5, Q=3, D=10, seed=0)
     net = dmft.MLP(depth=3, activation="tanh")
     train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=40)
@@ -349,6 +350,87 @@ def test_edge_shapes(P, Q, act):
                      replicates=2, progress=False)
     assert sol.test_predictions.shape == (5, Q) and sol.A.shape == (2, 5, 5, P + Q, P + Q)
     assert np.all(np.isfinite(sol.ntk)) and np.all(np.isfinite(sol.B))
+
+
+# --------------------------------------------------------------------------------------------
+# moment-matched (orthogonal) innovations of the deeper sources
+# --------------------------------------------------------------------------------------------
+def test_orthonormal_rows_are_centred_orthogonal_and_causal():
+    """Blocks added one after the other: every row centred, rows orthogonal with sum of
+    squares = half; each row is the normalised residual of its own normal draw against the
+    ones vector and the earlier rows (so no row depends on a later draw); once the store is
+    full (k >= half), new innovations are stored as the i.i.d. normals drawn."""
+    from types import SimpleNamespace
+    from solvers.mc.causal_layer import _draw, _orthonormal_rows
+    half = 16
+    rng = np.random.default_rng(0)
+    store = np.zeros((20, half))
+    x = rng.standard_normal((15, half))
+    for k0 in (0, 4, 8, 12):
+        _orthonormal_rows(store, k0, x[k0:k0 + 4][: 15 - k0])
+    Q = store[:15]
+    assert np.abs(Q.mean(axis=1)).max() < 1e-13
+    assert np.abs(Q @ Q.T - half * np.eye(15)).max() < 1e-11
+    # row 6 is x[6]'s residual against ones and x[:6], normalised
+    B = np.vstack([np.ones(half), x[:6]])
+    res = x[6] - B.T @ np.linalg.lstsq(B.T, x[6], rcond=None)[0]
+    assert np.allclose(store[6], res * np.sqrt(half / (res @ res)), atol=1e-12)
+    # a full store: the drawn normals are kept as they are
+    fac = SimpleNamespace(new=np.arange(2), k=17)
+    store2 = store.copy()
+    _draw(fac, store2, np.random.default_rng(1), 2, half, ortho=True)
+    assert np.array_equal(store2[15:17], np.random.default_rng(1).standard_normal((2, half)))
+
+
+@pytest.mark.parametrize("L", [2, 3])
+def test_orthogonal_sources_have_exactly_the_drawn_covariance(L):
+    """deep_sources="orthogonal": over the population the sampled sources u^l (l >= 2) and
+    r^l (l < L) have mean 0 and exactly the covariance they were drawn from, the population's
+    own Phi^{l-1} and G^{l+1} (up to innovations dropped below src_rtol = 1e-6 of a
+    variance); the i.i.d. innovations ("normal") miss both by their sampling error
+    (~ (2 / S)^1/2 ~ 0.1 here)."""
+    data = dmft.config.teacher_student(P=3, Q=2, D=5, seed=1)
+    kx, y = data.kx, np.asarray(data.y_train)
+    S = 256
+    err = {}
+    for ds in ("orthogonal", "normal"):
+        o = causal.solve_causal(kx, y, "tanh", L, 1.2, 0.2, 6, samples=S, seed=3,
+                                populations=1, response_samples=16, record_sources=True,
+                                deep_sources=ds)
+        assert o["deep_sources"] == ds
+        src = o["sources"][0]
+        e = []
+        for l in range(L):
+            pairs = []
+            if l >= 1:
+                pairs.append((src["u"][l], o["phi"][l - 1]))
+            if l <= L - 2:
+                pairs.append((src["r"][l], o["g"][l + 1]))
+            for x, K in pairs:
+                scale = np.abs(K).max()
+                e.append(max(np.abs(x @ x.T / S - K).max(), np.abs(x.mean(axis=1)).max()
+                             * np.sqrt(scale)) / scale)
+        err[ds] = max(e)
+    assert err["orthogonal"] < 1e-5, err
+    assert err["normal"] > 1e-2, err
+
+
+def test_orthogonal_and_normal_innovations_agree(small):
+    """The two draws of the deeper innovations solve the same problem: agreement within the
+    joint error bars (Welch threshold at 1e-4 false alarm per entry); the option is recorded
+    and a bad value is refused."""
+    net, data, train = small
+    kw = dict(samples=4096, replicates=8, progress=False)
+    a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
+    b = dmft.solve(net, data, train, method="mc", seed=3, deep_sources="normal", **kw)
+    assert a.options["deep_sources"] == "orthogonal" and b.options["deep_sources"] == "normal"
+    for key in ("train_predictions", "test_predictions", "ntk"):
+        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
+        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
+                                                                          1e-12)
+        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    with pytest.raises(ValueError, match="deep_sources must be 'orthogonal'"):
+        dmft.solve(net, data, train, method="mc", deep_sources="sobol", **kw)
 
 
 def test_random_sampler_agrees_with_sobol(small):

@@ -150,7 +150,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  sampler: str = "sobol", max_memory: float | None = None,
                  flop_rate: float = 10e9, record_sources: bool = False, logger=None,
                  bar=None, state: dict | None = None, on_population=None,
-                 objective=None, r_sources: str = "auto") -> dict:
+                 objective=None, r_sources: str = "auto",
+                 deep_sources: str = "orthogonal") -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -190,7 +191,15 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         problem always uses the factor.
     sampler : "sobol" (default): the first layer's sources and the readouts w(0), rank(Kx) + 1
         numbers per antithetic pair, by randomised quasi-Monte Carlo (one scrambled Sobol set
-        per population); "random": i.i.d. normals. The deeper sources are always i.i.d.
+        per population); "random": i.i.d. normals.
+    deep_sources : the innovations of the deeper layers' causal sources u^l (l >= 2) and
+        r^l (l < L). "orthogonal" (default): moment-matched within each population (centred,
+        orthogonal, each with sum of squares S / 2 over the S / 2 antithetic pairs:
+        :func:`solvers.mc.causal_layer._orthonormal_rows`) while there are fewer than S / 2
+        of them, i.i.d. beyond; the sampled sources then have exactly the covariance drawn
+        for. "normal": i.i.d. normals throughout (the estimator before 5 Dec 2026).
+        Independent of ``sampler``; the mixed backward sources (``r_sources="mix"``) are
+        not affected.
 
     Returns
     -------
@@ -230,6 +239,10 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     tdtype = np.float32 if cv else np.float64
     eps = default_relu_eps(max(Srp * R, 2048)) if relu_eps is None else float(relu_eps)
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    if deep_sources not in ("orthogonal", "normal"):
+        raise ValueError(f"deep_sources must be 'orthogonal' (moment-matched innovations) or "
+                         f"'normal' (i.i.d.), got {deep_sources!r}")
+    ortho = deep_sources == "orthogonal"
     if r_sources not in ("auto", "factor", "mix"):
         raise ValueError(f"backward_sources (r_sources) must be 'auto', 'factor' or 'mix', "
                          f"got {r_sources!r}")
@@ -279,13 +292,13 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                     kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                     responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
                     src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence, bar=bar,
-                    sampler=sampler, mix=mix)
+                    sampler=sampler, mix=mix, ortho=ortho)
             else:
                 o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                                 responses=responses, stein=stein, cv=cv, tdtype=tdtype,
                                 eps=eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                                 divergence=divergence, record_sources=record_sources, bar=bar,
-                                sampler=sampler)
+                                sampler=sampler, ortho=ortho)
             for key in keys:
                 if o[key] is None:
                     continue
@@ -324,5 +337,6 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         res["population_results"] = pops
     res.update(samples=Sp * R, response_samples=Srp * R, populations=R,
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
-               memory_bytes=mem, r_sources="mix" if mix else "factor")
+               memory_bytes=mem, r_sources="mix" if mix else "factor",
+               deep_sources=deep_sources)
     return res

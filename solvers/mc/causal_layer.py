@@ -43,22 +43,62 @@ def _store_row(K, row, t, n):
     K[:e, a:e] = row.T
 
 
-def _draw(fac, xi_store, rng, n, half):
+def _draw(fac, xi_store, rng, n, half, ortho=False):
     """Normals for the innovations a factor just gained (n drawn per step, whatever is kept,
-    so the stream does not depend on the keep decisions); returns the number in use."""
+    so the stream does not depend on the keep decisions); returns the number in use.
+
+    With ``ortho`` the new rows are moment-matched (:func:`_orthonormal_rows`) while the
+    store has room for them (k < half: centred rows of length half span half - 1
+    dimensions); beyond that they stay i.i.d. normals."""
     xi = rng.standard_normal((n, half))
     new = fac.new
     if len(new):
-        xi_store[fac.k - len(new):fac.k] = xi[new]
+        k0 = fac.k - len(new)
+        if ortho and fac.k < half:
+            _orthonormal_rows(xi_store, k0, xi[new])
+        else:
+            xi_store[k0:fac.k] = xi[new]
     return fac.k
 
 
-def _source_half(fac, xi_store, krow, rng):
+def _orthonormal_rows(xi_store, k0, x):
+    """Store the rows x (b, half) at k0.. after Gram-Schmidt against the ones vector and the
+    earlier rows xi_store[:k0] (themselves centred and orthogonal), each scaled to
+    sum_i xi^2 = half: over the population, the innovations then have mean exactly 0 and
+    second moments exactly the identity (moment matching), so the sources u = F xi have
+    exactly the covariance F F^T they were drawn for.
+
+    Given the earlier rows, each new row is uniform on the sphere of radius sqrt(half) in
+    their orthogonal complement (a Gaussian direction projected and normalised), so the
+    samples stay exchangeable and no row depends on later ones (causality is kept); the law
+    of one sample differs from the normal one at O(k / half), like the finite population's
+    own O(1 / S) effects (docs/theory.rst §2). Classical Gram-Schmidt, with a second pass
+    where a row's residual is much shorter than the row (only near k = half), keeps the rows
+    orthogonal to ~1e-15."""
+    half = x.shape[1]
+    x = x - x.mean(axis=1, keepdims=True)
+    if k0:
+        Q = xi_store[:k0]
+        norm0 = np.einsum("ij,ij->i", x, x)
+        x -= ((x @ Q.T) / half) @ Q
+        x -= x.mean(axis=1, keepdims=True)
+        # a second pass only where the residual lost more than 1 - 1/64 of the squared norm
+        # (rounding then matters: "twice is enough"); close to k = half only
+        if np.any(np.einsum("ij,ij->i", x, x) < norm0 / 64.0):
+            x -= ((x @ Q.T) / half) @ Q
+            x -= x.mean(axis=1, keepdims=True)
+    q, r = np.linalg.qr(x.T)                         # Gram-Schmidt of the block, in order
+    sgn = np.where(np.diag(r) < 0.0, -1.0, 1.0)
+    xi_store[k0:k0 + x.shape[0]] = (q * (sgn * np.sqrt(half))).T
+
+
+def _source_half(fac, xi_store, krow, rng, ortho=False):
     """One member of each antithetic pair of a causal source at step t, (rows, S / 2): the
     factor gains the row block ``krow`` = K(t, <=t) of the source's covariance, its new
-    innovations get normals (:func:`_draw`), and the source is F(t, <=t) xi."""
+    innovations get normals (:func:`_draw`; moment-matched with ``ortho``), and the source
+    is F(t, <=t) xi."""
     Frow = fac.extend(krow)
-    k = _draw(fac, xi_store, rng, krow.shape[0], xi_store.shape[1])
+    k = _draw(fac, xi_store, rng, krow.shape[0], xi_store.shape[1], ortho)
     return Frow @ xi_store[:k]
 
 
@@ -97,7 +137,7 @@ class _Layer:
     """State of one layer of one population (see the module docstring for the layout)."""
 
     def __init__(self, T1, n, P, S, Sr, *, r_sys, u_sys, stein, resp, cv, tdtype, src_rtol,
-                 stein_rtol, C=1, phi=None, g=None, mix=False):
+                 stein_rtol, C=1, phi=None, g=None, mix=False, ortho=True):
         # C outputs (docs/theory.rst §7): backward fields and G over rows (mu, c), point-major
         Q = n - P
         m = T1 * n
@@ -134,6 +174,7 @@ class _Layer:
             self.fac_r = CausalFactor(m * C, src_rtol)
             self.xi_r = np.zeros((m * C, S // 2))
         self.r_sys, self.u_sys, self.stein = r_sys, u_sys, stein
+        self.ortho = bool(ortho)                        # moment-matched innovations
         cols = T1 * P * Sr
         if r_sys:
             # directions (s, a, c, k): r_ac(s) of tangent sample k. Train rows are all that
@@ -158,11 +199,12 @@ class _Layer:
     def draw_u(self, phi_row, rng):
         """u^l(t) (n, S) from the row block Phi^{l-1}(t, <=t); both members of a pair share
         it."""
-        return np.repeat(_source_half(self.fac_u, self.xi_u, phi_row, rng), 2, axis=1)
+        return np.repeat(_source_half(self.fac_u, self.xi_u, phi_row, rng, self.ortho), 2,
+                         axis=1)
 
     def draw_r(self, g_row, rng):
         """r^l(t) (n C, S) from the row block G^{l+1}(t, <=t), antithetic: (r, -r) per pair."""
-        return _antithetic(_source_half(self.fac_r, self.xi_r, g_row, rng))
+        return _antithetic(_source_half(self.fac_r, self.xi_r, g_row, rng, self.ortho))
 
     def draw_r_mix(self, g_up, rng):
         """r^l(t) (n C, S) from the layer above's backward fields g^{l+1}(t) (n C, S, float32)

@@ -16,7 +16,7 @@ from .sources import _first_layer_sources
 
 def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein,
                           cv, tdtype, eps, src_rtol, stein_rtol, divergence, bar,
-                          sampler="sobol", mix=False):
+                          sampler="sobol", mix=False, ortho=True):
     """:func:`_population` for any training objective (docs/theory.rst §7): C outputs, any
     loss, weight decay, mini-batches (``obj``: :class:`solvers.objective.Objective`).
 
@@ -58,7 +58,7 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
                      tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol, C=Cout,
-                     phi=phi_all[l], g=g_all[l], mix=mix)
+                     phi=phi_all[l], g=g_all[l], mix=mix, ortho=ortho)
               for l in range(L)]
     A_all, B_all = np.zeros((L - 1, m, mC)), np.zeros((L - 1, mC, m))
     A, B = list(A_all), list(B_all)

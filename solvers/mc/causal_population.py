@@ -14,7 +14,8 @@ from .sources import _first_layer_sources
 
 
 def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, cv, tdtype,
-                eps, src_rtol, stein_rtol, divergence, record_sources, bar, sampler="sobol"):
+                eps, src_rtol, stein_rtol, divergence, record_sources, bar, sampler="sobol",
+                ortho=True):
     """One population of S samples (Sr of them with tangents) marched through all steps and
     layers; returns its own f, NTK, flat kernels and responses (and, with
     ``record_sources``, the sources u, r of every layer as (T1 n, S) arrays)."""
@@ -31,7 +32,7 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
                      tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                     phi=phi_all[l], g=g_all[l])
+                     phi=phi_all[l], g=g_all[l], ortho=ortho)
               for l in range(L)]
     # responses, flat (T1 n, T1 n): A[l] = A^{l+1}, B[l] = B^{l+1} (1-based layers)
     A_all, B_all = np.zeros((L - 1, m, m)), np.zeros((L - 1, m, m))
