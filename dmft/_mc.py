@@ -113,7 +113,7 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
     response_samples : int
         Samples used for the tangent estimates of A, B (L >= 2; at most ``samples``; with
         ``response_control`` only the tangents' remainder beyond first order comes from
-        them). One pass: the total over the replicates, default replicates x max(8,
+        them). One pass: the total over the replicates, default replicates x max(4,
         samples / replicates / 64); iterative: per replicate, default 128. Tangents cost
         ~ n P^2 T^3 per sample and layer, the march ~ n^2 T^2 per sample: at large P T the
         tangents dominate and this is the knob (benchmarks/README.md).

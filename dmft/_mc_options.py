@@ -34,7 +34,7 @@ DEFAULTS = {
     "replicates": 1,
     "replicates_onepass": 16,
     "samples_onepass": 16384,
-    "response_samples_onepass": 8,
+    "response_samples_onepass": 4,
     "scheme": "onepass",
     "src_rtol": 1e-6,
     "backward_sources": "auto",

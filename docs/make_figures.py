@@ -199,10 +199,13 @@ def scaling_mc(out):
     sweeps = {"T": ([25, 50, 100], [4.45, 12.65, 51.63]),
               "P": ([4, 8, 16], [5.09, 12.65, 34.19]),
               "L": ([2, 3, 5], [6.96, 12.65, 19.78])}
-    # perf_mc.py case (c): one pass, samples -> (mc s, err, mc se); iterative old default
-    onepass = np.array([[4096, 2.17, 4.8e-3, 4.2e-3], [8192, 2.75, 4.3e-3, 3.5e-3],
-                        [16384, 4.46, 1.1e-3, 2.7e-3], [32768, 7.22, 2.5e-3, 1.6e-3],
-                        [65536, 13.10, 1.3e-3, 1.1e-3]])
+    # perf_mc.py case (c), 5 Dec 2026 (one run): one pass with moment-matched deeper
+    # innovations, samples -> (mc s, err, mc se); the previous estimator (i.i.d. innovations)
+    # and the iterative old default in the same run
+    onepass = np.array([[2048, 1.23, 3.3e-3, 4.6e-3], [4096, 1.81, 4.1e-3, 3.7e-3],
+                        [8192, 2.87, 1.7e-3, 2.3e-3], [16384, 4.55, 2.3e-3, 1.55e-3],
+                        [32768, 7.57, 1.2e-3, 7.9e-4], [65536, 13.96, 4.9e-4, 6.2e-4]])
+    normal = np.array([[8192, 2.20, 4.0e-3, 3.5e-3], [16384, 3.90, 7.3e-4, 2.7e-3]])
     fig = Figure(figsize=(9.5, 3.4), layout="constrained")
     ax_s, ax_e = fig.subplots(1, 2)
     for (name, (x, y)), c in zip(sweeps.items(), ("tab:blue", "tab:orange", "tab:green")):
@@ -215,19 +218,21 @@ def scaling_mc(out):
     ax_e.plot(onepass[:, 1], onepass[:, 3], "o-", color="tab:orange", label="one pass: stderr")
     ax_e.plot(onepass[:, 1], onepass[:, 2], "x", color="tab:orange", ms=7,
               label="one pass: error vs reference")
-    ax_e.plot([5.79], [4.7e-3], "s", color="tab:purple", ms=7,
+    ax_e.plot(normal[:, 1], normal[:, 3], "^--", color="tab:gray",
+              label="one pass, i.i.d. innovations: stderr")
+    ax_e.plot([5.00], [4.5e-3], "s", color="tab:purple", ms=7,
               label="iterative (old default): error", zorder=3)
     for s, t, e in onepass[:, :3]:
         ax_e.annotate(f"{int(s)}", (t, e), fontsize=7, textcoords="offset points",
                       xytext=(4, 4))
     ax_e.set(xscale="log", yscale="log", xlabel="wall time [s]", ylabel="RMS prediction error",
              title="perf_mc.py case (c): L=3 tanh, 5+3 points, T=40")
-    ax_e.set_ylim(8e-4, 7e-3)
-    ax_e.legend(fontsize=8, loc="upper right")
+    ax_e.set_ylim(4e-4, 7e-3)
+    ax_e.legend(fontsize=7, loc="lower left")
     _log_ticks(ax_s, [0.5, 1, 2], [5, 10, 20, 50])
-    _log_ticks(ax_e, [2, 4, 8, 16], [1e-3, 2e-3, 3e-3, 5e-3], "{:.0e}")
-    fig.suptitle("Measured cost of method='mc' (benchmarks/README.md, 2-core machine, "
-                 "4 Dec 2026)", fontsize=9)
+    _log_ticks(ax_e, [1, 2, 4, 8, 16], [5e-4, 1e-3, 2e-3, 5e-3], "{:.0e}")
+    fig.suptitle("Measured cost of method='mc' (benchmarks/README.md, 2-core machine; "
+                 "scaling 4 Dec, errors 5 Dec 2026)", fontsize=9)
     _save(fig, out, "scaling_mc")
 
 
