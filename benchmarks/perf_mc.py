@@ -260,9 +260,11 @@ def run_case(name, c, args):
         runs += [("iterative", S, {"scheme": "iterative"}) for S in args.iterative_samples]
     if c["L"] >= 2 and args.normal_samples:
         # the one pass as it was before 5 Dec 2026: i.i.d. deeper innovations and
-        # max(8, samples per replicate / 128) tangent samples per replicate (16 replicates)
+        # max(8, samples per replicate / 128) tangent samples per replicate
+        from dmft._mc_options import DEFAULTS
+        R = DEFAULTS["replicates_onepass"]
         runs += [("normal", S, {"deep_sources": "normal",
-                                "response_samples": 16 * max(8, S // 16 // 128)})
+                                "response_samples": R * max(8, S // R // 128)})
                  for S in args.normal_samples]
     for scheme, S, opts in runs:
         sol, wall, _ = run_mc(net, data, train, S, seed=1, **opts)
