@@ -374,6 +374,9 @@ def main(argv=None):
     ap.add_argument("--speed-target", type=float, default=0.05)
     ap.add_argument("--speed-sampler", default=None,
                     help="two-layer propagator sampler (default: the library's, 'sobol')")
+    ap.add_argument("--speed-ntk-rank", type=int, default=None,
+                    help="deep rows: ntk_rank of the deep propagator (the NTK's summed N Var "
+                         "from this many principal directions plus probes; default every entry)")
     ap.add_argument("--speed-start", type=int, default=1000, help="first propagator samples")
     ap.add_argument("--speed-max-samples", type=int, default=1 << 18)
     ap.add_argument("--speed-seeds", type=int, default=128, help="first seeds per width")

@@ -84,7 +84,14 @@ def _prop_worker(job):
     cov, var = fl.prediction_cov[T], fl.ntk_var[T]
     vf = np.trace(cov[P:, P:])
     vk = var[i, j].sum()
-    if "pair_block_ntk_var" in fl.extras:
+    if "ntk_var_total" in fl.extras:
+        # ntk_rank: the NTK's summed N Var from principal directions and probes
+        sel_f = np.zeros((n, n), bool)
+        sel_f[np.arange(P, n), np.arange(P, n)] = True
+        from solvers.fluct.deep_mc import pair_sum
+        f = pair_sum(fl, "prediction_cov", T, sel_f) + ("pairs, ntk_rank",)
+        k = (float(fl.extras["ntk_var_total"][T]), float(fl.stderr["ntk_var_total"][T]))
+    elif "pair_block_ntk_var" in fl.extras:
         # deep propagator, pairs of maps: kappa's batch means and the pairs' deltas of the sums
         sel_f = np.zeros((n, n), bool)
         sel_f[np.arange(P, n), np.arange(P, n)] = True
@@ -193,6 +200,8 @@ def speed(args):
                 kw = dict(method=method, times=[T], samples=S, center=True, seed=1)
                 if net.depth == 1 and args.speed_sampler:
                     kw["sampler"] = args.speed_sampler
+                if net.depth > 1 and getattr(args, "speed_ntk_rank", None):
+                    kw["ntk_rank"] = args.speed_ntk_rank
                 res = _in_fresh_process(ctx, _prop_worker, pickle.dumps((sol, kw)))
                 vf, sf, vk, sk, how, el, peak, opts = res
                 total += el

@@ -81,7 +81,11 @@ def estimate_fluct(method, sol, opts):
         ks = min(samples, getattr(opts, "kappa_samples", None) or DEFAULT_KAPPA_SAMPLES)
         times = getattr(opts, "times", None)
         nt = T1 if times is None else len(set(int(t) % T1 for t in times))
-        K = nt * (n + (n * (n + 1) // 2 if opts.ntk else 0))
+        E = n * (n + 1) // 2
+        rank = getattr(opts, "ntk_rank", None)
+        # ntk_rank: principal directions and probes instead of every NTK entry
+        Kn = E if rank is None else (E if rank >= E else rank + opts.ntk_probes)
+        K = nt * (n + (Kn if opts.ntk else 0))
         # map_replicates >= 2: pairs of maps, both maps' graphs retained during the pair's
         # kappa step, which asks for the adjoint rows one group of observables at a time (all
         # predictions; then 32 rows of NTK entries at a time), the rows of both maps stacked

@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from ._method import Options, boolean, one_of, option, positive_int
+from ._method import Options, boolean, int_at_least, one_of, option, positive_int
 from .specs import check_positive_int
 
 _MOMENTS = ("auto", "exact", "sampled")
@@ -148,6 +148,15 @@ class DeepPropagatorOptions(SampledOptions):
         DEFAULT_MAP_REPLICATES, positive_int(" (independent maps whose spread enters the "
                                              "error bars, e.g. map_replicates=4)"),
         "independent sampled maps (error bars include the map's noise)")
+    ntk_rank: int | None = option(
+        None, positive_int(" (principal directions of the NTK entries per time, e.g. "
+                           "ntk_rank=8) or None"),
+        "the sum of the NTK entries' N Var from this many principal directions plus probes "
+        "(extras['ntk_var_total']; ntk_var is then NaN); None: every entry")
+    ntk_probes: int = option(
+        4, int_at_least(0, "Gaussian probes of the NTK entries outside the principal "
+                           "directions, 0 or >= 2"),
+        "probes of the remainder with ntk_rank")
 
 
 @dataclass(frozen=True)

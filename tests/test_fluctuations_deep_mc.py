@@ -351,3 +351,100 @@ def test_pairs_of_maps_remove_the_map_noise_bias_against_networks():
     assert abs(zf) < 3 and abs(zK) < 3, (Vf, Vf_se, f_net, f_se, VK, VK_se, K_net, K_se)
     bias = fl.options["map_noise_bias"]["ntk"]
     assert bias * VK > 2 * VK_se, (bias, VK, VK_se)
+
+
+def test_ntk_trace_seeds_are_unbiased_for_the_summed_variance():
+    """solvers.fluct.deep_mc.ntk_trace_seeds on a known covariance C of the NTK entries: the
+    directions' variances plus the mean of the probes' variances estimate tr C whatever the
+    directions (E[z z^T] = I - U U^T), and with every direction the sum is tr C exactly.
+    Over 4000 draws of the probes the mean is within 4 standard errors of tr C (any missing
+    or double-counted part of the remainder, here 30-60 % of tr C, would be hundreds), and
+    the error of ntk_trace covers the probes' spread within 25 %."""
+    from solvers.fluct.deep_mc import ntk_trace, ntk_trace_seeds
+    rng = np.random.default_rng(0)
+    E = 10
+    A = rng.standard_normal((E, E)) * np.linspace(2.0, 0.3, E)
+    C = A @ A.T
+    w, V = np.linalg.eigh(C)
+    # exact with a full basis, no probes
+    W, lay = ntk_trace_seeds([V], 4, rng)
+    assert W.shape == (E, E) and not lay["probe"].any()
+    v = np.einsum("ri,ij,rj->r", W, C, W)
+    tot, se, _ = ntk_trace({"var": v, "block": np.tile(v, (4, 1))}, lay, 1)
+    assert abs(tot[0] - np.trace(C)) < 1e-10 * np.trace(C) and se[0] == 0.0
+    for U in (V[:, -2:], np.linalg.qr(rng.standard_normal((E, 3)))[0]):
+        ests, errs = [], []
+        for _ in range(4000):
+            W, lay = ntk_trace_seeds([U], 4, rng)
+            v = np.einsum("ri,ij,rj->r", W, C, W)
+            tot, se, _ = ntk_trace({"var": v, "block": np.tile(v, (4, 1))}, lay, 1)
+            ests.append(tot[0])
+            errs.append(se[0])
+        ests = np.array(ests)
+        assert abs(ests.mean() - np.trace(C)) < 4 * ests.std() / np.sqrt(ests.size)
+        assert 0.75 < ests.std() / np.sqrt(np.mean(np.square(errs))) < 1.25
+    with pytest.raises(ValueError, match="orthonormal"):
+        ntk_trace_seeds([rng.standard_normal((E, 2))], 4, rng)
+    with pytest.raises(ValueError, match="probes=1"):
+        ntk_trace_seeds([V[:, :2]], 1, rng)
+
+
+def test_ntk_rank_gives_the_summed_ntk_variance_of_every_entry():
+    """``ntk_rank`` (principal directions from a pilot ensemble plus probes): with as many
+    directions as entries the adjoint rows of the combinations span those of the entries and
+    the summed variance equals the entries' sum on the same samples (the kappa step is
+    bilinear in the rows: to the float32 rounding of kappa, measured 1.4e-7 relative, bound 1e-4); with fewer
+    directions it estimates the same sum within its error bar (3 standard errors, the two
+    estimates sharing their samples); the predictions are untouched; ``ntk_var`` is NaN
+    then, and bad combinations of options are refused."""
+    data = _data(2, 1)
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=3)
+    sol = dmft.solve(dmft.MLP(2, "tanh"), data, train, method="mc", samples=4096, seed=0,
+                     progress=False)
+    kw = dict(samples=1024, kappa_samples=1024, map_replicates=2, seed=4, times=[3])
+    full = dmft.fluctuations(sol, **kw)
+    iu = np.triu_indices(3)
+    ref = full.ntk_var[3][iu].sum()
+    for rank, tol in ((6, 1e-4), (2, None)):
+        fl = dmft.fluctuations(sol, ntk_rank=rank, **kw)
+        tot, se = fl.extras["ntk_var_total"][3], fl.stderr["ntk_var_total"][3]
+        assert np.array_equal(fl.prediction_cov[3], full.prediction_cov[3])
+        assert np.all(np.isnan(fl.ntk_var)) and "ntk_var" not in fl.stderr
+        assert np.isnan(fl.extras["ntk_var_total"][:3]).all() and se > 0
+        assert fl.options["ntk_rank"] == rank and len(fl.options["ntk_pilot"]["captured"]) == 1
+        assert fl.extras["ntk_directions"].shape == (1, 6, min(rank, 6))
+        if tol is not None:     # float32 kappa: rounding ~1e-6
+            assert abs(tot - ref) < tol * ref, (tot, ref)
+        else:
+            assert abs(tot - ref) < 3 * se, (tot, ref, se)
+    with pytest.raises(ValueError, match="needs ntk=True"):
+        dmft.fluctuations(sol, ntk_rank=2, ntk=False, **kw)
+    with pytest.raises(ValueError, match="ntk_probes=1"):
+        dmft.fluctuations(sol, ntk_rank=2, ntk_probes=1, **kw)
+    with pytest.raises(ValueError, match="ntk_rank"):
+        dmft.fluctuations(sol, ntk_rank=0, **kw)
+
+
+@pytest.mark.xfail(strict=True, reason="known bias of the deep propagator (benchmarks/README.md, "
+                   "'A bias of the deep propagator at longer horizons'): the test points' "
+                   "prediction variance grows too fast with the steps; not yet found")
+def test_linear_network_test_point_variance_at_longer_horizons():
+    """The exact deep-linear propagator against the sampled one on a linear network at 8
+    steps of lr 0.1 (the existing agreement test stops at 3 steps): the test point's N Var f
+    at the last step, pooled over three seeds, within 4.5 standard errors. Measured 5 Dec 2026
+    (one seed at a time): 0.155 / 0.163 / 0.167 +- 0.007-0.008 against the exact 0.131 (z =
+    3.6 / 3.9 / 4.8; pooled ~7); at 6 steps +17-25 %, at 12 steps +17-28 %; the training
+    points' entries agree. Strict xfail: it must start passing when the bias is fixed."""
+    data = _data(2, 1)
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=8)
+    sol = dmft.solve(dmft.MLP(2, "linear"), data, train, method="linear")
+    ex = dmft.fluctuations(sol, method="deep-linear", center=True)
+    est, se = [], []
+    for seed in (1, 2, 3):
+        mc = dmft.fluctuations(sol, method="deep-propagator", center=True, times=[8],
+                               samples=4096, kappa_samples=4096, map_replicates=2, seed=seed,
+                               ntk=False)
+        est.append(mc.prediction_cov[8][2, 2])
+        se.append(mc.stderr["prediction_cov"][8][2, 2])
+    z = (np.mean(est) - ex.prediction_cov[8][2, 2]) / (np.sqrt(np.mean(np.square(se)) / 3))
+    assert abs(z) < 4.5, (z, est, ex.prediction_cov[8][2, 2])

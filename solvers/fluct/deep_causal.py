@@ -484,18 +484,19 @@ class AdjointRows:
 
     def rows(self, idx):
         """J for the observables ``idx``: list over layers of dicts ``pp``, ``gg``, ``a``,
-        ``b`` (len(idx), m, m) and ``f`` (len(idx), m)."""
+        ``b`` (len(idx), m, m) and ``f`` (len(idx), m). ``idx`` may also be a (k, K) float
+        array of weights: then row i is the adjoint row of the combination sum_j idx[i, j]
+        obs_j (one backward pass seeded with that row; linear in the seed)."""
         torch, L, T1, n = self.torch, self.L, self.T1, self.n
-        idx = np.asarray(list(idx), dtype=np.int64)
+        W = seed_matrix(idx, self.K)
         m = T1 * n
         dt = self.obs.dtype
-        k = idx.size
+        k = W.shape[0]
         J = [{key: torch.zeros((k, m) if key == "f" else (k, m, m), dtype=dt)
               for key in self.keys} for _ in range(L)]
         for lo in range(0, k, self.batch):
             hi = min(k, lo + self.batch)
-            eye = torch.zeros(hi - lo, self.K, dtype=dt)
-            eye[torch.arange(hi - lo), torch.as_tensor(idx[lo:hi])] = 1.0
+            eye = torch.as_tensor(W[lo:hi], dtype=dt)
             gr = torch.autograd.grad(self.obs, self.leaves, grad_outputs=eye,
                                      retain_graph=True, allow_unused=True,
                                      is_grads_batched=True)
@@ -517,6 +518,20 @@ class AdjointRows:
             if self.progress is not None:
                 self.progress(min(self.done, self.K), self.K, "adjoint")
             if self.logger is not None:
-                self.logger.info("deep propagator (causal adjoint): observables %d-%d of %d",
-                                 int(idx[lo]), int(idx[hi - 1]), self.K)
+                self.logger.info("deep propagator (causal adjoint): rows %d-%d of %d (of %d "
+                                 "observables)", lo, hi - 1, k, self.K)
         return J
+
+
+def seed_matrix(idx, K):
+    """The (k, K) seed rows of ``idx``: indices of observables (one-hot rows) or a (k, K)
+    array of weights (combinations of observables), checked against K."""
+    a = np.asarray(idx)
+    if a.ndim == 2:
+        if a.shape[1] != K or not np.all(np.isfinite(a)):
+            raise ValueError(f"seed rows of shape {a.shape}: need (k, {K}) finite weights")
+        return np.asarray(a, dtype=np.float64)
+    a = np.asarray(list(np.ravel(a)), dtype=np.int64)
+    W = np.zeros((a.size, K))
+    W[np.arange(a.size), a] = 1.0
+    return W

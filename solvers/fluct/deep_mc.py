@@ -57,7 +57,7 @@ from .._memory import release
 from ..layout import causal_cholesky, causal_mask, equal_time
 from ..mc.responses import stein_groups
 from .deep_linear import _torch
-from .deep_causal import causal_adjoint
+from .deep_causal import causal_adjoint, seed_matrix
 from .kappa_hessian import _kappa_layer
 from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
 
@@ -206,6 +206,21 @@ def combine_pairs(outs):
                 np.ones(x.shape[1:], dtype=bool)) & np.isfinite(res[key])
         tot = float(np.sum(res[key][diag]))
         res["map_noise_bias"][name] = float(np.sum(plain[diag]) - tot) / tot if tot else 0.0
+    if "combo" in outs[0]:
+        # combinations of NTK entries (ntk_seeds): the same pooling, over the combinations
+        x = np.stack([o["combo"]["var"] for o in outs])
+        m = np.mean(np.stack([o["combo"]["var_se"] for o in outs]) ** 2, axis=0)
+        d = np.stack([o["combo"]["delta"] for o in outs])
+        ok = np.isfinite(m) & (m > 0)
+        rho = float(np.mean(np.mean(d ** 2, axis=0)[ok] / m[ok])) if np.any(ok) else 0.0
+        res["combo"] = {"var": x.mean(axis=0), "var_se": np.sqrt(m * (1.0 + rho) / P),
+                        "block": np.stack([o["combo"]["block"] for o in outs]), "delta": d,
+                        "plain": np.mean([o["combo"]["plain"] for o in outs], axis=0),
+                        "rho": rho}
+        res["map_noise_ratio"]["ntk"] = rho
+        tot = float(np.sum(res["combo"]["var"]))
+        res["map_noise_bias"]["ntk"] = (float(np.sum(res["combo"]["plain"])) - tot) / tot \
+            if tot else 0.0
     # per pair: kappa's per-block estimates and delta, for the errors of sums of entries
     for part in ("block", "delta"):
         if part in outs[0]:
@@ -223,7 +238,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                          batch=32, iters=None, chunk=None, kappa_samples=None, tol=1e-12,
                          kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
                          kappa_group=32, kappa_precision="single", hold=None,
-                         rows_only=False, progress=None, logger=None):
+                         ntk_seeds=None, rows_only=False, progress=None, logger=None):
     """One propagator run: leading-order N Cov of the predictions (and N Var of NTK entries)
     of a deep network, its standard errors kappa's batch means only.
 
@@ -294,6 +309,13 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         precision is ~1.5x faster; its rounding (~1e-6 relative per sample) is far below the
         sampling error (benchmarks/README.md, "Deep propagator at half the cost, within
         4 GB").
+    ntk_seeds : (R, K_ntk) array, optional
+        Instead of every NTK entry's variance, the variances of R combinations w . K of the
+        NTK observables (K_ntk = len(times) n (n + 1) / 2 upper-triangle entries, time-major),
+        one adjoint row each (:func:`ntk_trace_seeds`: principal directions and residual
+        probes whose variances add up to the sum of the entries' variances). Returned in
+        ``combo`` (``var``, ``var_se``, per-block ``block``; with ``hold`` also ``plain``,
+        ``delta``); ``ntk_var`` is then NaN.
     rows_only : bool
         Stop after the value and graph passes: return ``rows`` (the adjoint rows J on demand,
         :class:`solvers.fluct.deep_causal.AdjointRows`, its graph retained) with ``residual``
@@ -647,9 +669,24 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         # for when its turn comes, so one group's rows are held at a time, not all K.
         nf = len(times) * n
         gsize = max(1, int(kappa_group) // (1 if hold is None else 2))
-        kgroups = [np.arange(nf)] + [np.arange(lo, min(K, lo + gsize))
-                                     for lo in range(nf, K, gsize)]
-        kgroups = [gi for gi in kgroups if gi.size]
+        if ntk_seeds is None:
+            kgroups = [np.arange(nf)] + [np.arange(lo, min(K, lo + gsize))
+                                         for lo in range(nf, K, gsize)]
+            nrows = K
+        else:
+            # combinations of the NTK observables: seed rows over all K observables
+            Wn = np.asarray(ntk_seeds, dtype=np.float64)
+            if not ntk or Wn.ndim != 2 or Wn.shape[1] != K - nf:
+                raise ValueError(f"ntk_seeds of shape {Wn.shape}: need ntk=True and (R, "
+                                 f"{K - nf}) weights over the NTK observables")
+            Wall = np.zeros((Wn.shape[0], K))
+            Wall[:, nf:] = Wn
+            kgroups = [np.arange(nf)] + [Wall[lo:lo + gsize] for lo in range(0, len(Wn), gsize)]
+            nrows = nf + len(Wn)
+            combo = {(i, j): {"v": np.zeros(len(Wn)), "bv": np.zeros((blocks, len(Wn)))}
+                     for i in range(len(maps)) for j in range(i, len(maps))}
+            ndone = 0
+        kgroups = [gi for gi in kgroups if len(gi)]
         nm = len(maps)
         # per map pair (a, b) of the stacked rows: the predictions' covariance block and the
         # variances of every observable (those of the NTK entries are used), with the
@@ -662,13 +699,13 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
 
         def report(what):
             if progress is not None:
-                adj = sum(mp.done for mp in maps) / (nm * K)
+                adj = min(1.0, sum(mp.done for mp in maps) / (nm * nrows))
                 progress(int(5e5 * (adj + kdone[0] / ktotal)), 1_000_000, what)
 
         for mp in maps:
             mp.progress = lambda d, tot, what: report("adjoint")
         for gi, idx in enumerate(kgroups):
-            G = idx.size
+            G = len(idx)
             rows = _rows_of_maps(torch, maps, idx, nthreads)
             c = np.zeros((nm * G, nm * G))
             bc = np.zeros((blocks, nm * G, nm * G))
@@ -702,9 +739,18 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
             del rows
             release()
             if logger is not None:
-                logger.info("deep propagator: kappa of observables %d-%d of %d (%d layers, %d "
-                            "samples, %d map(s)) (%.1f s)", idx[0], idx[-1], K, L, Sk, nm,
+                logger.info("deep propagator: kappa of %d rows of group %d of %d (%d layers, %d "
+                            "samples, %d map(s)) (%.1f s)", G, gi + 1, len(kgroups), L, Sk, nm,
                             clock() - t_start)
+            if gi > 0 and ntk_seeds is not None:
+                sl = slice(ndone, ndone + G)
+                ndone += G
+                for (i, j) in combo:
+                    blk = c[i * G:(i + 1) * G, j * G:(j + 1) * G]
+                    bb = bc[:, i * G:(i + 1) * G, j * G:(j + 1) * G]
+                    combo[(i, j)]["v"][sl] = np.diag(blk)
+                    combo[(i, j)]["bv"][:, sl] = np.diagonal(bb, axis1=1, axis2=2)
+                continue
             for (i, j) in cov:
                 blk = c[i * G:(i + 1) * G, j * G:(j + 1) * G]
                 bb = bc[:, i * G:(i + 1) * G, j * G:(j + 1) * G]
@@ -720,6 +766,16 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         def se(x):
             return x.std(axis=0, ddof=1) / np.sqrt(blocks)
 
+        if ntk_seeds is not None:
+            # the entries' variances were not computed: NaN, not zeros
+            for d in cov.values():
+                d["v"][nf:] = np.nan
+                d["bv"][:, nf:] = np.nan
+            cc = combo[(0, 1) if hold is not None else (0, 0)]
+            cres = {"var": cc["v"], "var_se": se(cc["bv"]), "block": cc["bv"]}
+            if hold is not None:
+                a, b = combo[(0, 0)]["v"], combo[(1, 1)]["v"]
+                cres.update(plain=0.5 * (a + b), delta=0.5 * (a - b))
         if hold is None:
             c = cov[(0, 0)]
             res = _assemble(c["f"], se(c["bf"]), c["v"], se(c["bv"]), times, T1, n, ntk)
@@ -735,6 +791,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                                times, T1, n, ntk) for i in range(blocks)]
             res["block"] = {"pred_cov": np.stack([q["pred_cov"] for q in parts]),
                             "ntk_var": np.stack([q["ntk_var"] for q in parts]) if ntk else None}
+        if ntk_seeds is not None:
+            res["combo"] = cres
     finally:
         torch.set_num_threads(nthreads)
     res.update(residual=residual, fixed_point_gap=gaps if adjoint == "causal" else None)
@@ -769,8 +827,13 @@ class _FullRows:
         self.J, self.K, self.done, self.progress = J, K, K, None
 
     def rows(self, idx):
-        idx = np.asarray(idx, dtype=np.int64)
-        return [{key: x[idx] for key, x in Jl.items()} for Jl in self.J]
+        W = self.J[0]["f"].new_tensor(seed_matrix(idx, self.K))
+        return [{key: torch_tensordot(W, x) for key, x in Jl.items()} for Jl in self.J]
+
+
+def torch_tensordot(W, x):
+    """sum_j W[i, j] x[j, ...] for a (k, K) W and a (K, ...) tensor x."""
+    return (W @ x.reshape(x.shape[0], -1)).reshape((W.shape[0],) + tuple(x.shape[1:]))
 
 
 def _assemble(fcov, fcov_se, v, v_se, times, T1, n, ntk):
@@ -834,3 +897,88 @@ def _activation(torch, name):
         raise ValueError(f"deep_propagator supports smooth activations (tanh, erf, linear), "
                          f"got {name!r}: for relu the map's derivative misses phi'' = delta")
     return act
+
+
+def ntk_trace_seeds(directions, probes, rng):
+    """Seed rows whose variances add up to the sum of the NTK entries' variances, per time.
+
+    ``directions``: one (E, r_j) array per selected time with orthonormal columns over that
+    time's E = n (n + 1) / 2 upper-triangle entries (e.g. the leading eigenvectors of a pilot
+    covariance of the entries); ``probes``: Gaussian probes of the complement per time;
+    ``rng``: numpy Generator. For any covariance C of the entries of one time and U the
+    directions, P = U U^T,
+
+        tr C = sum_k u_k^T C u_k + E_z[z^T C z],   z = (I - P) xi,  xi ~ N(0, I_E),
+
+    since E[z z^T] = I - P. So sum_k Var(u_k . K) + mean_j Var(z_j . K) is unbiased for the sum of
+    the entries' variances whatever the directions; good directions (those carrying most of
+    tr C) make the probes' part small, so a few adjoint rows replace E of them. Returns
+    (W, layout): W (R, len(directions) E) and layout = dict(time (R,) index of the time,
+    weight (R,) 1 for a direction and 1 / probes for a probe, probe (R,) bool)."""
+    nt = len(directions)
+    E = directions[0].shape[0]
+    rows, tix, wts, prb = [], [], [], []
+    for j, U in enumerate(directions):
+        U = np.asarray(U, dtype=np.float64).reshape(E, -1)
+        if U.shape[1] and not np.allclose(U.T @ U, np.eye(U.shape[1]), atol=1e-8):
+            raise ValueError("ntk directions must have orthonormal columns")
+        g = 0 if U.shape[1] >= E else int(probes)
+        if g == 1:
+            raise ValueError("probes=1 gives the residual no error bar; use probes >= 2 "
+                             "(or 0 to leave the residual out)")
+        for k in range(U.shape[1]):
+            rows.append((j, U[:, k]))
+            wts.append(1.0)
+            prb.append(False)
+        for _ in range(g):
+            xi = rng.standard_normal(E)
+            rows.append((j, xi - U @ (U.T @ xi)))
+            wts.append(1.0 / g)
+            prb.append(True)
+    W = np.zeros((len(rows), nt * E))
+    for i, (j, w) in enumerate(rows):
+        W[i, j * E:(j + 1) * E] = w
+        tix.append(j)
+    return W, {"time": np.asarray(tix), "weight": np.asarray(wts), "probe": np.asarray(prb)}
+
+
+def ntk_trace(combo, layout, nt):
+    """The sum of the NTK entries' N Var per selected time, with its standard error, from the
+    variances of the combinations of :func:`ntk_trace_seeds` (``combo`` of the engine).
+
+    Error: kappa's batch means of the per-block sums (per pair of maps, or of one map),
+    inflated by (1 + rho) for the maps' noise (rho pooled over the combinations, as the
+    entries' errors are: :func:`deep_propagator`), plus the probes' own spread: the sample
+    variance of the probes' variances over the probes, / probes, or, where larger, the
+    Gaussian probes' own variance 2 tr(C_r^2) / probes = 2 q (mean probe variance)^2 / probes
+    with q = tr(C_r^2) / tr(C_r)^2 of the remainder C_r = (I - P) C (I - P) taken from a pilot
+    (``layout["q"]``, one per time; a handful of probes' spread alone is unreliable when the
+    remainder has a few dominant directions), and the remainder's size the larger of the
+    probes' mean and the principal part x (1 - share) / share (``layout["share"]``: the pilot's
+    fraction of the summed variance in the directions)."""
+    tix, wt, prb = layout["time"], layout["weight"], layout["probe"]
+    v = np.asarray(combo["var"])
+    blk = np.asarray(combo["block"])
+    if blk.ndim == 2:                   # one map: (blocks, R)
+        blk = blk[None]
+    pairs, blocks = blk.shape[:2]
+    rho = float(combo.get("rho", 0.0))
+    total, se, resid = np.zeros(nt), np.zeros(nt), np.zeros(nt)
+    for j in range(nt):
+        sel = tix == j
+        total[j] = float(np.sum(wt[sel] * v[sel]))
+        bt = (blk[:, :, sel] * wt[sel]).sum(-1)                  # (pairs, blocks)
+        var = np.mean(bt.var(axis=1, ddof=1) / blocks) * (1.0 + rho) / pairs
+        ps = sel & prb
+        if ps.sum() >= 2:
+            resid[j] = float(v[ps].mean())
+            q = float(np.asarray(layout.get("q", np.zeros(nt)))[j])
+            # the remainder's scale: the probes' mean, or the pilot's share of it relative
+            # to the principal directions' part, whichever is larger
+            c = float(np.asarray(layout.get("share", np.ones(nt)))[j])
+            scale = max(resid[j], total[j] - resid[j]) if c >= 1 else max(
+                resid[j], float(np.sum(v[sel & ~prb])) * (1.0 - c) / max(c, 1e-12))
+            var += max(v[ps].var(ddof=1), 2.0 * q * scale ** 2) / ps.sum()
+        se[j] = np.sqrt(var)
+    return total, se, resid
+
