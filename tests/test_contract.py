@@ -291,7 +291,7 @@ def test_fluctuation_table():
                                   "response_samples", "sampler"}
     assert names["lazy"] == {"center", "ntk", "samples", "blocks", "moments"}
     assert names["deep-propagator"] == {"center", "ntk", "samples", "blocks", "kappa_samples",
-                                       "times", "map_replicates"}
+                                       "times", "map_replicates", "ntk_rank", "ntk_probes"}
     assert names["auto"] == set().union(*names.values())
     data = _data()
     train = dmft.GradientDescent(1.0, 0.1, 3)
