@@ -84,22 +84,19 @@ def _prop_worker(job):
     cov, var = fl.prediction_cov[T], fl.ntk_var[T]
     vf = np.trace(cov[P:, P:])
     vk = var[i, j].sum()
-    if "ntk_var_total" in fl.extras:
-        # ntk_rank: the NTK's summed N Var from principal directions and probes
-        sel_f = np.zeros((n, n), bool)
-        sel_f[np.arange(P, n), np.arange(P, n)] = True
-        from solvers.fluct.deep_mc import pair_sum
-        f = pair_sum(fl, "prediction_cov", T, sel_f) + ("pairs, ntk_rank",)
-        k = (float(fl.extras["ntk_var_total"][T]), float(fl.stderr["ntk_var_total"][T]))
-    elif "pair_block_ntk_var" in fl.extras:
+    if "pair_block_prediction_cov" in fl.extras:
         # deep propagator, pairs of maps: kappa's batch means and the pairs' deltas of the sums
         sel_f = np.zeros((n, n), bool)
         sel_f[np.arange(P, n), np.arange(P, n)] = True
-        sel_k = np.zeros((n, n), bool)
-        sel_k[i, j] = True
         from solvers.fluct.deep_mc import pair_sum
-        f, k = [pair_sum(fl, key, T, sel) + ("pairs",) for key, sel in
-                (("prediction_cov", sel_f), ("ntk_var", sel_k))]
+        f = pair_sum(fl, "prediction_cov", T, sel_f) + ("pairs",)
+        if "ntk_var_total" in fl.extras:
+            # ntk_rank: the NTK's summed N Var from principal directions and probes
+            k = (float(fl.extras["ntk_var_total"][T]), float(fl.stderr["ntk_var_total"][T]))
+        else:
+            sel_k = np.zeros((n, n), bool)
+            sel_k[i, j] = True
+            k = pair_sum(fl, "ntk_var", T, sel_k)
     elif "block_prediction_cov" in fl.extras:
         bf = np.trace(fl.extras["block_prediction_cov"][:, T][:, P:, P:], axis1=1, axis2=2)
         bk = fl.extras["block_ntk_var"][:, T][:, i, j].sum(1)

@@ -84,7 +84,7 @@ def estimate_fluct(method, sol, opts):
         E = n * (n + 1) // 2
         rank = getattr(opts, "ntk_rank", None)
         # ntk_rank: principal directions and probes instead of every NTK entry
-        Kn = E if rank is None else (E if rank >= E else rank + opts.ntk_probes)
+        Kn = E if rank is None or rank >= E else rank + opts.ntk_probes
         K = nt * (n + (Kn if opts.ntk else 0))
         # map_replicates >= 2: pairs of maps, both maps' graphs retained during the pair's
         # kappa step, which asks for the adjoint rows one group of observables at a time (all

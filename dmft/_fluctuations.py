@@ -256,7 +256,8 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
 
 
 def _selected_times(times, T):
-    return list(range(T + 1)) if times is None else sorted(int(t) for t in times)
+    """The steps computed: ``state.times`` (already sorted and distinct) or every step."""
+    return list(range(T + 1)) if times is None else list(times)
 
 
 #: the pilot ensemble that picks the principal directions of ``ntk_rank``: any directions
@@ -292,13 +293,13 @@ def _principal_seeds(sol, opts, state):
         q.append(float((w[r:] ** 2).sum() / w[r:].sum() ** 2) if w[r:].sum() > 0 else 0.0)
     W, layout = _deep_mc.ntk_trace_seeds(dirs, opts.ntk_probes, state.rng)
     layout["q"], layout["share"] = np.asarray(q), np.asarray(captured)
+    seconds = time.perf_counter() - clock
     logger.info("fluctuations (deep-propagator): %d principal directions of the NTK entries "
                 "per time from %d networks of width %d (%.1f s; pilot share of the summed "
                 "variance %.3f-%.3f), %d probes of the rest", r, PILOT_SEEDS, PILOT_WIDTH,
-                time.perf_counter() - clock, min(captured), max(captured),
-                0 if r >= E else opts.ntk_probes)
+                seconds, min(captured), max(captured), 0 if r >= E else opts.ntk_probes)
     return W, layout, {"width": PILOT_WIDTH, "seeds": PILOT_SEEDS, "captured": captured,
-                       "seconds": time.perf_counter() - clock, "directions": np.stack(dirs)}
+                       "seconds": seconds, "directions": np.stack(dirs)}
 
 
 class _ExactLinear(FluctuationMethod):

@@ -164,6 +164,13 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     return combine_pairs(outs)
 
 
+def _pooled_ratio(v, m):
+    """mean(v / m) over the entries where both are finite and m > 0 (0 if none): the maps'
+    noise variance over kappa's, pooled (:func:`deep_propagator`)."""
+    ok = np.isfinite(m) & np.isfinite(v) & (m > 0)
+    return float(np.mean(v[ok] / m[ok])) if np.any(ok) else 0.0
+
+
 def pair_sum(fl, key, t, sel):
     """A sum of the entries ``sel`` (boolean (n, n)) of ``fl.<key>[t]`` (``key``:
     ``"prediction_cov"`` or ``"ntk_var"``) of a ``dmft.fluctuations`` result of the deep
@@ -194,9 +201,7 @@ def combine_pairs(outs):
         m = np.mean(np.stack([o[se_key] for o in outs]) ** 2, axis=0)
         v = np.mean(np.stack([o["delta"][key] for o in outs]) ** 2, axis=0)
         iu = np.triu_indices(x.shape[-1])
-        mu, vu = m[..., iu[0], iu[1]], v[..., iu[0], iu[1]]
-        ok = np.isfinite(mu) & np.isfinite(vu) & (mu > 0)
-        rho = float(np.mean(vu[ok] / mu[ok])) if np.any(ok) else 0.0
+        rho = _pooled_ratio(v[..., iu[0], iu[1]], m[..., iu[0], iu[1]])
         res[key] = x.mean(axis=0)
         res[se_key] = np.sqrt(m * (1.0 + rho) / P)
         res["map_noise_ratio"][name] = rho
@@ -211,8 +216,7 @@ def combine_pairs(outs):
         x = np.stack([o["combo"]["var"] for o in outs])
         m = np.mean(np.stack([o["combo"]["var_se"] for o in outs]) ** 2, axis=0)
         d = np.stack([o["combo"]["delta"] for o in outs])
-        ok = np.isfinite(m) & (m > 0)
-        rho = float(np.mean(np.mean(d ** 2, axis=0)[ok] / m[ok])) if np.any(ok) else 0.0
+        rho = _pooled_ratio(np.mean(d ** 2, axis=0), m)
         res["combo"] = {"var": x.mean(axis=0), "var_se": np.sqrt(m * (1.0 + rho) / P),
                         "block": np.stack([o["combo"]["block"] for o in outs]), "delta": d,
                         "plain": np.mean([o["combo"]["plain"] for o in outs], axis=0),
@@ -827,13 +831,9 @@ class _FullRows:
         self.J, self.K, self.done, self.progress = J, K, K, None
 
     def rows(self, idx):
+        torch = _torch()
         W = self.J[0]["f"].new_tensor(seed_matrix(idx, self.K))
-        return [{key: torch_tensordot(W, x) for key, x in Jl.items()} for Jl in self.J]
-
-
-def torch_tensordot(W, x):
-    """sum_j W[i, j] x[j, ...] for a (k, K) W and a (K, ...) tensor x."""
-    return (W @ x.reshape(x.shape[0], -1)).reshape((W.shape[0],) + tuple(x.shape[1:]))
+        return [{key: torch.tensordot(W, x, dims=1) for key, x in Jl.items()} for Jl in self.J]
 
 
 def _assemble(fcov, fcov_se, v, v_se, times, T1, n, ntk):
@@ -976,8 +976,7 @@ def ntk_trace(combo, layout, nt):
             # the remainder's scale: the probes' mean, or the pilot's share of it relative
             # to the principal directions' part, whichever is larger
             c = float(np.asarray(layout.get("share", np.ones(nt)))[j])
-            scale = max(resid[j], total[j] - resid[j]) if c >= 1 else max(
-                resid[j], float(np.sum(v[sel & ~prb])) * (1.0 - c) / max(c, 1e-12))
+            scale = max(resid[j], float(np.sum(v[sel & ~prb])) * (1.0 - c) / max(c, 1e-12))
             var += max(v[ps].var(ddof=1), 2.0 * q * scale ** 2) / ps.sum()
         se[j] = np.sqrt(var)
     return total, se, resid
