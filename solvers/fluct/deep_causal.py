@@ -165,7 +165,9 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     train = np.arange(n) < P
     trainf = T(train.astype(float))
     pb = np.tile(np.arange(n), T1)
-    # masks on a row block (t, <= t): A (train columns, s <= t) and B (struct, s < t noise)
+    # masks on a row block (t, <= t): A's mean on training columns (s <= t), B's mean on its
+    # structure (s <= t); their noise on every column (s <= t for A, s < t for B: the
+    # zero-mean responses of test columns fluctuate too, solvers.fluct.deep_mc)
     maskA_cols = T(np.tile(train, T1).astype(float))                    # (m,)
     maskB_struct = np.zeros((m, m), bool)
     tr_flat = pb < P
@@ -174,6 +176,9 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
         rows = pb == q
         maskB_struct[np.ix_(rows, tr_flat | rows)] = True
     maskB_struct_t = T(maskB_struct.astype(float))
+    # where B enters D: its structure, and every column at s < t (the noise)
+    past = np.arange(m)[:, None] // n > np.arange(m)[None, :] // n
+    maskB_use_t = T((maskB_struct | past).astype(float))
 
     kx_flat_t = T(np.tile(kx, (T1, T1)))
     ones_t = torch.ones(m, m, dtype=dt)
@@ -280,7 +285,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     Kp = kx_flat_t[a:e, :a] if l == 0 else PhiR[l - 1][t][:, :a]
                     Crow = lr * Kp * torch.cat(dcol[:t])[None, :]
                     if l >= 1:
-                        Crow = Crow + AR[l - 1][t][:, :a] * maskA_cols[:a][None, :]
+                        Crow = Crow + AR[l - 1][t][:, :a]
                 if not grad:
                     V["u"][l][t] = u
                     h = u
@@ -299,7 +304,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                                           + times_hist(V["C"][l][a:e, :a], dgg[l][:t]))
                     if l >= 1:
                         # the equal-time response noise, first order: gamma0 E_a(t, t) g(t)
-                        Ctt = E[l - 1]["a"][t][:, a:e] * maskA_cols[a:e][None, :] / gamma0
+                        Ctt = E[l - 1]["a"][t][:, a:e] / gamma0
                         h = h + gamma0 * (Ctt @ V["g"][l][t])
                     p = act(h, 0)
                     dph[l].append(p - V["ph"][l][t])
@@ -326,7 +331,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                             Jst = (p @ xv.T + rows_with(V["ph"][l][t], xtr[l])) / S
                             X = ftr[l].solve_right(Jst)
                             est = est.index_copy(1, torch.as_tensor(keep_rtr[l][:kA]), X)
-                        noise = E[l]["a"][t] * maskA_cols[:e][None, :]
+                        noise = E[l]["a"][t]
                         Arow = Arow + (est - est.detach()) / gamma0 + noise / gamma0
                     AR[l].append(Arow)
             # ------------------------------ top-down: z^l(t), G^l(t, <=t), B^{l-1}(t, <=t), f
@@ -348,7 +353,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     Drow = torch.cat([lr * Gp * torch.cat(dcol[:t])[None, :],
                                       torch.zeros(n, n, dtype=dt)], 1)
                 if l <= L - 2:
-                    Drow = Drow + BR[l][t] * maskB_struct_t[a:e, :e]
+                    Drow = Drow + BR[l][t] * maskB_use_t[a:e, :e]
                 pv = V["ph"][l][:t + 1].reshape(e, S)
                 if not grad:
                     V["r"][l][t] = r
@@ -396,7 +401,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                         strict = torch.zeros(n, e, dtype=dt)
                         strict[:, :a] = 1.0
                         Brow = Brow + (est - est.detach()) / gamma0 + \
-                            E[l]["b"][t] * maskB_struct_t[a:e, :e] * strict / gamma0
+                            E[l]["b"][t] * strict / gamma0
                     BR[l - 1].append(Brow)
                 if l == L - 1:
                     frow = q0["f"][t]

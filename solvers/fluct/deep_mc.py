@@ -10,8 +10,15 @@ units of a layer; at width N each average is its single-unit mean plus noise E /
 
 where rho_r, rho_u are the MSR response fields conjugate to the sources r^l, u^l of a unit
 (<F rho(s)> = <dF / d source(s)>). As in the linear module, the response noise E_a is used on
-s <= t (its equal-time part pairs with the coupling of the same times) and E_b on s < t; the
-structural zeros (test points are passive) carry no noise.
+s <= t (its equal-time part pairs with the coupling of the same times) and E_b on s < t, for
+*every* pair of points. The responses whose mean is zero because test points are passive
+(A^l(t mu, s q): nothing depends on a test point's r; B^{l-1}(t mu, s q), mu != q: a training
+point's g does not depend on a test point's u) still fluctuate in the formal sense: their
+noise is correlated with the others' by the MSR rules (e.g. <g_mu rho_u,q . z phi_q> =
+<g_mu z d phi_q / d u_q> != 0), and it enters the training points' dynamics through the memory
+kernels. Leaving it out (as this module did until 6 Dec 2026) overestimated test points'
+N Var by 17-28 % on a linear depth-2 network at 6-12 steps against the exact propagator
+(benchmarks/README.md, "A bias of the deep propagator at longer horizons").
 
 Linearising the fixed point q = M(q) + E (one Gauss-Seidel sweep of the single-site map M, in
 PyTorch, with the sources reparameterised as u = L_Phi xi_u, r = L_G xi_r so that M is a
@@ -80,6 +87,11 @@ class _Factor:
         return xi @ self.F.T
 
 
+#: innovations of the kappa step's single-site law: every one above this fraction of a
+#: source's variance (the solver's default; the maps use ``rtol``, see deep_propagator_once)
+KAPPA_RTOL = 1e-6
+
+
 def _keep(K, rtol):
     return np.asarray(causal_cholesky(K, rtol)[0])
 
@@ -94,8 +106,8 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     biased: E[J kappa J^T] = J_bar kappa J_bar^T + E[dJ kappa dJ^T], an upward bias that
     grows with the noisy directions and falls with the map samples: ~0.1 % at n (T + 1) = 21,
     +8 % (4096 map samples) and +37 % (2048) for the NTK's N Var at depth 3, n (T + 1) = 492;
-    sampling kappa from the map's own samples (the one-map form below) correlates the two and
-    added more there (+33 % in all at 4096; benchmarks/README.md).
+    sampling kappa from the map's own samples correlated the two and added more there (+33 %
+    in all at 4096; benchmarks/README.md): kappa now always comes from fresh samples.
 
     ``map_replicates`` = R, even: R / 2 pairs of independent maps (seeds of their own, each
     with ``samples / R`` map samples). For each pair, kappa is sampled once from
@@ -257,9 +269,10 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     ntk : bool
         Also N Var of the equal-time NTK entries.
     samples : int
-        Single-site samples per layer of the map (and of kappa, unless ``hold``); ``blocks``
-        batch means give the standard error of kappa's sampling (the map's own sampling error
-        is not included: :func:`deep_propagator` with ``map_replicates`` >= 2 adds it).
+        Single-site samples per layer of the map (kappa gets ``kappa_samples``, default as
+        many, fresh ones of the exact law, innovations above KAPPA_RTOL); ``blocks`` batch
+        means give the standard error of kappa's sampling (the map's own sampling error is not
+        included: :func:`deep_propagator` with ``map_replicates`` >= 2 adds it).
     seed : int or SeedSequence.
     rtol : float
         Innovations below this fraction of a source's variance are dropped
@@ -325,11 +338,10 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         :class:`solvers.fluct.deep_causal.AdjointRows`, its graph retained) with ``residual``
         and ``fixed_point_gap``, no kappa step (the first map of a pair, :func:`deep_propagator`).
     hold : AdjointRows, optional
-        The ``rows`` of an independent map of the same problem (its other seed). Then kappa is
-        sampled from ``kappa_samples`` fresh samples (independent of both maps: a value pass
-        with a seed of its own) with the rows of both maps, and the result is the cross
-        estimate J_hold kappa J^T (symmetrised), free of the map noise's quadratic bias, plus
-        ``plain`` (the mean of the two maps' own quadratic forms, the biased estimate) and
+        The ``rows`` of an independent map of the same problem (its other seed). Then kappa
+        (fresh samples, as always) is contracted with the rows of both maps, and the result is
+        the cross estimate J_hold kappa J^T (symmetrised), free of the map noise's quadratic
+        bias, plus ``plain`` (the mean of the two maps' own quadratic forms, the biased estimate) and
         ``delta`` (half their difference, whose square estimates the map noise's variance of
         the cross estimate), each a dict with ``pred_cov`` and ``ntk_var``.
     progress : callable, optional
@@ -377,19 +389,21 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     # masks (numpy bool -> torch float)
     strict = causal_mask(T1, n)
     lower = causal_mask(T1, n, strict=False)
-    # A: rows all points, columns train sources only (test r reaches nothing)
-    maskA = lower & train[None, :]
-    # B: train rows see train sources; test row q sees train sources and its own
+    # A: the mean on training columns only (test r reaches nothing), the noise on every
+    # column (module docstring), both on s <= t
+    maskA = lower
+    # B: the mean where it can be nonzero (train rows see train sources; test row q sees
+    # train sources and its own, s <= t), the noise on every pair with s < t
     maskB_struct = np.zeros((m, m), bool)
     maskB_struct[np.ix_(train, train)] = True
     for q in range(P, n):
         rows = pb == q
         maskB_struct[np.ix_(rows, train | rows)] = True
-    maskB_mean = maskB_struct & lower
-    maskB_noise = maskB_struct & strict
+    maskB_use = (maskB_struct & lower) | strict
+    maskB_noise = strict
     T = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=dt)      # noqa: E731
     t_strict, t_maskA = T(strict), T(maskA)
-    t_maskBm, t_maskBn = T(maskB_mean), T(maskB_noise)
+    t_maskBm, t_maskBn = T(maskB_use), T(maskB_noise)
 
     # the linearisation point
     q0 = {"f": T(f), "phi": [T(phi[l]) for l in range(L)], "g": [T(g[l]) for l in range(L)],
@@ -409,7 +423,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     # antithetic pairs (u, r), (u, -r): the parts of phi even in r and of g odd in r (the
     # dominant ones) cancel in the Stein responses of the map, whose noise sets the error of
     # the linearisation (measurements: benchmarks/README.md)
-    def draw(rngs, S):
+    def draw(rngs, S, keep_u=keep_u, keep_r=keep_r):
         """(S, k) standard normals of the kept innovations per layer, in antithetic pairs."""
         half = S // 2
         xu = [T(np.repeat(rngs[2 * l].standard_normal((half, len(keep_u[l]))), 2, axis=0))
@@ -552,9 +566,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                 center=center, q0=q0, keep_u=keep_u, keep_r=keep_r, keep_rtr=keep_rtr,
                 groups=groups, xi_u=xi_u, xi_r=xi_r, times=times, ntk=ntk, batch=batch,
                 logger=logger, lazy=True)
-            for l in range(L):
-                fields[l].update({"xi_u": xi_u[l], "xi_r": xi_r[l],
-                                  "Ku": T(Ku[l]), "Kr": T(Kr[l])})
+            del fields            # kappa samples afresh (below)
             # the causal recursion needs no iteration; its check is the fixed-point gap
             gap = max(gaps.values())
             residual = 0.0
@@ -645,25 +657,33 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         # its work is GEMMs with the (K, m, m) adjoint rows, which use every thread (measured:
         # 2 threads 1.9x faster than 1 at m = 492, K = 90; the adjoint's small ops are not)
         torch.set_num_threads(nthreads)
-        if hold is None:
-            Sk = S if kappa_samples is None else min(S, int(kappa_samples))
+        # kappa from fresh samples of the exact single-site law: independent of the maps' rows
+        # (the cross estimate of a pair of maps needs that), and with every innovation above
+        # KAPPA_RTOL. The maps' law drops innovations below ``rtol`` (1e-2) of a source's
+        # variance, which costs each source < 1 % of its variance but most of the variance of
+        # its increments u(t) - u(s), the part centred predictions and kernel changes are made
+        # of (linear depth 2, 8 steps: the top layer's N Var of a training point 17 % low).
+        # kappa="stein" whitens in the kept innovations and keeps the maps' law.
+        Sk = S if kappa_samples is None else int(kappa_samples)
+        Sk -= Sk % 2
+        krngs = [np.random.default_rng(c) for c in ss.spawn(2 * L)]
+        if kappa == "stein":
+            ku, kr = keep_u, keep_r
         else:
-            # the cross estimate: kappa from fresh samples, independent of both maps' rows
-            Sk = S if kappa_samples is None else int(kappa_samples)
-            Sk -= Sk % 2
-            krngs = [np.random.default_rng(c) for c in ss.spawn(2 * L)]
-            xu_k, xr_k = draw(krngs, Sk)
-            torch.set_num_threads(1)
-            with torch.no_grad():
-                fields, _ = causal_adjoint(
-                    torch, act=act, kx=kx, y=y, L=L, gamma0=gamma0, lr=lr, T1=T1, n=n,
-                    center=center, q0=q0, keep_u=keep_u, keep_r=keep_r, keep_rtr=keep_rtr,
-                    groups=groups, xi_u=xu_k, xi_r=xr_k, times=times, ntk=ntk,
-                    values_only=True)
-            torch.set_num_threads(nthreads)
-            for l in range(L):
-                fields[l].update({"xi_u": xu_k[l], "xi_r": xr_k[l],
-                                  "Ku": T(Ku[l]), "Kr": T(Kr[l])})
+            ku = [_keep(K, KAPPA_RTOL) for K in Ku]
+            kr = [_keep(K, KAPPA_RTOL) for K in Kr]
+        xu_k, xr_k = draw(krngs, Sk, ku, kr)
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            fields, _ = causal_adjoint(
+                torch, act=act, kx=kx, y=y, L=L, gamma0=gamma0, lr=lr, T1=T1, n=n,
+                center=center, q0=q0, keep_u=ku, keep_r=kr, keep_rtr=keep_rtr,
+                groups=groups, xi_u=xu_k, xi_r=xr_k, times=times, ntk=ntk,
+                values_only=True)
+        torch.set_num_threads(nthreads)
+        for l in range(L):
+            fields[l].update({"xi_u": xu_k[l], "xi_r": xr_k[l],
+                              "Ku": T(Ku[l]), "Kr": T(Kr[l])})
         maps = [J] if hold is None else [hold, J]
         edges = np.linspace(0, Sk, blocks + 1).astype(int)
         kseeds = ss.spawn(L)          # Hutchinson probes of kappa='jvp' (the same per group)
@@ -727,7 +747,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                     elif kappa == "stein":
                         mom = stein_kappa_layer(
                             torch, fields[l], Jl, l == 0, l == L - 1, edges, chunk,
-                            keep_u=keep_u[l], keep_r=keep_r[l], progress=tick)
+                            keep_u=ku[l], keep_r=kr[l], progress=tick)
                     else:
                         mom = _kappa_layer(torch, fields[l], Jl, l == 0, l == L - 1, edges,
                                            chunk, gamma0, act, T1, n, tick)
