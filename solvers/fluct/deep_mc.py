@@ -342,8 +342,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         (fresh samples, as always) is contracted with the rows of both maps, and the result is
         the cross estimate J_hold kappa J^T (symmetrised), free of the map noise's quadratic
         bias, plus ``plain`` (the mean of the two maps' own quadratic forms, the biased
-        estimate) and ``delta`` (half their difference, whose square estimates the map noise's variance of
-        the cross estimate), each a dict with ``pred_cov`` and ``ntk_var``.
+        estimate) and ``delta`` (half their difference, whose square estimates the map
+        noise's variance of the cross estimate), each a dict with ``pred_cov`` and ``ntk_var``.
     progress : callable, optional
         Called with ``(done, total, what)`` after each adjoint iteration and kappa chunk.
     logger : logging.Logger, optional
