@@ -52,6 +52,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._memory import release
+from ..layout import causal_mask
 
 __all__ = ["AdjointRows", "causal_adjoint"]
 
@@ -177,8 +178,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
         maskB_struct[np.ix_(rows, tr_flat | rows)] = True
     maskB_struct_t = T(maskB_struct.astype(float))
     # where B enters D: its structure, and every column at s < t (the noise)
-    past = np.arange(m)[:, None] // n > np.arange(m)[None, :] // n
-    maskB_use_t = T((maskB_struct | past).astype(float))
+    maskB_use_t = T((maskB_struct | causal_mask(T1, n)).astype(float))
 
     kx_flat_t = T(np.tile(kx, (T1, T1)))
     ones_t = torch.ones(m, m, dtype=dt)

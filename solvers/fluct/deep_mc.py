@@ -475,14 +475,13 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         J = J * T(mask)
         return torch.linalg.solve_triangular(Lc, J, upper=False, left=False)
 
-    def sweep(q, E, keep_fields=False):
+    def sweep(q, E):
         fq = q["f"]
         fc = fq - fq[:1] if center else fq
         dcol = torch.zeros(T1, n, dtype=dt)
         dcol[:, :P] = yv[None, :] - fc[:, :P]
         W = lr * t_strict * dcol.reshape(1, m)
         out = {"phi": [], "g": [], "A": [], "B": [None] * (L - 1)}
-        fields = []
         phi_prev, A_prev = kx_t, None
         for l in range(L):
             g_next = torch.ones(m, m, dtype=dt) if l == L - 1 else q["g"][l + 1]
@@ -525,13 +524,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
             if l == L - 1:
                 zf = (Z * PH).mean(1).reshape(T1, n) + El["f"].reshape(T1, n)
                 out["f"] = zf / gamma0
-            if keep_fields:
-                fields.append({"phi": PH.detach(), "g": G.detach(), "z": Z.detach(),
-                               "u": u.detach(), "r": r.detach(), "C": C.detach(),
-                               "D": D.detach(), "xi_u": xi_u[l], "xi_r": xi_r[l],
-                               "Ku": phi_prev.detach(), "Kr": g_next.detach()})
             phi_prev = Phi_l
-        return out, fields
+        return out
 
     def observables(q):
         fq = q["f"]
@@ -589,7 +583,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                    "A": [x.clone().requires_grad_(True) for x in q0["A"]],
                    "B": [x.clone().requires_grad_(True) for x in q0["B"]]}
             E = zero_noise()
-            qout, fields = sweep(qin, E, keep_fields=True)
+            qout = sweep(qin, E)
             leaves_q = flat(qin)
             leaves_E = [El[k] for El in E for k in ("pp", "gg", "f", "a", "b")]
             outs = flat(qout)
