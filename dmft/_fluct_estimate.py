@@ -95,14 +95,17 @@ def estimate_fluct(method, sol, opts):
         G = max(nt * n, (32 // nm) if opts.ntk else 0)        # the largest group
         # value buffers + retained graph (measured ~16 floats per layer, time, point and
         # sample once the freed pages are returned, solvers/_memory.py)
-        fields = nm * 8 * 16 * L * T1 * n * Sm
+        # the tangent columns of the responses outside their structure (layers >= 1) count
+        # as samples of the graph (solvers.fluct.deep_causal.tangent_count)
+        from solvers.fluct.deep_causal import backward_batch, tangent_count
+        Sg = Sm + T1 * (n - P) * tangent_count(Sm, T1 * (n - P))
+        fields = nm * 8 * 16 * L * T1 * n * Sg
         if pairs:
             fields += 8 * 8 * L * T1 * n * 2 * ks // R        # a pair's fresh kappa samples
         # one backward batch per map (the maps of a pair side by side): observables per pass
         # as solvers.fluct.deep_causal chooses them (the cache-sized batch)
-        from solvers.fluct.deep_causal import backward_batch
-        per_obs = 64 * L * T1 * n * Sm
-        nb = backward_batch(L, T1, n, Sm)
+        per_obs = 64 * L * T1 * n * Sg
+        nb = backward_batch(L, T1, n, Sg)
         transient = nm * nb * 3 * per_obs // 4              # measured ~3/4 of per_obs
         # a group's rows, + one stacked key in cat and kappa's symmetric J^pp, J^gg
         J = nm * (8 * L * (4 * G * m * m + G * m) + 8 * 3 * G * m * m)

@@ -44,6 +44,20 @@ non-causal factor K[:, keep] L^{-T} also loads, by O(rtol), on later ones); ever
 Stein responses included (A in the kept training innovations of G^{l+1}, B in the row groups of
 :func:`solvers.mc.responses.stein_groups`), is the same estimator, row by row.
 
+Responses outside their structure. The mean response B^{l-1}(t mu, s q) of a test column q in
+another row (a training point's g, or another test point's, to a test point's source u(s q))
+is zero at the linearisation point: nothing reads a test point's fields there. Its derivative
+is not: with the noise of the memory kernels switched on (E_b(t mu, s q) in D, E_a(t mu, s q)
+in C, both on every pair), u(s q) reaches the other points' g at first order. Holding these
+entries at zero (as until 6 Dec 2026) dropped that change; it enters the predictions from
+depth 3 on, through the middle layer's D (linear depth 3, 2 + 1 points, 8 steps: the test
+point's N Var f 0.469 against the exact 0.403). They are estimated by forward tangents of the
+march along every u(s q) (T1 Q directions) on the first ``tangent_samples`` samples of the map:
+the tangent starts on the kicked point alone (its zero-order value, known in closed form) and
+spreads through the perturbed C, D rows of the graph pass. Tangent instead of Stein estimates
+elsewhere, and the responses A(t mu, s q) of test columns, were tried and change nothing
+(benchmarks/README.md). Cost: ~T1 Q ts extra columns per layer >= 1 in the graph pass.
+
 Memory: the graph keeps the fields (n, S) per time and layer and small (n, n) blocks; products
 with histories are taken block by block in time, so no (t n, S) history is copied per step.
 """
@@ -54,7 +68,7 @@ import numpy as np
 from .._memory import release
 from ..layout import causal_mask
 
-__all__ = ["AdjointRows", "causal_adjoint"]
+__all__ = ["AdjointRows", "causal_adjoint", "tangent_count"]
 
 
 class _IncChol:
@@ -116,7 +130,7 @@ class _IncChol:
 def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_u, keep_r,
                    keep_rtr, groups, xi_u, xi_r, times, ntk=True, batch=32, logger=None,
                    progress=None, transient_bytes=1_500_000_000, cache_bytes=800_000,
-                   values_only=False, lazy=False):
+                   values_only=False, lazy=False, tangent_samples=64):
     """Adjoint rows J (module docstring) of the observables at ``times``.
 
     Parameters
@@ -186,6 +200,24 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     yfull[:P] = yv
     xiu_T = [x.T.contiguous() for x in xi_u]                              # (k, S)
     xir_T = [x.T.contiguous() for x in xi_r]
+    # B^{l-1}(t mu, s q) outside its structure (test columns q of other rows): zero at the
+    # linearisation point but not its derivative, by tangents of the march along u^l(s q)
+    # (module docstring, "Responses outside their structure"), on the first ``ts`` samples;
+    # directions d = (s_d, q_d), s_d = 0 .. T1 - 1, q_d test, direction-major
+    Q = n - P
+    ts = tangent_count(S, T1 * Q, tangent_samples) if L >= 2 else 0
+    ND = T1 * Q
+    dir_s = np.repeat(np.arange(T1), Q)
+    dir_q = np.tile(np.arange(P, n), T1)
+    # per row block t: columns (s q) of test points with s < t outside B's structure
+    extra_mask = [None] * T1
+    for t in range(T1):
+        mk = np.zeros((n, (t + 1) * n), bool)
+        for d in range(ND):
+            if dir_s[d] < t:
+                col = dir_s[d] * n + dir_q[d]
+                mk[:, col] = ~maskB_struct[t * n:(t + 1) * n, col]
+        extra_mask[t] = T(mk.astype(float))
 
     def run(E, V):
         """One causal pass. ``E`` None: the value pass (no noise, no graph), returns the value
@@ -213,6 +245,10 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
         BR = [[] for _ in range(L - 1)]
         fr_rows = []
         dcol = []
+        # tangent fields along the test sources (graph pass, layers >= 1): (n, ND, ts)
+        tH = [[] for _ in range(L)]
+        tP = [[] for _ in range(L)]
+        tG = [[] for _ in range(L)]
         if not grad:
             gaps = {}
             V = {"ph": [torch.empty(T1, n, S, dtype=dt) for _ in range(L)],
@@ -271,6 +307,25 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                 return x
             return x - vbuf[k0:k1]
 
+        def g0_tangent(l, t):
+            """Zero-order tangent g~0(t) (n, ND, ts) of layer l along u(s_d q_d): on the
+            kicked point only, phi''(h) [t = s_d] z + phi'(h) gamma0 D(t q, s_d q) phi'(h(s_d))
+            (at the linearisation point nothing else reads a test point's fields)."""
+            out = torch.zeros(n, ND, ts, dtype=dt)
+            sel = np.flatnonzero(dir_s <= t)
+            if not sel.size:
+                return out
+            qd, sd = dir_q[sel], dir_s[sel]
+            hq = V["h"][l][t][qd, :ts]                                   # (k, ts)
+            zq = V["z"][l][t][qd, :ts]
+            dq = V["D"][l][t * n + qd, sd * n + qd]                       # (k,)
+            hs = V["h"][l][sd, qd, :ts]                                   # (k, ts)
+            zt = gamma0 * dq[:, None] * act(hs, 1)
+            gt = act(hq, 1) * zt + act(hq, 2) * zq * torch.as_tensor(
+                (sd == t).astype(float))[:, None]
+            out[qd, sel] = gt
+            return out
+
         for t in range(T1):
             a, e = t * n, (t + 1) * n
             # ------------------------------ bottom-up: h^l(t), Phi^l(t, <=t), A^l(t, <t)
@@ -310,6 +365,21 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     dph[l].append(p - V["ph"][l][t])
                     hh[l].append(h)
                     uu[l].append(u)
+                    if ts and l >= 1:
+                        # h~(t) = kick + gamma0 C(t, < t) g~(< t) + E_a(t, t) g~0(t), the
+                        # last with the zero-order tangent g~0(t), which lives on the
+                        # kicked point alone (as the march's equal-time term, first order)
+                        kick = torch.zeros(n, ND, ts, dtype=dt)
+                        sel = np.flatnonzero(dir_s == t)
+                        kick[dir_q[sel], sel] = 1.0
+                        hT = kick
+                        if t:
+                            hist = torch.cat(tG[l][:t], 0).reshape(a, ND * ts)
+                            hT = hT + gamma0 * (Crow @ hist).reshape(n, ND, ts)
+                        hT = hT + torch.einsum(
+                            "ij,jdk->idk", E[l - 1]["a"][t][:, a:e], g0_tangent(l, t))
+                        tH[l].append(hT)
+                        tP[l].append(act(h[:, None, :ts], 1) * hT)
                 # Phi^l(t, <= t)
                 row = q0["phi"][l][a:e, :e]
                 if not grad:
@@ -366,6 +436,12 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     z = r + gamma0 * (Drow @ pv + times_hist(V["D"][l][a:e, :e], dph[l]))
                     g = act(hh[l][t], 1) * z
                     dgg[l].append(g - V["g"][l][t])
+                    if ts and l >= 1:
+                        histp = torch.cat(tP[l][:t + 1], 0).reshape(e, ND * ts)
+                        zT = gamma0 * (Drow @ histp).reshape(n, ND, ts)
+                        hs = hh[l][t][:, None, :ts]
+                        tG[l].append(act(hs, 2) * tH[l][t] * z[:, None, :ts]
+                                     + act(hs, 1) * zT)
                 row = q0["g"][l][a:e, :e]
                 if not grad:
                     gap_of("g", g @ V["g"][l][:t + 1].reshape(e, S).T / S - row, q0["g"][l])
@@ -400,6 +476,15 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     if grad:
                         strict = torch.zeros(n, e, dtype=dt)
                         strict[:, :a] = 1.0
+                        if ts and t:
+                            # <dg(t) / du(s q)> at the test columns, s < t
+                            mt_ = tG[l][t].mean(2)                        # (n, ND)
+                            sel = np.flatnonzero(dir_s < t)
+                            cols = torch.as_tensor(dir_s[sel] * n + dir_q[sel])
+                            etan = torch.zeros(n, e, dtype=dt)
+                            etan = etan.index_copy(1, cols, mt_[:, sel])
+                            etan = etan * extra_mask[t]
+                            est = est + etan
                         Brow = Brow + (est - est.detach()) / gamma0 + \
                             E[l]["b"][t] * strict / gamma0
                     BR[l - 1].append(Brow)
@@ -458,11 +543,22 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     # enough that one (batch, n, S) adjoint field stays within ``cache_bytes`` (at S = 2048:
     # 0.62-0.76 s per observable at 3-4 per pass, 1.0-1.2 s at 6-12; S = 4096: 1.3 s at 2,
     # 2.0-2.3 s at 4-8; depth 3, n = 12, T1 = 41, one thread)
-    nb = backward_batch(L, T1, n, S, batch, transient_bytes, cache_bytes)
+    # the tangent columns of layers >= 1 count as samples of the graph
+    nb = backward_batch(L, T1, n, S + ND * ts, batch, transient_bytes, cache_bytes)
     rows = AdjointRows(torch, obs, leaves, L, T1, n, nb, logger, progress)
     if lazy:
         return rows, fields, rows.K, V["gaps"]
     return rows.rows(range(rows.K)), fields, rows.K, V["gaps"]
+
+
+def tangent_count(S, ND, requested=64):
+    """Tangent samples for the responses outside their structure: ``requested``, at most S
+    and at most S / (4 ND) (at least 2), so that the ND directions' tangent columns stay
+    within a quarter of the samples' (8 + 4 points, 40 steps: ND = 164, 6 per map of 4096);
+    0 without test points (ND = 0)."""
+    if ND <= 0 or requested <= 0:
+        return 0
+    return int(min(requested, S, max(2, S // (4 * ND))))
 
 
 def backward_batch(L, T1, n, S, batch=32, transient_bytes=1_500_000_000,
