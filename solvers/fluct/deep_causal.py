@@ -218,6 +218,13 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                 col = dir_s[d] * n + dir_q[d]
                 mk[:, col] = ~maskB_struct[t * n:(t + 1) * n, col]
         extra_mask[t] = T(mk.astype(float))
+    # direction d -> flat column (s_d q_d) of the row block t, for s_d < t
+    scatter = []
+    for t in range(T1):
+        sc = np.zeros((ND, (t + 1) * n))
+        for d in np.flatnonzero(dir_s < t):
+            sc[d, dir_s[d] * n + dir_q[d]] = 1.0
+        scatter.append(T(sc))
 
     def run(E, V):
         """One causal pass. ``E`` None: the value pass (no noise, no graph), returns the value
@@ -478,13 +485,9 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                         strict[:, :a] = 1.0
                         if ts and t:
                             # <dg(t) / du(s q)> at the test columns, s < t
-                            mt_ = tG[l][t].mean(2)                        # (n, ND)
-                            sel = np.flatnonzero(dir_s < t)
-                            cols = torch.as_tensor(dir_s[sel] * n + dir_q[sel])
-                            etan = torch.zeros(n, e, dtype=dt)
-                            etan = etan.index_copy(1, cols, mt_[:, sel])
-                            etan = etan * extra_mask[t]
-                            est = est + etan
+                            # scattered by a product with a fixed 0/1 matrix (the batched
+                            # backward has no fast rule for index_copy)
+                            est = est + (tG[l][t].mean(2) @ scatter[t]) * extra_mask[t]
                         Brow = Brow + (est - est.detach()) / gamma0 + \
                             E[l]["b"][t] * strict / gamma0
                     BR[l - 1].append(Brow)
