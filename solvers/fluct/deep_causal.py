@@ -209,15 +209,8 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     ND = T1 * Q
     dir_s = np.repeat(np.arange(T1), Q)
     dir_q = np.tile(np.arange(P, n), T1)
-    # per row block t: columns (s q) of test points with s < t outside B's structure
-    extra_mask = [None] * T1
-    for t in range(T1):
-        mk = np.zeros((n, (t + 1) * n), bool)
-        for d in range(ND):
-            if dir_s[d] < t:
-                col = dir_s[d] * n + dir_q[d]
-                mk[:, col] = ~maskB_struct[t * n:(t + 1) * n, col]
-        extra_mask[t] = T(mk.astype(float))
+    # the pairs s < t outside B's structure (all of them in test columns)
+    extra = causal_mask(T1, n) & ~maskB_struct
     # direction d -> flat column (s_d q_d) of the row block t, for s_d < t
     scatter = []
     for t in range(T1):
@@ -381,8 +374,9 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                         kick[dir_q[sel], sel] = 1.0
                         hT = kick
                         if t:
-                            hist = torch.cat(tG[l][:t], 0).reshape(a, ND * ts)
-                            hT = hT + gamma0 * (Crow @ hist).reshape(n, ND, ts)
+                            hT = hT + gamma0 * times_hist(
+                                Crow, [b.reshape(n, ND * ts) for b in tG[l][:t]]
+                            ).reshape(n, ND, ts)
                         hT = hT + torch.einsum(
                             "ij,jdk->idk", E[l - 1]["a"][t][:, a:e], g0_tangent(l, t))
                         tH[l].append(hT)
@@ -444,8 +438,9 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                     g = act(hh[l][t], 1) * z
                     dgg[l].append(g - V["g"][l][t])
                     if ts and l >= 1:
-                        histp = torch.cat(tP[l][:t + 1], 0).reshape(e, ND * ts)
-                        zT = gamma0 * (Drow @ histp).reshape(n, ND, ts)
+                        zT = gamma0 * times_hist(
+                            Drow, [b.reshape(n, ND * ts) for b in tP[l][:t + 1]]
+                        ).reshape(n, ND, ts)
                         hs = hh[l][t][:, None, :ts]
                         tG[l].append(act(hs, 2) * tH[l][t] * z[:, None, :ts]
                                      + act(hs, 1) * zT)
@@ -487,7 +482,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                             # <dg(t) / du(s q)> at the test columns, s < t
                             # scattered by a product with a fixed 0/1 matrix (the batched
                             # backward has no fast rule for index_copy)
-                            est = est + (tG[l][t].mean(2) @ scatter[t]) * extra_mask[t]
+                            est = est + (tG[l][t].mean(2) @ scatter[t]) * T(extra[a:e, :e])
                         Brow = Brow + (est - est.detach()) / gamma0 + \
                             E[l]["b"][t] * strict / gamma0
                     BR[l - 1].append(Brow)

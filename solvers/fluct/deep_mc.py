@@ -491,8 +491,9 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     # at the linearisation point but not its derivative (module docstring), as the Jacobian
     # of the population mean of g along a common shift of u, on the first ``ts`` samples
     ts = tangent_count(S, T1 * (n - P), tangent_samples)
-    maskB_extra = T(strict & ~maskB_struct)
-    extra_rows = np.flatnonzero((strict & ~maskB_struct).any(1))
+    extra = strict & ~maskB_struct
+    maskB_extra = T(extra)
+    extra_rows = np.flatnonzero(extra.any(1))
 
     def tangent_B(u, r, C, D):
         du = torch.zeros(m, dtype=dt, requires_grad=True)
