@@ -366,8 +366,10 @@ def main(argv=None):
     ap.add_argument("--depth-gammas", default="0.5,1,2")
     ap.add_argument("--depth-width", type=int, default=256)
     ap.add_argument("--depth-seeds", type=int, default=200)
-    ap.add_argument("--depth-samples", type=int, default=4096,
-                    help="deep propagator samples in the depth part")
+    ap.add_argument("--depth-samples", type=int, default=16384,
+                    help="deep propagator samples in the depth part (the default 4 maps of "
+                         "4096: at (T + 1) (P + Q) = 186 flat points, depth 3 needs >= 4096 "
+                         "per map; maps of 1024 blew up there)")
     ap.add_argument("--depth-no-theory", action="store_true",
                     help="depth part: simulations only")
     ap.add_argument("--cases", default="two-layer,depth2,depth3", help="speed part rows")

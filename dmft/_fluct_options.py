@@ -19,6 +19,12 @@ DEFAULT_KAPPA_SAMPLES = 8192
 #: "deep-propagator": independent sampled maps, whose spread puts the map's own noise in the
 #: error bars (solvers.fluct.deep_mc.deep_propagator; coverage in benchmarks/README.md)
 DEFAULT_MAP_REPLICATES = 4
+#: "deep-propagator": a logged warning when the maps' noise variance exceeds this multiple of
+#: kappa's (options["map_noise_ratio"]). Measured (benchmarks/README.md): 0.2-1 at the
+#: defaults on the coverage problems, 2.7 at one pair of 2048-sample maps at 8 + 4 points and
+#: 40 steps (still unbiased), 184-634 where 1024-sample maps blew up (tanh, depth 3, 4 + 2
+#: points, 30 steps: VK 711 +- 2176 against 368 +- 33 from networks)
+MAP_NOISE_WARN = 10.0
 #: "propagator" with ``times``: by default 1 sample in 8 also carries tangents for the
 #: response J (the rest feed kappa and the influence vectors only; a tangent march costs
 #: ~50 x a plain one at P = 16, T = 100); measured in benchmarks/README.md (fluctuations.py,

@@ -94,9 +94,9 @@ from solvers.fluct import deep_mc as _deep_mc
 
 from ._fluct_base import (FluctuationMethod, _TwoLayer, _need_gamma0, _need_linear,
                           _objective, _output_shape)
-from ._fluct_options import (DEFAULT_KAPPA_SAMPLES, AutoOptions, DeepPropagatorOptions,
-                             FluctuationOptions, LazyOptions, PropagatorOptions, SampledOptions,
-                             _selected)
+from ._fluct_options import (DEFAULT_KAPPA_SAMPLES, MAP_NOISE_WARN, AutoOptions,
+                             DeepPropagatorOptions, FluctuationOptions, LazyOptions,
+                             PropagatorOptions, SampledOptions, _selected)
 from ._fluct_two_layer import _Lazy, _Propagator
 from ._progress import logger
 from .results import Fluctuations, Solution
@@ -226,6 +226,17 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
         for key in ("map_noise_ratio", "map_noise_bias"):
             if res.get(key) is not None:
                 state.options[key] = {k: float(v) for k, v in res[key].items()}
+        noisy = {k: v for k, v in (res.get("map_noise_ratio") or {}).items()
+                 if v > MAP_NOISE_WARN}
+        if noisy:
+            logger.warning(
+                "fluctuations (deep-propagator): the sampled maps' noise is %s times kappa's "
+                "(map_noise_ratio); the error bars include it, but the adjoint rows are a "
+                "nonlinear function of the map's samples, and at this noise their O(1 / "
+                "samples) bias is not negligible. At (T + 1) (P + Q) = %d flat points use "
+                "more samples per map: samples=%d (4x) or more",
+                ", ".join(f"{v:.0f} ({k})" for k, v in noisy.items()), (T + 1) * n,
+                4 * int(samples))
         if res.get("block") is not None:
             # per pair of maps: kappa's batch-means estimates and delta (the maps' noise), so
             # that sums of entries get errors: Var = mean_p(var_b / blocks + delta^2) / pairs

@@ -99,6 +99,27 @@ def test_seed_reproducibility_selection_and_errors():
         dmft.fluctuations(bad, samples=512, kappa_samples=256, seed=5, ntk=False)
 
 
+def test_noisy_maps_are_reported(monkeypatch, caplog):
+    """A map-noise ratio above MAP_NOISE_WARN logs a warning that names the fix (more samples
+    per map); at this size the ratio is far below the threshold and nothing is logged."""
+    import logging
+    import dmft._fluctuations as fluct
+    data = _data(2, 1)
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=2)
+    sol = dmft.solve(dmft.MLP(2, "tanh"), data, train, method="mc", samples=4096, seed=0,
+                     progress=False)
+    kw = dict(samples=512, kappa_samples=256, map_replicates=2, ntk=False, seed=5)
+    with caplog.at_level(logging.WARNING, logger="dmft"):
+        a = dmft.fluctuations(sol, **kw)
+    rho = a.options["map_noise_ratio"]["predictions"]
+    assert rho < fluct.MAP_NOISE_WARN and "map_noise_ratio" not in caplog.text
+    monkeypatch.setattr(fluct, "MAP_NOISE_WARN", rho / 2)
+    with caplog.at_level(logging.WARNING, logger="dmft"):
+        b = dmft.fluctuations(sol, **kw)
+    assert "map_noise_ratio" in caplog.text and "samples=2048" in caplog.text
+    assert np.array_equal(a.prediction_cov, b.prediction_cov)
+
+
 def _check_against_simulations(net, data, train, sol, center, times):
     """Deep propagator (16384 / 4096 samples) against 400 simulated networks at widths 512 and
     2048 (pooled ratios, tests/test_fluctuations_deep._sweep); at 2048 within TOL['width_rel']
