@@ -319,11 +319,13 @@ def test_pairs_of_maps_remove_the_map_noise_bias_against_networks():
     networks at widths 128, 256, 512 (512 seeds each), N Var = a + b / N by weighted least
     squares. Vf (test points' N Var f(T), summed) and VK (the NTK's upper triangle at T,
     summed) within 3 combined standard errors (the sums' errors from the pairs' batch means
-    and deltas); and the test has some power: the plain forms of the same maps
-    (``map_noise_bias``) are above their cross term by more than 2 of its standard errors
-    on VK (a check at 3 failed once: the bias is resolved at only ~2.3-3 standard errors at
-    these sample sizes, so this test cannot by itself tell the two estimators apart reliably;
-    benchmarks/README.md compares them at larger sizes).
+    and deltas). Until 6 Dec 2026 the test also asserted that the plain forms of the same maps
+    (``map_noise_bias``) lie above their cross term by more than 2 of its standard errors on
+    VK (resolved at only ~2.3-3 standard errors even then). With the maps' innovation
+    threshold at 3e-2 instead of 1e-2 their noise is smaller, and so is the plain forms'
+    excess: +5.7 % of VK = 0.5 standard errors (VK 3314 +- 389, 533 s for this file's slow
+    tests). The difference between the two estimators is shown at larger sizes in
+    benchmarks/README.md; here only the agreement with the networks is asserted.
 
     Measured (5 Dec 2026, 2-core machine): session 22, propagator 576 s, 4.4 GB peak; Vf
     3.363, VK 2773 (entry errors in quadrature 0.16 / 209); map_noise_bias +6 % / +37.5 %.
@@ -370,8 +372,10 @@ def test_pairs_of_maps_remove_the_map_noise_bias_against_networks():
     zf = (Vf - f_net) / np.hypot(Vf_se, f_se)
     zK = (VK - K_net) / np.hypot(VK_se, K_se)
     assert abs(zf) < 3 and abs(zK) < 3, (Vf, Vf_se, f_net, f_se, VK, VK_se, K_net, K_se)
+    # the plain forms of the same maps lie above their cross term (the quadratic map noise),
+    # here by less than the error: asserted only as not below it by more than 2 errors
     bias = fl.options["map_noise_bias"]["ntk"]
-    assert bias * VK > 2 * VK_se, (bias, VK, VK_se)
+    assert bias * VK > -2 * VK_se, (bias, VK, VK_se)
 
 
 def test_ntk_trace_seeds_are_unbiased_for_the_summed_variance():
@@ -490,3 +494,43 @@ def test_linear_depth3_prediction_covariance_at_longer_horizons():
     (solvers.fluct.deep_causal)."""
     z, est, ex = _pooled_linear_z(3, 8)
     assert np.max(np.abs(z)) < 4.5, (z, est, ex)
+
+
+@pytest.mark.slow
+def test_depth3_ntk_variance_at_twenty_steps_against_networks():
+    """The map's innovation threshold ``rtol`` (solvers.fluct.deep_mc.deep_propagator_once):
+    tanh depth 3, 8 + 4 points, 20 steps (n (T + 1) = 252), gamma0 = 1, lr = 0.1, centred,
+    one pair of 4096-sample maps, 4096 fresh kappa samples: the summed N Var of the NTK's upper
+    triangle at T and of the test predictions within 3 combined standard errors of centred
+    networks at width 512 (512 seeds; at width 256 the same within 1 %: 2239 +- 67 against
+    2258 +- 71), and within 20 %.
+
+    Measured (6 Dec 2026): at the former default rtol = 1e-2 the propagator gave VK 2883 +-
+    143 and 3383 +- 142 (seeds 2, 3; entry errors in quadrature), 1.28x and 1.50x the
+    networks', 4.4 and 7.6 standard errors (and 1.8x at 40 steps); at 3e-2, 2442 +- 118 and
+    2479 +- 132 (1.08x, 1.10x)."""
+    from dmft.config import teacher_student
+    from solvers.fluct.deep_mc import pair_sum
+    data = teacher_student(P=8, Q=4, D=10, seed=0)
+    net, T, n, P, N, seeds = dmft.MLP(3, "tanh"), 20, 12, 8, 512, 512
+    train = dmft.GradientDescent(gamma0=1.0, lr=0.1, steps=T)
+    sol = dmft.solve(net, data, train, method="mc", seed=0, progress=False)
+    fl = dmft.fluctuations(sol, method="deep-propagator", times=[T], center=True, samples=8192,
+                           kappa_samples=4096, map_replicates=2, seed=3, progress=False)
+    test = np.zeros((n, n), bool)
+    test[np.arange(P, n), np.arange(P, n)] = True
+    Vf, Vf_se = pair_sum(fl, "prediction_cov", T, test)
+    VK, VK_se = pair_sum(fl, "ntk_var", T, np.triu(np.ones((n, n), bool)))
+    ens = dmft.simulate(net, data, train, width=N, seeds=range(5 * 10 ** 6, 5 * 10 ** 6 + seeds),
+                        center=True)
+    i, j = np.triu_indices(n)
+    rows = []
+    for value, se, x in ((Vf, Vf_se, np.asarray(ens.test_predictions[:, T])),
+                         (VK, VK_se, np.asarray(ens.ntk[:, T])[:, i, j])):
+        x = np.sqrt(N) * x
+        d2 = ((x - x.mean(0)) ** 2).sum(1) * seeds / (seeds - 1)
+        ref, ref_se = d2.mean(), d2.std(ddof=1) / np.sqrt(seeds)
+        rows.append((value, se, ref, ref_se))
+    for value, se, ref, ref_se in rows:
+        assert abs(value - ref) < 3 * np.hypot(se, ref_se), rows
+        assert abs(value / ref - 1) < 0.20, rows
