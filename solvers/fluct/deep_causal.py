@@ -211,6 +211,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
     dir_q = np.tile(np.arange(P, n), T1)
     # the pairs s < t outside B's structure (all of them in test columns)
     extra = causal_mask(T1, n) & ~maskB_struct
+    extra_t = T(extra.astype(float))
     # direction d -> flat column (s_d q_d) of the row block t, for s_d < t
     scatter = []
     for t in range(T1):
@@ -482,7 +483,7 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                             # <dg(t) / du(s q)> at the test columns, s < t
                             # scattered by a product with a fixed 0/1 matrix (the batched
                             # backward has no fast rule for index_copy)
-                            est = est + (tG[l][t].mean(2) @ scatter[t]) * T(extra[a:e, :e])
+                            est = est + (tG[l][t].mean(2) @ scatter[t]) * extra_t[a:e, :e]
                         Brow = Brow + (est - est.detach()) / gamma0 + \
                             E[l]["b"][t] * strict / gamma0
                     BR[l - 1].append(Brow)
