@@ -53,7 +53,8 @@ if HERE not in sys.path:            # part 5 lives in a sibling module
 
 import dmft  # noqa: E402
 from dmft._two_layer import solve_two_layer  # noqa: E402
-from fluctuations_speed import SPEED_CASES, speed  # noqa: E402
+from solvers.stats import summed_variance  # noqa: E402
+from fluctuations_speed import SPEED_CASES, speed, summed_variances  # noqa: E402
 
 
 def _problem(P, Q, D, seed):
@@ -65,10 +66,9 @@ def _problem(P, Q, D, seed):
 
 def pooled_ratio(x, theory):
     """(sum over entries of the seed variance) / (sum of theory) and its standard error."""
-    S = x.shape[0]
-    d2 = ((x - x.mean(0)) ** 2).reshape(S, -1).sum(1) * S / (S - 1)
+    v, se = summed_variance(x)
     tot = float(np.sum(theory))
-    return d2.mean() / tot, d2.std(ddof=1) / np.sqrt(S) / tot
+    return v / tot, se / tot
 
 
 def pooled_theory_se(value, se):
@@ -254,7 +254,8 @@ def timing(args):
 def _depth_theory(net, data, train, args):
     """The propagator at the last step (times=[T], centred): sum N Var K(T) over all entries,
     sum K^2 of the infinite-width NTK, sum N Var f(T) over all points, their standard errors
-    (entry errors summed: an upper bound) and the seconds of solve + propagator."""
+    (the sums' own errors, :func:`fluctuations_speed.summed_variances`) and the seconds of
+    solve + propagator."""
     T = train.steps
     t0 = time.perf_counter()
     if net.depth == 1:
@@ -266,9 +267,9 @@ def _depth_theory(net, data, train, args):
         fl = dmft.fluctuations(sol, method="deep-propagator", times=[T], center=True,
                                samples=args.depth_samples, seed=2, progress=False)
     el = time.perf_counter() - t0
-    vK, vK_se = float(np.sum(fl.ntk_var[T])), float(np.sum(fl.stderr["ntk_var"][T]))
-    vf = float(np.trace(fl.prediction_cov[T]))
-    vf_se = float(np.sum(np.diag(fl.stderr["prediction_cov"][T])))
+    n = data.P + data.Q
+    (vf, vf_se, _), (vK, vK_se, _) = summed_variances(fl, T, np.eye(n, dtype=bool),
+                                                      np.ones((n, n), bool))
     sig = float(np.sum(np.asarray(sol.ntk[T]) ** 2))
     return vK, vK_se, sig, vf, vf_se, el
 
@@ -294,13 +295,11 @@ def depth(args):
             ens = dmft.simulate(net, data, train, width=N, seeds=range(S), center=True)
             el = time.perf_counter() - t0
             K = ens.ntk[:, T].reshape(S, -1)
-            d2 = ((K - K.mean(0)) ** 2).sum(1) * S / (S - 1) * N
-            vK, vK_se = d2.mean(), d2.std(ddof=1) / np.sqrt(S)
+            vK, vK_se = summed_variance(K, N)
             sig = float(np.sum(K.mean(0) ** 2))
             snr, snr_se = sig / vK, sig / vK * vK_se / vK
             f = ens.predictions[:, T]
-            d2f = ((f - f.mean(0)) ** 2).sum(1) * S / (S - 1) * N
-            vf, vf_se = d2f.mean(), d2f.std(ddof=1) / np.sqrt(S)
+            vf, vf_se = summed_variance(f, N)
             th = _depth_theory(net, data, train, args) if theory else None
             rows.append((gamma0, L, vK, vK_se, sig, snr, snr_se, vf, vf_se, th))
             line = (f"{gamma0:7.2f} {L:2d} {vK:10.3f}+-{vK_se:6.3f} {sig:13.3f} "

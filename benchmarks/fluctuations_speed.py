@@ -23,8 +23,9 @@ if ROOT not in sys.path:            # the spawned workers import this module, th
 
 import dmft  # noqa: E402
 from dmft._fluct_options import DEFAULT_MAP_REPLICATES  # noqa: E402
+from solvers.stats import fit_inverse_width, summed_variance  # noqa: E402
 
-__all__ = ["SPEED_CASES", "SPEED_WIDTHS", "speed"]
+__all__ = ["SPEED_CASES", "SPEED_WIDTHS", "speed", "summed_variances"]
 
 SPEED_CASES = {
     # name: (depth, P, Q, steps)
@@ -48,6 +49,33 @@ def _pooled(values, blocks=None, se=None):
     if blocks is not None:
         return float(values), float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))), "blocks"
     return float(values), float(np.sum(se)), "linear"
+
+
+def summed_variances(fl, T, sel_f, sel_k):
+    """Sums of the entries ``sel_f`` of N Cov f(T) and ``sel_k`` of N Var K(T) (boolean (n, n)
+    masks) of a ``dmft.fluctuations`` result, each as (value, standard error, how). The error
+    is that of the sum, the entries' correlations included: from the pairs of maps (deep
+    propagator: kappa's batch means of the sums plus the pairs' map noise,
+    :func:`solvers.fluct.deep_mc.pair_sum`; with ``ntk_rank`` the engine's own summed NTK
+    variance, whose mask must then be the upper triangle), from the per-block estimates
+    (two-layer adjoint engine), else the entry errors added linearly (an upper bound)."""
+    if "pair_block_prediction_cov" in fl.extras:
+        from solvers.fluct.deep_mc import pair_sum
+        f = pair_sum(fl, "prediction_cov", T, sel_f) + ("pairs",)
+        if "ntk_var_total" in fl.extras:
+            k = (float(fl.extras["ntk_var_total"][T]), float(fl.stderr["ntk_var_total"][T]),
+                 "ntk_rank")
+        else:
+            k = pair_sum(fl, "ntk_var", T, sel_k) + ("pairs",)
+        return f, k
+    vf = float(np.sum(fl.prediction_cov[T][sel_f]))
+    vk = float(np.sum(fl.ntk_var[T][sel_k]))
+    if "block_prediction_cov" in fl.extras:
+        bf = fl.extras["block_prediction_cov"][:, T][:, sel_f].sum(1)
+        bk = fl.extras["block_ntk_var"][:, T][:, sel_k].sum(1)
+        return _pooled(vf, blocks=bf), _pooled(vk, blocks=bk)
+    return (_pooled(vf, se=fl.stderr["prediction_cov"][T][sel_f]),
+            _pooled(vk, se=fl.stderr["ntk_var"][T][sel_k]))
 
 
 def _peak_gb():
@@ -81,29 +109,11 @@ def _prop_worker(job):
     t0 = time.perf_counter()
     fl = dmft.fluctuations(sol, **kw)
     el = time.perf_counter() - t0
-    cov, var = fl.prediction_cov[T], fl.ntk_var[T]
-    vf = np.trace(cov[P:, P:])
-    vk = var[i, j].sum()
-    if "pair_block_prediction_cov" in fl.extras:
-        # deep propagator, pairs of maps: kappa's batch means and the pairs' deltas of the sums
-        sel_f = np.zeros((n, n), bool)
-        sel_f[np.arange(P, n), np.arange(P, n)] = True
-        from solvers.fluct.deep_mc import pair_sum
-        f = pair_sum(fl, "prediction_cov", T, sel_f) + ("pairs",)
-        if "ntk_var_total" in fl.extras:
-            # ntk_rank: the NTK's summed N Var from principal directions and probes
-            k = (float(fl.extras["ntk_var_total"][T]), float(fl.stderr["ntk_var_total"][T]))
-        else:
-            sel_k = np.zeros((n, n), bool)
-            sel_k[i, j] = True
-            k = pair_sum(fl, "ntk_var", T, sel_k)
-    elif "block_prediction_cov" in fl.extras:
-        bf = np.trace(fl.extras["block_prediction_cov"][:, T][:, P:, P:], axis1=1, axis2=2)
-        bk = fl.extras["block_ntk_var"][:, T][:, i, j].sum(1)
-        f, k = _pooled(vf, blocks=bf), _pooled(vk, blocks=bk)
-    else:
-        f = _pooled(vf, se=np.diag(fl.stderr["prediction_cov"][T])[P:])
-        k = _pooled(vk, se=fl.stderr["ntk_var"][T][i, j])
+    sel_f = np.zeros((n, n), bool)
+    sel_f[np.arange(P, n), np.arange(P, n)] = True
+    sel_k = np.zeros((n, n), bool)
+    sel_k[i, j] = True
+    f, k = summed_variances(fl, T, sel_f, sel_k)
     peak = _peak_gb()
     return f[0], f[1], k[0], k[1], f[2], el, peak, dict(fl.options)
 
@@ -138,11 +148,12 @@ def _ens_worker(job):
         for q in (0, 1):
             y, se = [], []
             for N in SPEED_WIDTHS:
-                x = np.sqrt(N) * np.concatenate(acc[N][q])
-                d2 = ((x - x.mean(0)) ** 2).sum(1) * S / (S - 1)
-                y.append(d2.mean())
-                se.append(d2.std(ddof=1) / np.sqrt(S))
-            fits.append(_wls_intercept(np.array(SPEED_WIDTHS), np.array(y), np.array(se)))
+                v, v_se = summed_variance(np.concatenate(acc[N][q]), N)
+                y.append(v)
+                se.append(v_se)
+            b0, se0, _, _ = fit_inverse_width(SPEED_WIDTHS, np.array(y)[:, None],
+                                              np.array(se)[:, None])
+            fits.append((float(b0[0]), float(se0[0])))
         history.append((S, elapsed, fits))
         rel = max(fits[0][1] / abs(fits[0][0]), fits[1][1] / abs(fits[1][0]))
         print(f"    ensembles: {S} seeds/width, {elapsed:.1f} s, Vf {fits[0][0]:.4g} +- "
@@ -152,15 +163,6 @@ def _ens_worker(job):
         S *= 2
     peak = _peak_gb()
     return history, peak
-
-
-def _wls_intercept(N, y, se):
-    """Weighted least squares y = a + b / N (weights 1 / se^2): (a, se(a))."""
-    X = np.stack([np.ones_like(y), 1.0 / N], 1)
-    w = 1.0 / se ** 2
-    cov = np.linalg.inv(X.T @ (w[:, None] * X))
-    a = cov @ (X.T @ (w * y))
-    return float(a[0]), float(np.sqrt(cov[0, 0]))
 
 
 def _in_fresh_process(ctx, fn, job):

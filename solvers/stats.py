@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fit_inverse_width"]
+__all__ = ["fit_inverse_width", "summed_variance"]
 
 
 def fit_inverse_width(widths, means, ses):
@@ -34,3 +34,24 @@ def fit_inverse_width(widths, means, ses):
     b0 = (sxx * sy - sx * sxy) / det
     b1 = (sw * sxy - sx * sy) / det
     return b0, np.sqrt(sxx / det), b1, np.sqrt(sw / det)
+
+
+def summed_variance(x, width=1):
+    """The summed variance over entries of an ensemble, width-scaled, and its standard error.
+
+    For x of shape (seeds, ...) (one row per network), per seed the squared deviations from
+    the ensemble mean summed over the entries, times ``width`` and seeds / (seeds - 1): their
+    mean is N sum_j Var x_j (unbiased), their spread over seeds / sqrt(seeds) its standard
+    error, which includes the correlations between the entries (an error of the sum, not the
+    entries' errors in quadrature).
+
+    Returns
+    -------
+    value, se : floats.
+    """
+    x = np.asarray(x, dtype=float)
+    S = x.shape[0]
+    if S < 2:
+        raise ValueError(f"x: a variance needs at least 2 seeds (rows), got {S}")
+    d2 = ((x - x.mean(0)) ** 2).reshape(S, -1).sum(1) * (S / (S - 1) * float(width))
+    return float(d2.mean()), float(d2.std(ddof=1) / np.sqrt(S))

@@ -16,6 +16,7 @@ import pytest
 
 import dmft
 from conftest import small_data as _data
+from solvers.stats import fit_inverse_width, summed_variance
 
 # the deep propagator differentiates the sampled single-site map with torch
 pytestmark = pytest.mark.usefixtures("torch_or_skip")
@@ -356,17 +357,14 @@ def test_pairs_of_maps_remove_the_map_noise_bias_against_networks():
                             seeds=range(w * 10 ** 6, w * 10 ** 6 + seeds))
         for q, x in ((0, np.asarray(ens.test_predictions[:, T])),
                      (1, np.asarray(ens.ntk[:, T])[:, i, j])):
-            x = np.sqrt(N) * x
-            d2 = ((x - x.mean(0)) ** 2).sum(1) * seeds / (seeds - 1)
-            sims[q][0].append(d2.mean())
-            sims[q][1].append(d2.std(ddof=1) / np.sqrt(seeds))
+            v, v_se = summed_variance(x, N)
+            sims[q][0].append(v)
+            sims[q][1].append(v_se)
 
     def intercept(y, se):
-        """Weighted least squares y = a + b / N: (a, se(a))."""
-        X = np.stack([np.ones(len(widths)), 1.0 / widths], 1)
-        w = 1.0 / np.square(se)
-        cov = np.linalg.inv(X.T @ (w[:, None] * X))
-        return float((cov @ (X.T @ (w * np.asarray(y))))[0]), float(np.sqrt(cov[0, 0]))
+        """N -> infinity by weighted least squares y = a + b / N: (a, se(a))."""
+        b0, se0, _, _ = fit_inverse_width(widths, np.array(y)[:, None], np.array(se)[:, None])
+        return float(b0[0]), float(se0[0])
 
     (f_net, f_se), (K_net, K_se) = [intercept(y, se) for y, se in sims.values()]
     zf = (Vf - f_net) / np.hypot(Vf_se, f_se)
@@ -527,9 +525,7 @@ def test_depth3_ntk_variance_at_twenty_steps_against_networks():
     rows = []
     for value, se, x in ((Vf, Vf_se, np.asarray(ens.test_predictions[:, T])),
                          (VK, VK_se, np.asarray(ens.ntk[:, T])[:, i, j])):
-        x = np.sqrt(N) * x
-        d2 = ((x - x.mean(0)) ** 2).sum(1) * seeds / (seeds - 1)
-        ref, ref_se = d2.mean(), d2.std(ddof=1) / np.sqrt(seeds)
+        ref, ref_se = summed_variance(x, N)
         rows.append((value, se, ref, ref_se))
     for value, se, ref, ref_se in rows:
         assert abs(value - ref) < 3 * np.hypot(se, ref_se), rows
