@@ -78,7 +78,7 @@ def estimate_fluct(method, sol, opts):
     elif name == "deep-propagator":
         # solvers.fluct.deep_causal (one backward pass per batch of observables) and
         # solvers.fluct.kappa_stein (forward-mode kappa); K observables at the chosen times
-        ks = min(samples, getattr(opts, "kappa_samples", None) or DEFAULT_KAPPA_SAMPLES)
+        ks = getattr(opts, "kappa_samples", None) or min(samples, DEFAULT_KAPPA_SAMPLES)
         times = getattr(opts, "times", None)
         nt = T1 if times is None else len(set(int(t) % T1 for t in times))
         E = n * (n + 1) // 2

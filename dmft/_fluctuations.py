@@ -145,8 +145,10 @@ class _DeepPropagator(FluctuationMethod, name="deep-propagator",
         net, data, train = sol.net, sol.data, sol.train
         T, n = train.steps, data.P + data.Q
         _need_gamma0(self.name, train.gamma0)
-        ks = min(DEFAULT_KAPPA_SAMPLES if opts.kappa_samples is None else opts.kappa_samples,
-                 samples)
+        # kappa's samples are fresh draws, independent of the maps': an explicit count is used
+        # as given (also above ``samples``); the default is capped at ``samples``
+        ks = (min(DEFAULT_KAPPA_SAMPLES, samples) if opts.kappa_samples is None
+              else int(opts.kappa_samples))
         R = opts.map_replicates
         if R > 1 and R % 2:
             raise ValueError(f"map_replicates={R}: use 1 or an even number (pairs of "
@@ -448,10 +450,13 @@ def fluctuations(sol, *, method: str = "auto", seed=None, throw: bool = True, pr
         ``"lazy"`` only: ``"exact"`` (linear networks), ``"sampled"``, or ``"auto"`` (exact
         when available).
     kappa_samples : int, optional
-        ``"deep-propagator"`` only: samples (<= ``samples``) for the single-site covariance
-        kappa, in total over the map pairs (default 8192; forward-mode derivatives of the
-        march along every observable's direction per sample, with the adjoint the expensive
-        part).
+        ``"deep-propagator"`` only: samples for the single-site covariance kappa, in total
+        over the map pairs (default min(8192, ``samples``); fresh draws, independent of the
+        maps', so any count is used as given: kappa's batch means set most of the error of
+        the predictions' variances where the maps' noise is small, ``options["map_noise_ratio"]``
+        well below 1; forward-mode derivatives of the march along every observable's direction
+        per sample, with the adjoint the expensive part). Before 6 Dec 2026 a count above
+        ``samples`` was silently cut to ``samples``.
     map_replicates : int
         ``"deep-propagator"`` only: 1 or an even number of independent sampled single-site
         maps (default 4), each with ``samples / map_replicates`` map samples. With R >= 2 the
