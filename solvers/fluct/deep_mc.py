@@ -61,6 +61,7 @@ batch of observables; memory one sweep's graph. Meant for modest n (T + 1) (a fe
 """
 from __future__ import annotations
 
+import gc
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -175,6 +176,10 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
             ob["fixed_point_gap"] = {k: max(v, oa["fixed_point_gap"][k])
                                      for k, v in ob["fixed_point_gap"].items()}
         del oa
+        # the pair's graphs are in reference cycles (closures of the passes): collect them
+        # now, not at the collector's leisure, and hand the pages back before the next pair
+        gc.collect()
+        release()
         if not np.isfinite(ob["residual"]) or not np.any(np.isfinite(ob["pred_cov"])):
             return ob
         outs.append(ob)
