@@ -57,12 +57,17 @@ def summed_variances(fl, T, sel_f, sel_k):
     is that of the sum, the entries' correlations included: from the pairs of maps (deep
     propagator: kappa's batch means of the sums plus the pairs' map noise,
     :func:`solvers.fluct.deep_mc.pair_sum`; with ``ntk_rank`` the engine's own summed NTK
-    variance, whose mask must then be the upper triangle), from the per-block estimates
+    variance, whose mask must then be the upper triangle, else ValueError), from the per-block estimates
     (two-layer adjoint engine), else the entry errors added linearly (an upper bound)."""
     if "pair_block_prediction_cov" in fl.extras:
         from solvers.fluct.deep_mc import pair_sum
         f = pair_sum(fl, "prediction_cov", T, sel_f) + ("pairs",)
         if "ntk_var_total" in fl.extras:
+            # ntk_rank gives only the upper triangle's total; another mask has no estimate
+            if not np.array_equal(sel_k, np.triu(np.ones_like(sel_k))):
+                raise ValueError("sel_k: with ntk_rank only the upper triangle's summed N Var "
+                                 "is estimated; pass the upper-triangle mask, or run without "
+                                 "ntk_rank for other sums")
             k = (float(fl.extras["ntk_var_total"][T]), float(fl.stderr["ntk_var_total"][T]),
                  "ntk_rank")
         else:
