@@ -63,6 +63,66 @@ def test_linear_network_reproduces_exact_deep_linear_propagator(depth, center):
             mc.stderr["prediction_cov"][0].max() + 1e-12
 
 
+@pytest.mark.parametrize("adjoint", ["causal", "iterate"])
+def test_adjoint_rows_of_equal_time_response_noise_match_the_exact_ones(monkeypatch, adjoint):
+    """Linear depth 3, one training point, one step (m = 2 flat indices per layer): the sampled
+    map's adjoint rows d f(1) / d E of the kernel noise E_pp and the response noise E_a of
+    every layer equal the exact deep-linear propagator's (d / d E_hh, d / d E_a) within 0.06
+    (entries ~0.2-1; measured within 0.02).
+
+    Until 6 Dec 2026 (session 30) the map had no equal-time mean response A^l(t, t): zero at the
+    linearisation point, but the equal-time noise E_a^{l-1}(t, t) in C^l(t, t) makes
+    d phi(h^l(t)) / d r^l(t) nonzero at first order, and the exact a^l(t, t) = a^{l-1}(t, t) +
+    noise carries it up a layer. The first layer's E_a(0, 0) row was 0.018 against the exact
+    -0.970, and N Var f(1) 13 % high (1.129 +- 0.008 of the exact over 4 seeds; 1.02 +- 0.01
+    after the fix)."""
+    import torch
+    from solvers.fluct import deep_mc
+    from solvers.fluct.deep_linear import (_converged_march, _expand_kx, _march,
+                                           _noise_leaves)
+    from dmft.config import teacher_student
+    data = teacher_student(P=1, Q=0, D=8)
+    g0, lr, T, L = 1.0, 0.1, 1, 3
+    train = dmft.GradientDescent(gamma0=g0, lr=lr, steps=T)
+    sol = dmft.solve(dmft.MLP(L, "linear"), data, train, method="linear")
+    kx, y = np.asarray(data.kx), np.asarray(data.y_train)
+    E = [_noise_leaves(torch, T + 1, T + 1) for _ in range(L)]
+    out, _ = _converged_march(torch, _march, (_expand_kx(kx, T + 1), y, L, g0, lr, 1, 1, T + 1),
+                              E, True, T + L + 3, True)
+    keys = ("hh", "a")
+    grads = torch.autograd.grad(out["f"][T, 0], [E[l][k] for l in range(L) for k in keys],
+                                allow_unused=True)
+    exact = [{k: (np.zeros((2, 2)) if g is None else g.numpy()) for k, g in
+              zip(keys, grads[l * 2:(l + 1) * 2])} for l in range(L)]
+    rows = []
+    orig = deep_mc.jvp_kappa_layer
+
+    def capture(torch_, fl, Jl, *args, **kw):
+        rows.append({k: Jl[k][0].numpy().copy() for k in ("pp", "a")})
+        return orig(torch_, fl, Jl, *args, **kw)
+
+    monkeypatch.setattr(deep_mc, "jvp_kappa_layer", capture)
+    _patched_once(monkeypatch, adjoint=adjoint)
+    dmft.fluctuations(sol, method="deep-propagator", times=[T], center=True, ntk=False,
+                      samples=16384, map_replicates=1, seed=2, progress=False)
+    assert len(rows) == L
+    # the one that was missing: the first layer's equal-time response noise at t = 0
+    assert exact[0]["a"][0, 0] < -0.9
+    for l in range(L):
+        for mine, theirs in (("pp", "hh"), ("a", "a")):
+            np.testing.assert_allclose(rows[l][mine], exact[l][theirs], atol=0.06,
+                                       err_msg=f"layer {l} {mine}")
+
+
+def _patched_once(monkeypatch, **kw):
+    """deep_propagator_once with extra keyword defaults (engine options the API does not
+    expose)."""
+    import functools
+    from solvers.fluct import deep_mc
+    monkeypatch.setattr(deep_mc, "deep_propagator_once",
+                        functools.partial(deep_mc.deep_propagator_once, **kw))
+
+
 def test_seed_reproducibility_selection_and_errors():
     data = _data(2, 1)
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=2)

@@ -34,9 +34,24 @@ Pinning. The recursion is evaluated with
 (est_t the Monte Carlo estimate of the row from the samples marched with the rows before it):
 its value is the solution q0 being linearised (so the samples are marched exactly as by the
 non-causal sweep at q0), and its derivative is the derivative of the estimator. The one
-remaining within-step coupling, the equal-time response noise E_a(t, t) in C^l(t, t) (zero at
-the linearisation point), enters at first order as gamma0 E_a(t, t) g(t) with g(t) at E = 0,
+remaining within-step coupling, the equal-time memory C^l(t, t) = A^{l-1}(t, t) (zero at the
+linearisation point), enters at first order as gamma0 C^l(t, t) g(t) with g(t) at E = 0,
 taken from a value pass.
+
+Equal-time responses. A^{l-1}(t, t) is zero at the linearisation point (h(t) does not read
+r(t)), but not its first-order change: it is the noise E_a^{l-1}(t, t) / gamma0 *plus* the mean
+response of layer l - 1 to its own equal-time memory. With h^l(t) = ... + gamma0 C^l(t, t)
+g^l(t) and g(t) = phi'(h(t)) (r(t) + ...), d phi(h_mu(t)) / d r_nu(t) = phi'(h_mu) gamma0
+C_{mu nu}(t, t) phi'(h_nu) at first order, so A^l(t, t) = C^l(t, t) (.) <Lam1 Lam1^T>(t)
+(:func:`equal_time_response`): the equal-time noise of every layer is carried up to the next,
+as in the exact deep-linear propagator (a^l(t, t) = a^{l-1}(t, t) + noise there). Stein's
+lemma in the training innovations of times < t sees this derivative too, along the part of
+r(t) that regresses on them (Cov(r(t), xi_k) = (beta L)_k), so it is subtracted from those
+columns (A^l(t, keep) -= A^l(t, t) beta). Without the two (until 6 Dec 2026, session 30)
+the first layer's E_a(0, 0) reached nothing: its adjoint row was 0.018 against the exact
+-0.970 (linear depth 3, one point, one step), N Var f(1) 13 % high there, and the test
+points' N Var f ~5 % high at 4 + 2 points and 15 steps (benchmarks/README.md). The
+non-causal sweep of :mod:`solvers.fluct.deep_mc` has the same two terms.
 
 Differences from the non-causal sweep: sources of variables without an innovation (dropped
 below ``rtol``) are their regression on the kept innovations *up to their own time* (the
@@ -68,7 +83,7 @@ import numpy as np
 from .._memory import release
 from ..layout import causal_mask
 
-__all__ = ["AdjointRows", "causal_adjoint", "tangent_count"]
+__all__ = ["AdjointRows", "causal_adjoint", "equal_time_response", "tangent_count"]
 
 
 class _IncChol:
@@ -125,6 +140,20 @@ class _IncChol:
         """J L^{-1} for J (r, k) over the first k kept innovations."""
         k = J.shape[1]
         return self.torch.linalg.solve_triangular(self.L[:k, :k], J, upper=False, left=False)
+
+
+def equal_time_response(Ctt, lam_rows, lam_cols):
+    """First-order change of the mean equal-time response A^l(t, t) = gamma0^{-1} <d phi(h(t))
+    / d r(t)> of a layer whose equal-time memory C^l(t, t) = A^{l-1}(t, t) is perturbed to
+    ``Ctt`` (n, n): with h(t) = ... + gamma0 C(t, t) g(t) and g(t) = phi'(h(t)) z(t),
+    z(t) = r(t) + ..., d phi(h_mu(t)) / d r_nu(t) = phi'(h_mu) gamma0 C_{mu nu}(t, t) phi'(h_nu)
+    to first order, so A^l(t, t)_{mu nu} = C_{mu nu}(t, t) <phi'(h_mu(t)) phi'(h_nu(t))>.
+
+    ``lam_rows`` (n, S), ``lam_cols`` (n, S): phi'(h(t)) of the samples at the linearisation
+    point. Zero at the linearisation point (C(t, t) = 0 there), so the mean response has no
+    equal-time part, but its derivative carries the equal-time noise of every layer below up
+    to the next one (the exact deep-linear propagator's a^l(t, t) = a^{l-1}(t, t) + noise)."""
+    return Ctt * (lam_rows @ lam_cols.T / lam_rows.shape[1])
 
 
 def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_u, keep_r,
@@ -264,6 +293,17 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                  "C": [torch.zeros(m, m, dtype=dt) for _ in range(L)],
                  "D": [torch.zeros(m, m, dtype=dt) for _ in range(L)]}
 
+        def beta_r(l, t, kA):
+            """(n, kA) regression coefficients of the sources r^l(t) (all points) on the first
+            kA kept training variables (times < t) of G^{l+1} at the linearisation point:
+            Cov(r(t), xi_k) = (beta L)_k, the weight with which Stein's lemma in those
+            innovations sees a derivative along r(t)."""
+            keep = torch.as_tensor(keep_rtr[l][:kA])
+            Gv = q0["g"][l + 1]
+            Kk = Gv[keep][:, keep]
+            Kt = Gv[a:e][:, keep]
+            return torch.linalg.solve(0.5 * (Kk + Kk.T), Kt.T).T
+
         def gap_of(key, diff, ref):
             """Largest |estimate - solution| of a row, relative to the solution's scale."""
             scale = float(torch.max(torch.abs(ref))) + 1e-300
@@ -359,8 +399,13 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                         h = h + gamma0 * (Crow @ V["g"][l][:t].reshape(a, S)
                                           + times_hist(V["C"][l][a:e, :a], dgg[l][:t]))
                     if l >= 1:
-                        # the equal-time response noise, first order: gamma0 E_a(t, t) g(t)
-                        Ctt = E[l - 1]["a"][t][:, a:e] / gamma0
+                        # the equal-time memory C^l(t, t) = A^{l-1}(t, t), first order:
+                        # gamma0 C(t, t) g(t). A^{l-1}(t, t) is zero at the linearisation
+                        # point; its perturbation is the noise E_a(t, t) / gamma0 plus the
+                        # change of the mean response carried up from the layers below
+                        # (equal_time_response)
+                        Ctt = AR[l - 1][t][:, a:e] - q0["A"][l - 1][a:e, a:e] * \
+                            maskA_cols[a:e][None, :]
                         h = h + gamma0 * (Ctt @ V["g"][l][t])
                     p = act(h, 0)
                     dph[l].append(p - V["ph"][l][t])
@@ -378,8 +423,8 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                             hT = hT + gamma0 * times_hist(
                                 Crow, [b.reshape(n, ND * ts) for b in tG[l][:t]]
                             ).reshape(n, ND, ts)
-                        hT = hT + torch.einsum(
-                            "ij,jdk->idk", E[l - 1]["a"][t][:, a:e], g0_tangent(l, t))
+                        hT = hT + gamma0 * torch.einsum(
+                            "ij,jdk->idk", Ctt, g0_tangent(l, t))
                         tH[l].append(hT)
                         tP[l].append(act(h[:, None, :ts], 1) * hT)
                 # Phi^l(t, <= t)
@@ -405,6 +450,18 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                             est = est.index_copy(1, torch.as_tensor(keep_rtr[l][:kA]), X)
                         noise = E[l]["a"][t]
                         Arow = Arow + (est - est.detach()) / gamma0 + noise / gamma0
+                        if l >= 1:
+                            # the mean equal-time response, zero at the linearisation point,
+                            # to first order in C(t, t) (equal_time_response); Stein's
+                            # lemma above saw it along the training innovations of times < t
+                            # that r(t) regresses on, so it is taken out of those columns
+                            lam = act(V["h"][l][t], 1)
+                            Aeq = equal_time_response(Ctt, lam, lam)
+                            corr = torch.zeros(n, e, dtype=dt)
+                            if kA:
+                                corr = corr.index_copy(
+                                    1, torch.as_tensor(keep_rtr[l][:kA]), -Aeq @ beta_r(l, t, kA))
+                            Arow = Arow + corr + torch.cat([torch.zeros(n, a, dtype=dt), Aeq], 1)
                     AR[l].append(Arow)
             # ------------------------------ top-down: z^l(t), G^l(t, <=t), B^{l-1}(t, <=t), f
             for l in range(L - 1, -1, -1):

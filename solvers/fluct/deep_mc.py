@@ -48,13 +48,22 @@ same formal moments with exact forward-mode directional derivatives of the march
 Hutchinson traces, no Hessians (:mod:`solvers.fluct.kappa_stein`, with the measurements).
 
 Responses inside the map are estimated by Stein's lemma in causally whitened sources (as
-:func:`solvers.mc.stein_finish`), which is differentiable in q. The exception are the mean
-responses B^{l-1}(t mu, s q) of a test column q in another row: zero at the linearisation point
-(nothing reads a test point's fields there), but with a nonzero derivative once the noise of
-C and D couples the points; they are tangent estimates (``tangent_samples``;
-:mod:`solvers.fluct.deep_causal`, "Responses outside their structure"). Holding them at zero
-biased the test points' N Var f from depth 3 on (+16 % on a linear network at 8 steps). Smooth
-activations only: the derivative of the map for ReLU would miss the phi'' = delta term.
+:func:`solvers.mc.stein_finish`), which is differentiable in q. Two mean responses are zero
+at the linearisation point but not their derivatives:
+
+- B^{l-1}(t mu, s q) of a test column q in another row (nothing reads a test point's fields
+  there, but the noise of C and D couples the points): tangent estimates
+  (``tangent_samples``; :mod:`solvers.fluct.deep_causal`, "Responses outside their
+  structure"). Holding them at zero biased the test points' N Var f from depth 3 on (+16 % on
+  a linear network at 8 steps).
+- the equal-time A^l(t, t), which changes at first order with the equal-time memory
+  C^l(t, t) = A^{l-1}(t, t): A^l(t, t) = C^l(t, t) (.) <phi'(h(t)) phi'(h(t))^T>
+  (:func:`solvers.fluct.deep_causal.equal_time_response`, and taken out of the Stein columns
+  that r(t) regresses on). Without it (until 6 Dec 2026, session 30) the equal-time response
+  noise of a layer stopped at the next one, and depth 3 was biased (N Var f(1) +13 % on a
+  linear network at one step; the test points +5 % at 15 steps).
+
+Smooth activations only: the derivative of the map for ReLU would miss the phi'' = delta term.
 
 Cost: per layer and iteration one march of S samples (O(S (nT)^2)) and its backward pass per
 batch of observables; memory one sweep's graph. Meant for modest n (T + 1) (a few hundred).
@@ -70,7 +79,7 @@ from .._memory import release
 from ..layout import causal_cholesky, causal_mask, equal_time
 from ..mc.responses import stein_groups
 from .deep_linear import _torch
-from .deep_causal import causal_adjoint, seed_matrix, tangent_count
+from .deep_causal import causal_adjoint, equal_time_response, seed_matrix, tangent_count
 from .kappa_hessian import _kappa_layer
 from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
 
@@ -516,6 +525,26 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                 J[i] = gr
         return J * maskB_extra
 
+    def equal_time_rows(H, C, Gr, ktr):
+        """The mean equal-time response A^l(t, t) of a layer whose equal-time memory C(t, t)
+        is perturbed (zero at the linearisation point; deep_causal.equal_time_response), taken
+        out of the Stein columns of the training variables of times < t on which r(t)
+        regresses (deep_causal: the same correction, row by row), as an (m, m) matrix."""
+        lam = act(H, 1)
+        rows = []
+        for t in range(T1):
+            a, e = t * n, (t + 1) * n
+            Aeq = equal_time_response(C[a:e, a:e], lam[a:e], lam[a:e])
+            row = torch.zeros(n, m, dtype=dt)
+            row[:, a:e] = Aeq
+            kc = torch.as_tensor(ktr[tb[ktr] < t])
+            if len(kc):
+                Kk = Gr[kc][:, kc]
+                beta = torch.linalg.solve(0.5 * (Kk + Kk.T), Gr[a:e][:, kc].T).T
+                row[:, kc] = -Aeq @ beta
+            rows.append(row)
+        return torch.cat(rows, 0)
+
     def sweep(q, E):
         fq = q["f"]
         fc = fq - fq[:1] if center else fq
@@ -550,6 +579,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                 Js = stein(PH, xi_tr.T, Ltr, tb[ktr], tb, True)
                 A_l = torch.zeros(m, m, dtype=dt)
                 A_l[:, ktr] = Js
+                if l >= 1:
+                    A_l = A_l + gamma0 * equal_time_rows(H, C, g_next, ktr)
                 A_l = (A_l + El["a"] * t_maskA) / gamma0
                 out["A"].append(A_l)
                 A_prev = A_l
