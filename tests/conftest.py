@@ -99,6 +99,21 @@ def unseal(path):
         del f.attrs["dmft_sha256"]
 
 
+def fix_deep_propagator_options(monkeypatch, **fixed):
+    """Run dmft.fluctuations's deep propagator with engine keywords fixed (``adjoint=``,
+    ``kappa=``, ...: options of :func:`solvers.fluct.deep_mc.deep_propagator_once` that the
+    API does not expose)."""
+    from solvers.fluct import deep_mc
+    import dmft._fluctuations as F
+    orig = deep_mc.deep_propagator
+
+    def run(*a, **k):
+        k.update(fixed)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(F._deep_mc, "deep_propagator", run)
+
+
 def small_deep_problem():
     """A small depth-2 tanh problem (3 + 1 points, 5 steps) for solver-behaviour tests."""
     import dmft.config

@@ -14,22 +14,9 @@ import numpy as np
 import pytest
 
 import dmft
-from conftest import TOL, small_data
+from conftest import TOL, fix_deep_propagator_options, small_data
 
 pytestmark = pytest.mark.usefixtures("torch_or_skip")
-
-
-def _patched(monkeypatch, **fixed):
-    """Run dmft.fluctuations with engine keywords fixed (adjoint=, kappa=)."""
-    from solvers.fluct import deep_mc
-    import dmft._fluctuations as F
-    orig = deep_mc.deep_propagator
-
-    def run(*a, **k):
-        k.update(fixed)
-        return orig(*a, **k)
-
-    monkeypatch.setattr(F._deep_mc, "deep_propagator", run)
 
 
 @pytest.mark.parametrize("center", [False, True])
@@ -38,7 +25,7 @@ def test_causal_adjoint_reproduces_exact_linear_propagator(monkeypatch, center):
     time within TOL['z_max'] standard errors of the exact propagator, with the per-sample
     Hessian kappa (measured: max z 3.0 / 2.5, relative gaps 5 % / 2.6 %, the same as the
     iterative adjoint's 3.3 / 2.7 with the same samples)."""
-    _patched(monkeypatch, adjoint="causal", kappa="hessian")
+    fix_deep_propagator_options(monkeypatch, adjoint="causal", kappa="hessian")
     data = small_data()
     train = dmft.GradientDescent(gamma0=1.0, lr=0.2, steps=3)
     sol = dmft.solve(dmft.MLP(2, "linear"), data, train, method="linear")
@@ -78,7 +65,7 @@ def test_causal_and_iterative_adjoints_agree_on_tanh(monkeypatch, depth):
     out = {}
     for adj in ("causal", "iterate"):
         monkeypatch.undo()
-        _patched(monkeypatch, adjoint=adj, kappa="hessian")
+        fix_deep_propagator_options(monkeypatch, adjoint=adj, kappa="hessian")
         out[adj] = _pooled(dmft.fluctuations(sol, center=True, samples=8192,
                                              kappa_samples=4096, seed=1), 4)
     c, i = out["causal"], out["iterate"]

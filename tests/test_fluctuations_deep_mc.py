@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dmft
-from conftest import small_data as _data
+from conftest import fix_deep_propagator_options, small_data as _data
 from solvers.stats import fit_inverse_width, summed_variance
 
 # the deep propagator differentiates the sampled single-site map with torch
@@ -102,7 +102,7 @@ def test_adjoint_rows_of_equal_time_response_noise_match_the_exact_ones(monkeypa
         return orig(torch_, fl, Jl, *args, **kw)
 
     monkeypatch.setattr(deep_mc, "jvp_kappa_layer", capture)
-    _patched_once(monkeypatch, adjoint=adjoint)
+    fix_deep_propagator_options(monkeypatch, adjoint=adjoint)
     dmft.fluctuations(sol, method="deep-propagator", times=[T], center=True, ntk=False,
                       samples=16384, map_replicates=1, seed=2, progress=False)
     assert len(rows) == L
@@ -112,15 +112,6 @@ def test_adjoint_rows_of_equal_time_response_noise_match_the_exact_ones(monkeypa
         for mine, theirs in (("pp", "hh"), ("a", "a")):
             np.testing.assert_allclose(rows[l][mine], exact[l][theirs], atol=0.06,
                                        err_msg=f"layer {l} {mine}")
-
-
-def _patched_once(monkeypatch, **kw):
-    """deep_propagator_once with extra keyword defaults (engine options the API does not
-    expose)."""
-    import functools
-    from solvers.fluct import deep_mc
-    monkeypatch.setattr(deep_mc, "deep_propagator_once",
-                        functools.partial(deep_mc.deep_propagator_once, **kw))
 
 
 def test_seed_reproducibility_selection_and_errors():

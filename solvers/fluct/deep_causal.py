@@ -83,7 +83,8 @@ import numpy as np
 from .._memory import release
 from ..layout import causal_mask
 
-__all__ = ["AdjointRows", "causal_adjoint", "equal_time_response", "tangent_count"]
+__all__ = ["AdjointRows", "causal_adjoint", "equal_time_response", "regression_rows",
+           "tangent_count"]
 
 
 class _IncChol:
@@ -142,18 +143,28 @@ class _IncChol:
         return self.torch.linalg.solve_triangular(self.L[:k, :k], J, upper=False, left=False)
 
 
-def equal_time_response(Ctt, lam_rows, lam_cols):
+def equal_time_response(Ctt, lam):
     """First-order change of the mean equal-time response A^l(t, t) = gamma0^{-1} <d phi(h(t))
     / d r(t)> of a layer whose equal-time memory C^l(t, t) = A^{l-1}(t, t) is perturbed to
     ``Ctt`` (n, n): with h(t) = ... + gamma0 C(t, t) g(t) and g(t) = phi'(h(t)) z(t),
     z(t) = r(t) + ..., d phi(h_mu(t)) / d r_nu(t) = phi'(h_mu) gamma0 C_{mu nu}(t, t) phi'(h_nu)
     to first order, so A^l(t, t)_{mu nu} = C_{mu nu}(t, t) <phi'(h_mu(t)) phi'(h_nu(t))>.
 
-    ``lam_rows`` (n, S), ``lam_cols`` (n, S): phi'(h(t)) of the samples at the linearisation
-    point. Zero at the linearisation point (C(t, t) = 0 there), so the mean response has no
+    ``lam`` (n, S): phi'(h(t)) of the samples at the linearisation point. Zero at the
+    linearisation point (C(t, t) = 0 there), so the mean response has no
     equal-time part, but its derivative carries the equal-time noise of every layer below up
     to the next one (the exact deep-linear propagator's a^l(t, t) = a^{l-1}(t, t) + noise)."""
-    return Ctt * (lam_rows @ lam_cols.T / lam_rows.shape[1])
+    return Ctt * (lam @ lam.T / lam.shape[1])
+
+
+def regression_rows(torch, K, rows, keep):
+    """(len(rows), len(keep)) coefficients beta = K[rows, keep] K[keep, keep]^{-1} of the
+    variables ``rows`` on the variables ``keep`` of the covariance K (torch). For a source
+    r = F xi whitened on ``keep`` (r_keep = L xi), Cov(r_rows, xi) = beta L: the weight with
+    which Stein's lemma in those innovations sees a derivative along r_rows (the equal-time
+    correction of A, module docstring)."""
+    Kk = K[keep][:, keep]
+    return torch.linalg.solve(0.5 * (Kk + Kk.T), K[rows][:, keep].T).T
 
 
 def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_u, keep_r,
@@ -292,17 +303,6 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                                   for grp in groups[l]] for l in range(1, L)],
                  "C": [torch.zeros(m, m, dtype=dt) for _ in range(L)],
                  "D": [torch.zeros(m, m, dtype=dt) for _ in range(L)]}
-
-        def beta_r(l, t, kA):
-            """(n, kA) regression coefficients of the sources r^l(t) (all points) on the first
-            kA kept training variables (times < t) of G^{l+1} at the linearisation point:
-            Cov(r(t), xi_k) = (beta L)_k, the weight with which Stein's lemma in those
-            innovations sees a derivative along r(t)."""
-            keep = torch.as_tensor(keep_rtr[l][:kA])
-            Gv = q0["g"][l + 1]
-            Kk = Gv[keep][:, keep]
-            Kt = Gv[a:e][:, keep]
-            return torch.linalg.solve(0.5 * (Kk + Kk.T), Kt.T).T
 
         def gap_of(key, diff, ref):
             """Largest |estimate - solution| of a row, relative to the solution's scale."""
@@ -455,12 +455,13 @@ def causal_adjoint(torch, *, act, kx, y, L, gamma0, lr, T1, n, center, q0, keep_
                             # to first order in C(t, t) (equal_time_response); Stein's
                             # lemma above saw it along the training innovations of times < t
                             # that r(t) regresses on, so it is taken out of those columns
-                            lam = act(V["h"][l][t], 1)
-                            Aeq = equal_time_response(Ctt, lam, lam)
+                            Aeq = equal_time_response(Ctt, act(V["h"][l][t], 1))
                             corr = torch.zeros(n, e, dtype=dt)
                             if kA:
-                                corr = corr.index_copy(
-                                    1, torch.as_tensor(keep_rtr[l][:kA]), -Aeq @ beta_r(l, t, kA))
+                                keep = torch.as_tensor(keep_rtr[l][:kA])
+                                beta = regression_rows(torch, q0["g"][l + 1],
+                                                       torch.arange(a, e), keep)
+                                corr = corr.index_copy(1, keep, -Aeq @ beta)
                             Arow = Arow + corr + torch.cat([torch.zeros(n, a, dtype=dt), Aeq], 1)
                     AR[l].append(Arow)
             # ------------------------------ top-down: z^l(t), G^l(t, <=t), B^{l-1}(t, <=t), f

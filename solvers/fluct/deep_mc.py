@@ -79,7 +79,8 @@ from .._memory import release
 from ..layout import causal_cholesky, causal_mask, equal_time
 from ..mc.responses import stein_groups
 from .deep_linear import _torch
-from .deep_causal import causal_adjoint, equal_time_response, seed_matrix, tangent_count
+from .deep_causal import (causal_adjoint, equal_time_response, regression_rows,
+                          seed_matrix, tangent_count)
 from .kappa_hessian import _kappa_layer
 from .kappa_stein import jvp_kappa_layer, stein_kappa_layer
 
@@ -534,14 +535,12 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         rows = []
         for t in range(T1):
             a, e = t * n, (t + 1) * n
-            Aeq = equal_time_response(C[a:e, a:e], lam[a:e], lam[a:e])
+            Aeq = equal_time_response(C[a:e, a:e], lam[a:e])
             row = torch.zeros(n, m, dtype=dt)
             row[:, a:e] = Aeq
             kc = torch.as_tensor(ktr[tb[ktr] < t])
             if len(kc):
-                Kk = Gr[kc][:, kc]
-                beta = torch.linalg.solve(0.5 * (Kk + Kk.T), Gr[a:e][:, kc].T).T
-                row[:, kc] = -Aeq @ beta
+                row[:, kc] = -Aeq @ regression_rows(torch, Gr, torch.arange(a, e), kc)
             rows.append(row)
         return torch.cat(rows, 0)
 
