@@ -138,6 +138,13 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         covariance they are drawn for), i.i.d. once there are more innovations than
         antithetic pairs; about half the variance of the predictions at equal cost
         (benchmarks/README.md). "normal": i.i.d. normals (the estimator before 5 Dec 2026).
+    initial_kernels : {"exact", "sampled"}
+        L >= 2, one pass: the kernels Phi^{l-1}(0, 0) the deeper sources u^l(0) are drawn
+        with. "exact" (default): the NNGP kernels at initialisation, known in advance (closed
+        forms or quadrature); the t = 0 innovations are mapped so that u^l(0) has exactly that
+        covariance, the later rows by the same map (docs/theory.rst §2): 1.2-1.4x less variance
+        of the predictions at equal cost (benchmarks/README.md). "sampled": the population's
+        own estimates (the estimator before 6 Dec 2026).
     damping : float in (0, 1]
         Weight of the new estimate in the mixing (default 1: plain Gauss-Seidel iteration;
         halved automatically, not below 0.25, when the residual stalls).
@@ -363,6 +370,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     callback = opts.callback
     sampler = value("sampler")
     deep_sources = value("deep_sources")
+    initial_kernels = value("initial_kernels")
     ss, seed_int = ctx.seed_sequence, ctx.seed_int
 
 
@@ -443,7 +451,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     responses=responses, response_samples=tang_rep * replicates,
                     b_estimator=b_estimator, response_control=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                    sampler=sampler, deep_sources=deep_sources, seed=ss, loss=train.loss,
+                    sampler=sampler, deep_sources=deep_sources,
+                    initial_kernels=initial_kernels, seed=ss, loss=train.loss,
                     backward_sources=backward_sources,
                     weight_decay=float(train.weight_decay), decay_to=train.decay_to,
                     batch_size=train.batch_size, batch_seed=int(train.batch_seed),
@@ -471,7 +480,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     sampler=sampler, max_memory=limit, logger=logger, bar=bar, state=state,
                     on_population=on_population if ckpt is not None else None,
                     objective=deep_obj, r_sources=backward_sources,
-                    deep_sources=deep_sources)
+                    deep_sources=deep_sources, initial_kernels=initial_kernels)
             finally:
                 bar.close()
             if ckpt is not None:
@@ -483,7 +492,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                            b_estimator=out["b_estimator"], stein_rtol=stein_rtol,
                            src_rtol=src_rtol, response_control=bool(response_control),
                            scheme="onepass", sampler=sampler,
-                           deep_sources=deep_sources, backward_sources=out["r_sources"])
+                           deep_sources=deep_sources, initial_kernels=initial_kernels,
+                           backward_sources=out["r_sources"])
             if ckpt is not None:
                 # populations read back from the checkpoint, not recomputed
                 options["resumed_units"] = int(state["next"]) if state is not None else 0

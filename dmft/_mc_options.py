@@ -29,6 +29,7 @@ DEFAULTS = {
     "blocks": 8,
     "sampler": "sobol",
     "deep_sources": "orthogonal",
+    "initial_kernels": "exact",
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
@@ -102,6 +103,10 @@ class MCOptions(Options):
         ("orthogonal", "normal"), "{name} must be 'orthogonal' (moment-matched innovations, "
         "default) or 'normal' (i.i.d.), got {value!r}"),
         "one pass: the deeper layers' source innovations", applies=("onepass",))
+    initial_kernels: str | None = option(None, one_of(
+        ("exact", "sampled"), "{name} must be 'exact' (the known NNGP kernels at t = 0, "
+        "default) or 'sampled' (the population's estimates), got {value!r}"),
+        "one pass: the t = 0 kernels the deeper sources are drawn with", applies=("onepass",))
     replicates: int | None = option(None, positive_int(
         " (independent fixed-point solutions for honest standard errors, L >= 2)"),
         "L >= 2: independent populations / solutions",

@@ -396,7 +396,7 @@ def test_orthogonal_sources_have_exactly_the_drawn_covariance(L):
     for ds in ("orthogonal", "normal"):
         o = causal.solve_causal(kx, y, "tanh", L, 1.2, 0.2, 6, samples=S, seed=3,
                                 populations=1, response_samples=16, record_sources=True,
-                                deep_sources=ds)
+                                deep_sources=ds, initial_kernels="sampled")
         assert o["deep_sources"] == ds
         src = o["sources"][0]
         e = []
@@ -413,6 +413,63 @@ def test_orthogonal_sources_have_exactly_the_drawn_covariance(L):
         err[ds] = max(e)
     assert err["orthogonal"] < 1e-5, err
     assert err["normal"] > 1e-2, err
+
+
+@pytest.mark.parametrize("act,L", [("tanh", 3), ("relu", 2)])
+def test_exact_initial_kernels_fix_the_first_block_and_keep_the_regressions(act, L):
+    """initial_kernels="exact": in each population the sampled u^l(0) (l >= 2) have exactly the
+    NNGP covariance Phi^{l-1}(0, 0) of solvers.static (the sampled estimate misses it by its
+    sampling error, ~0.1 here); the later rows are the same linear map of the population's
+    kernel, so the regressions of u(t) on u(0) are the population's own,
+    Phi(t, 0) Phi(0, 0)^-1, and the innovations' covariance given u(0) is unchanged (both to
+    the src_rtol = 1e-6 of dropped innovations)."""
+    from solvers.static import static_kernels
+    data = dmft.config.teacher_student(P=3, Q=2, D=5, seed=1)
+    kx, y = data.kx, np.asarray(data.y_train)
+    n, T, S = kx.shape[0], 6, 256
+    nngp = static_kernels(act, kx, L)["phi"]
+    err0 = {}
+    for how in ("exact", "sampled"):
+        o = causal.solve_causal(kx, y, act, L, 1.2, 0.2, T, samples=S, seed=3,
+                                populations=1, response_samples=16, record_sources=True,
+                                initial_kernels=how)
+        assert o["initial_kernels"] == how
+        e = []
+        for l in range(1, L):
+            u = o["sources"][0]["u"][l]                            # (T1 n, S)
+            C = u @ u.T / S
+            K0 = nngp[l - 1]
+            e.append(np.abs(C[:n, :n] - K0).max() / np.abs(K0).max())
+            if how == "exact":
+                K = o["phi"][l - 1]                                # the population's kernel
+                reg = np.linalg.solve(K[:n, :n], K[:n, n:]).T      # Phi(t, 0) Phi(0, 0)^-1
+                got = np.linalg.solve(C[:n, :n], C[:n, n:]).T
+                assert np.abs(got - reg).max() < 1e-5 * max(1.0, np.abs(reg).max()), l
+                schur_K = K[n:, n:] - K[n:, :n] @ np.linalg.solve(K[:n, :n], K[:n, n:])
+                schur_C = C[n:, n:] - C[n:, :n] @ np.linalg.solve(C[:n, :n], C[:n, n:])
+                assert np.abs(schur_C - schur_K).max() < 1e-5 * np.abs(K).max(), l
+        err0[how] = max(e)
+    assert err0["exact"] < 1e-8, err0
+    assert err0["sampled"] > 1e-2, err0
+
+
+def test_exact_and_sampled_initial_kernels_agree(small):
+    """The two choices of the t = 0 kernels solve the same problem: agreement within the
+    joint error bars (Welch threshold at 1e-4 false alarm per entry); the option is recorded
+    and a bad value is refused."""
+    net, data, train = small
+    kw = dict(samples=4096, replicates=8, progress=False)
+    a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
+    b = dmft.solve(net, data, train, method="mc", seed=3, initial_kernels="sampled", **kw)
+    assert a.options["initial_kernels"] == "exact"
+    assert b.options["initial_kernels"] == "sampled"
+    for key in ("train_predictions", "test_predictions", "ntk"):
+        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
+        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
+                                                                          1e-12)
+        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    with pytest.raises(ValueError, match="initial_kernels must be 'exact'"):
+        dmft.solve(net, data, train, method="mc", initial_kernels="nngp", **kw)
 
 
 def test_orthogonal_and_normal_innovations_agree(small):

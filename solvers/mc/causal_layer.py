@@ -92,13 +92,32 @@ def _orthonormal_rows(xi_store, k0, x):
     xi_store[k0:k0 + x.shape[0]] = (q * (sgn * np.sqrt(half))).T
 
 
-def _source_half(fac, xi_store, krow, rng, ortho=False):
+def _source_half(fac, xi_store, krow, rng, ortho=False, exact0=None):
     """One member of each antithetic pair of a causal source at step t, (rows, S / 2): the
     factor gains the row block ``krow`` = K(t, <=t) of the source's covariance, its new
     innovations get normals (:func:`_draw`; moment-matched with ``ortho``), and the source
-    is F(t, <=t) xi."""
+    is F(t, <=t) xi.
+
+    ``exact0`` (b, b): the known t = 0 block of the covariance. At the first call it fixes
+    M0 = Lk^{-1} chol(exact0[piv, piv]) on the t = 0 innovations (stored on the factor), and
+    every source is then F(t, <=t) diag(M0, I) xi: the sampled u(0) has exactly the
+    covariance ``exact0`` on its kept variables, and the later rows the regression-consistent
+    transform of the sampled kernel (a covariance of a linear map of the sources: positive
+    semidefinite by construction)."""
     Frow = fac.extend(krow)
     k = _draw(fac, xi_store, rng, krow.shape[0], xi_store.shape[1], ortho)
+    if exact0 is not None and fac.nvar == krow.shape[0] and k:
+        piv = fac.piv[:k]
+        try:
+            LE = np.linalg.cholesky(np.asarray(exact0)[np.ix_(piv, piv)])
+            fac.M0 = solve_triangular(fac.Lk[:k, :k], LE, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            fac.M0 = None
+    M0 = getattr(fac, "M0", None)
+    if M0 is not None:
+        k0 = M0.shape[0]
+        Frow = Frow.copy()
+        Frow[:, :k0] = Frow[:, :k0] @ M0
     return Frow @ xi_store[:k]
 
 
@@ -196,11 +215,11 @@ class _Layer:
                                     "xi": np.zeros((T1 * len(pts), S))})
 
     # ---- sources ------------------------------------------------------------------------
-    def draw_u(self, phi_row, rng):
+    def draw_u(self, phi_row, rng, exact0=None):
         """u^l(t) (n, S) from the row block Phi^{l-1}(t, <=t); both members of a pair share
-        it."""
-        return np.repeat(_source_half(self.fac_u, self.xi_u, phi_row, rng, self.ortho), 2,
-                         axis=1)
+        it. ``exact0``: the known (NNGP) Phi^{l-1}(0, 0), or None (:func:`_source_half`)."""
+        return np.repeat(_source_half(self.fac_u, self.xi_u, phi_row, rng, self.ortho,
+                                      exact0), 2, axis=1)
 
     def draw_r(self, g_row, rng):
         """r^l(t) (n C, S) from the row block G^{l+1}(t, <=t), antithetic: (r, -r) per pair."""

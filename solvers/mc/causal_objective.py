@@ -16,9 +16,10 @@ from .sources import _first_layer_sources
 
 def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein,
                           cv, tdtype, eps, src_rtol, stein_rtol, divergence, bar,
-                          sampler="sobol", mix=False, ortho=True):
+                          sampler="sobol", mix=False, ortho=True, phi0=None):
     """:func:`_population` for any training objective (docs/theory.rst §7): C outputs, any
-    loss, weight decay, mini-batches (``obj``: :class:`solvers.objective.Objective`).
+    loss, weight decay, mini-batches (``obj``: :class:`solvers.objective.Objective`);
+    ``phi0`` as there.
 
     With m(t, s) = a^(t-1-s) (:meth:`Objective.memory`) and iota(t) = a^t toward zero, else 1
     (:meth:`Objective.init_scale`, the initial-weight channel), per layer
@@ -96,7 +97,8 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                       * delta[None, :t, :, :])
             else:
                 lo = layers[l - 1]
-                u = ly.draw_u(lo.phi[a:e, :e], rng)
+                u = ly.draw_u(lo.phi[a:e, :e], rng,
+                              None if phi0 is None else phi0[l - 1])
                 C3 = (it * A[l - 1][a:e, :t * nC].reshape(n, t, n, Cout)[:, :, :P, :]
                       + lrm[None, :, None, None]
                       * lo.phi[a:e, :a].reshape(n, t, n)[:, :, :P, None]

@@ -15,10 +15,12 @@ from .sources import _first_layer_sources
 
 def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, cv, tdtype,
                 eps, src_rtol, stein_rtol, divergence, record_sources, bar, sampler="sobol",
-                ortho=True):
+                ortho=True, phi0=None):
     """One population of S samples (Sr of them with tangents) marched through all steps and
     layers; returns its own f, NTK, flat kernels and responses (and, with
-    ``record_sources``, the sources u, r of every layer as (T1 n, S) arrays)."""
+    ``record_sources``, the sources u, r of every layer as (T1 n, S) arrays). ``phi0``
+    (L, n, n) or None: the exact Phi^l(0, 0) (NNGP) that the sources u^{l+1}(0) are drawn
+    with (:func:`solvers.mc.causal_layer._source_half`)."""
     n = kx.shape[0]
     P = y.shape[0]
     Q = n - P
@@ -62,7 +64,8 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                 C3 = lr * kx[:, None, :P] * delta[None, :t, :]
             else:
                 lo = layers[l - 1]
-                u = ly.draw_u(lo.phi[a:e, :e], rng)
+                u = ly.draw_u(lo.phi[a:e, :e], rng,
+                              None if phi0 is None else phi0[l - 1])
                 C3 = (A[l - 1][a:e, :a].reshape(n, t, n)[:, :, :P]
                       + lr * lo.phi[a:e, :a].reshape(n, t, n)[:, :, :P] * delta[None, :t, :])
             ly.C3 = C3
