@@ -20,7 +20,8 @@ For each case:
    before the one-pass solver) is timed too, in the same run; with ``--normal-samples`` the
    one pass as it was before moment-matched innovations (``deep_sources="normal"``), with
    ``--sampled-samples`` as it was before the known t = 0 kernels
-   (``initial_kernels="sampled"``).
+   (``initial_kernels="sampled"``), with ``--one-block-samples`` as it was before the tangent
+   blocks (``tangent_blocks=1``).
 3. What a simulated ensemble needs for the same error. A pilot of centred networks
    (``center=True``; the raw initial outputs regressed out as control variates, mean exactly 0)
    at a few widths measures, per point j, the finite-width bias c_j / N (1/N slope fitted
@@ -273,6 +274,11 @@ def run_case(name, c, args):
         # population's own t = 0 kernels instead of the known NNGP ones
         runs += [("sampled t=0", S, dict(row_opts, initial_kernels="sampled"))
                  for S in args.sampled_samples]
+    if c["L"] >= 2 and args.one_block_samples:
+        # the one pass as it was before 6 Dec 2026 (evening): one set of tangent samples
+        # carries every source time's directions
+        runs += [("one-block", S, dict(row_opts, tangent_blocks=1))
+                 for S in args.one_block_samples]
     for scheme, S, opts in runs:
         sol, wall, _ = run_mc(net, data, train, S, seed=1, **opts)
         peak = (run_mc(net, data, train, S, seed=1, memory=True, **opts)[2]
@@ -280,8 +286,7 @@ def run_case(name, c, args):
         err = _rms(sol.predictions[-1] - ref_f)
         se = _pred_se(sol)
         total = int(sol.options["samples"])
-        row = {"scheme": ("normal" if scheme == "normal" else "sampled" if
-                          scheme.startswith("sampled") else
+        row = {"scheme": (scheme if scheme in ("normal", "sampled", "one-block") else
                           sol.options.get("scheme", "two-layer")), "samples": total,
                "wall_s": wall, "peak_mb": peak, "iterations": int(sol.iterations), "err": err,
                "stderr": se}
@@ -414,6 +419,10 @@ def main(argv=None):
                    help="L >= 2: also time the one pass as it was before 6 Dec 2026 "
                         "(initial_kernels='sampled': the deeper sources drawn with the "
                         "population's t = 0 kernels) at these sample counts")
+    p.add_argument("--one-block-samples", type=int, nargs="*", default=None,
+                   help="L >= 2: also time the one pass with one set of tangent samples for "
+                        "every source time (tangent_blocks=1, the estimator before 6 Dec 2026) "
+                        "at these sample counts")
     p.add_argument("--response-samples", type=int, default=None,
                    help="L >= 2: response_samples of the timed rows (default: the solver's)")
     p.add_argument("--no-memory", dest="memory", action="store_false",

@@ -138,6 +138,16 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         covariance they are drawn for), i.i.d. once there are more innovations than
         antithetic pairs; about half the variance of the predictions at equal cost
         (benchmarks/README.md). "normal": i.i.d. normals (the estimator before 5 Dec 2026).
+    tangent_blocks : "auto" or int >= 1
+        L >= 2, one pass: the tangent directions of source time s are carried by the block
+        s mod m of ``response_samples / replicates`` samples, so that response entries of
+        different source times come from different samples (each still the average of that
+        many exact derivatives, at the same cost); a sample's derivatives for all source
+        times are strongly correlated and the march reads sums of them, so ~2-3x less
+        variance of the predictions and the NTK at equal cost (benchmarks/README.md).
+        "auto" (default): one block per source time, T + 1, where the replicate holds that
+        many; 1: one set of samples for every direction (the estimator before 6 Dec 2026).
+        The number used is recorded in ``options``.
     initial_kernels : {"exact", "sampled"}
         L >= 2, one pass: the kernels Phi^{l-1}(0, 0) the deeper sources u^l(0) are drawn
         with. "exact" (default): the NNGP kernels at initialisation, known in advance (closed
@@ -371,6 +381,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
     sampler = value("sampler")
     deep_sources = value("deep_sources")
     initial_kernels = value("initial_kernels")
+    tangent_blocks = value("tangent_blocks")
     ss, seed_int = ctx.seed_sequence, ctx.seed_int
 
 
@@ -452,7 +463,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     b_estimator=b_estimator, response_control=bool(response_control),
                     relu_eps=relu_eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                     sampler=sampler, deep_sources=deep_sources,
-                    initial_kernels=initial_kernels, seed=ss, loss=train.loss,
+                    initial_kernels=initial_kernels, tangent_blocks=tangent_blocks, seed=ss,
+                    loss=train.loss,
                     backward_sources=backward_sources,
                     weight_decay=float(train.weight_decay), decay_to=train.decay_to,
                     batch_size=train.batch_size, batch_seed=int(train.batch_seed),
@@ -480,7 +492,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     sampler=sampler, max_memory=limit, logger=logger, bar=bar, state=state,
                     on_population=on_population if ckpt is not None else None,
                     objective=deep_obj, r_sources=backward_sources,
-                    deep_sources=deep_sources, initial_kernels=initial_kernels)
+                    deep_sources=deep_sources, initial_kernels=initial_kernels,
+                    tangent_blocks=tangent_blocks)
             finally:
                 bar.close()
             if ckpt is not None:
@@ -493,6 +506,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                            src_rtol=src_rtol, response_control=bool(response_control),
                            scheme="onepass", sampler=sampler,
                            deep_sources=deep_sources, initial_kernels=initial_kernels,
+                           tangent_blocks=int(out["tangent_blocks"]),
                            backward_sources=out["r_sources"])
             if ckpt is not None:
                 # populations read back from the checkpoint, not recomputed

@@ -3,6 +3,7 @@ that fill its None fields (documented in :class:`dmft._mc.MonteCarlo`), the samp
 they resolve to, and the checks of what the deep regimes solve."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ DEFAULTS = {
     "sampler": "sobol",
     "deep_sources": "orthogonal",
     "initial_kernels": "exact",
+    "tangent_blocks": "auto",
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
@@ -46,6 +48,18 @@ DEFAULTS = {
 
 
 #: bytes of memory available now (moved to :mod:`dmft._resources`; kept under this name)
+
+
+def _auto_or_positive_int(what):
+    """"auto" or an integer >= 1 (``what`` explains the option)."""
+    def check(name, value):
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be 'auto' or an integer >= 1 ({what}), got "
+                             f"{value!r}")
+        return int(value)
+    return check
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,10 @@ class MCOptions(Options):
         ("orthogonal", "normal"), "{name} must be 'orthogonal' (moment-matched innovations, "
         "default) or 'normal' (i.i.d.), got {value!r}"),
         "one pass: the deeper layers' source innovations", applies=("onepass",))
+    tangent_blocks: int | str | None = option(None, _auto_or_positive_int(
+        "blocks of tangent samples, one per source time modulo their number"),
+        "one pass: which tangent samples carry which source times' directions",
+        applies=("onepass",))
     initial_kernels: str | None = option(None, one_of(
         ("exact", "sampled"), "{name} must be 'exact' (the known NNGP kernels at t = 0, "
         "default) or 'sampled' (the population's estimates), got {value!r}"),

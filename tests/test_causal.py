@@ -92,11 +92,16 @@ def test_shifted_sobol_normals_are_stratified_and_unbiased():
 # --------------------------------------------------------------------------------------------
 # the fixed-point property
 # --------------------------------------------------------------------------------------------
-def _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein):
-    """The iterative solver's map, applied once to the one-pass solution with its sources."""
+def _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein, blocks=1):
+    """The iterative solver's map, applied once to the one-pass solution with its sources.
+    With ``blocks`` = b tangent blocks, the response columns of source time s come from the
+    tangent samples of block s mod b (samples (s mod b) Sr .. + Sr): the map's responses are
+    computed once per block (its samples, its control variate) and each column taken from its
+    own block."""
     n, P = kx.shape[0], y.shape[0]
     T1 = T + 1
     m = T1 * n
+    colblock = (np.arange(m) // n) % blocks                 # flat column (s n + a) -> block
     src = o["sources"][0]
     f = o["f"]
     dcol = np.zeros((T1, n))
@@ -118,15 +123,25 @@ def _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein):
         if l == L - 1:
             new["f"] = (Zf * PH).mean(axis=0).reshape(T1, n) / gamma0
         lam1, lam2 = mc._lam(act, H, Zf, eps)
-        kl_all, kl_r = lam1.T @ lam1, lam1[:Sr].T @ lam1[:Sr]
-        l2_all, l2_r = lam2.sum(0), lam2[:Sr].sum(0)
+        kl_all, l2_all = lam1.T @ lam1, lam2.sum(0)
         C32, D32 = C.astype(np.float32), D.astype(np.float32)
+
+        def blockwise(system):
+            out = np.zeros((m, m))
+            for j in range(blocks):
+                k = slice(j * Sr, (j + 1) * Sr)
+                kl_r, l2_r = lam1[k].T @ lam1[k], lam2[k].sum(0)
+                acc = np.zeros((m, m))
+                mc.response_sums(H[k], Zf[k], C32, D32, gamma0, act, T1, n, P, system, acc,
+                                 eps, dtype=np.float32)
+                mc.response_control(acc if system == "r" else None,
+                                    acc if system == "u" else None, C, D, kl_all, kl_r,
+                                    l2_all, l2_r, S, Sr, gamma0)
+                out[:, colblock == j] = acc[:, colblock == j] / (gamma0 * Sr)
+            return out
+
         if l <= L - 2:
-            acc = np.zeros((m, m))
-            mc.response_sums(H[:Sr], Zf[:Sr], C32, D32, gamma0, act, T1, n, P, "r", acc, eps,
-                             dtype=np.float32)
-            mc.response_control(acc, None, C, D, kl_all, kl_r, l2_all, l2_r, S, Sr, gamma0)
-            new["A"].append(acc / (gamma0 * Sr))
+            new["A"].append(blockwise("r"))
         if l >= 1:
             if stein:
                 groups = mc.stein_groups(o["phi"][l - 1], T1, n, P, 1e-6)
@@ -134,25 +149,27 @@ def _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein):
                 mc.stein_accumulate(groups, u, G, accS)
                 new["B"].append(mc.stein_finish(groups, accS, S, gamma0, m))
             else:
-                acc = np.zeros((m, m))
-                mc.response_sums(H[:Sr], Zf[:Sr], C32, D32, gamma0, act, T1, n, P, "u", acc,
-                                 eps, dtype=np.float32)
-                mc.response_control(None, acc, C, D, kl_all, kl_r, l2_all, l2_r, S, Sr,
-                                    gamma0)
-                new["B"].append(acc / (gamma0 * Sr))
+                new["B"].append(blockwise("u"))
     return new
 
 
+@pytest.mark.parametrize("blocks", [1, 3, "auto"])
 @pytest.mark.parametrize("act,L,stein", [("tanh", 3, False), ("relu", 2, True),
                                          ("erf", 2, False)])
-def test_one_pass_is_a_fixed_point_of_the_alternating_map(act, L, stein):
+def test_one_pass_is_a_fixed_point_of_the_alternating_map(act, L, stein, blocks):
+    """The one pass's order parameters are recovered by one application of the iterative
+    solver's map to its own sources, with one block of tangent samples carrying every source
+    time (blocks=1) or each source time s its own block s mod b ("auto": b = T + 1 = 7)."""
     data = dmft.config.teacher_student(P=3, Q=2, D=5, seed=1)
     kx, y = data.kx, np.asarray(data.y_train)
     gamma0, lr, T, S, Sr = 1.2, 0.2, 6, 256, 16
     o = causal.solve_causal(kx, y, act, L, gamma0, lr, T, samples=S, seed=3, populations=1,
                             response_samples=Sr, record_sources=True,
-                            b_estimator="stein" if stein else "tangent")
-    new = _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein)
+                            b_estimator="stein" if stein else "tangent",
+                            tangent_blocks=blocks)
+    b = T + 1 if blocks == "auto" else blocks
+    assert o["tangent_blocks"] == b
+    new = _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein, blocks=b)
     scale = lambda a: np.abs(a).max()                                        # noqa: E731
     assert np.abs(new["f"] - o["f"]).max() < 1e-10
     for key in ("phi", "g"):
@@ -470,6 +487,33 @@ def test_exact_and_sampled_initial_kernels_agree(small):
         assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
     with pytest.raises(ValueError, match="initial_kernels must be 'exact'"):
         dmft.solve(net, data, train, method="mc", initial_kernels="nngp", **kw)
+
+
+def test_tangent_blocks_agree_with_one_block(small):
+    """Tangent samples in blocks, one per source time (tangent_blocks="auto", the default),
+    and one set of tangent samples for every direction (tangent_blocks=1) solve the same
+    problem: agreement within the joint error bars (Welch threshold at 1e-4 false alarm per
+    entry); the number of blocks used is recorded, capped by what a replicate holds, and bad
+    values are refused."""
+    net, data, train = small
+    kw = dict(samples=4096, replicates=8, progress=False)
+    a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
+    b = dmft.solve(net, data, train, method="mc", seed=3, tangent_blocks=1, **kw)
+    per_rep = 4096 // 8
+    tangents = a.options["response_samples"] // 8
+    assert a.options["tangent_blocks"] == min(train.steps + 1, per_rep // tangents)
+    assert a.options["tangent_blocks"] > 1
+    assert b.options["tangent_blocks"] == 1
+    for key in ("train_predictions", "test_predictions", "ntk"):
+        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
+        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
+                                                                          1e-12)
+        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    c = dmft.solve(net, data, train, method="mc", seed=3, tangent_blocks=10**6, **kw)
+    assert c.options["tangent_blocks"] == per_rep // tangents
+    for bad in (0, 2.5, "all", True):
+        with pytest.raises(ValueError, match="tangent_blocks must be 'auto' or an integer"):
+            dmft.solve(net, data, train, method="mc", tangent_blocks=bad, **kw)
 
 
 def test_orthogonal_and_normal_innovations_agree(small):

@@ -62,18 +62,22 @@ _POP = dict(responses=True, cv=True, tdtype=np.float32, eps=0.05, src_rtol=1e-6,
             stein_rtol=1e-6, divergence=1e8, bar=None)
 
 
+@pytest.mark.parametrize("tblocks", [1, 4])
 @pytest.mark.parametrize("act,stein", [("tanh", False), ("relu", True)])
-def test_general_march_reproduces_plain_march(act, stein):
+def test_general_march_reproduces_plain_march(act, stein, tblocks):
     """The march for any objective, given the plain one (mse, C = 1, full batch, no decay), is
     the plain march with the same random numbers: every result to rounding (tangent B for
-    tanh, Stein B for ReLU; depth 3, test points)."""
+    tanh, Stein B for ReLU; depth 3, test points), with one set of tangent samples or tangent
+    blocks by source time (the plain march's blocks are checked against the iterative map in
+    tests/test_causal.py)."""
     kx, y = _toy()
     T = 5
     o1 = causal._population(kx, y, act, 3, 1.0, 0.5, T, 256, 16, np.random.SeedSequence(1),
-                            record_sources=False, stein=stein, **_POP)
+                            record_sources=False, stein=stein, tblocks=tblocks, **_POP)
     obj = Objective("mse", y, kx.shape[0], T, 0.5)
     o2 = causal._population_objective(kx, obj, act, 3, 1.0, 0.5, T, 256, 16,
-                                      np.random.SeedSequence(1), stein=stein, **_POP)
+                                      np.random.SeedSequence(1), stein=stein,
+                                      tblocks=tblocks, **_POP)
     for key in ("f", "ntk", "phi", "g", "A", "B"):
         a = o1[key]
         np.testing.assert_allclose(o2[key].reshape(a.shape), a, rtol=0,

@@ -152,7 +152,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  flop_rate: float = 10e9, record_sources: bool = False, logger=None,
                  bar=None, state: dict | None = None, on_population=None,
                  objective=None, r_sources: str = "auto",
-                 deep_sources: str = "orthogonal", initial_kernels: str = "exact") -> dict:
+                 deep_sources: str = "orthogonal", initial_kernels: str = "exact",
+                 tangent_blocks="auto") -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -201,6 +202,20 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         for. "normal": i.i.d. normals throughout (the estimator before 5 Dec 2026).
         Independent of ``sampler``; the mixed backward sources (``r_sources="mix"``) are
         not affected.
+    tangent_blocks : "auto" (default) or an integer m >= 1: which samples carry the forward-mode
+        tangents of which source times. The tangent directions of source time s (the
+        columns (s, a) of A and B) are carried by the block s mod m of ``response_samples /
+        populations`` samples (blocks in sample order from the start of the population), so
+        each response entry is still the average of that many exact per-sample derivatives
+        (unbiased, the same cost: each block carries 1/m of the directions), but entries of
+        different source times come from different samples. A sample's derivatives for all
+        source times are strongly correlated (a saturated unit has small ones for every s:
+        the variance of a sum over s of a sample's control-variate remainders is 4-10x the
+        sum of the variances at 40-50 steps), and the predictions read the responses
+        through such sums; so their noise falls: ~2-3x less variance of the predictions and
+        the NTK at equal cost (benchmarks/README.md). "auto": m = T + 1 (one block per source
+        time) where the population holds that many blocks, else as many as it holds; m = 1:
+        one set of samples carries every direction (the estimator before 6 Dec 2026).
     initial_kernels : the kernels Phi^{l-1}(0, 0) that the deeper forward sources u^l(0)
         (l >= 2) are drawn with. "exact" (default): the NNGP kernels at initialisation
         (:func:`solvers.static.static_kernels`, closed forms or quadrature), known in
@@ -258,6 +273,16 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     if initial_kernels not in ("exact", "sampled"):
         raise ValueError(f"initial_kernels must be 'exact' (the known NNGP kernels at t = 0) "
                          f"or 'sampled' (the population's estimates), got {initial_kernels!r}")
+    if not (tangent_blocks == "auto" or (isinstance(tangent_blocks, (int, np.integer))
+                                         and not isinstance(tangent_blocks, bool)
+                                         and tangent_blocks >= 1)):
+        raise ValueError(f"tangent_blocks must be 'auto' or an integer >= 1, got "
+                         f"{tangent_blocks!r}")
+    tblocks = 1
+    if responses:
+        # at most one block per source time, and no more blocks than the population holds
+        tblocks = max(1, min(T1 if tangent_blocks == "auto" else int(tangent_blocks),
+                             Sp // Srp))
     phi0 = None
     if initial_kernels == "exact" and L >= 2:
         phi0 = static_kernels(activation, kx, L)["phi"]
@@ -310,13 +335,13 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                     kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                     responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
                     src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence, bar=bar,
-                    sampler=sampler, mix=mix, ortho=ortho, phi0=phi0)
+                    sampler=sampler, mix=mix, ortho=ortho, phi0=phi0, tblocks=tblocks)
             else:
                 o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                                 responses=responses, stein=stein, cv=cv, tdtype=tdtype,
                                 eps=eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                                 divergence=divergence, record_sources=record_sources, bar=bar,
-                                sampler=sampler, ortho=ortho, phi0=phi0)
+                                sampler=sampler, ortho=ortho, phi0=phi0, tblocks=tblocks)
             for key in keys:
                 if o[key] is None:
                     continue
@@ -356,5 +381,6 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     res.update(samples=Sp * R, response_samples=Srp * R, populations=R,
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
                memory_bytes=mem, r_sources="mix" if mix else "factor",
-               deep_sources=deep_sources, initial_kernels=initial_kernels)
+               deep_sources=deep_sources, initial_kernels=initial_kernels,
+               tangent_blocks=tblocks)
     return res

@@ -156,11 +156,16 @@ class _Layer:
     """State of one layer of one population (see the module docstring for the layout)."""
 
     def __init__(self, T1, n, P, S, Sr, *, r_sys, u_sys, stein, resp, cv, tdtype, src_rtol,
-                 stein_rtol, C=1, phi=None, g=None, mix=False, ortho=True):
+                 stein_rtol, C=1, phi=None, g=None, mix=False, ortho=True, tblocks=1):
         # C outputs (docs/theory.rst §7): backward fields and G over rows (mu, c), point-major
         Q = n - P
         m = T1 * n
         self.n, self.P, self.Q, self.C, self.Sr, self.tdtype = n, P, Q, C, Sr, tdtype
+        # tangent blocks (:meth:`per_dir`): the directions of source time s are carried by the
+        # samples tidx[s] = block (s mod m) of Sr samples; m = 1: the first Sr carry them all
+        self.m = max(1, int(tblocks))
+        self.Srt = self.m * Sr                          # samples that carry tangents
+        self.tidx = ((np.arange(T1) % self.m) * Sr)[:, None] + np.arange(Sr)[None, :]
         self.PH = np.zeros((T1, n, S))
         self.G = np.zeros((T1, n * C, S))
         self.Gtr = np.zeros((T1, P * C, S))           # train rows of g, for the memory GEMMs
@@ -279,9 +284,16 @@ class _Layer:
             Sr = self.Sr
             self.L1tr[t] = self.lam1[:P]
             self.psi[t, :, :t + 1] = _rows(self.lam1, self.L1tr, t).reshape(n, t + 1, P)
-            if self.psi_r is not None:
+            if self.psi_r is not None and self.m == 1:
                 self.psi_r[t, :, :t + 1] = _rows(self.lam1[:, :Sr], self.L1tr[:, :, :Sr],
                                                  t).reshape(n, t + 1, P)
+            elif self.psi_r is not None:
+                # over the samples that carry the directions of each source time s
+                idx = self.tidx[:t + 1]                                  # (t+1, Sr)
+                self.psi_r[t, :, :t + 1] = np.einsum(
+                    "nsk,sak->nsa", self.lam1[:, idx], self.L1tr[np.arange(t + 1)[:, None],
+                                                                  :, idx].transpose(0, 2, 1)
+                ) / Sr
             if Q:
                 self.L1te[t] = self.lam1[P:]
                 self.psi_qq[t, :t + 1] = np.einsum("qk,sqk->sq", self.lam1[P:],
@@ -315,12 +327,20 @@ class _Layer:
         if not (self.r_sys or self.u_sys):
             return None
         Ct = Crow.astype(self.tdtype, copy=False)
-        l1t = self.lam1[:, :self.Sr].astype(self.tdtype, copy=False)
+        l1t = self.lam1[:, :self.Srt].astype(self.tdtype, copy=False)
         if self.u_sys:
             self.u_tangent_h(t, Ct, l1t, gamma0, direct)
         if self.r_sys:
             return self.r_tangent_h(t, Ct, l1t, gamma0)
         return None
+
+    def per_dir(self, x, nt):
+        """A per-sample factor x (rows, >= Srt) of the tangent samples, arranged against
+        tangent columns (s, ..., k) of the source times s < nt: (rows, nt, 1, Sr) (each s
+        its own block of samples), or (rows, 1, 1, Sr) with one block."""
+        if self.m == 1:
+            return x[:, None, None, :self.Sr]
+        return x[:, self.tidx[:nt]][:, :, None, :]
 
     def r_tangent_h(self, t, Ct, l1t, gamma0):
         """dh(t)/dr(s), s < t: gamma0 C(t, <t) dg(<t). Keeps the train rows of dh and of
@@ -329,7 +349,8 @@ class _Layer:
         c0 = t * P * self.C * Sr
         dh = _tangent_h(self.rdg, t, c0, Ct, gamma0)
         self.rdh = dh[:P]
-        dphi = (dh[:, :c0].reshape(n, -1, Sr) * l1t[:, None, :]).reshape(n, c0)
+        dphi = (dh[:, :c0].reshape(n, t, P * self.C, Sr)
+                * self.per_dir(l1t, t)).reshape(n, c0)
         self.rdphi[t, :, :c0] = dphi[:P]
         return dphi
 
@@ -342,7 +363,8 @@ class _Layer:
         tr = np.arange(P)
         dh[:P, c0:c1].reshape(P, P, Sr)[tr, tr, :] += direct
         self.udh = dh
-        dphi = (dh[:, :c1].reshape(n, -1, Sr) * l1t[:, None, :]).reshape(n, c1)
+        dphi = (dh[:, :c1].reshape(n, t + 1, P, Sr)
+                * self.per_dir(l1t, t + 1)).reshape(n, c1)
         self.udphi[t, :, :c1] = dphi[:P]
         if Q:
             self.udphi_te[t, :, :c1] = dphi[P:]
@@ -360,8 +382,10 @@ class _Layer:
         if not last:
             trc = np.arange(PC)
             dz[:, c0:c1].reshape(PC, PC, Sr)[trc, trc, :] += direct
-        dg = (self.rdh[:, :c1].reshape(P, 1, -1, Sr) * l2t[:PC].reshape(P, C, 1, Sr)
-              + dz.reshape(P, C, -1, Sr) * l1t[:P, None, None, :])
+        nt = t + 1
+        dg = (self.rdh[:, :c1].reshape(P, 1, nt, PC, Sr)
+              * self.per_dir(l2t[:PC], nt).reshape(P, C, -1, 1, Sr)
+              + dz.reshape(P, C, nt, PC, Sr) * self.per_dir(l1t[:P], nt)[:, None])
         self.rdg[t, :, :c1] = dg.reshape(PC, c1)
 
     def u_tangent_g(self, t, dz, l1t, l2t):
@@ -369,8 +393,11 @@ class _Layer:
         stores the train rows and returns dg (n C, (t+1) P Sr)."""
         n, C, Sr = self.n, self.C, self.Sr
         c1 = (t + 1) * self.P * Sr
-        dg = (self.udh[:, :c1].reshape(n, 1, -1, Sr) * l2t.reshape(n, C, 1, Sr)
-              + dz.reshape(n, C, -1, Sr) * l1t[:, None, None, :]).reshape(n * C, c1)
+        nt = t + 1
+        dg = (self.udh[:, :c1].reshape(n, 1, nt, -1, Sr)
+              * self.per_dir(l2t, nt).reshape(n, C, -1, 1, Sr)
+              + dz.reshape(n, C, nt, -1, Sr) * self.per_dir(l1t, nt)[:, None]
+              ).reshape(n * C, c1)
         self.udg[t, :, :c1] = dg[:self.P * C]
         return dg
 

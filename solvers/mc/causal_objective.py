@@ -16,10 +16,10 @@ from .sources import _first_layer_sources
 
 def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein,
                           cv, tdtype, eps, src_rtol, stein_rtol, divergence, bar,
-                          sampler="sobol", mix=False, ortho=True, phi0=None):
+                          sampler="sobol", mix=False, ortho=True, phi0=None, tblocks=1):
     """:func:`_population` for any training objective (docs/theory.rst §7): C outputs, any
     loss, weight decay, mini-batches (``obj``: :class:`solvers.objective.Objective`);
-    ``phi0`` as there.
+    ``phi0``, ``tblocks`` as there.
 
     With m(t, s) = a^(t-1-s) (:meth:`Objective.memory`) and iota(t) = a^t toward zero, else 1
     (:meth:`Objective.init_scale`, the initial-weight channel), per layer
@@ -59,7 +59,8 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
                      tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol, C=Cout,
-                     phi=phi_all[l], g=g_all[l], mix=mix, ortho=ortho)
+                     phi=phi_all[l], g=g_all[l], mix=mix, ortho=ortho,
+                     tblocks=tblocks)
               for l in range(L)]
     A_all, B_all = np.zeros((L - 1, m, mC)), np.zeros((L - 1, mC, m))
     A, B = list(A_all), list(B_all)
@@ -157,10 +158,10 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
             g = l1 * z
             ly.backward(g, t, l + 1)
             if ly.r_sys or ly.u_sys:
-                l1t = ly.lam1[:, :Sr].astype(tdtype, copy=False)
-                k = S if ly.u_sys else Sr
+                l1t = ly.lam1[:, :ly.Srt].astype(tdtype, copy=False)
+                k = S if ly.u_sys else ly.Srt
                 lam2 = lam2_of(ly, z, k)                                  # (n C, k)
-                l2t = lam2[:, :Sr].astype(tdtype, copy=False)
+                l2t = lam2[:, :ly.Srt].astype(tdtype, copy=False)
             if ly.r_sys:
                 # dz_mc(t)/dr_ac(s), s <= t (train rows): direct iota(t) at s = t plus
                 # gamma0 D dphi
@@ -182,7 +183,7 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                 if cv:
                     psi = np.repeat(ly.psi[t, :, :t + 1] - ly.psi_r[t, :, :t + 1], Cout, axis=0)
                     Brow += D4[:, :, :P] * iota[None, :t + 1, None] * psi
-                    l2_r = lam2[:, :Sr].mean(-1)
+                    l2_r = lam2[:, ly.tidx[t]].mean(-1)
                     Brow[:PC].reshape(P, Cout, t + 1, P)[tr, :, t, tr] += (
                         it * (l2_all[:PC] - l2_r[:PC]) / gamma0).reshape(P, Cout)
                 Bb = B[l - 1][ac:ec, :e].reshape(nC, t + 1, n)

@@ -15,7 +15,7 @@ from .sources import _first_layer_sources
 
 def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, cv, tdtype,
                 eps, src_rtol, stein_rtol, divergence, record_sources, bar, sampler="sobol",
-                ortho=True, phi0=None):
+                ortho=True, phi0=None, tblocks=1):
     """One population of S samples (Sr of them with tangents) marched through all steps and
     layers; returns its own f, NTK, flat kernels and responses (and, with
     ``record_sources``, the sources u, r of every layer as (T1 n, S) arrays). ``phi0``
@@ -34,7 +34,7 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                      u_sys=responses and l >= 1 and not stein,
                      stein=responses and l >= 1 and stein, resp=responses, cv=cv,
                      tdtype=tdtype, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                     phi=phi_all[l], g=g_all[l], ortho=ortho)
+                     phi=phi_all[l], g=g_all[l], ortho=ortho, tblocks=tblocks)
               for l in range(L)]
     # responses, flat (T1 n, T1 n): A[l] = A^{l+1}, B[l] = B^{l+1} (1-based layers)
     A_all, B_all = np.zeros((L - 1, m, m)), np.zeros((L - 1, m, m))
@@ -107,13 +107,13 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
             g = ly.lam1 * z
             ly.backward(g, t, l + 1)
             if ly.r_sys or ly.u_sys:
-                l1t = ly.lam1[:, :Sr].astype(tdtype, copy=False)
+                l1t = ly.lam1[:, :ly.Srt].astype(tdtype, copy=False)
                 # Lam2 = phi''(h) z: over all samples where B needs its average (u-system),
                 # else over the tangent samples only
-                k = S if ly.u_sys else Sr
+                k = S if ly.u_sys else ly.Srt
                 lam2 = _lam(act, ly.H[:, :k], z[:, :k], eps,
                             ly.PH[t][:, :k] if act == "tanh" else None)[1]
-                l2t = lam2[:, :Sr].astype(tdtype, copy=False)
+                l2t = lam2[:, :ly.Srt].astype(tdtype, copy=False)
             if ly.r_sys:
                 # dz(t)/dr(s), s <= t (train rows): direct term at s = t plus gamma0 D dphi
                 ly.r_tangent_g(t, Dtr, l1t, l2t, gamma0, 1.0, t == T)
@@ -132,7 +132,7 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                 l2_all = lam2.mean(-1)
                 if cv:
                     Brow += D4[:, :, :P] * (ly.psi[t, :, :t + 1] - ly.psi_r[t, :, :t + 1])
-                    l2_r = lam2[:, :Sr].mean(-1)
+                    l2_r = lam2[:, ly.tidx[t]].mean(-1)
                     Brow[tr, t, tr] += (l2_all[:P] - l2_r[:P]) / gamma0
                 Bb = B[l - 1][a:e, :e].reshape(n, t + 1, n)
                 Bb[:, :, :P] = Brow
