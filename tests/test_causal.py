@@ -470,6 +470,16 @@ def test_exact_initial_kernels_fix_the_first_block_and_keep_the_regressions(act,
     assert err0["sampled"] > 1e-2, err0
 
 
+def _assert_agree(a, b, keys=("train_predictions", "test_predictions", "ntk"), reps=8):
+    """Two solutions of the same problem (``reps`` replicates each) agree at every time t >= 1
+    within their joint error bars (Welch threshold at 1e-4 false alarm per entry)."""
+    for key in keys:
+        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
+        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
+                                                                          1e-12)
+        assert z.max() < _welch_z(s1, reps, s2, reps), (key, z.max())
+
+
 def test_exact_and_sampled_initial_kernels_agree(small):
     """The two choices of the t = 0 kernels solve the same problem: agreement within the
     joint error bars (Welch threshold at 1e-4 false alarm per entry); the option is recorded
@@ -480,11 +490,7 @@ def test_exact_and_sampled_initial_kernels_agree(small):
     b = dmft.solve(net, data, train, method="mc", seed=3, initial_kernels="sampled", **kw)
     assert a.options["initial_kernels"] == "exact"
     assert b.options["initial_kernels"] == "sampled"
-    for key in ("train_predictions", "test_predictions", "ntk"):
-        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
-        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
-                                                                          1e-12)
-        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    _assert_agree(a, b)
     with pytest.raises(ValueError, match="initial_kernels must be 'exact'"):
         dmft.solve(net, data, train, method="mc", initial_kernels="nngp", **kw)
 
@@ -504,11 +510,7 @@ def test_tangent_blocks_agree_with_one_block(small):
     assert a.options["tangent_blocks"] == min(train.steps + 1, per_rep // tangents)
     assert a.options["tangent_blocks"] > 1
     assert b.options["tangent_blocks"] == 1
-    for key in ("train_predictions", "test_predictions", "ntk"):
-        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
-        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
-                                                                          1e-12)
-        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    _assert_agree(a, b)
     c = dmft.solve(net, data, train, method="mc", seed=3, tangent_blocks=10**6, **kw)
     assert c.options["tangent_blocks"] == per_rep // tangents
     for bad in (0, 2.5, "all", True):
@@ -525,11 +527,7 @@ def test_orthogonal_and_normal_innovations_agree(small):
     a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
     b = dmft.solve(net, data, train, method="mc", seed=3, deep_sources="normal", **kw)
     assert a.options["deep_sources"] == "orthogonal" and b.options["deep_sources"] == "normal"
-    for key in ("train_predictions", "test_predictions", "ntk"):
-        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
-        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
-                                                                          1e-12)
-        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    _assert_agree(a, b)
     with pytest.raises(ValueError, match="deep_sources must be 'orthogonal'"):
         dmft.solve(net, data, train, method="mc", deep_sources="sobol", **kw)
 
@@ -542,8 +540,4 @@ def test_random_sampler_agrees_with_sobol(small):
     a = dmft.solve(net, data, train, method="mc", seed=2, sampler="sobol", **kw)
     b = dmft.solve(net, data, train, method="mc", seed=3, sampler="random", **kw)
     assert a.options["sampler"] == "sobol" and b.options["sampler"] == "random"
-    for key in ("train_predictions", "ntk"):
-        s1, s2 = a.stderr[key][1:], b.stderr[key][1:]
-        z = np.abs(getattr(a, key)[1:] - getattr(b, key)[1:]) / np.maximum(np.hypot(s1, s2),
-                                                                          1e-12)
-        assert z.max() < _welch_z(s1, 8, s2, 8), (key, z.max())
+    _assert_agree(a, b, keys=("train_predictions", "ntk"))
