@@ -119,7 +119,15 @@ def run_case(name, c, args):
         row["vs_exact_pred"] = float(np.abs(_final(sol) - _final(ex)).max())
         row["vs_exact_ntk_rel"] = float(np.abs(sol.ntk[-1] - ex.ntk[-1]).max()
                                         / np.abs(ex.ntk[-1]).max())
-    b0, se0, loss, finite, t_sim = ensemble(net, data, train, args.widths, args.seeds)
+    try:
+        b0, se0, loss, finite, t_sim = ensemble(net, data, train, args.widths, args.seeds)
+    except dmft.ConvergenceError as exc:
+        # dmft.simulate refuses a diverged ensemble (since 5 Dec 2026): the networks diverge
+        # too, which is what the divergent case is meant to show
+        row.update(net_loss=float("inf"), nets_finite=False, sim_s=float("nan"),
+                   nets="the networks diverge (dmft.simulate: " + str(exc)[-120:] + ")")
+        print(_line(row), flush=True)
+        return row
     row.update(sim_s=t_sim, net_loss=loss, nets_finite=finite)
     if sol is not None:
         th = np.concatenate([_final(sol), sol.ntk[-1][iu]])
@@ -150,6 +158,8 @@ def _line(r):
         s += f" {r['iterative']} |"
     if "vs_exact_pred" in r:
         s += f" exact: {r['vs_exact_pred']:.4f}, {100 * r['vs_exact_ntk_rel']:.2f} % |"
+    if "nets" in r:
+        s += " networks diverge |"
     return s
 
 

@@ -138,16 +138,17 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         covariance they are drawn for), i.i.d. once there are more innovations than
         antithetic pairs; about half the variance of the predictions at equal cost
         (benchmarks/README.md). "normal": i.i.d. normals (the estimator before 5 Dec 2026).
-    tangent_blocks : "auto" or int >= 1
+    tangent_blocks : 1 (default), "auto" or int >= 1
         L >= 2, one pass: the tangent directions of source time s are carried by the block
         s mod m of ``response_samples / replicates`` samples, so that response entries of
         different source times come from different samples (each still the average of that
-        many exact derivatives, at the same cost); a sample's derivatives for all source
-        times are strongly correlated and the march reads sums of them, so ~2-3x less
-        variance of the predictions and the NTK at equal cost (benchmarks/README.md).
-        "auto" (default): one block per source time, T + 1, where the replicate holds that
-        many; 1: one set of samples for every direction (the estimator before 6 Dec 2026).
-        The number used is recorded in ``options``.
+        many exact derivatives, at the same cost). A sample's derivatives for all source
+        times are strongly correlated: where training is stable the march reads sums of them
+        and blocks give 2-3x less variance of the predictions at equal cost; near the edge of
+        stability (lr lambda_max(K(t)) past ~2) their noise cancels in what the march reads
+        and blocks give 1.7-5x more (benchmarks/README.md). "auto": one block per source
+        time, T + 1, where the replicate holds that many; 1 (default): one set of samples for
+        every direction. The number used is recorded in ``options``.
     initial_kernels : {"exact", "sampled"}
         L >= 2, one pass: the kernels Phi^{l-1}(0, 0) the deeper sources u^l(0) are drawn
         with. "exact" (default): the NNGP kernels at initialisation, known in advance (closed

@@ -31,7 +31,7 @@ DEFAULTS = {
     "sampler": "sobol",
     "deep_sources": "orthogonal",
     "initial_kernels": "exact",
-    "tangent_blocks": "auto",
+    "tangent_blocks": 1,
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,

@@ -496,15 +496,15 @@ def test_exact_and_sampled_initial_kernels_agree(small):
 
 
 def test_tangent_blocks_agree_with_one_block(small):
-    """Tangent samples in blocks, one per source time (tangent_blocks="auto", the default),
-    and one set of tangent samples for every direction (tangent_blocks=1) solve the same
+    """Tangent samples in blocks, one per source time (tangent_blocks="auto"), and one set of
+    tangent samples for every direction (tangent_blocks=1, the default) solve the same
     problem: agreement within the joint error bars (Welch threshold at 1e-4 false alarm per
     entry); the number of blocks used is recorded, capped by what a replicate holds, and bad
     values are refused."""
     net, data, train = small
     kw = dict(samples=4096, replicates=8, progress=False)
-    a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
-    b = dmft.solve(net, data, train, method="mc", seed=3, tangent_blocks=1, **kw)
+    a = dmft.solve(net, data, train, method="mc", seed=2, tangent_blocks="auto", **kw)
+    b = dmft.solve(net, data, train, method="mc", seed=3, **kw)
     per_rep = 4096 // 8
     tangents = a.options["response_samples"] // 8
     assert a.options["tangent_blocks"] == min(train.steps + 1, per_rep // tangents)

@@ -153,7 +153,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  bar=None, state: dict | None = None, on_population=None,
                  objective=None, r_sources: str = "auto",
                  deep_sources: str = "orthogonal", initial_kernels: str = "exact",
-                 tangent_blocks="auto") -> dict:
+                 tangent_blocks=1) -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -202,8 +202,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         for. "normal": i.i.d. normals throughout (the estimator before 5 Dec 2026).
         Independent of ``sampler``; the mixed backward sources (``r_sources="mix"``) are
         not affected.
-    tangent_blocks : "auto" (default) or an integer m >= 1: which samples carry the forward-mode
-        tangents of which source times. The tangent directions of source time s (the
+    tangent_blocks : 1 (default), "auto" or an integer m >= 1: which samples carry the
+        forward-mode tangents of which source times. The tangent directions of source time s (the
         columns (s, a) of A and B) are carried by the block s mod m of ``response_samples /
         populations`` samples (blocks in sample order from the start of the population), so
         each response entry is still the average of that many exact per-sample derivatives
@@ -212,10 +212,14 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         source times are strongly correlated (a saturated unit has small ones for every s:
         the variance of a sum over s of a sample's control-variate remainders is 4-10x the
         sum of the variances at 40-50 steps), and the predictions read the responses
-        through such sums; so their noise falls: ~2-3x less variance of the predictions and
-        the NTK at equal cost (benchmarks/README.md). "auto": m = T + 1 (one block per source
-        time) where the population holds that many blocks, else as many as it holds; m = 1:
-        one set of samples carries every direction (the estimator before 6 Dec 2026).
+        through such sums; where the training is stable that noise falls (2-3x less variance
+        of the predictions at equal cost on benchmarks/perf_mc.py cases (b), (c)), but near
+        the edge of stability (lr lambda_max(K(t)) past ~2, catapults) the correlated noise
+        of different source times cancels in what the march reads, and blocks give 1.7-5x
+        MORE variance (benchmarks/deep_cases.py problems; benchmarks/README.md). So the
+        default stays m = 1 (one set of samples carries every direction); "auto": m = T + 1
+        (one block per source time) where the population holds that many blocks, else as
+        many as it holds.
     initial_kernels : the kernels Phi^{l-1}(0, 0) that the deeper forward sources u^l(0)
         (l >= 2) are drawn with. "exact" (default): the NNGP kernels at initialisation
         (:func:`solvers.static.static_kernels`, closed forms or quadrature), known in
