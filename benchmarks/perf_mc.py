@@ -272,7 +272,7 @@ def run_case(name, c, args):
     if c["L"] >= 2 and args.sampled_samples:
         # the one pass as it was between 5 and 6 Dec 2026: the deeper sources drawn with the
         # population's own t = 0 kernels instead of the known NNGP ones
-        runs += [("sampled t=0", S, dict(row_opts, initial_kernels="sampled"))
+        runs += [("sampled", S, dict(row_opts, initial_kernels="sampled"))
                  for S in args.sampled_samples]
     if c["L"] >= 2 and args.one_block_samples:
         # the one pass as it was before 6 Dec 2026 (evening): one set of tangent samples
