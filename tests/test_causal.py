@@ -480,19 +480,24 @@ def _assert_agree(a, b, keys=("train_predictions", "test_predictions", "ntk"), r
         assert z.max() < _welch_z(s1, reps, s2, reps), (key, z.max())
 
 
-def test_exact_and_sampled_initial_kernels_agree(small):
-    """The two choices of the t = 0 kernels solve the same problem: agreement within the
-    joint error bars (Welch threshold at 1e-4 false alarm per entry); the option is recorded
-    and a bad value is refused."""
+@pytest.mark.parametrize("option,default,other,bad,message", [
+    ("initial_kernels", "exact", "sampled", "nngp", "initial_kernels must be 'exact'"),
+    ("deep_sources", "orthogonal", "normal", "sobol", "deep_sources must be 'orthogonal'"),
+])
+def test_estimator_option_alternatives_agree(small, option, default, other, bad, message):
+    """The two choices of an estimator option of the one pass (the t = 0 kernels: exact NNGP
+    or sampled; the deeper innovations: moment-matched or i.i.d.) solve the same problem:
+    agreement within the joint error bars (Welch threshold at 1e-4 false alarm per entry);
+    the option is recorded and a bad value is refused."""
     net, data, train = small
     kw = dict(samples=4096, replicates=8, progress=False)
     a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
-    b = dmft.solve(net, data, train, method="mc", seed=3, initial_kernels="sampled", **kw)
-    assert a.options["initial_kernels"] == "exact"
-    assert b.options["initial_kernels"] == "sampled"
+    b = dmft.solve(net, data, train, method="mc", seed=3, **{option: other}, **kw)
+    assert a.options[option] == default
+    assert b.options[option] == other
     _assert_agree(a, b)
-    with pytest.raises(ValueError, match="initial_kernels must be 'exact'"):
-        dmft.solve(net, data, train, method="mc", initial_kernels="nngp", **kw)
+    with pytest.raises(ValueError, match=message):
+        dmft.solve(net, data, train, method="mc", **{option: bad}, **kw)
 
 
 def test_tangent_blocks_agree_with_one_block(small):
@@ -516,20 +521,6 @@ def test_tangent_blocks_agree_with_one_block(small):
     for bad in (0, 2.5, "all", True):
         with pytest.raises(ValueError, match="tangent_blocks must be 'auto' or an integer"):
             dmft.solve(net, data, train, method="mc", tangent_blocks=bad, **kw)
-
-
-def test_orthogonal_and_normal_innovations_agree(small):
-    """The two draws of the deeper innovations solve the same problem: agreement within the
-    joint error bars (Welch threshold at 1e-4 false alarm per entry); the option is recorded
-    and a bad value is refused."""
-    net, data, train = small
-    kw = dict(samples=4096, replicates=8, progress=False)
-    a = dmft.solve(net, data, train, method="mc", seed=2, **kw)
-    b = dmft.solve(net, data, train, method="mc", seed=3, deep_sources="normal", **kw)
-    assert a.options["deep_sources"] == "orthogonal" and b.options["deep_sources"] == "normal"
-    _assert_agree(a, b)
-    with pytest.raises(ValueError, match="deep_sources must be 'orthogonal'"):
-        dmft.solve(net, data, train, method="mc", deep_sources="sobol", **kw)
 
 
 def test_random_sampler_agrees_with_sobol(small):
