@@ -138,17 +138,22 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         covariance they are drawn for), i.i.d. once there are more innovations than
         antithetic pairs; about half the variance of the predictions at equal cost
         (benchmarks/README.md). "normal": i.i.d. normals (the estimator before 5 Dec 2026).
-    tangent_blocks : 1 (default), "auto" or int >= 1
+    tangent_blocks : "adaptive" (default), "auto" or int >= 1
         L >= 2, one pass: the tangent directions of source time s are carried by the block
         s mod m of ``response_samples / replicates`` samples, so that response entries of
         different source times come from different samples (each still the average of that
         many exact derivatives, at the same cost). A sample's derivatives for all source
         times are strongly correlated: where training is stable the march reads sums of them
-        and blocks give 2-3x less variance of the predictions at equal cost; near the edge of
-        stability (lr lambda_max(K(t)) past ~2) their noise cancels in what the march reads
-        and blocks give 1.7-5x more (benchmarks/README.md). "auto": one block per source
-        time, T + 1, where the replicate holds that many; 1 (default): one set of samples for
-        every direction. The number used is recorded in ``options``.
+        and blocks give 2-4x less variance of the predictions at equal cost; where training
+        passes the edge of stability (a catapult: lr lambda_max(K_train(t)) peaks well above
+        2) their noise cancels in what the march reads and blocks give 1.7-5x more
+        (benchmarks/README.md). "auto": one block per source time, T + 1, where the replicate
+        holds that many; 1: one set of samples for every direction. "adaptive" (default):
+        the first replicate with one block; the others with "auto"'s blocks if that
+        replicate's peak lr lambda_max(K_train(t)) is below 2.5, else with one block (one
+        block for general objectives and for one replicate). The number the later replicates
+        used is recorded in ``options["tangent_blocks"]``, the peak in
+        ``options["peak_lr_lambda"]``, the rule in ``options["tangent_blocks_rule"]``.
     initial_kernels : {"exact", "sampled"}
         L >= 2, one pass: the kernels Phi^{l-1}(0, 0) the deeper sources u^l(0) are drawn
         with. "exact" (default): the NNGP kernels at initialisation, known in advance (closed
@@ -473,6 +478,7 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                 state = ckpt.load()
                 if state is not None:
                     state = {"next": state[1]["next"],
+                             "peak_lr_lambda": state[1].get("peak_lr_lambda"),
                              "acc": {k[4:]: v for k, v in state[0].items() if k[:4] == "acc."},
                              "acc2": {k[5:]: v for k, v in state[0].items()
                                       if k[:5] == "acc2."}}
@@ -480,7 +486,10 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             def on_population(st):
                 arrays = {f"acc.{k}": v for k, v in st["acc"].items()}
                 arrays.update({f"acc2.{k}": v for k, v in st["acc2"].items()})
-                ckpt.save(arrays, {"next": int(st["next"]), "replicates": int(replicates)})
+                meta = {"next": int(st["next"]), "replicates": int(replicates)}
+                if "peak_lr_lambda" in st:
+                    meta["peak_lr_lambda"] = float(st["peak_lr_lambda"])
+                ckpt.save(arrays, meta)
 
             bar = ctx.bar(T1 * replicates, f"dmft {method} (one pass)", unit="step")
             try:
@@ -508,6 +517,9 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                            scheme="onepass", sampler=sampler,
                            deep_sources=deep_sources, initial_kernels=initial_kernels,
                            tangent_blocks=int(out["tangent_blocks"]),
+                           tangent_blocks_rule=str(tangent_blocks),
+                           peak_lr_lambda=(None if out["peak_lr_lambda"] is None
+                                           else float(out["peak_lr_lambda"])),
                            backward_sources=out["r_sources"])
             if ckpt is not None:
                 # populations read back from the checkpoint, not recomputed

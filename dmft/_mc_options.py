@@ -31,7 +31,7 @@ DEFAULTS = {
     "sampler": "sobol",
     "deep_sources": "orthogonal",
     "initial_kernels": "exact",
-    "tangent_blocks": 1,
+    "tangent_blocks": "adaptive",
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
@@ -50,13 +50,15 @@ DEFAULTS = {
 #: bytes of memory available now (moved to :mod:`dmft._resources`; kept under this name)
 
 
-def _auto_or_positive_int(what):
-    """"auto" or an integer >= 1 (``what`` explains the option)."""
+def _auto_or_positive_int(what, words=("auto",)):
+    """One of ``words`` or an integer >= 1 (``what`` explains the option)."""
     def check(name, value):
-        if value == "auto":
+        if isinstance(value, str) and value in words:
             return value
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be 'auto' or an integer >= 1 ({what}), got "
+            said = " or ".join(f"'{w}'" for w in words) if len(words) <= 1 else (
+                ", ".join(f"'{w}'" for w in words[:-1]) + f", '{words[-1]}'")
+            raise ValueError(f"{name} must be {said} or an integer >= 1 ({what}), got "
                              f"{value!r}")
         return int(value)
     return check
@@ -118,7 +120,8 @@ class MCOptions(Options):
         "default) or 'normal' (i.i.d.), got {value!r}"),
         "one pass: the deeper layers' source innovations", applies=("onepass",))
     tangent_blocks: int | str | None = option(None, _auto_or_positive_int(
-        "blocks of tangent samples, one per source time modulo their number"),
+        "blocks of tangent samples, one per source time modulo their number",
+        ("adaptive", "auto")),
         "one pass: which tangent samples carry which source times' directions",
         applies=("onepass",))
     initial_kernels: str | None = option(None, one_of(

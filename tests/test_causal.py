@@ -502,14 +502,14 @@ def test_estimator_option_alternatives_agree(small, option, default, other, bad,
 
 def test_tangent_blocks_agree_with_one_block(small):
     """Tangent samples in blocks, one per source time (tangent_blocks="auto"), and one set of
-    tangent samples for every direction (tangent_blocks=1, the default) solve the same
-    problem: agreement within the joint error bars (Welch threshold at 1e-4 false alarm per
-    entry); the number of blocks used is recorded, capped by what a replicate holds, and bad
-    values are refused."""
+    tangent samples for every direction (tangent_blocks=1) solve the same problem: agreement
+    within the joint error bars (Welch threshold at 1e-4 false alarm per entry); the number
+    of blocks used is recorded, capped by what a replicate holds, and bad values are
+    refused."""
     net, data, train = small
     kw = dict(samples=4096, replicates=8, progress=False)
     a = dmft.solve(net, data, train, method="mc", seed=2, tangent_blocks="auto", **kw)
-    b = dmft.solve(net, data, train, method="mc", seed=3, **kw)
+    b = dmft.solve(net, data, train, method="mc", seed=3, tangent_blocks=1, **kw)
     per_rep = 4096 // 8
     tangents = a.options["response_samples"] // 8
     assert a.options["tangent_blocks"] == min(train.steps + 1, per_rep // tangents)
@@ -519,8 +519,38 @@ def test_tangent_blocks_agree_with_one_block(small):
     c = dmft.solve(net, data, train, method="mc", seed=3, tangent_blocks=10**6, **kw)
     assert c.options["tangent_blocks"] == per_rep // tangents
     for bad in (0, 2.5, "all", True):
-        with pytest.raises(ValueError, match="tangent_blocks must be 'auto' or an integer"):
+        with pytest.raises(ValueError,
+                           match="tangent_blocks must be 'adaptive', 'auto' or an integer"):
             dmft.solve(net, data, train, method="mc", tangent_blocks=bad, **kw)
+
+
+@pytest.mark.parametrize("edge,later", [(2.5, "auto"), (0.0, 1)])
+def test_adaptive_tangent_blocks_follow_the_first_population(monkeypatch, edge, later):
+    """tangent_blocks="adaptive" (the default): the first population is exactly the one-block
+    population (same seed), and the later ones exactly those of "auto" when the first
+    population's peak lr lambda_max(K_train(t)) is below causal.EDGE_OF_STABILITY (this
+    problem peaks near 0.6), exactly the one-block ones when it is not (the threshold set to
+    0 here); the peak and the blocks used are recorded."""
+    monkeypatch.setattr(causal, "EDGE_OF_STABILITY", edge)
+    data = dmft.config.teacher_student(P=3, Q=2, D=5, seed=1)
+    kx, y = data.kx, np.asarray(data.y_train)
+    kw = dict(samples=512, seed=5, populations=3, response_samples=24, record_sources=True)
+    args = (kx, y, "tanh", 3, 1.2, 0.2, 6)
+    ad = causal.solve_causal(*args, **kw)
+    one = causal.solve_causal(*args, tangent_blocks=1, **kw)
+    other = causal.solve_causal(*args, tangent_blocks=later, **kw)
+    k = np.asarray(one["population_results"][0]["ntk"])[:, :3, :3]
+    peak = 0.2 * max(np.linalg.eigvalsh(0.5 * (m + m.T)).max() for m in k)
+    assert ad["peak_lr_lambda"] == pytest.approx(peak, rel=1e-12)
+    assert 0.1 < peak < 2.5
+    assert ad["tangent_blocks"] == (other["tangent_blocks"] if later == "auto" else 1)
+    assert ad["tangent_blocks"] == (7 if later == "auto" else 1)
+    for p, ref in ((0, one), (1, other), (2, other)):
+        for key in ("f", "ntk", "A", "B"):
+            np.testing.assert_array_equal(ad["population_results"][p][key],
+                                          ref["population_results"][p][key])
+    # the first population decides only where there is more than one and blocks are possible
+    assert causal.solve_causal(*args, **dict(kw, populations=1))["peak_lr_lambda"] is None
 
 
 def test_random_sampler_agrees_with_sobol(small):
@@ -532,3 +562,25 @@ def test_random_sampler_agrees_with_sobol(small):
     b = dmft.solve(net, data, train, method="mc", seed=3, sampler="random", **kw)
     assert a.options["sampler"] == "sobol" and b.options["sampler"] == "random"
     _assert_agree(a, b, keys=("train_predictions", "ntk"))
+
+
+@pytest.mark.parametrize("nt,nb,chunks", [(1, 1, 8), (5, 5, 8), (7, 8, 3), (12, 12, 8),
+                                          (12, 12, 1)])
+def test_causal_gemm_equals_the_dense_product(nt, nb, chunks):
+    """The tangent memory product skips only exact zeros: on a history whose column block s is
+    zero before time s it equals the dense product (float64: to rounding); on one that breaks
+    that structure it does not (the skipped terms are the ones that would be read)."""
+    from solvers.mc.causal_layer import _causal_gemm
+    rng = np.random.default_rng(0)
+    T1, q, w, r = 13, 3, 4, 5
+    X = rng.standard_normal((T1, q, T1 * w))
+    for s in range(T1):
+        X[:s, :, s * w:(s + 1) * w] = 0.0
+    M = rng.standard_normal((r, nt * q))
+    dense = 1.7 * (M @ X[:nt].reshape(nt * q, -1)[:, :nb * w])
+    out = _causal_gemm(M, X, nt, nb, w, 1.7, chunks=chunks)
+    np.testing.assert_allclose(out, dense, rtol=1e-12, atol=1e-12)
+    if nb > 1 and chunks > 1:
+        X[0, :, (nb - 1) * w:nb * w] = 1.0   # a non-causal entry of the last source time read
+        dense = 1.7 * (M @ X[:nt].reshape(nt * q, -1)[:, :nb * w])
+        assert np.abs(_causal_gemm(M, X, nt, nb, w, 1.7, chunks=chunks) - dense).max() > 1e-3

@@ -143,6 +143,24 @@ def _add_with_square(acc, acc2, x):
         acc2[i] += v * v
 
 
+# "adaptive" tangent blocks: blocks by source time only where the training stays below this
+# peak lr lambda_max(K_train(t)) (benchmarks/README.md, "Tangent samples in blocks": every
+# problem measured that peaks at <= 2.33 gains 2-4x in variance from the blocks, every one that
+# catapults to >= 2.78 loses 1.7-5x)
+EDGE_OF_STABILITY = 2.5
+
+
+def peak_lr_lambda(ntk, P: int, lr: float) -> float:
+    """max over t of lr lambda_max(K_train(t)) of a (T1, n, n) NTK (P training points): the
+    squared-error step is stable while it is below 2 (above it the residual's top mode grows and
+    flips sign every step)."""
+    k = np.asarray(ntk)[:, :P, :P]
+    k = 0.5 * (k + k.transpose(0, 2, 1))
+    with np.errstate(invalid="ignore"):
+        lam = np.linalg.eigvalsh(k)[:, -1]
+    return float(lr * np.nanmax(lam)) if np.isfinite(lam).any() else float("inf")
+
+
 def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, steps: int, *,
                  samples: int, seed, populations: int = 8, responses: bool = True,
                  response_samples: int = 128, b_estimator: str = "auto",
@@ -153,7 +171,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                  bar=None, state: dict | None = None, on_population=None,
                  objective=None, r_sources: str = "auto",
                  deep_sources: str = "orthogonal", initial_kernels: str = "exact",
-                 tangent_blocks=1) -> dict:
+                 tangent_blocks="adaptive") -> dict:
     """One-pass solution of the deep DMFT by ``populations`` independent causal marches.
 
     Parameters
@@ -202,7 +220,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         for. "normal": i.i.d. normals throughout (the estimator before 5 Dec 2026).
         Independent of ``sampler``; the mixed backward sources (``r_sources="mix"``) are
         not affected.
-    tangent_blocks : 1 (default), "auto" or an integer m >= 1: which samples carry the
+    tangent_blocks : "adaptive" (default), "auto", or an integer m >= 1: which samples carry the
         forward-mode tangents of which source times. The tangent directions of source time s (the
         columns (s, a) of A and B) are carried by the block s mod m of ``response_samples /
         populations`` samples (blocks in sample order from the start of the population), so
@@ -212,14 +230,20 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         source times are strongly correlated (a saturated unit has small ones for every s:
         the variance of a sum over s of a sample's control-variate remainders is 4-10x the
         sum of the variances at 40-50 steps), and the predictions read the responses
-        through such sums; where the training is stable that noise falls (2-3x less variance
-        of the predictions at equal cost on benchmarks/perf_mc.py cases (b), (c)), but near
-        the edge of stability (lr lambda_max(K(t)) past ~2, catapults) the correlated noise
-        of different source times cancels in what the march reads, and blocks give 1.7-5x
-        MORE variance (benchmarks/deep_cases.py problems; benchmarks/README.md). So the
-        default stays m = 1 (one set of samples carries every direction); "auto": m = T + 1
-        (one block per source time) where the population holds that many blocks, else as
-        many as it holds.
+        through such sums; where the training is stable that noise falls (2-4x less variance
+        of the predictions at equal cost on benchmarks/perf_mc.py cases (b), (c) and seven
+        teacher-student problems), but where the training passes the edge of stability
+        (a catapult: lr lambda_max(K_train(t)) peaks at 2.8-5.4 and falls back) the correlated
+        noise of different source times cancels in what the march reads, and blocks give
+        1.7-5x MORE variance (benchmarks/deep_cases.py problems; benchmarks/README.md).
+        "auto": m = T + 1 (one block per source time) where the population holds that many
+        blocks, else as many as it holds; 1: one set of samples carries every direction.
+        "adaptive" (default): the first population with m = 1; from its NTK the peak
+        ``peak_lr_lambda`` = max_t lr lambda_max(K_train(t)); the other populations with
+        "auto"'s m where it is below ``EDGE_OF_STABILITY`` (2.5), else with m = 1. Every
+        population is unbiased, and the spread over populations still estimates the variance
+        of their mean (independent, equal means), so the error bars stay honest. General
+        objectives (and a single population) use m = 1.
     initial_kernels : the kernels Phi^{l-1}(0, 0) that the deeper forward sources u^l(0)
         (l >= 2) are drawn with. "exact" (default): the NNGP kernels at initialisation
         (:func:`solvers.static.static_kernels`, closed forms or quadrature), known in
@@ -238,7 +262,9 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     ``B`` (L-1, T1 n, T1 n) or None: the population means; ``f_se``, ``ntk_se``, ``phi_se``,
     ``g_se``: standard errors of the means (spread over populations / sqrt(populations); zero
     for one population); ``samples``, ``response_samples``, ``populations``, ``relu_eps``,
-    ``b_estimator``, ``memory_bytes``, ``r_sources`` ("factor" or "mix").
+    ``b_estimator``, ``memory_bytes``, ``r_sources`` ("factor" or "mix"), ``tangent_blocks``
+    (the m of the populations after the first) and ``peak_lr_lambda`` (None unless
+    "adaptive" decided).
     """
     L = int(depth)
     n = kx.shape[0]
@@ -277,16 +303,20 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     if initial_kernels not in ("exact", "sampled"):
         raise ValueError(f"initial_kernels must be 'exact' (the known NNGP kernels at t = 0) "
                          f"or 'sampled' (the population's estimates), got {initial_kernels!r}")
-    if not (tangent_blocks == "auto" or (isinstance(tangent_blocks, (int, np.integer))
-                                         and not isinstance(tangent_blocks, bool)
-                                         and tangent_blocks >= 1)):
-        raise ValueError(f"tangent_blocks must be 'auto' or an integer >= 1, got "
+    if not (tangent_blocks in ("adaptive", "auto") or (
+            isinstance(tangent_blocks, (int, np.integer)) and not isinstance(tangent_blocks, bool)
+            and tangent_blocks >= 1)):
+        raise ValueError(f"tangent_blocks must be 'adaptive', 'auto' or an integer >= 1, got "
                          f"{tangent_blocks!r}")
     tblocks = 1
     if responses:
         # at most one block per source time, and no more blocks than the population holds
-        tblocks = max(1, min(T1 if tangent_blocks == "auto" else int(tangent_blocks),
-                             Sp // Srp))
+        tblocks = max(1, min(T1 if tangent_blocks in ("auto", "adaptive")
+                             else int(tangent_blocks), Sp // Srp))
+    # "adaptive": the first population with one block; the rest with one block per source time
+    # unless that population's training passed the edge of stability (peak_lr_lambda)
+    adaptive = tangent_blocks == "adaptive" and tblocks > 1 and not general and R > 1
+    peak = None
     phi0 = None
     if initial_kernels == "exact" and L >= 2:
         phi0 = static_kernels(activation, kx, L)["phi"]
@@ -324,6 +354,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         p0 = int(state["next"])
         if not 1 <= p0 <= R:
             raise ValueError(f"state['next'] = {p0} is not a population index in 1..{R}")
+        if adaptive:
+            peak = float(state["peak_lr_lambda"])
         acc = {k: np.array(v, dtype=np.float64) for k, v in state["acc"].items()}
         acc2 = {k: np.array(v, dtype=np.float64) for k, v in state["acc2"].items()}
         if bar is not None:
@@ -334,18 +366,30 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         for p, sp in enumerate(ss.spawn(R) if R > 1 else [ss]):
             if p < p0:
                 continue
+            tb = tblocks
+            if adaptive:
+                tb = 1 if p == 0 or peak >= EDGE_OF_STABILITY else tblocks
             if general:
                 o = _population_objective(
                     kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                     responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
                     src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence, bar=bar,
-                    sampler=sampler, mix=mix, ortho=ortho, phi0=phi0, tblocks=tblocks)
+                    sampler=sampler, mix=mix, ortho=ortho, phi0=phi0, tblocks=tb)
             else:
                 o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
                                 responses=responses, stein=stein, cv=cv, tdtype=tdtype,
                                 eps=eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
                                 divergence=divergence, record_sources=record_sources, bar=bar,
-                                sampler=sampler, ortho=ortho, phi0=phi0, tblocks=tblocks)
+                                sampler=sampler, ortho=ortho, phi0=phi0, tblocks=tb)
+            if adaptive and p == 0:
+                peak = peak_lr_lambda(o["ntk"], P, lr)
+                if logger is not None:
+                    logger.info(
+                        "mc one-pass: peak lr lambda_max(K_train(t)) = %.3g in population 1 "
+                        "(%s %.3g): populations 2..%d carry the tangents in %s", peak,
+                        "below" if peak < EDGE_OF_STABILITY else "at or above",
+                        EDGE_OF_STABILITY, R, f"{tblocks} blocks by source time"
+                        if peak < EDGE_OF_STABILITY else "one block")
             for key in keys:
                 if o[key] is None:
                     continue
@@ -365,7 +409,10 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                             float(np.sqrt(np.mean(o["f"][-1] ** 2))))
             del o
             if on_population is not None:
-                on_population({"next": p + 1, "acc": acc, "acc2": acc2})
+                st = {"next": p + 1, "acc": acc, "acc2": acc2}
+                if adaptive:
+                    st["peak_lr_lambda"] = peak
+                on_population(st)
     res = {}
     for key in keys:
         if key not in acc:
@@ -386,5 +433,6 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
                memory_bytes=mem, r_sources="mix" if mix else "factor",
                deep_sources=deep_sources, initial_kernels=initial_kernels,
-               tangent_blocks=tblocks)
+               tangent_blocks=(tblocks if peak < EDGE_OF_STABILITY else 1) if adaptive
+               else tblocks, peak_lr_lambda=peak)
     return res

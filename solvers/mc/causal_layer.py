@@ -143,12 +143,37 @@ def mixing_cheaper(T1: int, b: int, S: int) -> bool:
     return T1 * b * float(S) * S < factor
 
 
+def _causal_gemm(M, X, nt, nb, w, gamma0=1.0, chunks=8):
+    """gamma0 M X(<nt) over the first ``nb`` column blocks (width ``w``) of a tangent history X
+    (T1, q, cols) whose column block s (the directions of source time s) is zero at times < s
+    (causality: a source perturbed at time s moves nothing before s); M is (r, nt q), time-major
+    columns. Returns (r, nb w). The blocks go in ``chunks`` groups of source times, each
+    multiplied from its first time on only: ~(1 + 1 / chunks) / 2 of the dense product's
+    flops, the same sums (the skipped terms are exact zeros)."""
+    q = X.shape[1]
+    out = np.empty((M.shape[0], nb * w), dtype=np.result_type(M, X))
+    k = max(1, min(nb, int(chunks)))
+    edges = (np.arange(k + 1) * nb) // k
+    for s0, s1 in zip(edges[:-1], edges[1:]):
+        if s1 == s0:
+            continue
+        t0 = min(int(s0), nt)
+        if t0 == nt:
+            out[:, s0 * w:s1 * w] = 0.0
+            continue
+        Xs = X[t0:nt].reshape((nt - t0) * q, X.shape[2])[:, s0 * w:s1 * w]
+        out[:, s0 * w:s1 * w] = M[:, t0 * q:nt * q] @ Xs
+    if gamma0 != 1.0:
+        out *= gamma0
+    return out
+
+
 def _tangent_h(dg, t, c0, Ct, gamma0):
     """gamma0 C(t, <t) dg(<t) over the tangent directions < c0, zero beyond: (n, cols)."""
     cols = dg.shape[2]
     dh = np.zeros((Ct.shape[0], cols), dtype=dg.dtype)
     if t:
-        dh[:, :c0] = gamma0 * (Ct @ dg[:t].reshape(t * dg.shape[1], cols)[:, :c0])
+        dh[:, :c0] = _causal_gemm(Ct, dg, t, t, c0 // t, gamma0)
     return dh
 
 
@@ -378,7 +403,7 @@ class _Layer:
         PC = P * C
         c0, c1 = t * PC * Sr, (t + 1) * PC * Sr
         Dt = Dtr[:PC].astype(self.rdphi.dtype)
-        dz = gamma0 * (Dt @ self.rdphi[:t + 1].reshape((t + 1) * P, -1)[:, :c1])
+        dz = _causal_gemm(Dt, self.rdphi, t + 1, t + 1, PC * Sr, gamma0)
         if not last:
             trc = np.arange(PC)
             dz[:, c0:c1].reshape(PC, PC, Sr)[trc, trc, :] += direct

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import _check_predictions
-from .causal_layer import _Layer, _stein_row
+from .causal_layer import _Layer, _causal_gemm, _stein_row
 from .responses import _lam
 from .sources import _first_layer_sources
 
@@ -172,7 +172,7 @@ def _population_objective(kx, obj, act, L, gamma0, lr, T, S, Sr, seed, *, respon
                         dwm[None, :, :cu1], (n, Cout, cu1))).reshape(nC, cu1)
                 else:
                     Dt = Dtr.astype(tdtype)
-                    dz = gamma0 * (Dt @ ly.udphi[:t + 1].reshape((t + 1) * P, colsu)[:, :cu1])
+                    dz = _causal_gemm(Dt, ly.udphi, t + 1, t + 1, cu1 // (t + 1), gamma0)
                     if Q:
                         dz[PC:] += gamma0 * np.einsum(
                             "qcs,sqx->qcx", Dqq.astype(tdtype),

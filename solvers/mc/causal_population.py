@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import _check_predictions
-from .causal_layer import _Layer, _stein_row, _top_D
+from .causal_layer import _Layer, _causal_gemm, _stein_row, _top_D
 from .responses import _lam
 from .sources import _first_layer_sources
 
@@ -123,7 +123,7 @@ def _population(kx, y, act, L, gamma0, lr, T, S, Sr, seed, *, responses, stein, 
                     dz = np.broadcast_to(dw[:cz1], (n, cz1))
                 else:
                     Dt = Dtr.astype(tdtype)
-                    dz = gamma0 * (Dt @ ly.udphi[:t + 1].reshape((t + 1) * P, cols_all)[:, :cz1])
+                    dz = _causal_gemm(Dt, ly.udphi, t + 1, t + 1, P * Sr, gamma0)
                     if Q:
                         dz[P:] += gamma0 * np.einsum("qs,sqc->qc", Dqq.astype(tdtype),
                                                      ly.udphi_te[:t + 1, :, :cz1])
