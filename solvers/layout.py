@@ -28,6 +28,8 @@ import math
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from ._jit import njit
+
 __all__ = ["two_time", "equal_time", "flat_index", "causal_mask", "psd_sqrt", "eig_factor",
            "low_rank_factor", "causal_cholesky", "CausalFactor"]
 
@@ -154,6 +156,32 @@ def causal_cholesky(K, rtol: float = 1e-6):
     return idx, np.linalg.cholesky(K[np.ix_(idx, idx)])
 
 
+@njit
+def _block_cholesky(Sch, var, rtol):
+    """Left-looking Cholesky of a block's Schur complement in its given order, variable i
+    getting an innovation only if its pivot exceeds 0 and ``rtol * var[i]``: (Fb, kept) with
+    Fb (b, b) holding the kept columns first (column r for the r-th kept variable)."""
+    b = Sch.shape[0]
+    Fb = np.zeros((b, b))
+    kept = np.zeros(b, dtype=np.bool_)
+    r = 0
+    for i in range(b):
+        piv = Sch[i, i]
+        for c in range(r):
+            piv -= Fb[i, c] * Fb[i, c]
+        if piv > 0.0 and piv > rtol * max(var[i], 0.0):
+            d = math.sqrt(piv)
+            Fb[i, r] = d
+            for j in range(i + 1, b):
+                v = Sch[j, i]
+                for c in range(r):
+                    v -= Fb[j, c] * Fb[i, c]
+                Fb[j, r] = v / d
+            kept[i] = True
+            r += 1
+    return Fb, kept
+
+
 class CausalFactor:
     """Causal Cholesky factor of a covariance revealed one block of variables at a time.
 
@@ -199,14 +227,8 @@ class CausalFactor:
             raise FloatingPointError(
                 "the causal factor of a source kernel lost accuracy (innovation variance "
                 f"{np.diag(Sch).min():.3g} < 0); raise the innovation threshold src_rtol")
-        Fb = np.zeros((b, b))
-        new = []
-        for i in range(b):
-            r = len(new)
-            v = Sch[i:, i] - Fb[i:, :r] @ Fb[i, :r]
-            if v[0] > 0.0 and v[0] > self.rtol * max(var[i], 0.0):
-                Fb[i:, r] = v / math.sqrt(v[0])
-                new.append(i)
+        Fb, newmask = _block_cholesky(Sch, var, self.rtol)
+        new = np.flatnonzero(newmask)
         r = len(new)
         self.F[v0:v0 + b, :k] = X
         self.F[v0:v0 + b, k:k + r] = Fb[:, :r]

@@ -149,10 +149,12 @@ def _causal_gemm(M, X, nt, nb, w, gamma0=1.0, chunks=8):
     (causality: a source perturbed at time s moves nothing before s); M is (r, nt q), time-major
     columns. Returns (r, nb w). The blocks go in ``chunks`` groups of source times, each
     multiplied from its first time on only: ~(1 + 1 / chunks) / 2 of the dense product's
-    flops, the same sums (the skipped terms are exact zeros)."""
+    flops, the same sums (the skipped terms are exact zeros); fewer groups when there are
+    fewer than 6 source times per group."""
     q = X.shape[1]
     out = np.empty((M.shape[0], nb * w), dtype=np.result_type(M, X))
-    k = max(1, min(nb, int(chunks)))
+    # about six source times per group at least: below that the calls cost more than they save
+    k = max(1, min(nb // 6, int(chunks)))
     edges = (np.arange(k + 1) * nb) // k
     for s0, s1 in zip(edges[:-1], edges[1:]):
         if s1 == s0:
