@@ -46,7 +46,7 @@ n, T1, P = data.P + data.Q, c["T"] + 1, data.P
 R, S, Sr = sol.options["replicates"], sol.options["samples"], sol.options["response_samples"]
 print(json.dumps({{"wall_s": wall, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                   "est_gb": float(sol.extras["memory_estimate_bytes"]) / 1e9,
-                  "gflop": R * causal.estimate_flops(T1, n, P, c["L"], S, Sr, True) / 1e9,
+                  "gflop": R * causal.estimate_flops(T1, n, P, c["L"], S // R, Sr // R, True) / 1e9,
                   "f_se_rms": float(np.sqrt(np.mean(np.concatenate([sol.stderr["train_predictions"][-1],
                                                                     sol.stderr["test_predictions"][-1]]) ** 2)))}}))
 """
