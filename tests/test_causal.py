@@ -584,3 +584,26 @@ def test_causal_gemm_equals_the_dense_product(nt, nb, chunks):
         X[0, :, (nb - 1) * w:nb * w] = 1.0   # a non-causal entry of the last source time read
         dense = 1.7 * (M @ X[:nt].reshape(nt * q, -1)[:, :nb * w])
         assert np.abs(_causal_gemm(M, X, nt, nb, w, 1.7, chunks=chunks) - dense).max() > 1e-3
+
+
+@pytest.mark.parametrize("gamma0,lr,catapult", [(1.0, 0.05, False), (2.0, 0.1, True)])
+def test_adaptive_tangent_blocks_on_a_stable_and_a_catapulting_problem(gamma0, lr, catapult):
+    """The default decides from the problem: tanh L = 3 on teacher-student data (8 + 4 points,
+    D = 10, 40 steps) trains stably at gamma0 = 1, lr = 0.05 (peak lr lambda_max(K_train(t))
+    0.80-0.85 over seeds 4-6: blocks), and catapults at gamma0 = 2, lr = 0.1 (peak 5.2-5.6:
+    one block, where blocks gave 5x the variance, benchmarks/README.md). The peak is recorded
+    with the rule and agrees with the one computed from the returned NTK."""
+    data = dmft.config.teacher_student(P=8, Q=4, D=10, seed=0)
+    net, train = dmft.MLP(3, "tanh"), dmft.GradientDescent(gamma0, lr, 40)
+    sol = dmft.solve(net, data, train, method="mc", seed=4, samples=2048, replicates=4,
+                     progress=False)
+    peak = sol.options["peak_lr_lambda"]
+    assert sol.options["tangent_blocks_rule"] == "adaptive"
+    k = np.asarray(sol.ntk)[:, :8, :8]
+    mean_peak = lr * max(np.linalg.eigvalsh(0.5 * (m + m.T)).max() for m in k)
+    if catapult:
+        assert peak > 3.5 and mean_peak > 3.5
+        assert sol.options["tangent_blocks"] == 1
+    else:
+        assert peak < 2.0 and mean_peak < 2.0
+        assert sol.options["tangent_blocks"] == 41
