@@ -56,8 +56,7 @@ def _auto_or_positive_int(what, words=("auto",)):
         if isinstance(value, str) and value in words:
             return value
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            said = " or ".join(f"'{w}'" for w in words) if len(words) <= 1 else (
-                ", ".join(f"'{w}'" for w in words[:-1]) + f", '{words[-1]}'")
+            said = ", ".join(f"'{w}'" for w in words)
             raise ValueError(f"{name} must be {said} or an integer >= 1 ({what}), got "
                              f"{value!r}")
         return int(value)

@@ -82,6 +82,7 @@ import numpy as np
 from .layout import two_time
 from .linear_general import full_responses_general, march_general, verify_general
 from .linear_march import _check_inputs, full_responses, march, verify
+from .static import peak_lr_lambda
 
 __all__ = ["march", "full_responses", "verify", "whitened_reduction", "max_stable_gamma0",
            "two_time", "march_general", "verify_general", "full_responses_general"]
@@ -197,9 +198,7 @@ def sharpness(kx, y, depth, gamma0, lr, steps, divergence=1e8):
     res = solve(kx, y, depth, gamma0, lr, steps, divergence=divergence)
     if res["diverged_at"] is not None:
         return math.inf
-    P = res["shape"]["P"]
-    lam = np.linalg.eigvalsh(res["ntk"][:, :P, :P])[:, -1]
-    return float(lr * lam.max())
+    return peak_lr_lambda(res["ntk"], res["shape"]["P"], lr)
 
 
 def max_stable_gamma0(kx, y, depth: int, lr: float, steps: int, *, start: float = 0.25,

@@ -32,7 +32,7 @@ import numpy as np
 from . import gaussian
 
 __all__ = ["static_kernels", "frozen_dynamics", "frozen_dynamics_closed_form",
-           "stable_lr", "frozen_dynamics_objective"]
+           "stable_lr", "peak_lr_lambda", "frozen_dynamics_objective"]
 
 
 def static_kernels(activation: str, kx, depth: int, **quad) -> dict:
@@ -89,6 +89,19 @@ def stable_lr(K_train) -> float:
     """
     lam = float(np.linalg.eigvalsh(np.asarray(K_train, dtype=np.float64)).max())
     return np.inf if lam <= 0 else 2.0 / lam
+
+
+def peak_lr_lambda(ntk, P: int, lr: float) -> float:
+    """max over t of lr lambda_max(K_train(t)) of a (T1, n, n) NTK trajectory (the first P
+    points are the training points): gradient descent on the squared error contracts the
+    training error at step t iff this is below 2 (the edge of stability; above it the
+    residual's top mode grows and flips sign every step). inf if no time is finite."""
+    k = np.asarray(ntk, dtype=np.float64)[:, :P, :P]
+    k = 0.5 * (k + k.transpose(0, 2, 1))
+    finite = np.isfinite(k).all(axis=(1, 2))
+    if not finite.any():
+        return float("inf")
+    return float(lr * np.linalg.eigvalsh(k[finite])[:, -1].max())
 
 
 def frozen_dynamics(K, y, lr: float, steps: int, out=None) -> np.ndarray:

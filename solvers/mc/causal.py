@@ -71,7 +71,7 @@ import numpy as np
 from numba import njit
 
 from ..layout import CausalFactor
-from ..static import static_kernels
+from ..static import peak_lr_lambda, static_kernels
 from ._common import _single_thread_blas
 from .causal_layer import mixing_cheaper
 from .causal_objective import _population_objective
@@ -148,17 +148,6 @@ def _add_with_square(acc, acc2, x):
 # problem measured that peaks at <= 2.33 gains 2-4x in variance from the blocks, every one that
 # catapults to >= 2.78 loses 1.7-5x)
 EDGE_OF_STABILITY = 2.5
-
-
-def peak_lr_lambda(ntk, P: int, lr: float) -> float:
-    """max over t of lr lambda_max(K_train(t)) of a (T1, n, n) NTK (P training points): the
-    squared-error step is stable while it is below 2 (above it the residual's top mode grows and
-    flips sign every step)."""
-    k = np.asarray(ntk)[:, :P, :P]
-    k = 0.5 * (k + k.transpose(0, 2, 1))
-    with np.errstate(invalid="ignore"):
-        lam = np.linalg.eigvalsh(k)[:, -1]
-    return float(lr * np.nanmax(lam)) if np.isfinite(lam).any() else float("inf")
 
 
 def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, steps: int, *,
@@ -356,6 +345,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
             raise ValueError(f"state['next'] = {p0} is not a population index in 1..{R}")
         if adaptive:
             peak = float(state["peak_lr_lambda"])
+            if peak >= EDGE_OF_STABILITY:
+                tblocks = 1
         acc = {k: np.array(v, dtype=np.float64) for k, v in state["acc"].items()}
         acc2 = {k: np.array(v, dtype=np.float64) for k, v in state["acc2"].items()}
         if bar is not None:
@@ -366,9 +357,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
         for p, sp in enumerate(ss.spawn(R) if R > 1 else [ss]):
             if p < p0:
                 continue
-            tb = tblocks
-            if adaptive:
-                tb = 1 if p == 0 or peak >= EDGE_OF_STABILITY else tblocks
+            tb = 1 if adaptive and p == 0 else tblocks
             if general:
                 o = _population_objective(
                     kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
@@ -383,13 +372,15 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                                 sampler=sampler, ortho=ortho, phi0=phi0, tblocks=tb)
             if adaptive and p == 0:
                 peak = peak_lr_lambda(o["ntk"], P, lr)
+                if peak >= EDGE_OF_STABILITY:
+                    tblocks = 1                 # the later populations: one block
                 if logger is not None:
                     logger.info(
                         "mc one-pass: peak lr lambda_max(K_train(t)) = %.3g in population 1 "
                         "(%s %.3g): populations 2..%d carry the tangents in %s", peak,
                         "below" if peak < EDGE_OF_STABILITY else "at or above",
                         EDGE_OF_STABILITY, R, f"{tblocks} blocks by source time"
-                        if peak < EDGE_OF_STABILITY else "one block")
+                        if tblocks > 1 else "one block")
             for key in keys:
                 if o[key] is None:
                     continue
@@ -433,6 +424,5 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
                memory_bytes=mem, r_sources="mix" if mix else "factor",
                deep_sources=deep_sources, initial_kernels=initial_kernels,
-               tangent_blocks=(tblocks if peak < EDGE_OF_STABILITY else 1) if adaptive
-               else tblocks, peak_lr_lambda=peak)
+               tangent_blocks=tblocks, peak_lr_lambda=peak)
     return res

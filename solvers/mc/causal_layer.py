@@ -156,9 +156,7 @@ def _causal_gemm(M, X, nt, nb, w, gamma0=1.0, chunks=8):
     # about six source times per group at least: below that the calls cost more than they save
     k = max(1, min(nb // 6, int(chunks)))
     edges = (np.arange(k + 1) * nb) // k
-    for s0, s1 in zip(edges[:-1], edges[1:]):
-        if s1 == s0:
-            continue
+    for s0, s1 in zip(edges[:-1], edges[1:]):       # k <= nb: no empty group
         t0 = min(int(s0), nt)
         if t0 == nt:
             out[:, s0 * w:s1 * w] = 0.0
