@@ -57,7 +57,8 @@ static limit and width-extrapolated networks: tests/test_mc_barlow.py.
 
 Standard errors (``Solution.stderr``): L = 1: the ``blocks`` replicates solved as separate
 populations (includes the feedback of noise through Delta). L >= 2, one pass: the spread of
-``replicates`` (default 16) independent one-pass populations sharing the ``samples``,
+``replicates`` (default samples / 1024 within [8, 16]: 16 at the default 16384 samples)
+independent one-pass populations sharing the ``samples``,
 divided by sqrt(replicates); the result is their mean. Each population is a complete solution
 with its own order parameters and Delta, so the spread includes the propagation of the
 sampling noise through the layers, the sources and the self-consistency; the standard errors
@@ -207,9 +208,12 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
     replicates : int
         L >= 2 only: number of independent solutions (independent seeds). The result is their
         mean and ``stderr`` their standard error of the mean, which includes the propagation
-        of sampling noise through the layers and the self-consistency. One pass: default 16
-        populations marched one after the other, which share ``samples`` (the cost does not
-        grow with their number). Iterative: each with ``samples`` and ``response_samples``
+        of sampling noise through the layers and the self-consistency. One pass: populations
+        marched one after the other, which share ``samples``; default ``samples`` / 1024
+        clipped to [8, 16] (16 at the default 16384 samples; below ~1024 samples per
+        population their fixed per-step cost weighs, and 8 are 14-19 % faster than 16 at
+        4096-8192 samples, at the same variance per sample, with standard errors of 7
+        instead of 15 degrees of freedom; benchmarks/README.md). Iterative: each with ``samples`` and ``response_samples``
         (the cost is ``replicates`` times one solve), default 1 (one solve, batch-means
         standard errors that underestimate the error several-fold; see the module docstring).
     scheme : {"onepass", "iterative"}

@@ -35,7 +35,13 @@ DEFAULTS = {
     "chunk_mb": 64.0,
     "window": 10,
     "replicates": 1,
+    # one pass: samples // samples_per_replicate populations, clipped to [8, 16] (the
+    # populations' fixed per-step cost weighs below ~1024 samples each: at 4096 / 8192 samples
+    # in benchmarks/perf_mc.py case (b) 8 populations are 14 / 19 % faster than 16 at the same
+    # variance per sample; at 16384 the two take the same time; benchmarks/README.md)
     "replicates_onepass": 16,
+    "replicates_onepass_min": 8,
+    "samples_per_replicate": 1024,
     "samples_onepass": 16384,
     "response_samples_onepass": 4,
     "scheme": "onepass",
@@ -190,7 +196,13 @@ def _sizes(net, opts):
     onepass = L >= 2 and scheme == "onepass"
     samples = _value(opts, "samples", "samples_two_layer" if L == 1 else
                      "samples_onepass" if onepass else "samples_deep")
-    replicates = _value(opts, "replicates", "replicates_onepass" if onepass else "replicates")
+    if opts.replicates is None and onepass:
+        replicates = min(DEFAULTS["replicates_onepass"],
+                         max(DEFAULTS["replicates_onepass_min"],
+                             samples // DEFAULTS["samples_per_replicate"]))
+    else:
+        replicates = _value(opts, "replicates",
+                            "replicates_onepass" if onepass else "replicates")
     per_rep = tang_rep = None
     if onepass:
         per_rep = 2 * (samples // (2 * replicates))

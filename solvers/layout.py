@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from ._jit import njit
 
@@ -182,6 +181,70 @@ def _block_cholesky(Sch, var, rtol):
     return Fb, kept
 
 
+@njit(fastmath={"reassoc"})
+def _extend_block(Krows, F, Lk, piv, k, v0, rtol, tol_loss):
+    """The work of :meth:`CausalFactor.extend` in place on ``F``, ``Lk``, ``piv``: returns
+    (code, worst, kept) with code 0 (done), 1 (non-finite ``Krows``) or 2 (a Schur
+    complement's diagonal below ``-tol_loss`` times the variable's variance: lost accuracy;
+    ``worst`` its smallest diagonal); nothing is written unless the code is 0.
+
+    X = Krows[:, piv[:k]] Lk^-T by forward substitution (row c of ``Lk`` against the
+    contiguous row of X), Sch = Krows[:, v0:v0+b] - X X^T symmetrised, then
+    :func:`_block_cholesky`; rows v0.. of F get X and the kept columns, ``Lk`` the kept rows.
+    The dot products may be reassociated (``fastmath={"reassoc"}``: vectorised reductions, a
+    different order of rounding); every input is checked finite first."""
+    b = Krows.shape[0]
+    kept = np.zeros(b, dtype=np.bool_)
+    for i in range(b):
+        for j in range(v0 + b):
+            if not np.isfinite(Krows[i, j]):
+                return 1, 0.0, kept
+    X = np.empty((b, k))
+    for j in range(b):
+        for c in range(k):
+            acc = Krows[j, piv[c]]
+            for d in range(c):
+                acc -= X[j, d] * Lk[c, d]
+            X[j, c] = acc / Lk[c, c]
+    Sch = np.empty((b, b))
+    for i in range(b):
+        for j in range(i + 1):
+            v = 0.0
+            for c in range(k):
+                v += X[i, c] * X[j, c]
+            a = 0.5 * ((Krows[i, v0 + j] - v) + (Krows[j, v0 + i] - v))
+            Sch[i, j] = a
+            Sch[j, i] = a
+    var = np.empty(b)
+    worst = np.inf
+    lost = False
+    for i in range(b):
+        var[i] = Krows[i, v0 + i]
+        worst = min(worst, Sch[i, i])
+        if Sch[i, i] < -tol_loss * max(var[i], 1e-300):
+            lost = True
+    if lost:
+        return 2, worst, kept
+    Fb, kept = _block_cholesky(Sch, var, rtol)
+    r = 0
+    for i in range(b):
+        if kept[i]:
+            r += 1
+    for i in range(b):
+        for c in range(k):
+            F[v0 + i, c] = X[i, c]
+        for c in range(r):
+            F[v0 + i, k + c] = Fb[i, c]
+    c = 0
+    for i in range(b):
+        if kept[i]:
+            piv[k + c] = v0 + i
+            for d in range(k + r):
+                Lk[k + c, d] = F[v0 + i, d]
+            c += 1
+    return 0, worst, kept
+
+
 class CausalFactor:
     """Causal Cholesky factor of a covariance revealed one block of variables at a time.
 
@@ -204,37 +267,31 @@ class CausalFactor:
         self.rtol = float(rtol)
         self.tol_loss = 1e-3
         self.new = np.zeros(0, dtype=np.int64)      # in-block indices of the last new pivots
+        # rows of the innovations' normals generated ahead (solvers.mc.causal_layer._draw)
+        self.gen = 0
 
     def extend(self, Krows) -> np.ndarray:
         """Add a block of b variables; ``Krows`` (b, nvar + b) is their covariance with all
-        variables so far and with themselves. Returns the new rows ``F[block, :k]``."""
-        Krows = np.asarray(Krows, dtype=np.float64)
+        variables so far and with themselves. Returns the new rows ``F[block, :k]``.
+
+        One compiled call (:func:`_extend_block`): the regression of the block on the kept
+        innovations (a forward substitution with ``Lk``), the block's Schur complement and
+        its pivoted Cholesky (:func:`_block_cholesky`)."""
+        Krows = np.ascontiguousarray(Krows, dtype=np.float64)
         b = Krows.shape[0]
         v0, k = self.nvar, self.k
-        if not np.all(np.isfinite(Krows)):
+        code, worst, newmask = _extend_block(Krows, self.F, self.Lk, self.piv, k, v0,
+                                             self.rtol, self.tol_loss)
+        if code == 1:
             raise FloatingPointError("non-finite kernel: the fields diverged")
-        if k:
-            X = solve_triangular(self.Lk[:k, :k], Krows[:, self.piv[:k]].T, lower=True,
-                                 check_finite=False).T
-        else:
-            X = np.zeros((b, 0))
-        Sch = Krows[:, v0:v0 + b] - X @ X.T
-        Sch = 0.5 * (Sch + Sch.T)
-        var = np.diag(Krows[:, v0:v0 + b])
-        # the Schur complement is PSD in exact arithmetic; a clearly negative diagonal means the
-        # factor lost accuracy (near-degenerate pivots compounding): never draw from it
-        if np.any(np.diag(Sch) < -self.tol_loss * np.maximum(var, 1e-300)):
+        if code == 2:
+            # the Schur complement is PSD in exact arithmetic; a clearly negative diagonal
+            # means the factor lost accuracy (near-degenerate pivots compounding): never
+            # draw from it
             raise FloatingPointError(
                 "the causal factor of a source kernel lost accuracy (innovation variance "
-                f"{np.diag(Sch).min():.3g} < 0); raise the innovation threshold src_rtol")
-        Fb, newmask = _block_cholesky(Sch, var, self.rtol)
-        new = np.flatnonzero(newmask)
-        r = len(new)
-        self.F[v0:v0 + b, :k] = X
-        self.F[v0:v0 + b, k:k + r] = Fb[:, :r]
-        self.new = np.asarray(new, dtype=np.int64)
-        self.piv[k:k + r] = v0 + self.new
-        self.Lk[k:k + r, :k + r] = self.F[v0 + self.new, :k + r]
-        self.k = k + r
+                f"{worst:.3g} < 0); raise the innovation threshold src_rtol")
+        self.new = np.flatnonzero(newmask)
+        self.k = k + len(self.new)
         self.nvar = v0 + b
         return self.F[v0:v0 + b, :self.k]

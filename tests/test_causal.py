@@ -375,10 +375,8 @@ def test_edge_shapes(P, Q, act):
 def test_orthonormal_rows_are_centred_orthogonal_and_causal():
     """Blocks added one after the other: every row centred, rows orthogonal with sum of
     squares = half; each row is the normalised residual of its own normal draw against the
-    ones vector and the earlier rows (so no row depends on a later draw); once the store is
-    full (k >= half), new innovations are stored as the i.i.d. normals drawn."""
-    from types import SimpleNamespace
-    from solvers.mc.causal_layer import _draw, _orthonormal_rows
+    ones vector and the earlier rows (so no row depends on a later draw)."""
+    from solvers.mc.causal_layer import _orthonormal_rows
     half = 16
     rng = np.random.default_rng(0)
     store = np.zeros((20, half))
@@ -392,11 +390,34 @@ def test_orthonormal_rows_are_centred_orthogonal_and_causal():
     B = np.vstack([np.ones(half), x[:6]])
     res = x[6] - B.T @ np.linalg.lstsq(B.T, x[6], rcond=None)[0]
     assert np.allclose(store[6], res * np.sqrt(half / (res @ res)), atol=1e-12)
-    # a full store: the drawn normals are kept as they are
-    fac = SimpleNamespace(new=np.arange(2), k=17)
-    store2 = store.copy()
-    _draw(fac, store2, np.random.default_rng(1), 2, half, ortho=True)
-    assert np.array_equal(store2[15:17], np.random.default_rng(1).standard_normal((2, half)))
+
+
+def test_draw_generates_the_orthonormal_rows_ahead_with_the_per_step_law(monkeypatch):
+    """_draw generates the moment-matched rows ahead in chunks (ORTHO_CHUNK): the rows in use
+    are those of one Gram-Schmidt per step (row j from the j-th normal row drawn, whatever
+    the chunking), centred and orthonormal up to the half - 1 that fit, and i.i.d. normals
+    (the next rows of the stream) beyond."""
+    from types import SimpleNamespace
+    import solvers.mc.causal_layer as cl
+    half, gains = 16, (4, 3, 5, 6, 4)                 # in use: 4, 7, 12, 18, 22 rows
+    stores = {}
+    for chunk in (1, 64):
+        monkeypatch.setattr(cl, "ORTHO_CHUNK", chunk)
+        fac = SimpleNamespace(new=None, k=0, gen=0)
+        store = np.zeros((24, half))
+        rng = np.random.default_rng(1)
+        for r in gains:
+            fac.k += r
+            fac.new = np.arange(r)
+            assert cl._draw(fac, store, rng, 6, half, ortho=True) == fac.k
+        stores[chunk] = store
+    assert np.abs(stores[1] - stores[64]).max() < 1e-12
+    Q = stores[64][:half - 1]
+    assert np.abs(Q.mean(axis=1)).max() < 1e-13
+    assert np.abs(Q @ Q.T - half * np.eye(half - 1)).max() < 1e-11
+    ref = np.random.default_rng(1).standard_normal((22, half))
+    assert np.array_equal(stores[64][half - 1:22], ref[half - 1:])
+    assert not np.any(stores[64][22:])
 
 
 @pytest.mark.parametrize("L", [2, 3])

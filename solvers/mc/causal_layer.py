@@ -43,21 +43,36 @@ def _store_row(K, row, t, n):
     K[:e, a:e] = row.T
 
 
-def _draw(fac, xi_store, rng, n, half, ortho=False):
-    """Normals for the innovations a factor just gained (n drawn per step, whatever is kept,
-    so the stream does not depend on the keep decisions); returns the number in use.
+# orthonormal innovations are generated ahead in chunks of at least this many rows (one
+# Gram-Schmidt and one QR per chunk instead of per step: the same law, fewer calls)
+ORTHO_CHUNK = 64
 
-    With ``ortho`` the new rows are moment-matched (:func:`_orthonormal_rows`) while the
-    store has room for them (k < half: centred rows of length half span half - 1
-    dimensions); beyond that they stay i.i.d. normals."""
-    xi = rng.standard_normal((n, half))
-    new = fac.new
-    if len(new):
-        k0 = fac.k - len(new)
-        if ortho and fac.k < half:
-            _orthonormal_rows(xi_store, k0, xi[new])
-        else:
-            xi_store[k0:fac.k] = xi[new]
+
+def _draw(fac, xi_store, rng, n, half, ortho=False):
+    """Normals for the innovations a factor just gained (``fac.new``, stored at rows
+    fac.k - len(new) .. fac.k of ``xi_store``); returns the number in use, fac.k.
+
+    With ``ortho`` the rows are moment-matched (:func:`_orthonormal_rows`) while they fit in
+    the centred space (row index < half - 1: centred rows of length half span half - 1
+    dimensions); beyond that they are i.i.d. normals. The orthonormal rows are generated
+    ahead, in chunks of ``ORTHO_CHUNK`` (their count is ``fac.gen``; rows fac.k .. fac.gen of
+    the store are generated and not yet in use): row j is the normalised residual of its own
+    normal draw against the ones vector and rows < j, whatever the chunking, so the rows in
+    use have the law of one Gram-Schmidt per step (and no row depends on a later one).
+    ``n`` (the rows the factor was offered) is unused and kept for the call signature."""
+    r = len(fac.new)
+    if not r:
+        return fac.k
+    k0 = fac.k - r
+    cap = half - 1 if ortho else 0           # rows that can be centred and orthonormal
+    n_orth = max(0, min(fac.k, cap) - k0)     # new rows that are orthonormal
+    if n_orth and fac.gen < k0 + n_orth:
+        gen = fac.gen
+        c = min(max(ORTHO_CHUNK, k0 + n_orth - gen), cap - gen, xi_store.shape[0] - gen)
+        _orthonormal_rows(xi_store, gen, rng.standard_normal((c, half)))
+        fac.gen = gen + c
+    if r > n_orth:
+        xi_store[k0 + n_orth:fac.k] = rng.standard_normal((r - n_orth, half))
     return fac.k
 
 
@@ -203,9 +218,11 @@ class _Layer:
         # variate and the closed-form test-test blocks of B)
         # (only its train columns and the test-test diagonal blocks are ever used)
         self.L1tr = np.zeros((T1, P, S)) if resp else None
-        self.L1te = np.zeros((T1, Q, S)) if (resp and Q) else None
+        self.L1te = np.zeros((Q, T1, S)) if (resp and Q) else None    # point-major
         self.psi = np.zeros((T1, n, T1, P)) if resp else None       # [t, mu, s, a]
         self.psi_r = np.zeros((T1, n, T1, P)) if cv else None
+        # with blocks: Lam1_train(s) on the tangent samples of source time s, (Sr, P)
+        self.L1blk = np.zeros((T1, Sr, P)) if (cv and self.m > 1) else None
         self.psi_qq = np.zeros((T1, T1, Q)) if resp else None       # [t, s, q]
         self.fac_u = CausalFactor(m, src_rtol)
         self.xi_u = np.zeros((m, S // 2))
@@ -313,16 +330,18 @@ class _Layer:
                 self.psi_r[t, :, :t + 1] = _rows(self.lam1[:, :Sr], self.L1tr[:, :, :Sr],
                                                  t).reshape(n, t + 1, P)
             elif self.psi_r is not None:
-                # over the samples that carry the directions of each source time s
-                idx = self.tidx[:t + 1]                                  # (t+1, Sr)
-                self.psi_r[t, :, :t + 1] = np.einsum(
-                    "nsk,sak->nsa", self.lam1[:, idx], self.L1tr[np.arange(t + 1)[:, None],
-                                                                  :, idx].transpose(0, 2, 1)
-                ) / Sr
+                # over the samples that carry the directions of each source time s: block
+                # s mod m, samples (s mod m) Sr .. + Sr; L1blk[s] = Lam1_train(s) there
+                m = self.m
+                self.L1blk[t] = self.lam1[:P, self.tidx[t]].T                # (Sr, P)
+                lb = self.lam1[:, :m * Sr].reshape(n, m, Sr)
+                lb = lb[:, :t + 1] if t < m else lb[:, np.arange(t + 1) % m]   # (n, t+1, Sr)
+                self.psi_r[t, :, :t + 1] = np.matmul(
+                    lb.transpose(1, 0, 2), self.L1blk[:t + 1]).transpose(1, 0, 2) / Sr
             if Q:
-                self.L1te[t] = self.lam1[P:]
-                self.psi_qq[t, :t + 1] = np.einsum("qk,sqk->sq", self.lam1[P:],
-                                                   self.L1te[:t + 1]) / S
+                self.L1te[:, t] = self.lam1[P:]
+                self.psi_qq[t, :t + 1] = np.matmul(
+                    self.L1te[:, :t + 1], self.lam1[P:, :, None])[:, :, 0].T / S
 
     def backward(self, g, t, layer):
         """Store g(t) (n C, S) (all and train rows) and the kernel row G(t, <=t)."""
