@@ -611,7 +611,9 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
             f"large; reduce lr (or gamma0). Feature learning grows the NTK, so lr can exceed "
             f"2 / lambda_max(K(t)) during training (edge of stability) even below the static "
             f"method's stable rate 2 / lambda_max(K(0)); dmft.simulate shows whether finite "
-            f"networks catapult there"))
+            f"networks catapult there. Near that edge the Monte Carlo noise of a small "
+            f"population can also drive it unstable where a larger one trains: if the "
+            f"networks train, raise samples (more per replicate) before lowering lr"))
 
     f = out["f"]
     stderr = {"train_predictions": out["f_se"][:, :P], "test_predictions": out["f_se"][:, P:],

@@ -15,6 +15,8 @@ What is proved here:
 - behaviour: determinism, populations (``replicates``) and their standard errors, GIA, the
   memory refusal, divergence reports, options of the other scheme rejected.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -308,10 +310,15 @@ def test_memory_refused_before_work(small):
 
 
 def test_divergence_reported(small):
+    """The message names the population that diverged and its size, and both remedies
+    (more samples per replicate where the networks train, else a smaller lr)."""
     net, data, _ = small
     train = dmft.GradientDescent(gamma0=3.0, lr=5.0, steps=30)
-    with pytest.raises(ConvergenceError, match="diverged"):
+    with pytest.raises(ConvergenceError, match="diverged") as info:
         dmft.solve(net, data, train, method="mc", seed=0, **SMALL)
+    msg = str(info.value)
+    assert re.search(r"in population 1 of \d+, \d+ samples each\)", msg), msg
+    assert "raise samples" in msg and "reduce lr" in msg
 
 
 @pytest.mark.parametrize("option,value", [("damping", 0.5), ("max_iter", 3), ("window", 4),

@@ -358,18 +358,27 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
             if p < p0:
                 continue
             tb = 1 if adaptive and p == 0 else tblocks
-            if general:
-                o = _population_objective(
-                    kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
-                    responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
-                    src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence, bar=bar,
-                    sampler=sampler, mix=mix, ortho=ortho, phi0=phi0, tblocks=tb)
-            else:
-                o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
-                                responses=responses, stein=stein, cv=cv, tdtype=tdtype,
-                                eps=eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
-                                divergence=divergence, record_sources=record_sources, bar=bar,
-                                sampler=sampler, ortho=ortho, phi0=phi0, tblocks=tb)
+            try:
+                if general:
+                    o = _population_objective(
+                        kx, objective, activation, L, gamma0, lr, steps, Sp, Srp, sp,
+                        responses=responses, stein=stein, cv=cv, tdtype=tdtype, eps=eps,
+                        src_rtol=src_rtol, stein_rtol=stein_rtol, divergence=divergence,
+                        bar=bar, sampler=sampler, mix=mix, ortho=ortho, phi0=phi0, tblocks=tb)
+                else:
+                    o = _population(kx, y, activation, L, gamma0, lr, steps, Sp, Srp, sp,
+                                    responses=responses, stein=stein, cv=cv, tdtype=tdtype,
+                                    eps=eps, src_rtol=src_rtol, stein_rtol=stein_rtol,
+                                    divergence=divergence, record_sources=record_sources,
+                                    bar=bar, sampler=sampler, ortho=ortho, phi0=phi0,
+                                    tblocks=tb)
+            except FloatingPointError as exc:
+                # which population, and how large: near the edge of stability the Monte Carlo
+                # noise of a small population can drive it unstable where a larger one trains
+                # (relu L = 3 of benchmarks/deep_cases.py: 8 x 512 samples diverge, 8 x 1024 not)
+                done = f"; populations 1..{p} finished" if p > p0 else ""
+                raise FloatingPointError(
+                    f"{exc} (in population {p + 1} of {R}, {Sp} samples each{done})") from exc
             if adaptive and p == 0:
                 peak = peak_lr_lambda(o["ntk"], P, lr)
                 if peak >= EDGE_OF_STABILITY:
