@@ -262,11 +262,10 @@ def run_case(name, c, args):
         # the iterative solver as it was the default before the one-pass solver (one solve)
         runs += [("iterative", S, {"scheme": "iterative"}) for S in args.iterative_samples]
     if c["L"] >= 2 and args.normal_samples:
-        # the one pass as it was before 5 Dec 2026: i.i.d. deeper innovations and
-        # max(8, samples per replicate / 128) tangent samples per replicate
-        from dmft._mc_options import DEFAULTS
-        R = DEFAULTS["replicates_onepass"]
-        runs += [("normal", S, {"deep_sources": "normal",
+        # the one pass as it was before 5 Dec 2026: i.i.d. deeper innovations, 16 replicates
+        # at every sample count and max(8, samples per replicate / 128) tangent samples each
+        R = 16
+        runs += [("normal", S, {"deep_sources": "normal", "replicates": R,
                                 "response_samples": R * max(8, S // R // 128)})
                  for S in args.normal_samples]
     if c["L"] >= 2 and args.sampled_samples:

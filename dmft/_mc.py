@@ -213,8 +213,9 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         clipped to [8, 16] (16 at the default 16384 samples; below ~1024 samples per
         population their fixed per-step cost weighs, and 8 are 14-19 % faster than 16 at
         4096-8192 samples, at the same variance per sample, with standard errors of 7
-        instead of 15 degrees of freedom; benchmarks/README.md). Iterative: each with ``samples`` and ``response_samples``
-        (the cost is ``replicates`` times one solve), default 1 (one solve, batch-means
+        instead of 15 degrees of freedom; benchmarks/README.md). Iterative: each with
+        ``samples`` and ``response_samples`` (the cost is ``replicates`` times one solve),
+        default 1 (one solve, batch-means
         standard errors that underestimate the error several-fold; see the module docstring).
     scheme : {"onepass", "iterative"}
         L >= 2: the causal one-pass solver (default) or the alternating fixed-point iteration

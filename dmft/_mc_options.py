@@ -201,8 +201,7 @@ def _sizes(net, opts):
                          max(DEFAULTS["replicates_onepass_min"],
                              samples // DEFAULTS["samples_per_replicate"]))
     else:
-        replicates = _value(opts, "replicates",
-                            "replicates_onepass" if onepass else "replicates")
+        replicates = _value(opts, "replicates")
     per_rep = tang_rep = None
     if onepass:
         per_rep = 2 * (samples // (2 * replicates))

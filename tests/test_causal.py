@@ -416,7 +416,7 @@ def test_draw_generates_the_orthonormal_rows_ahead_with_the_per_step_law(monkeyp
         for r in gains:
             fac.k += r
             fac.new = np.arange(r)
-            assert cl._draw(fac, store, rng, 6, half, ortho=True) == fac.k
+            assert cl._draw(fac, store, rng, half, ortho=True) == fac.k
         stores[chunk] = store
     assert np.abs(stores[1] - stores[64]).max() < 1e-12
     Q = stores[64][:half - 1]

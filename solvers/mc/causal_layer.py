@@ -48,7 +48,7 @@ def _store_row(K, row, t, n):
 ORTHO_CHUNK = 64
 
 
-def _draw(fac, xi_store, rng, n, half, ortho=False):
+def _draw(fac, xi_store, rng, half, ortho=False):
     """Normals for the innovations a factor just gained (``fac.new``, stored at rows
     fac.k - len(new) .. fac.k of ``xi_store``); returns the number in use, fac.k.
 
@@ -58,8 +58,7 @@ def _draw(fac, xi_store, rng, n, half, ortho=False):
     ahead, in chunks of ``ORTHO_CHUNK`` (their count is ``fac.gen``; rows fac.k .. fac.gen of
     the store are generated and not yet in use): row j is the normalised residual of its own
     normal draw against the ones vector and rows < j, whatever the chunking, so the rows in
-    use have the law of one Gram-Schmidt per step (and no row depends on a later one).
-    ``n`` (the rows the factor was offered) is unused and kept for the call signature."""
+    use have the law of one Gram-Schmidt per step (and no row depends on a later one)."""
     r = len(fac.new)
     if not r:
         return fac.k
@@ -120,7 +119,7 @@ def _source_half(fac, xi_store, krow, rng, ortho=False, exact0=None):
     transform of the sampled kernel (a covariance of a linear map of the sources: positive
     semidefinite by construction)."""
     Frow = fac.extend(krow)
-    k = _draw(fac, xi_store, rng, krow.shape[0], xi_store.shape[1], ortho)
+    k = _draw(fac, xi_store, rng, xi_store.shape[1], ortho)
     if exact0 is not None and fac.nvar == krow.shape[0] and k:
         piv = fac.piv[:k]
         try:
