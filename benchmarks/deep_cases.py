@@ -14,7 +14,9 @@ exact ``method="linear"``). For each case:
    the table prints the largest gap to the DMFT over the P + Q final predictions (with the
    largest standard errors of the DMFT and of the extrapolation) and over the final NTK entries
    (relative to max|K|, with the combined standard error), the largest |gap| / combined se, and
-   the final training loss of the widest networks (do the networks train?).
+   the final training loss of the widest networks (do the networks train?); below each case,
+   the same gaps width by width (is the finite-width gap in its 1/N regime?). ``--out``
+   keeps the full vectors (DMFT, per-width means and errors, the extrapolation) for other fits.
 
 A case where the networks themselves diverge (``--diverge``: tanh depth 3, gamma0 = 1,
 lr = 1.5, above the static stable rate 0.92) checks that the one-pass solver reports divergence
@@ -89,7 +91,7 @@ def ensemble(net, data, train, widths, seeds):
         loss = float(np.mean(ens.train_loss[:, -1]))
         finite = bool(np.all(np.isfinite(ens.train_loss)))
     b0, se0, _, _ = fit_inverse_width(np.asarray(widths, float), np.array(means), np.array(ses))
-    return b0, se0, loss, finite, t_sim
+    return b0, se0, loss, finite, t_sim, np.array(means), np.array(ses)
 
 
 def run_case(name, c, args):
@@ -120,7 +122,8 @@ def run_case(name, c, args):
         row["vs_exact_ntk_rel"] = float(np.abs(sol.ntk[-1] - ex.ntk[-1]).max()
                                         / np.abs(ex.ntk[-1]).max())
     try:
-        b0, se0, loss, finite, t_sim = ensemble(net, data, train, args.widths, args.seeds)
+        b0, se0, loss, finite, t_sim, means, ses = ensemble(net, data, train, args.widths,
+                                                             args.seeds)
     except dmft.ConvergenceError as exc:
         # dmft.simulate refuses a diverged ensemble (since 5 Dec 2026): the networks diverge
         # too, which is what the divergent case is meant to show
@@ -140,6 +143,18 @@ def run_case(name, c, args):
                    ntk_se_rel=float(se[n:].max() / knorm),
                    max_z=float(np.abs(gap / se).max()),
                    dmft_loss=float(sol.train_loss[-1]))
+        # the approach to the DMFT width by width: is the finite-width gap in its 1/N regime?
+        k = int(np.argmax(np.abs(gap[:n])))
+        row["by_width"] = [dict(N=int(N), pred_gap=float(np.abs(m[:n] - th[:n]).max()),
+                                pred_gap_at_worst=float(m[k] - th[k]),
+                                pred_se=float(s_[:n].max()),
+                                ntk_gap_rel=float(np.abs(m[n:] - th[n:]).max() / knorm))
+                           for N, m, s_ in zip(args.widths, means, ses)]
+        # full vectors (final predictions, then the NTK's upper triangle) for later fits
+        row["vectors"] = dict(dmft=th.tolist(), dmft_se=np.concatenate(
+            [_final_se(sol), sol.stderr["ntk"][-1][iu]]).tolist(),
+            widths=[int(N) for N in args.widths], means=means.tolist(), ses=ses.tolist(),
+            extrapolated=b0.tolist(), extrapolated_se=se0.tolist())
     print(_line(row), flush=True)
     return row
 
@@ -160,6 +175,10 @@ def _line(r):
         s += f" exact: {r['vs_exact_pred']:.4f}, {100 * r['vs_exact_ntk_rel']:.2f} % |"
     if "nets" in r:
         s += " networks diverge |"
+    for w in r.get("by_width", []):
+        s += (f"\n|   N = {w['N']} | pred gap {w['pred_gap']:.4f} (at the extrapolation's "
+              f"worst point {w['pred_gap_at_worst']:+.4f}, se {w['pred_se']:.4f}) | "
+              f"NTK gap {100 * w['ntk_gap_rel']:.2f} % |")
     return s
 
 
