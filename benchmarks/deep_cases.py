@@ -134,11 +134,12 @@ def run_case(name, c, args):
     row.update(sim_s=t_sim, net_loss=loss, nets_finite=finite)
     if sol is not None:
         th = np.concatenate([_final(sol), sol.ntk[-1][iu]])
-        se = np.hypot(se0, np.concatenate([_final_se(sol), sol.stderr["ntk"][-1][iu]]))
+        th_se = np.concatenate([_final_se(sol), sol.stderr["ntk"][-1][iu]])
+        se = np.hypot(se0, th_se)
         knorm = np.abs(sol.ntk[-1]).max()
         gap = b0 - th
         row.update(pred_gap=float(np.abs(gap[:n]).max()), pred_se=float(se[:n].max()),
-                   pred_se_mc=float(_final_se(sol).max()), pred_se_sim=float(se0[:n].max()),
+                   pred_se_mc=float(th_se[:n].max()), pred_se_sim=float(se0[:n].max()),
                    ntk_gap_rel=float(np.abs(gap[n:]).max() / knorm),
                    ntk_se_rel=float(se[n:].max() / knorm),
                    max_z=float(np.abs(gap / se).max()),
@@ -151,10 +152,10 @@ def run_case(name, c, args):
                                 ntk_gap_rel=float(np.abs(m[n:] - th[n:]).max() / knorm))
                            for N, m, s_ in zip(args.widths, means, ses)]
         # full vectors (final predictions, then the NTK's upper triangle) for later fits
-        row["vectors"] = dict(dmft=th.tolist(), dmft_se=np.concatenate(
-            [_final_se(sol), sol.stderr["ntk"][-1][iu]]).tolist(),
-            widths=[int(N) for N in args.widths], means=means.tolist(), ses=ses.tolist(),
-            extrapolated=b0.tolist(), extrapolated_se=se0.tolist())
+        row["vectors"] = dict(dmft=th.tolist(), dmft_se=th_se.tolist(),
+                              widths=[int(N) for N in args.widths], means=means.tolist(),
+                              ses=ses.tolist(), extrapolated=b0.tolist(),
+                              extrapolated_se=se0.tolist())
     print(_line(row), flush=True)
     return row
 
