@@ -215,8 +215,8 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         4096-8192 samples, at the same variance per sample, with standard errors of 7
         instead of 15 degrees of freedom; benchmarks/README.md). Iterative: each with
         ``samples`` and ``response_samples`` (the cost is ``replicates`` times one solve),
-        default 1 (one solve, batch-means
-        standard errors that underestimate the error several-fold; see the module docstring).
+        default 1 (one solve, batch-means standard errors that underestimate the error
+        several-fold; see the module docstring).
     scheme : {"onepass", "iterative"}
         L >= 2: the causal one-pass solver (default) or the alternating fixed-point iteration
         (``damping``, ``anderson``, ``tol``, ``noise_factor``, ``max_iter``, ``window``,
