@@ -148,7 +148,7 @@ def _remarch(kx, y, act, L, gamma0, lr, T, o, S, Sr, stein, blocks=1):
             if stein:
                 groups = mc.stein_groups(o["phi"][l - 1], T1, n, P, 1e-6)
                 accS = [np.zeros((len(gr["rows"]), len(gr["cols"]))) for gr in groups]
-                mc.stein_accumulate(groups, u, G, accS)
+                mc.stein_accumulate(groups, u, G, accS, n)
                 new["B"].append(mc.stein_finish(groups, accS, S, gamma0, m))
             else:
                 new["B"].append(blockwise("u"))

@@ -346,7 +346,7 @@ def _stein_B(act, S, seed, blocks=8):
         acc = [np.zeros((len(g["rows"]), len(g["cols"]))) for g in groups]
         sl = slice(b * Sb, (b + 1) * Sb)
         G = mc.march_layer(u[sl], r[sl], C, D, gamma0, act, T1, n)[3]
-        mc.stein_accumulate(groups, u[sl], G, acc)
+        mc.stein_accumulate(groups, u[sl], G, acc, n)
         est.append(mc.stein_finish(groups, acc, Sb, gamma0, T1 * n))
     est = np.array(est)
     return est.mean(0), est.std(0, ddof=1) / np.sqrt(blocks), (T1, n, P)

@@ -94,7 +94,7 @@ def test_stein_B_at_the_exact_linear_fixed_point():
         r = np.repeat(np.stack([e, -e], 1).reshape(-1, 1), m, axis=1)
         G = mc.march_layer(u, r, C, D, train.gamma0, "linear", T1, n)[3]
         acc = [np.zeros((len(g["rows"]), len(g["cols"]))) for g in groups]
-        mc.stein_accumulate(groups, u, G, acc)
+        mc.stein_accumulate(groups, u, G, acc, n)
         est.append(feats @ mc.stein_finish(groups, acc, Sb, train.gamma0, m).T)
     est = np.array(est)
     mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(8)

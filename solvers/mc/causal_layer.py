@@ -21,6 +21,7 @@ from scipy.linalg import solve_triangular
 
 from ..activations import apply
 from ..layout import CausalFactor
+from . import responses
 
 
 def _check_finite(name, a, t, layer):
@@ -258,7 +259,8 @@ class _Layer:
                 rows = np.arange(P) if q is None else np.array([q])
                 self.groups.append({"pts": pts, "rows": rows,
                                     "fac": CausalFactor(T1 * len(pts), stein_rtol),
-                                    "xi": np.zeros((T1 * len(pts), S))})
+                                    "xi": np.zeros((T1 * len(pts), S)),
+                                    "base": np.zeros((len(rows) * C, T1 * len(pts)))})
 
     # ---- sources ------------------------------------------------------------------------
     def draw_u(self, phi_row, rng, exact0=None):
@@ -463,6 +465,12 @@ def _stein_row(ly, Bl, phi_src, u, g, t, n, gamma0, C=1):
     depend on innovations of later times, so the row block is J(t) Lk^{-1} with J over the
     innovations up to t: causal, no pseudo-inverse, no regularisation.
 
+    Baseline (:data:`solvers.mc.responses.STEIN_BASELINE`): the column of an innovation of time
+    s >= 1 is <(g(t) - g(s - 1)) xi>, the product g(s - 1) xi / S stored in ``grp["base"]``
+    when the innovation appears. g(s - 1) depends on earlier sources and the independent
+    backward sources only, so the term has mean zero and the estimate stays unbiased (as
+    :func:`solvers.mc.responses.stein_accumulate`).
+
     With C outputs (docs/theory.rst §7) g is (n C, S) with rows (mu, c) point-major and B^{l-1}
     flat (T1 n C, T1 n) with row t n C + mu C + c.
     """
@@ -479,7 +487,10 @@ def _stein_row(ly, Bl, phi_src, u, g, t, n, gamma0, C=1):
             Fn = Frow[new]
             rhs = u[pts[new]] - Fn[:, :k0] @ xi[:k0]
             xi[k0:k] = solve_triangular(Fn[:, k0:k], rhs, lower=True, check_finite=False)
-        J = g3[rows].reshape(-1, S) @ xi[:k].T / S
+            if t and responses.STEIN_BASELINE:
+                grp["base"][:, k0:k] = (ly.G[t - 1].reshape(n, C, S)[rows].reshape(-1, S)
+                                        @ xi[k0:k].T / S)
+        J = g3[rows].reshape(-1, S) @ xi[:k].T / S - grp["base"][:, :k]
         X = solve_triangular(fac.Lk[:k, :k], J.T, lower=True, trans="T", check_finite=False).T
         piv = fac.piv[:k]
         flat = (piv // b) * n + pts[piv % b]

@@ -289,7 +289,7 @@ def solve_deep(kx, y, activation: str, depth: int, gamma0: float, lr: float, ste
                 if l == L - 1:
                     f_blocks[ci] = (Z * PH).mean(axis=0).reshape(T1, n) / gamma0
                 if stein_u:
-                    stein_accumulate(groups, u, G, accS)
+                    stein_accumulate(groups, u, G, accS, n)
                 lo = ci * c
                 k = min(c, Sr - lo) if lo < Sr else 0
                 if cv:

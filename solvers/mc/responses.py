@@ -31,7 +31,8 @@ memory step) but not for B, where u enters h directly: the sources of layers l >
 ~1e-2 of their scale per step, E[z | h = x] has structure on that scale, and no smoothing
 width is both unbiased and of finite variance. B for ReLU is therefore estimated by Stein's
 lemma in causally whitened sources (:func:`stein_groups`, :func:`stein_accumulate`,
-:func:`stein_finish`), exact for any activation.
+:func:`stein_finish`), exact for any activation, with the baseline g(s - 1) subtracted from
+g(t) in the column of each innovation of time s (it has mean zero against that innovation).
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ import numpy as np
 
 from ..activations import apply
 from ..layout import causal_cholesky
+
+#: subtract the baseline g(s - 1) in Stein's estimate of B (:func:`stein_accumulate`,
+#: :func:`solvers.mc.causal_layer._stein_row`); False only to measure what it gains
+STEIN_BASELINE = True
 
 __all__ = ["default_relu_eps", "response_sums", "stein_groups", "stein_accumulate",
            "stein_finish", "response_control"]
@@ -224,14 +229,30 @@ def stein_groups(K, T1: int, n: int, P: int, rtol: float = 1e-6) -> list:
     return groups
 
 
-def stein_accumulate(groups, u, G, acc) -> None:
-    """Add sum_samples g_rows xi^T of one chunk to ``acc`` (a list, one array per group),
-    xi = L^{-1} u_cols the whitened sources of the chunk (u, G: (S, T1 n))."""
+def stein_accumulate(groups, u, G, acc, n: int | None = None) -> None:
+    """Add sum_samples (g_rows - g_base) xi^T of one chunk to ``acc`` (a list, one array per
+    group), xi = L^{-1} u_cols the whitened sources of the chunk (u, G: (S, T1 n)).
+
+    Baseline (with ``n``, the points per time; :data:`STEIN_BASELINE`): the column of an
+    innovation of time s >= 1 uses g_mu(t) - g_mu(s - 1) for row (t, mu). g(s - 1) depends on
+    the sources of times < s and on the independent backward sources only, so
+    <g_mu(s - 1) xi> = 0 exactly and the estimate stays unbiased; what it removes is the part
+    of g(t) already fixed before the innovation, which is most of g(t) when t - s is small
+    (measurements: benchmarks/README.md)."""
     from scipy.linalg import solve_triangular
 
     for grp, a in zip(groups, acc):
         xi = solve_triangular(grp["L"], u[:, grp["cols"]].T, lower=True, check_finite=False)
         a += G[:, grp["rows"]].T @ xi.T
+        if n is None or not STEIN_BASELINE:
+            continue
+        pts, mu = np.unique(grp["rows"] % n, return_inverse=True)
+        col_t = grp["col_t"]
+        for s in np.unique(col_t[col_t >= 1]):
+            c = np.flatnonzero(col_t == s)
+            # the group's points at time s - 1 against the innovations of time s, then the
+            # row (t, mu) takes its point's entries
+            a[:, c] -= (G[:, (s - 1) * n + pts].T @ xi[c].T)[mu]
 
 
 def stein_finish(groups, acc, samples: int, gamma0: float, m: int) -> np.ndarray:
