@@ -17,6 +17,10 @@ exact ``method="linear"``). For each case:
    the final training loss of the widest networks (do the networks train?); below each case,
    the same gaps width by width (is the finite-width gap in its 1/N regime?). ``--out``
    keeps the full vectors (DMFT, per-width means and errors, the extrapolation) for other fits.
+   Also the two-step mean NTK (K(T - 1) + K(T)) / 2 and the peak lr lambda_max(K_train(t)):
+   at the edge of stability (that peak near 2, relu depth 3 here) each network's NTK
+   oscillates with period 2 and a random phase, an O(1) spread of K(T) that does not fall
+   like N^-1/2 at reachable widths; the two-step mean cancels it to first order.
 
 A case where the networks themselves diverge (``--diverge``: tanh depth 3, gamma0 = 1,
 lr = 1.5, above the static stable rate 0.92) checks that the one-pass solver reports divergence
@@ -40,6 +44,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from solvers.stats import fit_inverse_width  # noqa: E402
+from solvers.static import peak_lr_lambda  # noqa: E402
 
 CASES = {
     "tanh3-g1.25": dict(L=3, activation="tanh", gamma0=1.25, lr=0.1),
@@ -71,8 +76,9 @@ def _final_se(sol):
 
 
 def ensemble(net, data, train, widths, seeds):
-    """Extrapolated N = infinity final predictions and NTK (upper triangle) with standard errors,
-    and the mean final training loss of the widest ensemble."""
+    """Extrapolated N = infinity final predictions, NTK (upper triangle) and two-step mean NTK
+    (K(T - 1) + K(T)) / 2 with standard errors, and the mean final training loss of the widest
+    ensemble."""
     import dmft
     n = data.P + data.Q
     iu = np.triu_indices(n)
@@ -82,7 +88,9 @@ def ensemble(net, data, train, widths, seeds):
         ens = dmft.simulate(net, data, train, width=N, center=True, progress=False,
                             seeds=range(100_000 * (i + 1), 100_000 * (i + 1) + S))
         t_sim += ens.elapsed
-        obs = np.concatenate([ens.predictions[:, -1], ens.ntk[:, -1][:, iu[0], iu[1]]], axis=1)
+        two = 0.5 * (ens.ntk[:, -1] + ens.ntk[:, -2])           # the two-step mean NTK
+        obs = np.concatenate([ens.predictions[:, -1], ens.ntk[:, -1][:, iu[0], iu[1]],
+                              two[:, iu[0], iu[1]]], axis=1)
         Zc = ens.extras["f0"] - ens.extras["f0"].mean(0)
         beta = np.linalg.lstsq(Zc, obs - obs.mean(0), rcond=None)[0]
         adj = obs - ens.extras["f0"] @ beta
@@ -133,23 +141,36 @@ def run_case(name, c, args):
         return row
     row.update(sim_s=t_sim, net_loss=loss, nets_finite=finite)
     if sol is not None:
-        th = np.concatenate([_final(sol), sol.ntk[-1][iu]])
-        th_se = np.concatenate([_final_se(sol), sol.stderr["ntk"][-1][iu]])
+        # the two-step mean (K(T - 1) + K(T)) / 2: at the edge of stability (lr lambda_max of
+        # K_train near 2) each network's NTK oscillates with period 2 and a random phase, which
+        # the mean over two steps cancels to first order; its DMFT se is bounded by the mean of
+        # the two steps' se (their correlation unknown, at most 1)
+        two = 0.5 * (sol.ntk[-1] + sol.ntk[-2])
+        two_se = 0.5 * (sol.stderr["ntk"][-1] + sol.stderr["ntk"][-2])
+        th = np.concatenate([_final(sol), sol.ntk[-1][iu], two[iu]])
+        th_se = np.concatenate([_final_se(sol), sol.stderr["ntk"][-1][iu], two_se[iu]])
+        mi = len(iu[0])
+        kk, k2 = slice(n, n + mi), slice(n + mi, None)
         se = np.hypot(se0, th_se)
         knorm = np.abs(sol.ntk[-1]).max()
         gap = b0 - th
         row.update(pred_gap=float(np.abs(gap[:n]).max()), pred_se=float(se[:n].max()),
                    pred_se_mc=float(th_se[:n].max()), pred_se_sim=float(se0[:n].max()),
-                   ntk_gap_rel=float(np.abs(gap[n:]).max() / knorm),
-                   ntk_se_rel=float(se[n:].max() / knorm),
-                   max_z=float(np.abs(gap / se).max()),
+                   ntk_gap_rel=float(np.abs(gap[kk]).max() / knorm),
+                   ntk_se_rel=float(se[kk].max() / knorm),
+                   max_z=float(np.abs(gap[:n + mi] / se[:n + mi]).max()),
+                   ntk2_gap_rel=float(np.abs(gap[k2]).max() / knorm),
+                   ntk2_se_rel=float(se[k2].max() / knorm),
+                   ntk2_max_z=float(np.abs(gap[k2] / se[k2]).max()),
+                   peak_lr_lambda=float(peak_lr_lambda(sol.ntk, data.P, c["lr"])),
                    dmft_loss=float(sol.train_loss[-1]))
         # the approach to the DMFT width by width: is the finite-width gap in its 1/N regime?
         k = int(np.argmax(np.abs(gap[:n])))
         row["by_width"] = [dict(N=int(N), pred_gap=float(np.abs(m[:n] - th[:n]).max()),
                                 pred_gap_at_worst=float(m[k] - th[k]),
                                 pred_se=float(s_[:n].max()),
-                                ntk_gap_rel=float(np.abs(m[n:] - th[n:]).max() / knorm))
+                                ntk_gap_rel=float(np.abs(m[kk] - th[kk]).max() / knorm),
+                                ntk2_gap_rel=float(np.abs(m[k2] - th[k2]).max() / knorm))
                            for N, m, s_ in zip(args.widths, means, ses)]
         # full vectors (final predictions, then the NTK's upper triangle) for later fits
         row["vectors"] = dict(dmft=th.tolist(), dmft_se=th_se.tolist(),
@@ -176,10 +197,15 @@ def _line(r):
         s += f" exact: {r['vs_exact_pred']:.4f}, {100 * r['vs_exact_ntk_rel']:.2f} % |"
     if "nets" in r:
         s += " networks diverge |"
+    if "ntk2_gap_rel" in r:
+        s += (f"\n|   two-step mean NTK (K(T-1) + K(T)) / 2 | gap {100 * r['ntk2_gap_rel']:.2f} % "
+              f"(se {100 * r['ntk2_se_rel']:.2f} %), max z {r['ntk2_max_z']:.2f} | peak lr "
+              f"lambda_max(K_train) {r['peak_lr_lambda']:.3f} |")
     for w in r.get("by_width", []):
         s += (f"\n|   N = {w['N']} | pred gap {w['pred_gap']:.4f} (at the extrapolation's "
               f"worst point {w['pred_gap_at_worst']:+.4f}, se {w['pred_se']:.4f}) | "
-              f"NTK gap {100 * w['ntk_gap_rel']:.2f} % |")
+              f"NTK gap {100 * w['ntk_gap_rel']:.2f} % (two-step mean "
+              f"{100 * w['ntk2_gap_rel']:.2f} %) |")
     return s
 
 
