@@ -268,7 +268,10 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         two-layer march and the one-pass deep solver; ``scheme="iterative"`` refuses them.
         With an output offset the predictions include f0 (``extras["output_offset"]``).
         With the hinge loss ``extras["hinge_margin_z"]`` is the smallest distance of a
-        training margin y f(t) from 1 in standard errors (a warning below 3).
+        training margin y f(t) from 1 in standard errors (a warning below 3). One pass:
+        ``extras["population_outliers"]`` (0-based) names populations whose final
+        predictions lie more than 10 robust standard deviations from the others' median
+        (a logged warning; they stay in the mean and the standard errors).
     """
 
     description = ("nonlinear DMFT by Monte Carlo sampling of the single-site fields (one causal "
@@ -486,11 +489,13 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                              "peak_lr_lambda": state[1].get("peak_lr_lambda"),
                              "acc": {k[4:]: v for k, v in state[0].items() if k[:4] == "acc."},
                              "acc2": {k[5:]: v for k, v in state[0].items()
-                                      if k[:5] == "acc2."}}
+                                      if k[:5] == "acc2."},
+                             "f_final": state[0].get("f_final")}
 
             def on_population(st):
                 arrays = {f"acc.{k}": v for k, v in st["acc"].items()}
                 arrays.update({f"acc2.{k}": v for k, v in st["acc2"].items()})
+                arrays["f_final"] = st["f_final"]
                 meta = {"next": int(st["next"]), "replicates": int(replicates)}
                 if "peak_lr_lambda" in st:
                     meta["peak_lr_lambda"] = float(st["peak_lr_lambda"])
@@ -537,6 +542,19 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                 out, phi, g, phi_se, g_se, A, B = _deep_objective_fields(
                     out, T1, n, deep_obj.C, data.multi_output)
             extras = {"memory_estimate_bytes": np.int64(out["memory_bytes"])}
+            if out.get("population_outliers"):
+                # one population far from the others (solvers.mc.causal.population_outliers):
+                # kept in the mean and the standard error, which it inflates; named here
+                worst = out["population_outliers"]
+                extras["population_outliers"] = np.array([p for p, _ in worst], dtype=np.int64)
+                logger.warning(
+                    "%s: population(s) %s of %d end far from the others (largest: %.3g robust "
+                    "standard deviations); Monte Carlo noise near the edge of stability "
+                    "(peak lr lambda_max(K_train) %.3g) can drive a small population unstable. "
+                    "The mean and the standard errors include it; raise samples (more per "
+                    "replicate) for a trustworthy answer", method,
+                    ", ".join(str(p + 1) for p, _ in worst), int(replicates), worst[0][1],
+                    float("nan") if out["peak_lr_lambda"] is None else out["peak_lr_lambda"])
             if train.loss == "hinge" and T:
                 # the error signal y 1[y f < 1] switches where a margin crosses 1: a margin
                 # within a few standard errors of 1 makes later steps sensitive to the noise

@@ -149,6 +149,44 @@ def _add_with_square(acc, acc2, x):
 # catapults to >= 2.78 loses 1.7-5x)
 EDGE_OF_STABILITY = 2.5
 
+#: a population whose final predictions lie more than this many robust standard deviations
+#: (1.4826 x the median absolute deviation over the populations) from the populations' median
+#: is reported as an outlier (:func:`population_outliers`)
+OUTLIER_Z = 10.0
+
+
+def population_outliers(f_final, threshold: float = OUTLIER_Z) -> list:
+    """Indices of the populations whose final predictions are outliers, largest first.
+
+    ``f_final`` (R, ...) holds each population's f(T). Per entry, the robust scale is 1.4826 x
+    the median absolute deviation from the median over the R populations (the standard
+    deviation for normal spread, insensitive to a few wild members); a population's score is
+    its largest |deviation| / scale over the entries. Below 5 populations nothing is judged.
+    Near the edge of stability a population's Monte Carlo noise can drive it unstable late in
+    training (relu depth 3 of benchmarks/deep_cases.py: 1 population in ~500 at the default
+    1024 samples each; its f reached 22 against targets of order 1) while the others train: the
+    mean and the standard error then carry it, and this names it.
+
+    Returns a list of (population index, score) with score > ``threshold``.
+    """
+    x = np.asarray(f_final, dtype=np.float64)
+    R = x.shape[0]
+    if R < 5:
+        return []
+    x = x.reshape(R, -1)
+    bad = ~np.isfinite(x).all(axis=1)              # a non-finite population: score inf
+    if bad.sum() > R // 2:
+        return [(int(p), float("inf")) for p in np.flatnonzero(bad)]
+    med = np.median(x[~bad], axis=0)
+    dev = np.abs(x - med)
+    scale = 1.4826 * np.median(dev[~bad], axis=0)
+    floor = 1e-12 + 1e-9 * float(np.abs(med).max(initial=0.0))
+    with np.errstate(invalid="ignore"):
+        score = (dev / np.maximum(scale, floor)).max(axis=1)
+    score[bad] = np.inf
+    out = [(int(p), float(score[p])) for p in np.flatnonzero(score > threshold)]
+    return sorted(out, key=lambda ps: -ps[1])
+
 
 def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, steps: int, *,
                  samples: int, seed, populations: int = 8, responses: bool = True,
@@ -176,8 +214,10 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     response_cv : control variate of the tangent responses (float32 tangents).
     state, on_population : checkpoint hook. After each finished population
         ``on_population(state)`` is called with ``state = {"next": p + 1, "acc": {...},
-        "acc2": {...}}``, the running sums over populations 0..p of each result and of its
-        square (arrays that are updated in place afterwards: save them before returning).
+        "acc2": {...}, "f_final": (p + 1, ...)}``, the running sums over populations 0..p
+        of each result and of its square (arrays that are updated in place afterwards: save
+        them before returning) and each population's final predictions (for
+        :func:`population_outliers`, returned as ``population_outliers``).
         Passing such a state back as ``state`` resumes with population ``state["next"]``:
         the sums are copied, the finished populations skipped, the others drawn from their own
         (unchanged) seeds, so the result is bit-identical to an uninterrupted solve. Not with
@@ -336,6 +376,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     keys = ("f", "ntk", "phi", "g", "A", "B")
     acc, acc2 = {}, {}                     # running sums over populations (no R-fold stack)
     pops = []
+    f_final = []                           # each population's f(T), for population_outliers
     p0 = 0
     if state is not None:
         if record_sources:
@@ -349,6 +390,8 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                 tblocks = 1
         acc = {k: np.array(v, dtype=np.float64) for k, v in state["acc"].items()}
         acc2 = {k: np.array(v, dtype=np.float64) for k, v in state["acc2"].items()}
+        if state.get("f_final") is not None:
+            f_final = list(np.asarray(state["f_final"], dtype=np.float64))
         if bar is not None:
             bar.update(p0 * T1)
         if logger is not None:
@@ -402,6 +445,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                                      o[key].reshape(-1))
                 else:
                     acc[key] += o[key]
+            f_final.append(np.array(o["f"][-1], dtype=np.float64))
             if record_sources:
                 pops.append(o)
             if logger is not None:
@@ -409,7 +453,7 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
                             float(np.sqrt(np.mean(o["f"][-1] ** 2))))
             del o
             if on_population is not None:
-                st = {"next": p + 1, "acc": acc, "acc2": acc2}
+                st = {"next": p + 1, "acc": acc, "acc2": acc2, "f_final": np.array(f_final)}
                 if adaptive:
                     st["peak_lr_lambda"] = peak
                 on_population(st)
@@ -429,6 +473,9 @@ def solve_causal(kx, y, activation: str, depth: int, gamma0: float, lr: float, s
     if record_sources:
         res["sources"] = [o["sources"] for o in pops]
         res["population_results"] = pops
+    # judged over the populations whose f(T) is known (all, unless resumed from a checkpoint
+    # written before f(T) was kept)
+    res["population_outliers"] = population_outliers(f_final) if len(f_final) == R else []
     res.update(samples=Sp * R, response_samples=Srp * R, populations=R,
                relu_eps=eps if activation == "relu" else None, b_estimator=b_estimator,
                memory_bytes=mem, r_sources="mix" if mix else "factor",

@@ -1,0 +1,93 @@
+"""Outlier populations of the one-pass solver (solvers.mc.causal.population_outliers).
+
+What they prove:
+- the robust score flags a population far from the others' median (also a non-finite one) and
+  nothing in normal spread, nor anything with fewer than 5 populations;
+- ``dmft.solve(method="mc")`` names such a population in ``extras["population_outliers"]``
+  with a logged warning, keeps it in the mean, and still names it after a resume from a
+  checkpoint (each population's f(T) is part of the checkpoint).
+"""
+import logging
+
+import numpy as np
+import pytest
+
+import dmft
+from conftest import small_deep_problem
+from solvers.mc import causal
+from solvers.mc.causal import OUTLIER_Z, population_outliers
+
+SMALL = dict(samples=1536, response_samples=48, replicates=6, progress=False)
+
+
+def test_robust_score():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 12)) * 0.01 + 1.0
+    assert population_outliers(x) == []
+    y = x.copy()
+    y[5, 3] += 0.01 * 3.0                      # 3 standard deviations: normal spread
+    assert population_outliers(y) == []
+    y[5, 3] += 0.5                             # ~50 standard deviations
+    y[9] = np.nan
+    out = population_outliers(y)
+    assert [p for p, _ in out] == [9, 5]       # non-finite first (score inf), then 5
+    assert out[1][1] > OUTLIER_Z
+    assert population_outliers(y[:4]) == []   # too few populations to judge
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return small_deep_problem()
+
+
+def _shift_population(monkeypatch, k, by=100.0):
+    """Population k (0-based call order) returns its predictions shifted by ``by``."""
+    orig = causal._population
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        o = orig(*args, **kwargs)
+        if len(calls) == k:
+            o = dict(o, f=o["f"] + by)
+        calls.append(1)
+        return o
+
+    monkeypatch.setattr(causal, "_population", wrapped)
+    return calls
+
+
+def test_solve_names_the_outlier(problem, monkeypatch, caplog, tmp_path):
+    net, data, train = problem
+    ref = dmft.solve(net, data, train, method="mc", seed=4, **SMALL)
+    assert "population_outliers" not in ref.extras
+    with monkeypatch.context() as m:
+        _shift_population(m, 2)
+        with caplog.at_level(logging.WARNING, logger="dmft"):
+            sol = dmft.solve(net, data, train, method="mc", seed=4, **SMALL)
+    assert sol.converged
+    assert sol.extras["population_outliers"].tolist() == [2]
+    assert any("population(s) 3 of 6" in r.getMessage() for r in caplog.records)
+    # kept in the mean: the shift of one population of 6 moves the mean by 100 / 6
+    assert np.allclose(sol.train_predictions - ref.train_predictions, 100.0 / 6, atol=1e-9)
+
+    # interrupted after 4 populations (the outlier among them) and resumed: still named
+    path = tmp_path / "mc.ckpt.npz"
+    with monkeypatch.context() as m:
+        _shift_population(m, 2)
+        orig = causal._population
+        count = []
+
+        def stop(*args, **kwargs):
+            count.append(1)
+            if len(count) > 4:
+                raise KeyboardInterrupt
+            return orig(*args, **kwargs)
+
+        m.setattr(causal, "_population", stop)
+        with pytest.raises(KeyboardInterrupt):
+            dmft.solve(net, data, train, method="mc", seed=4, checkpoint=path, **SMALL)
+    with np.load(path) as z:
+        assert z["f_final"].shape[0] == 4
+    res = dmft.solve(net, data, train, method="mc", seed=4, checkpoint=path, **SMALL)
+    assert res.extras["population_outliers"].tolist() == [2]
+    assert np.array_equal(res.train_predictions, sol.train_predictions)
