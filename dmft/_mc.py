@@ -270,8 +270,9 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         With the hinge loss ``extras["hinge_margin_z"]`` is the smallest distance of a
         training margin y f(t) from 1 in standard errors (a warning below 3). One pass:
         ``extras["population_outliers"]`` (0-based) names populations whose final
-        predictions lie more than 10 robust standard deviations from the others' median
-        (a logged warning; they stay in the mean and the standard errors).
+        predictions lie more than 10 times farther from the populations' median than the
+        typical population's (a logged warning; they stay in the mean and the standard
+        errors).
     """
 
     description = ("nonlinear DMFT by Monte Carlo sampling of the single-site fields (one causal "
@@ -548,8 +549,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                 worst = out["population_outliers"]
                 extras["population_outliers"] = np.array([p for p, _ in worst], dtype=np.int64)
                 logger.warning(
-                    "%s: population(s) %s of %d end far from the others (largest: %.3g robust "
-                    "standard deviations); Monte Carlo noise near the edge of stability "
+                    "%s: population(s) %s of %d end far from the others (largest: %.3g times the "
+                    "typical population's distance from their median); Monte Carlo noise near the edge of stability "
                     "(peak lr lambda_max(K_train) %.3g) can drive a small population unstable. "
                     "The mean and the standard errors include it; raise samples (more per "
                     "replicate) for a trustworthy answer", method,

@@ -1,8 +1,9 @@
 """Outlier populations of the one-pass solver (solvers.mc.causal.population_outliers).
 
 What they prove:
-- the robust score flags a population far from the others' median (also a non-finite one) and
-  nothing in normal spread, nor anything with fewer than 5 populations;
+- the score (a population's largest distance from the median over the populations, against
+  the typical population's) flags a population far out (also a non-finite one) and nothing in
+  normal spread, nor anything with fewer than 5 populations;
 - ``dmft.solve(method="mc")`` names such a population in ``extras["population_outliers"]``
   with a logged warning, keeps it in the mean, and still names it after a resume from a
   checkpoint (each population's f(T) is part of the checkpoint).
@@ -15,7 +16,7 @@ import pytest
 import dmft
 from conftest import small_deep_problem
 from solvers.mc import causal
-from solvers.mc.causal import OUTLIER_Z, population_outliers
+from solvers.mc.causal import OUTLIER_RATIO, population_outliers
 
 SMALL = dict(samples=1536, response_samples=48, replicates=6, progress=False)
 
@@ -25,13 +26,13 @@ def test_robust_score():
     x = rng.standard_normal((16, 12)) * 0.01 + 1.0
     assert population_outliers(x) == []
     y = x.copy()
-    y[5, 3] += 0.01 * 3.0                      # 3 standard deviations: normal spread
+    y[5, 3] += 0.01 * 4.0                      # 4 standard deviations: normal spread
     assert population_outliers(y) == []
     y[5, 3] += 0.5                             # ~50 standard deviations
     y[9] = np.nan
     out = population_outliers(y)
     assert [p for p, _ in out] == [9, 5]       # non-finite first (score inf), then 5
-    assert out[1][1] > OUTLIER_Z
+    assert out[1][1] > OUTLIER_RATIO
     assert population_outliers(y[:4]) == []   # too few populations to judge
 
 
