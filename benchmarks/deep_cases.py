@@ -102,6 +102,54 @@ def ensemble(net, data, train, widths, seeds):
     return b0, se0, loss, finite, t_sim, np.array(means), np.array(ses)
 
 
+class _Populations:
+    """Record each one-pass population's two-step mean NTK (K(T-1) + K(T)) / 2 while a solve
+    runs (wrapping the population functions of :mod:`solvers.mc.causal`): the standard error of
+    that mean is the spread of the populations' own values / sqrt(R), which the per-time
+    stderr of the result cannot give (at the edge of stability K(T-1) and K(T) are
+    anti-correlated over the populations)."""
+
+    def __enter__(self):
+        from solvers.mc import causal
+        self.mod, self.two = causal, []
+        self.orig = {k: getattr(causal, k) for k in ("_population", "_population_objective")}
+        for k, f in self.orig.items():
+            setattr(causal, k, self._wrap(f))
+        return self
+
+    def _wrap(self, f):
+        def run(*a, **kw):
+            o = f(*a, **kw)
+            k = np.asarray(o["ntk"])
+            self.two.append(0.5 * (k[-1] + k[-2]))
+            return o
+        return run
+
+    def __exit__(self, *exc):
+        for k, f in self.orig.items():
+            setattr(self.mod, k, f)
+
+    def se(self):
+        """(n, n) standard error of the two-step mean NTK over the recorded populations."""
+        x = np.array(self.two)
+        return x.std(axis=0, ddof=1) / np.sqrt(len(x))
+
+
+def _sims_from(path, name, widths, seeds):
+    """The ensemble part of case ``name`` from an earlier ``--out`` file (same widths and seeds:
+    the networks are deterministic given their seeds), or None."""
+    with open(path) as fh:
+        rows = json.load(fh)
+    for r in rows:
+        v = r.get("vectors")
+        if r.get("case") == name and v and v["widths"] == list(widths) and \
+                r.get("seeds") == list(seeds):
+            means, ses = np.array(v["means"]), np.array(v["ses"])
+            b0, se0, _, _ = fit_inverse_width(np.asarray(widths, float), means, ses)
+            return b0, se0, r["net_loss"], r["nets_finite"], r["sim_s"], means, ses
+    return None
+
+
 def run_case(name, c, args):
     import dmft
     net, data, train = _problem(c, args.steps)
@@ -112,7 +160,9 @@ def run_case(name, c, args):
         opts = dict(args.option or [])
         if args.samples:
             opts["samples"] = args.samples
-        sol = dmft.solve(net, data, train, method="mc", seed=args.seed, progress=False, **opts)
+        with _Populations() as pops:
+            sol = dmft.solve(net, data, train, method="mc", seed=args.seed, progress=False,
+                             **opts)
         row.update(mc_s=sol.elapsed, status="ok")
     except dmft.ConvergenceError as exc:
         row.update(status="diverged: " + str(exc).split(".")[0])
@@ -129,9 +179,14 @@ def run_case(name, c, args):
         row["vs_exact_pred"] = float(np.abs(_final(sol) - _final(ex)).max())
         row["vs_exact_ntk_rel"] = float(np.abs(sol.ntk[-1] - ex.ntk[-1]).max()
                                         / np.abs(ex.ntk[-1]).max())
+    row["seeds"] = list(args.seeds)
+    cached = _sims_from(args.sims_from, name, args.widths, args.seeds) if args.sims_from \
+        else None
+    if cached is not None:
+        row["sims_from"] = args.sims_from          # sim_s is then that run's time
     try:
-        b0, se0, loss, finite, t_sim, means, ses = ensemble(net, data, train, args.widths,
-                                                             args.seeds)
+        b0, se0, loss, finite, t_sim, means, ses = cached or ensemble(
+            net, data, train, args.widths, args.seeds)
     except dmft.ConvergenceError as exc:
         # dmft.simulate refuses a diverged ensemble (since 5 Dec 2026): the networks diverge
         # too, which is what the divergent case is meant to show
@@ -143,10 +198,10 @@ def run_case(name, c, args):
     if sol is not None:
         # the two-step mean (K(T - 1) + K(T)) / 2: at the edge of stability (lr lambda_max of
         # K_train near 2) each network's NTK oscillates with period 2 and a random phase, which
-        # the mean over two steps cancels to first order; its DMFT se is bounded by the mean of
-        # the two steps' se (their correlation unknown, at most 1)
+        # the mean over two steps cancels to first order; its DMFT se from the populations'
+        # own two-step means (:class:`_Populations`)
         two = 0.5 * (sol.ntk[-1] + sol.ntk[-2])
-        two_se = 0.5 * (sol.stderr["ntk"][-1] + sol.stderr["ntk"][-2])
+        two_se = pops.se()
         th = np.concatenate([_final(sol), sol.ntk[-1][iu], two[iu]])
         th_se = np.concatenate([_final_se(sol), sol.stderr["ntk"][-1][iu], two_se[iu]])
         mi = len(iu[0])
@@ -236,6 +291,9 @@ def main(argv=None):
     ap.add_argument("--iterative", action="store_true", help="also run scheme='iterative'")
     ap.add_argument("--diverge", action="store_true", help="also the divergent case")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sims-from", default=None, metavar="FILE",
+                    help="reuse the networks of an earlier --out FILE (same case, widths and "
+                         "seeds; they are deterministic given their seeds)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
