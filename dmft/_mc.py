@@ -549,9 +549,10 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                 worst = out["population_outliers"]
                 extras["population_outliers"] = np.array([p for p, _ in worst], dtype=np.int64)
                 logger.warning(
-                    "%s: population(s) %s of %d end far from the others (largest: %.3g times the "
-                    "typical population's distance from their median); Monte Carlo noise near the edge of stability "
-                    "(peak lr lambda_max(K_train) %.3g) can drive a small population unstable. "
+                    "%s: population(s) %s of %d end far from the others (largest: %.3g times "
+                    "the typical population's distance from their median); Monte Carlo noise "
+                    "near the edge of stability (peak lr lambda_max(K_train) %.3g) can drive a "
+                    "small population unstable. "
                     "The mean and the standard errors include it; raise samples (more per "
                     "replicate) for a trustworthy answer", method,
                     ", ".join(str(p + 1) for p, _ in worst), int(replicates), worst[0][1],

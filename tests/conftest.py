@@ -215,3 +215,19 @@ def extrapolate_widths(stats, widths, counts, seed_base):
     b0, se0, _, _ = fit_inverse_width(widths, np.array([r[0] for r in rows]),
                                       np.array([r[1] for r in rows]))
     return b0, se0, sum(r[2] for r in rows)
+
+
+def interrupt_after(monkeypatch, module, name, k):
+    """Make ``module.name`` raise KeyboardInterrupt on its call number k + 1 (Ctrl-C in the
+    middle of the work after k finished units)."""
+    orig = getattr(module, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > k:
+            raise KeyboardInterrupt
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls

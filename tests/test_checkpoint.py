@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import dmft
-from conftest import small_deep_problem
+from conftest import interrupt_after as _interrupt_after, small_deep_problem
 import dmft.config
 from dmft import _checkpoint
 from solvers import network
@@ -61,22 +61,6 @@ def _same(x, y, where):
         assert x == y or repr(x) == repr(y), where
     else:
         assert x == y, where
-
-
-def _interrupt_after(monkeypatch, module, name, k):
-    """Make ``module.name`` raise KeyboardInterrupt on its call number k + 1 (Ctrl-C in the
-    middle of the work after k finished units)."""
-    orig = getattr(module, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > k:
-            raise KeyboardInterrupt
-        return orig(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
 
 
 @pytest.mark.parametrize("method", ["mc", "gia"])

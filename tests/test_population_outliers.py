@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import dmft
-from conftest import small_deep_problem
+from conftest import interrupt_after, small_deep_problem
 from solvers.mc import causal
 from solvers.mc.causal import OUTLIER_RATIO, population_outliers
 
@@ -75,16 +75,7 @@ def test_solve_names_the_outlier(problem, monkeypatch, caplog, tmp_path):
     path = tmp_path / "mc.ckpt.npz"
     with monkeypatch.context() as m:
         _shift_population(m, 2)
-        orig = causal._population
-        count = []
-
-        def stop(*args, **kwargs):
-            count.append(1)
-            if len(count) > 4:
-                raise KeyboardInterrupt
-            return orig(*args, **kwargs)
-
-        m.setattr(causal, "_population", stop)
+        interrupt_after(m, causal, "_population", 4)
         with pytest.raises(KeyboardInterrupt):
             dmft.solve(net, data, train, method="mc", seed=4, checkpoint=path, **SMALL)
     with np.load(path) as z:
