@@ -213,7 +213,11 @@ class MonteCarlo(Method, name="mc", options=MCOptions):
         clipped to [8, 16] (16 at the default 16384 samples; below ~1024 samples per
         population their fixed per-step cost weighs, and 8 are 14-19 % faster than 16 at
         4096-8192 samples, at the same variance per sample, with standard errors of 7
-        instead of 15 degrees of freedom; benchmarks/README.md). Iterative: each with
+        instead of 15 degrees of freedom; benchmarks/README.md). Where the training reaches
+        the edge of stability (peak lr lambda_max(K_train(t)) near 2; the solve logs it) the
+        late-time errors fall with the number of populations, not their size: prefer more
+        populations of >= 8192 samples (>= 16384 past a catapult, where smaller ones are
+        biased). Iterative: each with
         ``samples`` and ``response_samples`` (the cost is ``replicates`` times one solve),
         default 1 (one solve, batch-means standard errors that underestimate the error
         several-fold; see the module docstring).
@@ -324,6 +328,43 @@ solve_mc = MC
 
 #: ``solve_gia(net, data, train, *, seed=None, throw=True, progress=None, **options)``
 solve_gia = GIA
+
+
+#: peak lr lambda_max(K_train(t)) from which a one-pass solve logs the edge-of-stability advice
+#: (:func:`_edge_of_stability_advice`); gradient descent on the squared error is stable below 2
+EDGE_ADVICE = 1.9
+
+
+def _edge_of_stability_advice(ntk, lr: float, P: int, replicates: int, per_rep: int):
+    """Log how to spend samples when the training reaches the edge of stability (peak lr
+    lambda_max(K_train(t)) >= EDGE_ADVICE): there each population's late kernels and
+    predictions oscillate with period 2 and a random phase, as width-N networks' do, so their
+    late-time standard errors fall with the number of populations, not with the samples in
+    each; past a catapult (peak >= 2.5) small populations are biased instead. Measured in
+    benchmarks/README.md ("More populations at the edge of stability"). The peak is that of
+    the populations' mean NTK ``ntk`` (T1, n, n): a single population's is noisier (relu L = 3
+    at the default 16 x 1024 samples: 2.54 in the first population, 2.07-2.15 in the mean)."""
+    peak = float(_static.peak_lr_lambda(ntk, P, lr))
+    if not np.isfinite(peak) or peak < EDGE_ADVICE:
+        return
+    if peak < _causal.EDGE_OF_STABILITY:
+        logger.info(
+            "mc one-pass: the training reaches the edge of stability (peak lr "
+            "lambda_max(K_train(t)) = %.3g): the populations' late kernels and predictions "
+            "oscillate with period 2 and random phase, so their late-time standard errors "
+            "fall with the number of populations (replicates = %d, %d samples each), not with "
+            "the samples in each. For tighter late-time answers prefer more populations of "
+            ">= 8192 samples (relu L = 3: 64 x 8192 against 16 x 32768 samples cut the "
+            "prediction error 4x, the NTK's 2x; benchmarks/README.md)", peak, replicates,
+            per_rep)
+    else:
+        logger.info(
+            "mc one-pass: the training passes the edge of stability (peak lr "
+            "lambda_max(K_train(t)) = %.3g, a catapult): populations carry a "
+            "finite-population bias like finite-width networks' (tanh L = 3, gamma0 = 2: "
+            "the NTK 6 %% off with 4096 samples per population, 3 %% with 16384); keep "
+            ">= 16384 samples per population (now %d x %d; benchmarks/README.md)", peak,
+            replicates, per_rep)
 
 
 def _objective_fingerprint(train) -> dict:
@@ -557,6 +598,8 @@ def _solve(ctx, net: MLP, data: Dataset, train: GradientDescent, opts: MCOptions
                     "replicate) for a trustworthy answer", method,
                     ", ".join(str(p + 1) for p, _ in worst), int(replicates), worst[0][1],
                     float("nan") if out["peak_lr_lambda"] is None else out["peak_lr_lambda"])
+            if deep_obj.plain and int(replicates) > 1:
+                _edge_of_stability_advice(out["ntk"], train.lr, P, int(replicates), per_rep)
             if train.loss == "hinge" and T:
                 # the error signal y 1[y f < 1] switches where a margin crosses 1: a margin
                 # within a few standard errors of 1 makes later steps sensitive to the noise

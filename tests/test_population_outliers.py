@@ -6,7 +6,9 @@ What they prove:
   normal spread, nor anything with fewer than 5 populations;
 - ``dmft.solve(method="mc")`` names such a population in ``extras["population_outliers"]``
   with a logged warning, keeps it in the mean, and still names it after a resume from a
-  checkpoint (each population's f(T) is part of the checkpoint).
+  checkpoint (each population's f(T) is part of the checkpoint);
+- at the edge of stability the solve logs how to spend samples (more populations; past a
+  catapult, larger ones), and below it nothing.
 """
 import logging
 
@@ -83,3 +85,24 @@ def test_solve_names_the_outlier(problem, monkeypatch, caplog, tmp_path):
     res = dmft.solve(net, data, train, method="mc", seed=4, checkpoint=path, **SMALL)
     assert res.extras["population_outliers"].tolist() == [2]
     assert np.array_equal(res.train_predictions, sol.train_predictions)
+
+
+@pytest.mark.parametrize("peak,expect", [(1.5, None), (2.05, "reaches the edge of stability"),
+                                         (3.0, "a catapult")])
+def test_edge_of_stability_advice(peak, expect, caplog):
+    """At the edge of stability the solve says how to spend samples (more populations; past a
+    catapult, larger ones), from the peak lr lambda_max(K_train(t)) of the mean NTK; below 1.9
+    it says nothing."""
+    from dmft._mc import _edge_of_stability_advice
+    lr, P = 0.1, 3
+    ntk = np.zeros((4, 5, 5))
+    ntk[:, :P, :P] = np.eye(P)
+    ntk[2, 1, 1] = peak / lr                   # the peak at t = 2 on a training point
+    ntk[3, 4, 4] = 10 * peak / lr              # a test point's entry does not count
+    with caplog.at_level(logging.INFO, logger="dmft"):
+        _edge_of_stability_advice(ntk, lr, P, 16, 1024)
+    msgs = [r.getMessage() for r in caplog.records]
+    if expect is None:
+        assert msgs == []
+    else:
+        assert len(msgs) == 1 and expect in msgs[0] and f"{peak:.3g}" in msgs[0]
