@@ -98,3 +98,21 @@ def test_barlow_twins_quick_run():
     out = buf.getvalue()
     for head in ("(a) NTK parameterisation", "(b) rich regime", "(c) linear probe"):
         assert head in out, out
+
+
+def test_deep_cases_fit_from_the_wide_widths_only():
+    """deep_cases.py --fit-min-width: the 1/N extrapolation from the widths >= N only recovers
+    a + b / N exactly where the narrow width is off that line (and the fit over all widths does
+    not); fewer than two widths left is refused before any work."""
+    dc = _load("deep_cases")
+    widths = [1024, 4096, 8192]
+    a, b = np.array([1.0, -2.0]), np.array([300.0, 50.0])
+    means = a + b / np.array(widths, float)[:, None]
+    means[0] += 0.2                                  # the narrow width outside the 1/N regime
+    ses = np.full_like(means, 1e-3)
+    b0, _ = dc._fit(widths, means, ses, 4096)
+    np.testing.assert_allclose(b0, a, rtol=0, atol=1e-9)
+    b_all, _ = dc._fit(widths, means, ses)
+    assert np.abs(b_all - a).max() > 0.02
+    with pytest.raises(SystemExit):
+        dc.main(["--quick", "--fit-min-width", "100000"])
