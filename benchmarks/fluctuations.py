@@ -378,6 +378,12 @@ def main(argv=None):
     ap.add_argument("--speed-ntk-rank", type=int, default=None,
                     help="deep rows: ntk_rank of the deep propagator (the NTK's summed N Var "
                          "from this many principal directions plus probes; default every entry)")
+    ap.add_argument("--speed-map-replicates", type=int, default=None,
+                    help="deep rows: map_replicates (default the library's, 4: two pairs of "
+                         "maps of samples / 4 each)")
+    ap.add_argument("--speed-kappa-fraction", type=float, default=None,
+                    help="deep rows: kappa_samples = this fraction of samples (default the "
+                         "library's, min(8192, samples))")
     ap.add_argument("--speed-start", type=int, default=1000, help="first propagator samples")
     ap.add_argument("--speed-max-samples", type=int, default=1 << 18)
     ap.add_argument("--speed-seeds", type=int, default=128, help="first seeds per width")

@@ -214,6 +214,10 @@ def speed(args):
                     kw["sampler"] = args.speed_sampler
                 if net.depth > 1 and getattr(args, "speed_ntk_rank", None):
                     kw["ntk_rank"] = args.speed_ntk_rank
+                if net.depth > 1 and getattr(args, "speed_map_replicates", None):
+                    kw["map_replicates"] = args.speed_map_replicates
+                if net.depth > 1 and getattr(args, "speed_kappa_fraction", None):
+                    kw["kappa_samples"] = max(2, int(S * args.speed_kappa_fraction))
                 res = _in_fresh_process(ctx, _prop_worker, pickle.dumps((sol, kw)))
                 vf, sf, vk, sk, how, el, peak, opts = res
                 total += el

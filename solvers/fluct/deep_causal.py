@@ -640,21 +640,22 @@ class AdjointRows:
         self.logger, self.progress = logger, progress
         self.done = 0                       # observables differentiated so far (progress)
 
-    def rows(self, idx):
+    def rows(self, idx, dtype=None):
         """J for the observables ``idx``: list over layers of dicts ``pp``, ``gg``, ``a``,
         ``b`` (len(idx), m, m) and ``f`` (len(idx), m). ``idx`` may also be a (k, K) float
         array of weights: then row i is the adjoint row of the combination sum_j idx[i, j]
-        obs_j (one backward pass seeded with that row; linear in the seed)."""
+        obs_j (one backward pass seeded with that row; linear in the seed). ``dtype``: the
+        rows' storage (default the observables'; the passes run in theirs)."""
         torch, L, T1, n = self.torch, self.L, self.T1, self.n
         W = seed_matrix(idx, self.K)
         m = T1 * n
-        dt = self.obs.dtype
+        dt = self.obs.dtype if dtype is None else dtype
         k = W.shape[0]
         J = [{key: torch.zeros((k, m) if key == "f" else (k, m, m), dtype=dt)
               for key in self.keys} for _ in range(L)]
         for lo in range(0, k, self.batch):
             hi = min(k, lo + self.batch)
-            eye = torch.as_tensor(W[lo:hi], dtype=dt)
+            eye = torch.as_tensor(W[lo:hi], dtype=self.obs.dtype)
             gr = torch.autograd.grad(self.obs, self.leaves, grad_outputs=eye,
                                      retain_graph=True, allow_unused=True,
                                      is_grads_batched=True)

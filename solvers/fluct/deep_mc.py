@@ -274,7 +274,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                          batch=32, iters=None, chunk=None, kappa_samples=None, tol=1e-12,
                          kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
                          kappa_group=32, kappa_precision="single", hold=None,
-                         ntk_seeds=None, rows_only=False, tangent_samples=64, progress=None,
+                         kappa_divergence="exact", ntk_seeds=None, rows_only=False, tangent_samples=64, progress=None,
                          logger=None):
     """One propagator run: leading-order N Cov of the predictions (and N Var of NTK entries)
     of a deep network, its standard errors kappa's batch means only.
@@ -340,7 +340,9 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     kappa_group : int
         Rows per kappa pass for the NTK entries (a pair's two maps count twice: 16 entries):
         their rows are held one group at a time; the predictions, whose full covariance is
-        returned, form one group of their own.
+        returned, come first in the first group (with ``kappa_divergence="exact"`` beside the
+        first ``kappa_group`` NTK rows, since each group costs a Jacobian per sample; else
+        alone).
     chunk : int, optional
         Samples per kappa pass: default 128 for "jvp" and "stein" (per-operation overhead of
         the tangent marches: 0.17 ms per sample and row at 32, 0.11 at 128-256, single
@@ -351,6 +353,15 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         precision is ~1.5x faster; its rounding (~1e-6 relative per sample) is far below the
         sampling error (benchmarks/README.md, "Deep propagator at half the cost, within
         4 GB").
+    kappa_divergence : {"exact", "probe"}
+        ``kappa="jvp"``: how the divergences div V_i = tr(J_i^T dF/dsrc) are obtained.
+        "exact" (default) from each sample's Jacobian of the march in its sources (one unit
+        direction per source coordinate, marched causally from its own time: about 2 m^3 / 3
+        flops per sample and channel, O(K m^2) for the traces); "probe" from two Rademacher
+        probes (Hutchinson), cheaper per sample but their noise was 70-285 times the
+        divergences' own spread over samples (tanh depth 2, 8 + 4 points, 40 steps): exact
+        divergences halve the NTK variance's error at equal kappa samples
+        (benchmarks/README.md, "Exact divergences in kappa").
     ntk_seeds : (R, K_ntk) array, optional
         Instead of every NTK entry's variance, the variances of R combinations w . K of the
         NTK observables (K_ntk = len(times) n (n + 1) / 2 upper-triangle entries, time-major),
@@ -391,6 +402,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     if kappa_precision not in ("single", "double"):
         raise ValueError(f"kappa_precision={kappa_precision!r}: use 'single' or 'double'")
     kdtype = torch.float32 if kappa_precision == "single" else None
+    if kappa_divergence not in ("exact", "probe"):
+        raise ValueError(f"kappa_divergence={kappa_divergence!r}: use 'exact' or 'probe'")
     if chunk is None:
         chunk = 32 if kappa == "hessian" else 128
     dt = torch.float64
@@ -760,9 +773,13 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
         # for when its turn comes, so one group's rows are held at a time, not all K.
         nf = len(times) * n
         gsize = max(1, int(kappa_group) // (1 if hold is None else 2))
+        # exact divergences cost a Jacobian of the march per sample and group, whatever the
+        # group's rows: the predictions share their group with the first NTK rows
+        merge = kappa == "jvp" and kappa_divergence == "exact"
         if ntk_seeds is None:
-            kgroups = [np.arange(nf)] + [np.arange(lo, min(K, lo + gsize))
-                                         for lo in range(nf, K, gsize)]
+            first = min(K, nf + (gsize if merge else 0))
+            kgroups = [np.arange(first)] + [np.arange(lo, min(K, lo + gsize))
+                                            for lo in range(first, K, gsize)]
             nrows = K
         else:
             # combinations of the NTK observables: seed rows over all K observables
@@ -772,7 +789,9 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                                  f"{K - nf}) weights over the NTK observables")
             Wall = np.zeros((Wn.shape[0], K))
             Wall[:, nf:] = Wn
-            kgroups = [np.arange(nf)] + [Wall[lo:lo + gsize] for lo in range(0, len(Wn), gsize)]
+            g0 = min(len(Wn), gsize) if merge else 0
+            kgroups = ([np.vstack([np.eye(K)[:nf], Wall[:g0]])] +
+                       [Wall[lo:lo + gsize] for lo in range(g0, len(Wn), gsize)])
             nrows = nf + len(Wn)
             combo = {(i, j): {"v": np.zeros(len(Wn)), "bv": np.zeros((blocks, len(Wn)))}
                      for i in range(len(maps)) for j in range(i, len(maps))}
@@ -797,7 +816,11 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
             mp.progress = lambda d, tot, what: report("adjoint")
         for gi, idx in enumerate(kgroups):
             G = len(idx)
-            rows = _rows_of_maps(torch, maps, idx, nthreads)
+            # the kappa step runs in kdtype: the group's rows (every layer) are stored in it,
+            # not in double precision (half the memory of the largest arrays; the same
+            # numbers, jvp_kappa_layer converted them anyway)
+            rows = _rows_of_maps(torch, maps, idx, nthreads,
+                                 kdtype if kappa == "jvp" else None)
             c = np.zeros((nm * G, nm * G))
             bc = np.zeros((blocks, nm * G, nm * G))
             for l in range(L):
@@ -810,7 +833,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                     if kappa == "jvp":
                         mom = jvp_kappa_layer(torch, fields[l], Jl, l == 0, l == L - 1, edges,
                                               chunk, gamma0=gamma0, act=act, T1=T1, n=n,
-                                              seed=kseeds[l], progress=tick, dtype=kdtype)
+                                              seed=kseeds[l], progress=tick, dtype=kdtype,
+                                              divergence=kappa_divergence)
                     elif kappa == "stein":
                         mom = stein_kappa_layer(
                             torch, fields[l], Jl, l == 0, l == L - 1, edges, chunk,
@@ -833,15 +857,18 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                 logger.info("deep propagator: kappa of %d rows of group %d of %d (%d layers, %d "
                             "samples, %d map(s)) (%.1f s)", G, gi + 1, len(kgroups), L, Sk, nm,
                             clock() - t_start)
-            if gi > 0 and ntk_seeds is not None:
-                sl = slice(ndone, ndone + G)
-                ndone += G
+            npred = nf if gi == 0 else 0      # the first group's rows start with the predictions
+            if ntk_seeds is not None and G > npred:
+                sl = slice(ndone, ndone + G - npred)
+                ndone += G - npred
                 for (i, j) in combo:
                     blk = c[i * G:(i + 1) * G, j * G:(j + 1) * G]
                     bb = bc[:, i * G:(i + 1) * G, j * G:(j + 1) * G]
-                    combo[(i, j)]["v"][sl] = np.diag(blk)
-                    combo[(i, j)]["bv"][:, sl] = np.diagonal(bb, axis1=1, axis2=2)
+                    combo[(i, j)]["v"][sl] = np.diag(blk)[npred:]
+                    combo[(i, j)]["bv"][:, sl] = np.diagonal(bb, axis1=1, axis2=2)[:, npred:]
+            if gi > 0 and ntk_seeds is not None:
                 continue
+            vidx = np.arange(nf) if ntk_seeds is not None else idx
             for (i, j) in cov:
                 blk = c[i * G:(i + 1) * G, j * G:(j + 1) * G]
                 bb = bc[:, i * G:(i + 1) * G, j * G:(j + 1) * G]
@@ -849,10 +876,10 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                     blk = 0.5 * (blk + blk.T)
                     bb = 0.5 * (bb + bb.transpose(0, 2, 1))
                 if gi == 0:         # the predictions: the full block
-                    cov[(i, j)]["f"][...] = blk
-                    cov[(i, j)]["bf"][...] = bb
-                cov[(i, j)]["v"][idx] = np.diag(blk)
-                cov[(i, j)]["bv"][:, idx] = np.diagonal(bb, axis1=1, axis2=2)
+                    cov[(i, j)]["f"][...] = blk[:nf, :nf]
+                    cov[(i, j)]["bf"][...] = bb[:, :nf, :nf]
+                cov[(i, j)]["v"][vidx] = np.diag(blk)[:len(vidx)]
+                cov[(i, j)]["bv"][:, vidx] = np.diagonal(bb, axis1=1, axis2=2)[:, :len(vidx)]
 
         def se(x):
             return x.std(axis=0, ddof=1) / np.sqrt(blocks)
@@ -890,7 +917,7 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
     return res
 
 
-def _rows_of_maps(torch, maps, idx, nthreads):
+def _rows_of_maps(torch, maps, idx, nthreads, dtype=None):
     """Each map's adjoint rows of the observables ``idx``. A backward pass gains little from
     a second thread (its operations are small), so with two threads the maps of a pair run
     side by side, the second in one worker thread, each single-threaded: the same numbers,
@@ -900,12 +927,12 @@ def _rows_of_maps(torch, maps, idx, nthreads):
     pinned down; the allocator's per-thread arenas are the likely one). One map keeps every
     thread (0.62-0.76 s per observable at 2048 samples, 0.85 s single-threaded)."""
     if len(maps) < 2 or nthreads < 2:
-        return [mp.rows(idx) for mp in maps]
+        return [mp.rows(idx, dtype) for mp in maps]
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(1) as pool:
-            other = pool.submit(maps[1].rows, idx)
-            return [maps[0].rows(idx), other.result()]
+            other = pool.submit(maps[1].rows, idx, dtype)
+            return [maps[0].rows(idx, dtype), other.result()]
     finally:
         torch.set_num_threads(nthreads)
 
@@ -917,10 +944,11 @@ class _FullRows:
     def __init__(self, J, K):
         self.J, self.K, self.done, self.progress = J, K, K, None
 
-    def rows(self, idx):
+    def rows(self, idx, dtype=None):
         torch = _torch()
         W = self.J[0]["f"].new_tensor(seed_matrix(idx, self.K))
-        return [{key: torch.tensordot(W, x, dims=1) for key, x in Jl.items()} for Jl in self.J]
+        return [{key: torch.tensordot(W, x, dims=1).to(dtype or x.dtype)
+                 for key, x in Jl.items()} for Jl in self.J]
 
 
 def _assemble(fcov, fcov_se, v, v_se, times, T1, n, ntk):

@@ -28,9 +28,19 @@ Every term of (1) is a directional derivative of the march or a trace of one:
 
 * V_j . grad Y_i: grad Y_i in the fields (2 J^pp_sym phi + J^f z, 2 J^gg_sym g, J^f phi)
   contracted with the forward-mode tangent of (phi, g, z) along V_j: K tangents per sample.
-* div V_i = tr(J_i^T dF/dsrc) (F = phi for channel a, g for b): Hutchinson,
-  E_zeta[(J_i zeta) . (dF/dsrc zeta)] with Rademacher zeta (E zeta zeta^T = I), one tangent
-  per probe; two independent probes per sample make div V_i div V_j unbiased (D^1_i D^2_j).
+* div V_i = tr(J_i^T dF/dsrc) (F = phi for channel a, g for b), exactly by default
+  (``divergence="exact"``, :func:`_exact_divergence`): the Jacobian dF/dsrc of each sample,
+  one unit direction per source coordinate. The march is causal, so a direction at time t0
+  has no tangent before t0 and marches on the trailing blocks only (about 2 m^3 / 3 flops per
+  sample and channel, a third of full marches), and the traces are O(K m^2). Then
+  div V_i div V_j, Y_i div V_j and M1 carry no probe noise. ``divergence="probe"`` (the
+  route before 7 Dec 2026): Hutchinson, E_zeta[(J_i zeta) . (dF/dsrc zeta)] with Rademacher
+  zeta (E zeta zeta^T = I), one tangent per probe, two independent probes per sample for an
+  unbiased product (D^1_i D^2_j). Its variance per sample was 70-285 times the divergences'
+  own spread over samples (tanh depth 2, 8 + 4 points, 40 steps, the propagator's J: probe
+  variance sum_{k<l} (B_kl + B_lk)^2 of B = J_i^T dF/dsrc, from the exact Jacobians of 48
+  samples, against the samples' variance of tr B), and the probes were most of kappa's
+  error (benchmarks/README.md, "Exact divergences in kappa").
 * V_j . grad div V_i = E_zeta[(J_i zeta) . d_zeta d_{V_j} F]: a second-order forward tangent
   (forward over forward) with V_j held fixed; the same nested pass also gives the first-order
   tangents along V_j.
@@ -42,9 +52,10 @@ shared by both would add the zero-mean but large cross terms zeta_u . dg/dr zeta
 derivatives are the exact partial derivatives of the same march as ``_kappa_layer``, so the
 two routes estimate the same moments (checked on the same samples to the error of their
 difference, ``tests/test_fluctuations_kappa_stein.py``); the probes only add variance.
-Cost per sample: about (2 + 5 K) (middle layers: 10 K) march evaluations, each O(m^2) flops
-as GEMMs over (K chunk) rows; memory: the J's themselves (K m^2 each) and O(K chunk m) work
-space. No Jacobian, no Hessian. The derivatives of the march are written out
+Cost per sample, besides the exact divergences: about (2 + 5 K) (middle layers: 10 K) march
+evaluations, each O(m^2) flops as GEMMs over (K chunk) rows; memory: the J's themselves
+(K m^2 each) and O(K chunk m) work space (the exact divergences add O(n chunk m) per time
+step of directions). No Hessian, and no Jacobian beyond the divergences'. The derivatives of the march are written out
 (:mod:`solvers.fluct.march_tangents`, checked against ``torch.func.jvp``); through
 ``torch.func.jvp`` the per-operation dispatch of forward-mode AD was most of the time (tanh
 depth 2, 4 + 2 points, 15 steps, 4096 samples: kappa 50 s -> 6 s). What remains is mostly the
@@ -196,8 +207,30 @@ def _Jx(torch, J, xT, bands):
     return out
 
 
+def _exact_divergence(torch, pr, gamma0, C, D, T1, n, Jc, slot, fkey, tgroup=2):
+    """div V_i = tr(J_i^T dF/dsrc) exactly, (s, K): the Jacobian of the field in this
+    channel's sources, a unit direction per source coordinate. The march is causal, so the
+    directions at times t0 .. t0 + tgroup - 1 have zero tangents before t0 and march from t0
+    on the trailing blocks of C, D and the primal (about a third of a full march's flops)."""
+    s, m = pr["p"].shape
+    K = Jc.shape[0]
+    out = torch.zeros(s, K, dtype=Jc.dtype)
+    for t0 in range(0, T1, tgroup):
+        t1 = min(T1, t0 + tgroup)
+        c0, c1 = t0 * n, t1 * n
+        k = c1 - c0
+        prs = {key: v[:, c0:] for key, v in pr.items()}
+        x = torch.zeros(k, s, m - c0, dtype=Jc.dtype)
+        x[torch.arange(k), :, torch.arange(k)] = 1.0
+        t = mt.tangent(torch, prs, gamma0, C[c0:, c0:], D[c0:, c0:], T1 - t0, n,
+                       du=x if slot == 0 else None, dr=x if slot == 1 else None)
+        F = t[fkey]                                        # (k, s, m - c0): dF_q / dsrc_j
+        out += torch.einsum("iqj,jsq->si", Jc[:, c0:, c0:c1], F)
+    return out
+
+
 def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1, n,
-                    seed=0, progress=None, dtype=None):
+                    seed=0, progress=None, dtype=None, divergence="exact"):
     """Per-block sums of the formal first and second moments of X_i for one layer, a drop-in
     for ``kappa_hessian._kappa_layer`` with the same exact partial derivatives in the sources
     but no Jacobian or Hessian tensor: directional derivatives (forward mode) along K
@@ -208,7 +241,12 @@ def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1
     ``Jl`` as :func:`stein_kappa_layer`; ``act`` the activation (``deep_mc._activation``);
     ``seed`` (int or SeedSequence) draws the Rademacher probes. ``dtype`` (a torch dtype)
     runs the per-sample work in that precision (the moments are summed in double precision).
+    ``divergence``: "exact" (the divergences from each sample's Jacobian,
+    :func:`_exact_divergence`) or "probe" (Hutchinson, two probes per sample; module
+    docstring).
     """
+    if divergence not in ("exact", "probe"):
+        raise ValueError(f"divergence={divergence!r}: use 'exact' or 'probe'")
     if dtype is not None:
         Jl = {k: v.to(dtype) for k, v in Jl.items()}
         fl = {k: (v.to(dtype) if k in ("phi", "g", "z", "u", "r", "C", "D") else v)
@@ -273,13 +311,18 @@ def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1
         for (name, Jc, slot), zeta1, zeta2 in zip(chans, z1, z2):
             fkey = "p" if slot == 1 else "g"        # phi for channel a, g for channel b
             # two independent probes: divergences D^1, D^2 (unbiased product D^1 D^2)
-            zz12 = torch.stack([zeta1, zeta2])                            # (2, s, m)
+            zz12 = torch.stack([zeta1, zeta2] if divergence == "probe" else [zeta1])
             t12 = mt.tangent(torch, pr, gamma0, C, D, T1, n,
                              du=zz12 if slot == 0 else None, dr=zz12 if slot == 1 else None)
             lhs1 = _Jx(torch, Jc, zeta1.T, bands)                      # (K, m, s)
-            lhs2 = _Jx(torch, Jc, zeta2.T, bands)
-            D1 += torch.einsum("ias,sa->si", lhs1, t12[fkey][0])
-            D2 += torch.einsum("ias,sa->si", lhs2, t12[fkey][1])
+            if divergence == "probe":
+                lhs2 = _Jx(torch, Jc, zeta2.T, bands)
+                D1 += torch.einsum("ias,sa->si", lhs1, t12[fkey][0])
+                D2 += torch.einsum("ias,sa->si", lhs2, t12[fkey][1])
+            else:
+                dx = _exact_divergence(torch, pr, gamma0, C, D, T1, n, Jc, slot, fkey)
+                D1 += dx
+                D2 += dx
             # V_j . grad div V_i: the mixed second derivative along V_j and the probe
             tz1 = {key: t12[key][:1] for key in ("p", "g", "z", "h")}
             d2 = mt.second(torch, pr, gamma0, C, D, T1, n, tV, tz1)
