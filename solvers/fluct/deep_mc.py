@@ -274,8 +274,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                          batch=32, iters=None, chunk=None, kappa_samples=None, tol=1e-12,
                          kappa="jvp", adjoint="causal", times=None, fixed_point_tol=0.25,
                          kappa_group=32, kappa_precision="single", hold=None,
-                         kappa_divergence="exact", ntk_seeds=None, rows_only=False, tangent_samples=64, progress=None,
-                         logger=None):
+                         kappa_divergence="exact", ntk_seeds=None, rows_only=False,
+                         tangent_samples=64, progress=None, logger=None):
     """One propagator run: leading-order N Cov of the predictions (and N Var of NTK entries)
     of a deep network, its standard errors kappa's batch means only.
 
