@@ -173,6 +173,8 @@ def test_jvp_kappa_seeded_and_bad_kappa_refused():
     assert np.all(np.isfinite(a["pred_cov"])) and np.all(a["pred_cov_se"] > 0)
     with pytest.raises(ValueError, match="kappa='exact'.*'jvp'"):
         _run(data, train, sol, "tanh", 2, "exact", seed=5, **kw)
+    with pytest.raises(ValueError, match="kappa_divergence='hutch'.*'exact' or 'probe'"):
+        _run(data, train, sol, "tanh", 2, "jvp", seed=5, kappa_divergence="hutch", **kw)
 
 
 def _batched_march(torch, act, gamma0, C, D, T1, n):

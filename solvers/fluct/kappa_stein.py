@@ -55,13 +55,13 @@ difference, ``tests/test_fluctuations_kappa_stein.py``); the probes only add var
 Cost per sample, besides the exact divergences: about (2 + 5 K) (middle layers: 10 K) march
 evaluations, each O(m^2) flops as GEMMs over (K chunk) rows; memory: the J's themselves
 (K m^2 each) and O(K chunk m) work space (the exact divergences add O(n chunk m) per time
-step of directions). No Hessian, and no Jacobian beyond the divergences'. The derivatives of the march are written out
-(:mod:`solvers.fluct.march_tangents`, checked against ``torch.func.jvp``); through
-``torch.func.jvp`` the per-operation dispatch of forward-mode AD was most of the time (tanh
-depth 2, 4 + 2 points, 15 steps, 4096 samples: kappa 50 s -> 6 s). What remains is mostly the
-products of the samples with the adjoint rows, O(K m^2) per sample: J^pp, J^gg enter through
-their symmetric parts (one product each), J^a, J^b are causal and their products skip the
-zero blocks (:func:`_xJ`, :func:`_Jx`), and they use every thread (synthetic middle layer,
+step of directions). No Hessian, and no Jacobian beyond the divergences'. The derivatives of
+the march are written out (:mod:`solvers.fluct.march_tangents`, checked against
+``torch.func.jvp``); through ``torch.func.jvp`` the per-operation dispatch of forward-mode
+AD was most of the time (tanh depth 2, 4 + 2 points, 15 steps, 4096 samples: kappa 50 s ->
+6 s). What remains is mostly the products of the samples with the adjoint rows, O(K m^2)
+per sample: J^pp, J^gg enter through their symmetric parts (one product each), J^a, J^b
+are causal and their products skip the zero blocks (:func:`_xJ`, :func:`_Jx`), and they use every thread (synthetic middle layer,
 m = 492, K = 90: 55.7 -> 36.6 ms per sample on one thread). ``dtype=torch.float32`` (the
 deep propagator's default, ``kappa_precision="single"``) runs the per-sample work in single
 precision and sums the moments in double: 5e-8 - 7e-7 relative to double on the same samples
@@ -233,8 +233,9 @@ def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1
                     seed=0, progress=None, dtype=None, divergence="exact"):
     """Per-block sums of the formal first and second moments of X_i for one layer, a drop-in
     for ``kappa_hessian._kappa_layer`` with the same exact partial derivatives in the sources
-    but no Jacobian or Hessian tensor: directional derivatives (forward mode) along K
-    directions per sample and Hutchinson probes for the traces (module docstring, "Exact
+    but no Hessian tensor: directional derivatives (forward mode) along K directions per
+    sample, each sample's Jacobian for the divergences (or, with ``divergence="probe"``,
+    Hutchinson probes) and one probe for the second-order traces (module docstring, "Exact
     route").
 
     ``fl`` needs ``phi``, ``g``, ``z`` (m, S), ``u``, ``r`` (S, m), ``C``, ``D`` (m, m);
@@ -304,7 +305,8 @@ def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1
             E = E + torch.einsum("ism,jsm->ij", dYz, vz)
 
         D1 = torch.zeros(s, K, dtype=dt)
-        D2 = torch.zeros(s, K, dtype=dt)
+        # exact divergences need no second estimate: D2 is D1 itself
+        D2 = torch.zeros(s, K, dtype=dt) if divergence == "probe" else D1
         T3 = torch.zeros(K, K, dtype=dt)
         TR = torch.zeros(K, K, dtype=dt)
         z1, z2 = probe(s), probe(s)
@@ -320,9 +322,7 @@ def jvp_kappa_layer(torch, fl, Jl, first, last, edges, chunk, *, gamma0, act, T1
                 D1 += torch.einsum("ias,sa->si", lhs1, t12[fkey][0])
                 D2 += torch.einsum("ias,sa->si", lhs2, t12[fkey][1])
             else:
-                dx = _exact_divergence(torch, pr, gamma0, C, D, T1, n, Jc, slot, fkey)
-                D1 += dx
-                D2 += dx
+                D1 += _exact_divergence(torch, pr, gamma0, C, D, T1, n, Jc, slot, fkey)
             # V_j . grad div V_i: the mixed second derivative along V_j and the probe
             tz1 = {key: t12[key][:1] for key in ("p", "g", "z", "h")}
             d2 = mt.second(torch, pr, gamma0, C, D, T1, n, tV, tz1)
