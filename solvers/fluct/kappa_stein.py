@@ -61,8 +61,8 @@ the march are written out (:mod:`solvers.fluct.march_tangents`, checked against
 AD was most of the time (tanh depth 2, 4 + 2 points, 15 steps, 4096 samples: kappa 50 s ->
 6 s). What remains is mostly the products of the samples with the adjoint rows, O(K m^2)
 per sample: J^pp, J^gg enter through their symmetric parts (one product each), J^a, J^b
-are causal and their products skip the zero blocks (:func:`_xJ`, :func:`_Jx`), and they use every thread (synthetic middle layer,
-m = 492, K = 90: 55.7 -> 36.6 ms per sample on one thread). ``dtype=torch.float32`` (the
+are causal and their products skip the zero blocks (:func:`_xJ`, :func:`_Jx`), and they
+use every thread (synthetic middle layer, m = 492, K = 90: 55.7 -> 36.6 ms per sample on one thread). ``dtype=torch.float32`` (the
 deep propagator's default, ``kappa_precision="single"``) runs the per-sample work in single
 precision and sums the moments in double: 5e-8 - 7e-7 relative to double on the same samples
 and probes, far below the sampling error; with chunks of 128 samples (the per-operation
