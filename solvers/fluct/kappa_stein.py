@@ -53,21 +53,21 @@ derivatives are the exact partial derivatives of the same march as ``_kappa_laye
 two routes estimate the same moments (checked on the same samples to the error of their
 difference, ``tests/test_fluctuations_kappa_stein.py``); the probes only add variance.
 Cost per sample, besides the exact divergences: about (2 + 5 K) (middle layers: 10 K) march
-evaluations, each O(m^2) flops as GEMMs over (K chunk) rows; memory: the J's themselves
-(K m^2 each) and O(K chunk m) work space (the exact divergences add O(n chunk m) per time
-step of directions). No Hessian, and no Jacobian beyond the divergences'. The derivatives of
-the march are written out (:mod:`solvers.fluct.march_tangents`, checked against
-``torch.func.jvp``); through ``torch.func.jvp`` the per-operation dispatch of forward-mode
-AD was most of the time (tanh depth 2, 4 + 2 points, 15 steps, 4096 samples: kappa 50 s ->
-6 s). What remains is mostly the products of the samples with the adjoint rows, O(K m^2)
-per sample: J^pp, J^gg enter through their symmetric parts (one product each), J^a, J^b
-are causal and their products skip the zero blocks (:func:`_xJ`, :func:`_Jx`), and they
-use every thread (synthetic middle layer, m = 492, K = 90: 55.7 -> 36.6 ms per sample on one thread). ``dtype=torch.float32`` (the
-deep propagator's default, ``kappa_precision="single"``) runs the per-sample work in single
-precision and sums the moments in double: 5e-8 - 7e-7 relative to double on the same samples
-and probes, far below the sampling error; with chunks of 128 samples (the per-operation
-overhead of the marches amortised) 0.11 ms per sample and row against 0.23 in double with
-chunks of 32 (m = 492, 32 rows, two threads).
+evaluations, each O(m^2) flops as GEMMs over (K chunk) rows; memory: the J's themselves (K m^2
+each) and O(K chunk m) work space (the exact divergences add O(n chunk m) per time step of
+directions). No Hessian, and no Jacobian beyond the divergences'. The derivatives of the march
+are written out (:mod:`solvers.fluct.march_tangents`, checked against ``torch.func.jvp``);
+through ``torch.func.jvp`` the per-operation dispatch of forward-mode AD was most of the time
+(tanh depth 2, 4 + 2 points, 15 steps, 4096 samples: kappa 50 s -> 6 s). What remains is
+mostly the products of the samples with the adjoint rows, O(K m^2) per sample: J^pp, J^gg
+enter through their symmetric parts (one product each), J^a, J^b are causal and their products
+skip the zero blocks (:func:`_xJ`, :func:`_Jx`), and they use every thread (synthetic middle
+layer, m = 492, K = 90: 55.7 -> 36.6 ms per sample on one thread). ``dtype=torch.float32``
+(the deep propagator's default, ``kappa_precision="single"``) runs the per-sample work in
+single precision and sums the moments in double: 5e-8 - 7e-7 relative to double on the same
+samples and probes, far below the sampling error; with chunks of 128 samples (the
+per-operation overhead of the marches amortised) 0.11 ms per sample and row against 0.23 in
+double with chunks of 32 (m = 492, 32 rows, two threads).
 
 Stein route (``kappa="stein"``, :func:`stein_kappa_layer`): no derivatives at all
 ---------------------------------------------------------------------------------
