@@ -144,7 +144,8 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
     cross term removes, (sum of the plain variances - sum of the cross ones) / the latter,
     in ``map_noise_bias``. Cost: each map's adjoint as before; kappa with twice the rows
     (~2.4x the plain form's kappa step at equal ``kappa_samples``); memory: both maps' graphs
-    are retained, and the kappa step asks them for one group of observables' rows at a time.
+    are retained, and the kappa step asks them for one group of observables' rows at a time;
+    they are dropped once the last group's rows are out.
 
     R = 1 is one map and the plain quadratic form (biased as above), its error bar kappa's
     batch means only (a lower bound). ``progress(done, total, what)`` gets one monotone
@@ -821,6 +822,14 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
             # numbers, jvp_kappa_layer converted them anyway)
             rows = _rows_of_maps(torch, maps, idx, nthreads,
                                  kdtype if kappa == "jvp" else None)
+            if gi == len(kgroups) - 1:
+                # the last group's rows are out: the maps' graphs (the caller's ``hold``
+                # too) are not needed by the kappa step, so it runs without them (tanh depth
+                # 3, 8 + 4 points, 40 steps, a pair of 2048-sample maps: ~1.4 GB)
+                for mp in maps:
+                    getattr(mp, "free", lambda: None)()
+                gc.collect()
+                release()
             c = np.zeros((nm * G, nm * G))
             bc = np.zeros((blocks, nm * G, nm * G))
             for l in range(L):
