@@ -315,6 +315,14 @@ def test_pair_cross_estimate_of_identical_maps_is_the_plain_one():
     assert held.obs is None and held.leaves is None
     with pytest.raises(RuntimeError, match="free"):
         held.rows([0])
+    # the iterated adjoint's full rows are served, and dropped, the same way
+    from solvers.fluct.deep_mc import _FullRows
+    import torch
+    full = _FullRows([{"f": torch.ones(3, 4, dtype=torch.float64)}], 3)
+    assert full.rows([1])[0]["f"].shape == (1, 4)
+    full.free()
+    with pytest.raises(RuntimeError, match="free"):
+        full.rows([0])
     for key in ("pred_cov", "ntk_var"):
         scale = np.nanmax(np.abs(res[key]))
         assert np.nanmax(np.abs(res["plain"][key] - res[key])) < 1e-10 * scale

@@ -823,11 +823,11 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
             rows = _rows_of_maps(torch, maps, idx, nthreads,
                                  kdtype if kappa == "jvp" else None)
             if gi == len(kgroups) - 1:
-                # the last group's rows are out: the maps' graphs (the caller's ``hold``
-                # too) are not needed by the kappa step, so it runs without them (tanh depth
+                # the last group's rows are out: the maps' graphs or rows (the caller's
+                # ``hold`` too) are not needed by the kappa step, so it runs without them (tanh depth
                 # 3, 8 + 4 points, 40 steps, a pair of 2048-sample maps: ~1.4 GB)
                 for mp in maps:
-                    getattr(mp, "free", lambda: None)()
+                    mp.free()
                 gc.collect()
                 release()
             c = np.zeros((nm * G, nm * G))
@@ -953,8 +953,14 @@ class _FullRows:
     def __init__(self, J, K):
         self.J, self.K, self.done, self.progress = J, K, K, None
 
+    def free(self):
+        """Drop the rows once no more will be asked for (as ``AdjointRows.free``)."""
+        self.J = None
+
     def rows(self, idx, dtype=None):
         torch = _torch()
+        if self.J is None:
+            raise RuntimeError("_FullRows.rows after free(): the rows were dropped")
         W = self.J[0]["f"].new_tensor(seed_matrix(idx, self.K))
         return [{key: torch.tensordot(W, x, dims=1).to(dtype or x.dtype)
                  for key, x in Jl.items()} for Jl in self.J]
