@@ -103,9 +103,13 @@ def estimate_fluct(method, sol, opts):
         if pairs:
             fields += 8 * 8 * L * T1 * n * 2 * ks // R        # a pair's fresh kappa samples
         # one backward batch per map (the maps of a pair side by side): observables per pass
-        # as solvers.fluct.deep_causal chooses them (the cache-sized batch)
+        # as solvers.fluct.deep_causal chooses them (the cache-sized batch; a pair's maps at
+        # most solvers.fluct.deep_mc.PAIR_BATCH each)
         per_obs = 64 * L * T1 * n * Sg
         nb = backward_batch(L, T1, n, Sg)
+        if pairs:
+            from solvers.fluct.deep_mc import PAIR_BATCH
+            nb = min(nb, PAIR_BATCH)
         transient = nm * nb * 3 * per_obs // 4              # measured ~3/4 of per_obs
         # a group's rows, + one stacked key in cat and kappa's symmetric J^pp, J^gg
         J = nm * (8 * L * (4 * G * m * m + G * m) + 8 * 3 * G * m * m)

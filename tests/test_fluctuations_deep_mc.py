@@ -333,6 +333,39 @@ def test_pair_cross_estimate_of_identical_maps_is_the_plain_one():
     assert not np.allclose(other["pred_cov"], res["pred_cov"])
 
 
+def test_adjoint_rows_do_not_depend_on_the_pass_batch(monkeypatch):
+    """The adjoint rows are linear in the seed rows: served 1, 2 (a pair's PAIR_BATCH) or all
+    observables per backward pass they are the same to rounding; and the maps of a pair run
+    with at most PAIR_BATCH observables per pass (their passes side by side: memory)."""
+    from solvers.fluct import deep_mc
+    args, kw = _engine_problem(2, samples=256, blocks=4)
+    mp = deep_mc.deep_propagator_once(*args, seed=np.random.SeedSequence(3), rows_only=True,
+                                      **kw)["rows"]
+    idx = list(range(min(mp.K, 7)))
+    ref = None
+    for nb in (idx.__len__(), deep_mc.PAIR_BATCH, 1):
+        mp.batch = nb
+        J = mp.rows(idx)
+        if ref is None:
+            ref = J
+            continue
+        for a, b in zip(J, ref):
+            for key in a:
+                scale = float(b[key].abs().max()) + 1e-300
+                assert float((a[key] - b[key]).abs().max()) < 1e-12 * scale, (nb, key)
+    seen = []
+    real = deep_mc.deep_propagator_once
+
+    def spy(*a, **k):
+        seen.append(k.get("batch"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(deep_mc, "deep_propagator_once", spy)
+    deep_mc.deep_propagator(*args, map_replicates=2, kappa_samples=64, seed=1,
+                            **kw)
+    assert seen and all(b is not None and b <= deep_mc.PAIR_BATCH for b in seen), seen
+
+
 def test_single_precision_kappa_is_the_double_one_within_rounding():
     """kappa_precision="single" (the default) runs kappa's per-sample work (products with the
     adjoint rows, tangent marches) in float32 and sums the moments in float64. On the same

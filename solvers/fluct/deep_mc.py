@@ -112,6 +112,17 @@ def _keep(K, rtol):
     return np.asarray(causal_cholesky(K, rtol)[0])
 
 
+# Observables per batched backward pass of each map of a pair (their passes run side by side,
+# one per thread): measured (7 Dec 2026, tanh, 8 + 4 points, 40 steps, a pair of 2048-sample
+# maps, kappa 2048, ntk_rank=8, two cores; fresh processes): 3 per pass (the single map's
+# cache-sized batch) took the adjoint rows in ~46 s at depth 3, the main thread's passes
+# ~1.5x slower than the worker's, and peaked at 4.0-4.1 GiB (two passes' adjoint fields beside
+# both graphs); 2 per pass: ~45 s, both threads in step, peak 2.73 GiB (the run 104 s against
+# 107-114 s); 1 per pass: ~54 s, 2.43 GiB. Depth 2: 53.5 s and 2.04 GiB against 57.6 s and
+# 2.63 GiB. The numbers are the same (the rows are linear in the seed rows).
+PAIR_BATCH = 2
+
+
 def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=16384, seed=0,
                     kappa_samples=None, map_replicates=1, progress=None, logger=None, **kw):
     """Leading-order N Cov of the predictions (and N Var of NTK entries) of a deep network,
@@ -163,6 +174,9 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
                                     progress=progress, logger=logger, **kw)
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     seeds, Sr, npair = ss.spawn(R), int(samples) // R, R // 2
+    # the maps of a pair run their backward passes side by side: PAIR_BATCH observables per
+    # pass each (the same rows; :func:`_rows_of_maps`)
+    kw = dict(kw, batch=min(int(kw.get("batch", 32)), PAIR_BATCH))
     Kp = 2 * Sr if kappa_samples is None else max(2, int(kappa_samples) // npair)
     outs = []
     for p in range(npair):
