@@ -103,8 +103,8 @@ def estimate_fluct(method, sol, opts):
         if pairs:
             fields += 8 * 8 * L * T1 * n * 2 * ks // R        # a pair's fresh kappa samples
         # one backward batch per map (the maps of a pair side by side): observables per pass
-        # as solvers.fluct.deep_causal chooses them (the cache-sized batch; a pair's maps at
-        # most solvers.fluct.deep_mc.PAIR_BATCH each)
+        # as solvers.fluct.deep_causal chooses them (the cache-sized batch; a pair's maps side
+        # by side at most solvers.fluct.deep_mc.PAIR_BATCH each)
         per_obs = 64 * L * T1 * n * Sg
         nb = backward_batch(L, T1, n, Sg)
         if pairs:

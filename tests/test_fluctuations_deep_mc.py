@@ -334,36 +334,36 @@ def test_pair_cross_estimate_of_identical_maps_is_the_plain_one():
 
 
 def test_adjoint_rows_do_not_depend_on_the_pass_batch(monkeypatch):
-    """The adjoint rows are linear in the seed rows: served 1, 2 (a pair's PAIR_BATCH) or all
-    observables per backward pass they are the same to rounding; and the maps of a pair run
-    with at most PAIR_BATCH observables per pass (their passes side by side: memory)."""
+    """The adjoint rows are linear in the seed rows: served all, 2 (a pair's PAIR_BATCH) or 1
+    observables per backward pass they are the same to rounding; and the maps of a pair,
+    their passes side by side, ask for at most PAIR_BATCH observables per pass (memory)."""
     from solvers.fluct import deep_mc
     args, kw = _engine_problem(2, samples=256, blocks=4)
     mp = deep_mc.deep_propagator_once(*args, seed=np.random.SeedSequence(3), rows_only=True,
                                       **kw)["rows"]
     idx = list(range(min(mp.K, 7)))
-    ref = None
-    for nb in (idx.__len__(), deep_mc.PAIR_BATCH, 1):
-        mp.batch = nb
-        J = mp.rows(idx)
-        if ref is None:
-            ref = J
-            continue
-        for a, b in zip(J, ref):
+    ref = mp.rows(idx)
+    for nb in (deep_mc.PAIR_BATCH, 1):
+        for a, b in zip(mp.rows(idx, batch=nb), ref):
             for key in a:
                 scale = float(b[key].abs().max()) + 1e-300
                 assert float((a[key] - b[key]).abs().max()) < 1e-12 * scale, (nb, key)
-    seen = []
-    real = deep_mc.deep_propagator_once
 
-    def spy(*a, **k):
-        seen.append(k.get("batch"))
-        return real(*a, **k)
+    class Spy:
+        def __init__(self):
+            self.asked = []
 
-    monkeypatch.setattr(deep_mc, "deep_propagator_once", spy)
-    deep_mc.deep_propagator(*args, map_replicates=2, kappa_samples=64, seed=1,
-                            **kw)
-    assert seen and all(b is not None and b <= deep_mc.PAIR_BATCH for b in seen), seen
+        def rows(self, idx, dtype=None, batch=None):
+            self.asked.append(batch)
+            return []
+
+    import torch
+    maps, n0 = [Spy(), Spy()], torch.get_num_threads()
+    try:
+        deep_mc._rows_of_maps(torch, maps, [0], 2)       # two threads: side by side
+    finally:
+        torch.set_num_threads(n0)
+    assert [m.asked for m in maps] == [[deep_mc.PAIR_BATCH]] * 2
 
 
 def test_single_precision_kappa_is_the_double_one_within_rounding():

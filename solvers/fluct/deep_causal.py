@@ -646,12 +646,14 @@ class AdjointRows:
         more rows will be asked for; :meth:`rows` refuses afterwards."""
         self.obs = self.leaves = None
 
-    def rows(self, idx, dtype=None):
+    def rows(self, idx, dtype=None, batch=None):
         """J for the observables ``idx``: list over layers of dicts ``pp``, ``gg``, ``a``,
         ``b`` (len(idx), m, m) and ``f`` (len(idx), m). ``idx`` may also be a (k, K) float
         array of weights: then row i is the adjoint row of the combination sum_j idx[i, j]
         obs_j (one backward pass seeded with that row; linear in the seed). ``dtype``: the
-        rows' storage (default the observables'; the passes run in theirs)."""
+        rows' storage (default the observables'; the passes run in theirs). ``batch``: at most
+        this many observables per backward pass (default and cap ``self.batch``; the same
+        rows, less transient memory)."""
         torch, L, T1, n = self.torch, self.L, self.T1, self.n
         if self.obs is None:
             raise RuntimeError("AdjointRows.rows after free(): the graph was dropped")
@@ -659,10 +661,11 @@ class AdjointRows:
         m = T1 * n
         dt = self.obs.dtype if dtype is None else dtype
         k = W.shape[0]
+        nb = self.batch if batch is None else max(1, min(int(batch), self.batch))
         J = [{key: torch.zeros((k, m) if key == "f" else (k, m, m), dtype=dt)
               for key in self.keys} for _ in range(L)]
-        for lo in range(0, k, self.batch):
-            hi = min(k, lo + self.batch)
+        for lo in range(0, k, nb):
+            hi = min(k, lo + nb)
             eye = torch.as_tensor(W[lo:hi], dtype=self.obs.dtype)
             gr = torch.autograd.grad(self.obs, self.leaves, grad_outputs=eye,
                                      retain_graph=True, allow_unused=True,

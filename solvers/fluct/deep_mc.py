@@ -112,14 +112,14 @@ def _keep(K, rtol):
     return np.asarray(causal_cholesky(K, rtol)[0])
 
 
-# Observables per batched backward pass of each map of a pair (their passes run side by side,
-# one per thread): measured (7 Dec 2026, tanh, 8 + 4 points, 40 steps, a pair of 2048-sample
-# maps, kappa 2048, ntk_rank=8, two cores; fresh processes): 3 per pass (the single map's
-# cache-sized batch) took the adjoint rows in ~46 s at depth 3, the main thread's passes
-# ~1.5x slower than the worker's, and peaked at 4.0-4.1 GiB (two passes' adjoint fields beside
-# both graphs); 2 per pass: ~45 s, both threads in step, peak 2.73 GiB (the run 104 s against
-# 107-114 s); 1 per pass: ~54 s, 2.43 GiB. Depth 2: 53.5 s and 2.04 GiB against 57.6 s and
-# 2.63 GiB. The numbers are the same (the rows are linear in the seed rows).
+# Observables per batched backward pass of each map of a pair while their passes run side by
+# side, one per thread (:func:`_rows_of_maps`). Measured 7 Dec 2026 (tanh, 8 + 4 points, 40
+# steps, a pair of 2048-sample maps, kappa 2048, ntk_rank=8, two cores; fresh processes): 3 per
+# pass (the single map's cache-sized batch) took the adjoint rows in ~46 s at depth 3, the main
+# thread's passes ~1.5x slower than the worker's, and peaked at 4.0-4.1 GiB (two passes'
+# adjoint fields beside both graphs); 2 per pass: ~45 s, both threads in step, peak 2.73 GiB
+# (the run 104 s against 107-114 s); 1 per pass: ~54 s, 2.43 GiB. Depth 2: 53.5 s and 2.04 GiB
+# against 57.6 s and 2.63 GiB. The numbers are the same (the rows are linear in the seed rows).
 PAIR_BATCH = 2
 
 
@@ -174,9 +174,6 @@ def deep_propagator(kx, y, activation, depth, gamma0, lr, steps, *, samples=1638
                                     progress=progress, logger=logger, **kw)
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     seeds, Sr, npair = ss.spawn(R), int(samples) // R, R // 2
-    # the maps of a pair run their backward passes side by side: PAIR_BATCH observables per
-    # pass each (the same rows; :func:`_rows_of_maps`)
-    kw = dict(kw, batch=min(int(kw.get("batch", 32)), PAIR_BATCH))
     Kp = 2 * Sr if kappa_samples is None else max(2, int(kappa_samples) // npair)
     outs = []
     for p in range(npair):
@@ -838,8 +835,8 @@ def deep_propagator_once(kx, y, activation, depth, gamma0, lr, steps, *, f, phi,
                                  kdtype if kappa == "jvp" else None)
             if gi == len(kgroups) - 1:
                 # the last group's rows are out: the maps' graphs or rows (the caller's
-                # ``hold`` too) are not needed by the kappa step, so it runs without them (tanh depth
-                # 3, 8 + 4 points, 40 steps, a pair of 2048-sample maps: ~1.4 GB)
+                # ``hold`` too) are not needed by the kappa step, so it runs without them
+                # (tanh depth 3, 8 + 4 points, 40 steps, a pair of 2048-sample maps: ~1.4 GB)
                 for mp in maps:
                     mp.free()
                 gc.collect()
@@ -948,14 +945,15 @@ def _rows_of_maps(torch, maps, idx, nthreads, dtype=None):
     23.2 s for the predictions' rows). Two worker threads (the main thread waiting) were as
     fast but left the next kappa step 30 % slower with 3 GB more resident memory (cause not
     pinned down; the allocator's per-thread arenas are the likely one). One map keeps every
-    thread (0.62-0.76 s per observable at 2048 samples, 0.85 s single-threaded)."""
+    thread (0.62-0.76 s per observable at 2048 samples, 0.85 s single-threaded). Side by side,
+    each map takes at most PAIR_BATCH observables per backward pass (memory)."""
     if len(maps) < 2 or nthreads < 2:
         return [mp.rows(idx, dtype) for mp in maps]
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(1) as pool:
-            other = pool.submit(maps[1].rows, idx, dtype)
-            return [maps[0].rows(idx, dtype), other.result()]
+            other = pool.submit(maps[1].rows, idx, dtype, PAIR_BATCH)
+            return [maps[0].rows(idx, dtype, PAIR_BATCH), other.result()]
     finally:
         torch.set_num_threads(nthreads)
 
@@ -971,7 +969,8 @@ class _FullRows:
         """Drop the rows once no more will be asked for (as ``AdjointRows.free``)."""
         self.J = None
 
-    def rows(self, idx, dtype=None):
+    def rows(self, idx, dtype=None, batch=None):
+        """As ``AdjointRows.rows`` (``batch`` unused: the rows are already computed)."""
         torch = _torch()
         if self.J is None:
             raise RuntimeError("_FullRows.rows after free(): the rows were dropped")
